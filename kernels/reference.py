@@ -10,9 +10,14 @@ import math
 import torch
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 for the math, except that fp64 stays fp64 so the references double as high-precision gold."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Numerically stable softmax: subtracting the max keeps exp() from overflowing for large inputs."""
-    xf = x.float()
+    xf = upcast(x)
     e = torch.exp(xf - xf.amax(dim=dim, keepdim=True))
     return (e / e.sum(dim=dim, keepdim=True)).to(x.dtype)
 
@@ -29,9 +34,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32 and cast back to x's dtype."""
-    xf = x.float()
+    xf = upcast(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * upcast(weight)).to(x.dtype)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
@@ -51,7 +56,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
     if angles.dim() == 3 and x.dim() == 4:
         angles = angles[:, None]  # (B, 1, T, d/2): broadcast over heads
     cos, sin = angles.cos(), angles.sin()
-    pairs = x.float().unflatten(-1, (d // 2, 2))
+    pairs = upcast(x).unflatten(-1, (d // 2, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).to(x.dtype)
@@ -65,10 +70,10 @@ def scaled_dot_product_attention(
     q (..., T, d), k and v (..., S, d); mask broadcastable to (..., T, S), True where a query may attend.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (..., T, S)
+    scores = (upcast(q) @ upcast(k).transpose(-2, -1)) * scale  # (..., T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    return (softmax(scores, dim=-1) @ upcast(v)).to(q.dtype)
 
 
 def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Tensor:
@@ -96,7 +101,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
     Returns a fp32 scalar whatever the logits' dtype; 0 when every target is ignored.
     """
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    logits = upcast(logits.reshape(-1, logits.shape[-1]))
     targets = targets.reshape(-1)
     keep = targets != ignore_index
     target_logit = logits.gather(1, torch.where(keep, targets, 0)[:, None]).squeeze(1)

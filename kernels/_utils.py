@@ -1,0 +1,81 @@
+"""Small helpers shared by the kernel launchers: input checks, output allocation and launch sizes.
+
+Everything here is plain Python around torch; the Triton kernels themselves live with their op.
+"""
+
+import os
+
+import torch
+
+# The interpreter runs every program in Python, so launch sizes there favour few, large programs.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tests set POISON = True: every output then starts as NaN, so an element a kernel forgets to write fails the
+# comparison instead of passing by luck on recycled memory. Off by default because the fill is a full extra write.
+POISON = False
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise a clear TypeError unless t is a fp32, fp16 or bf16 tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """Raise a clear ValueError when the named tensors do not all live on one device."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors must be on one device, got {devices}")
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or a NaN-filled tensor when POISON is set (float dtypes only)."""
+    if POISON and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def rows_of(x: torch.Tensor) -> torch.Tensor:
+    """x as a 2-D (rows, last dim) tensor whose last dim is contiguous; copies only when a view cannot do it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous 1-D tensor (a view when x is already contiguous), for elementwise kernels."""
+    return x.contiguous().view(-1)
+
+
+def num_warps_for(block_elems: int) -> int:
+    """Warps for a tile of block_elems elements: about 512 elements (16 B of bf16 per thread-load) per warp."""
+    return max(1, min(16, block_elems // 512))
+
+
+def persistent_programs(device: torch.device, work_items: int) -> int:
+    """How many programs a grid-stride kernel should launch: a few per SM on a GPU, a handful in the interpreter."""
+    if device.type == "cuda" and not INTERPRET:
+        per_gpu = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        per_gpu = 4
+    return max(1, min(work_items, per_gpu))
+
+
+def count_valid_targets(targets: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Check every target is in [0, num_classes) or ignore_index, and return how many are not ignored (a 0-d tensor).
+
+    The range check costs one host sync; an out-of-range target would otherwise read out of bounds on the GPU.
+    """
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    keep = targets != ignore_index
+    bad = keep & ((targets < 0) | (targets >= num_classes))
+    if bool(bad.any()):
+        first = targets[bad][0].item()
+        raise ValueError(f"target {first} is out of range for {num_classes} classes (ignore_index={ignore_index})")
+    return keep.sum()

@@ -1,0 +1,34 @@
+"""Load a model from a trainer checkpoint: {"model": state_dict, "model_config": asdict(ModelConfig), ...}."""
+
+import os
+
+import torch
+
+from model.config import ModelConfig
+from model.model import TransformerLM
+
+# torch.compile wraps the model as `_orig_mod`, DistributedDataParallel as `module`; either may wrap the other.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def clean_state_dict(state_dict: dict) -> dict:
+    """The state dict with the torch.compile and DDP wrapper prefixes stripped from every key."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        cleaned[key] = value
+    return cleaned
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> TransformerLM:
+    """The TransformerLM of a checkpoint file, in eval mode on device (reads only "model" and "model_config")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a checkpoint: expected a dict with 'model' and 'model_config'")
+    with torch.device(device):
+        model = TransformerLM(ModelConfig(**checkpoint["model_config"]))
+    model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    return model.eval()

@@ -1,0 +1,274 @@
+"""A Llama-style decoder-only transformer, readable top to bottom.
+
+token_embeddings -> num_layers x TransformerBlock -> ln_final (RMSNorm) -> lm_head -> logits
+
+Every module with an op that has a Triton kernel (RMSNorm, SwiGLU, RoPE, attention, the loss) asks
+``kernels.ops(kernels.resolve_backend(choice, x.device))`` on each call, so the same model runs Triton on CUDA
+and the eager references elsewhere without branching on the device itself. Parameter names and shapes match
+the Stanford CS336 assignment-1 layout, so its checkpoints load as they are.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels.reference import silu
+from model.config import ModelConfig
+
+
+def _ops(choice: str, x: torch.Tensor):
+    return kernels.ops(kernels.resolve_backend(choice, x.device))
+
+
+class Linear(nn.Module):
+    """y = x W^T without a bias; W is (out_features, in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Xavier-like std sqrt(2 / (fan_in + fan_out)), truncated at 3 sigma so no weight starts as an outlier.
+        std = math.sqrt(2.0 / sum(self.weight.shape))
+        nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Embedding(nn.Module):
+    """Lookup table of num_embeddings rows of embedding_dim."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.trunc_normal_(self.weight, std=1.0, a=-3.0, b=3.0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32 and cast back to x's dtype."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5, kernels: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.eps, self.kernels = eps, kernels
+        self.weight = nn.Parameter(torch.empty(d_model, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ops(self.kernels, x).rms_norm(x, self.weight, self.eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE on adjacent pairs: (x[2i], x[2i+1]) turns by pos * theta^(-2i/d_head) (RoFormer / original Llama).
+
+    Holds no tables: the kernels compute the angles from the positions, which costs less than reading a cache.
+    max_seq_len bounds the positions, since a model has only ever seen positions below its context length.
+    """
+
+    def __init__(self, theta: float, d_head: int, max_seq_len: int, kernels: str = "auto"):
+        super().__init__()
+        if d_head % 2:
+            raise ValueError(f"RoPE rotates pairs, so d_head must be even, got {d_head}")
+        self.theta, self.d_head, self.max_seq_len, self.kernels = theta, d_head, max_seq_len, kernels
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., T, d_head); positions (T,) or (B, T) ints, default arange(T).
+
+        Explicit positions are checked against max_seq_len, which costs a host sync (skipped under torch.compile,
+        where it would break the graph); the default positions are checked from the shape alone.
+        """
+        T = x.shape[-2]
+        if positions is None:
+            if T > self.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens is longer than max_seq_len {self.max_seq_len}")
+            positions = torch.arange(T, device=x.device)
+        elif not torch.compiler.is_compiling() and positions.numel():
+            low, high = torch.stack(torch.aminmax(positions)).tolist()
+            if low < 0 or high >= self.max_seq_len:
+                raise ValueError(f"positions must lie in [0, {self.max_seq_len}), got {low}..{high}")
+        return _ops(self.kernels, x).apply_rope(x, positions, self.theta)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far for one attention layer, preallocated for max_len tokens."""
+
+    def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, device=None, dtype=None):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens cached so far: a Python int, so the bounds check reads nothing from the device
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, Hkv, T, dh) and return every cached key and value, (B, Hkv, length, dh)."""
+        end = self.length + k.shape[-2]
+        if end > self.k.shape[-2]:
+            raise ValueError(f"KV cache holds {self.k.shape[-2]} tokens, cannot grow to {end}")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with grouped-query K/V heads and RoPE on q and k; no biases."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.kernels = config.kernels
+        self.q_proj = Linear(config.d_model, self.num_heads * self.head_dim)
+        self.k_proj = Linear(config.d_model, self.num_kv_heads * self.head_dim)
+        self.v_proj = Linear(config.d_model, self.num_kv_heads * self.head_dim)
+        self.output_proj = Linear(self.num_heads * self.head_dim, config.d_model)
+        self.rope = None
+        if config.position == "rope":
+            self.rope = RotaryEmbedding(config.rope_theta, self.head_dim, config.context_length, config.kernels)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # (B, Hkv, S, dh), the T new tokens last
+        # The kernel reads each K/V head for its group of query heads (no repeat) and aligns the mask to the end.
+        y = _ops(self.kernels, x).flash_attention(q, k, v, causal=True)  # (B, H, T, dh)
+        return self.output_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """W2(SiLU(W1 x) * W3 x): a gated FFN, three matrices of d_model x d_ff."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kernels = config.kernels
+        self.w1 = Linear(config.d_model, config.d_ff)
+        self.w2 = Linear(config.d_ff, config.d_model)
+        self.w3 = Linear(config.d_model, config.d_ff)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(_ops(self.kernels, x).swiglu(self.w1(x), self.w3(x)))
+
+
+class SiLUMLP(nn.Module):
+    """W2 SiLU(W1 x): the ungated ablation of SwiGLU, two matrices (d_ff = 4 d_model keeps the parameter count)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = Linear(config.d_model, config.d_ff)
+        self.w2 = Linear(config.d_ff, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(silu(self.w1(x)))
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    """An RMSNorm, or a parameter-free identity for the norm="none" ablation (so no ln weights are saved)."""
+    return nn.Identity() if config.norm == "none" else RMSNorm(config.d_model, config.norm_eps, config.kernels)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm: x + attn(ln1(x)), then + ffn(ln2(.)); post-norm: ln1(x + attn(x)), then ln2(. + ffn(.)).
+
+    With norm="none" ln1 and ln2 are identities, so the block is the pre-norm one without norms.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.post_norm = config.norm == "post"
+        self.ln1, self.ln2 = make_norm(config), make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ffn = SwiGLU(config) if config.ffn == "swiglu" else SiLUMLP(config)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        if self.post_norm:
+            x = self.ln1(x + self.attn(x, positions, kv_cache))
+            return self.ln2(x + self.ffn(x))
+        x = x + self.attn(self.ln1(x), positions, kv_cache)
+        return x + self.ffn(self.ln2(x))
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.token_embeddings = Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
+        # norm="none" drops every norm, the final one too; post-norm keeps it as a learned output gain.
+        self.ln_final = make_norm(config)
+        self.lm_head = Linear(config.d_model, config.vocab_size)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.token_embeddings.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """(Re)draw every parameter.
+
+        - Linear weights (q/k/v/output_proj, w1/w2/w3, lm_head): truncated normal, std sqrt(2 / (in + out)),
+          cut at 3 std.
+        - token_embeddings: truncated normal, std 1, cut at +-3.
+        - RMSNorm gains: 1.
+        - Tied embeddings: the shared matrix takes lm_head's init, since std-1 output weights would start the
+          logits at std sqrt(d_model); the first RMSNorm rescales the small embeddings anyway.
+        """
+        for module in self.modules():  # lm_head comes last, so a tied matrix ends with its init
+            if isinstance(module, (Linear, Embedding, RMSNorm)):
+                module.reset_parameters()
+
+    def make_kv_caches(self, batch_size: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
+        """One empty KVCache per layer for decoding up to max_len tokens (at most context_length)."""
+        if max_len > self.config.context_length:
+            raise ValueError(f"max_len {max_len} is longer than the context length {self.config.context_length}")
+        c = self.config
+        return [KVCache(batch_size, c.num_kv_heads, max_len, c.head_dim, device, dtype) for _ in range(c.num_layers)]
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V); with targets (B, T), already shifted, the fp32 mean loss instead.
+
+        positions (T,) or (B, T) overrides the default arange(T), which starts after the cached tokens when
+        kv_caches (from make_kv_caches) are given. Targets equal to -100 are ignored.
+        """
+        T = ids.shape[-1]
+        if T > self.config.context_length:
+            raise ValueError(f"sequence of {T} tokens is longer than the context length {self.config.context_length}")
+        if positions is None and kv_caches is not None and kv_caches[0].length:
+            start = kv_caches[0].length
+            positions = torch.arange(start, start + T, device=ids.device)
+        x = self.token_embeddings(ids)  # (B, T, d)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, None if kv_caches is None else kv_caches[i])
+        x = self.ln_final(x)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, V)
+        # The loss kernel fuses lm_head with cross-entropy so the (B*T, V) logits are never all in memory at once.
+        # Under autocast it gets what lm_head would: activations in the autocast dtype, the weight as stored.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        ops = _ops(self.config.kernels, x)
+        return ops.fused_linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))

@@ -1,0 +1,214 @@
+"""The Triton FlashAttention kernel against the explicit-softmax reference: output and dq, dk, dv, on odd lengths,
+GQA, decoding against a longer cache, strided inputs, huge scores and bad input; bf16 and determinism on a GPU only.
+
+On a CPU these run on Triton's interpreter (tests/conftest.py), with 16x32 / 32x16 tiles, so every shape below spans
+several blocks and a ragged last one.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+import kernels
+from kernels import _utils
+from kernels import reference as ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (atol, rtol) per dtype: fp32 is a few ulps of an fp32 reduction over <= 67 keys; fp16 rounds P and dS to fp16
+# before their dots, a few fp16 ulps (9.8e-4 at 1).
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3)}
+GPU_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 is not exact in the interpreter)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int  # T
+    kv_len: int  # S
+    head_dim: int
+    causal: bool = True
+    scale: float | None = None
+
+
+CASES = {
+    "mha-odd": Case(1, 2, 2, 17, 17, 16),
+    "mqa-67": Case(2, 4, 1, 67, 67, 32),
+    "gqa-d64": Case(1, 4, 2, 33, 33, 64),
+    "one-token": Case(1, 2, 1, 1, 1, 16),
+    "decode-1-of-37": Case(2, 4, 2, 1, 37, 32),
+    "prefill-20-of-53-scaled": Case(1, 2, 2, 20, 53, 16, scale=0.3),
+    "whole-blocks": Case(1, 2, 2, 64, 64, 16),
+    "noncausal-17-by-67": Case(1, 4, 2, 17, 67, 16, causal=False),
+    "noncausal-45-by-19": Case(1, 2, 1, 45, 19, 32, causal=False),
+}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every output buffer starts as NaN, so an element the kernels never write fails the comparison."""
+    monkeypatch.setattr(_utils, "POISON", True)
+
+
+def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0, magnitude: float = 1.0):
+    """q, k, v (leaves requiring grad) and one upstream gradient shared by the kernel and the reference."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(case.batch, h, n, case.head_dim) for h, n in ((case.heads, case.q_len), (case.kv_heads, case.kv_len))]
+    q = torch.randn(shapes[0], generator=g) * magnitude
+    k = torch.randn(shapes[1], generator=g) * magnitude
+    v = torch.randn(shapes[1], generator=g)
+    do = torch.randn(shapes[0], generator=g)
+    q, k, v = (x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v))
+    return q, k, v, do.to(DEVICE, dtype)
+
+
+def run_with_grads(fn, q, k, v, do, case: Case):
+    """fn's output and its (dq, dk, dv) for the upstream gradient do, on fresh leaves."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v, causal=case.causal, scale=case.scale)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def fp32_reference(q, k, v, do, case: Case):
+    """The explicit-softmax reference in fp32 from the same (upcast) inputs."""
+    return run_with_grads(ref.flash_attention, q.float(), k.float(), v.float(), do.float(), case)
+
+
+def assert_all_close(actual, expected, atol, rtol):
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        torch.testing.assert_close(a.float(), e.float(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_matches_reference(case, dtype):
+    q, k, v, do = make_inputs(case, dtype)
+    actual = run_with_grads(kernels.flash_attention, q, k, v, do, case)
+    assert [t.dtype for t in actual] == [dtype] * 4
+    assert_all_close(actual, fp32_reference(q, k, v, do, case), *TOL[dtype])
+
+
+def test_strided_inputs_as_the_model_passes_them():
+    """q, k, v as (B, T, H, d) transposes, K/V as the prefix of a longer cache, dO non-contiguous: read in place,
+    never written."""
+    case = Case(2, 4, 2, 19, 19, 32)
+    q, k, v, do = make_inputs(case, torch.float32)
+    cache = torch.zeros(2, 2, 40, 32)
+    cache[:, :, :19] = k.detach()
+    q_strided = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    k_strided = cache[:, :, :19].requires_grad_()
+    v_strided = v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    do_strided = do.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (q_strided.is_contiguous() or k_strided.is_contiguous() or do_strided.is_contiguous())
+    before = [t.detach().clone() for t in (q_strided, k_strided, v_strided, do_strided)]
+    out = kernels.flash_attention(q_strided, k_strided, v_strided)
+    out.backward(do_strided)
+    actual = out.detach(), q_strided.grad, k_strided.grad, v_strided.grad
+    assert_all_close(actual, fp32_reference(q, k, v, do, case), *TOL[torch.float32])
+    for b, t in zip(before, (q_strided, k_strided, v_strided, do_strided)):
+        assert torch.equal(b, t.detach())
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("seed", [0, 2])
+def test_large_scores_stay_finite_and_correct(dtype, seed):
+    """Scores of +-1e4 (q, k ~ 50, d = 16): a -inf - -inf or an exp overflow in the online softmax would show as NaN.
+
+    Rows are then near one-hot, so the true gradients are tiny differences of terms of size scale·|dO|·|V|·|K|
+    (dq), scale·|dO|·|V|·|Q| (dk) and |dO|·T (dv), and recomputing P in backward moves each score by an fp32 ulp of
+    1e4. So each error is measured against an fp64 reference relative to that natural size (|V| for the output).
+    """
+    case = Case(1, 4, 2, 33, 45, 16, scale=0.25)
+    q, k, v, do = make_inputs(case, dtype, seed=seed, magnitude=50.0)
+    scores = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-2, -1) * case.scale
+    assert scores.abs().max() > 1e4  # the inputs really are in the regime under test
+    actual = run_with_grads(kernels.flash_attention, q, k, v, do, case)
+    exact = run_with_grads(ref.flash_attention, q.double(), k.double(), v.double(), do.double(), case)
+    size = {name: t.abs().max().item() for name, t in (("q", q), ("k", k), ("v", v), ("do", do))}
+    term = case.scale * size["do"] * size["v"]
+    natural = (size["v"], term * size["k"], term * size["q"], size["do"] * case.q_len)
+    for name, a, e, n in zip(("out", "dq", "dk", "dv"), actual, exact, natural):
+        assert torch.isfinite(a).all(), name
+        err = (a.double() - e).abs().max().item()
+        assert err <= TOL[dtype][0] * n, f"{name}: error {err:.3g} > {TOL[dtype][0]:.0e} x {n:.3g}"
+
+
+@pytest.mark.parametrize(
+    "shapes, kwargs, error, match",
+    [
+        (((2, 4, 8, 16), (2, 8, 16), (2, 8, 16)), {}, ValueError, "expects q"),
+        (((1, 4, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16)), {}, ValueError, "multiple of key/value heads"),
+        (((1, 2, 8, 48), (1, 2, 8, 48), (1, 2, 8, 48)), {}, ValueError, "head dim 48"),
+        (((1, 2, 8, 16), (2, 2, 8, 16), (2, 2, 8, 16)), {}, ValueError, "batch and head dim"),
+        (((1, 2, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, ValueError, "T <= S"),
+        (((1, 2, 0, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {}, ValueError, "at least one query"),
+        (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"dtype_k": torch.float16}, TypeError, "share one dtype"),
+        (((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)), {"dtype_k": torch.int32}, TypeError, "k must be float"),
+    ],
+)
+def test_rejects_bad_inputs(shapes, kwargs, error, match):
+    q, k, v = (torch.zeros(s) for s in shapes)
+    if "dtype_k" in kwargs:
+        k = k.to(kwargs["dtype_k"])
+    with pytest.raises(error, match=match):
+        kernels.flash_attention(q, k, v)
+
+
+def test_model_with_triton_attention_matches_eager():
+    """Loss and every parameter gradient of a tiny GQA model: kernels="triton" (all kernels, attention included)
+    against kernels="eager"."""
+    from model import ModelConfig, TransformerLM
+
+    config = dict(vocab_size=61, context_length=32, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    torch.manual_seed(0)
+    eager = TransformerLM(ModelConfig(**config, kernels="eager")).to(DEVICE)
+    triton_model = TransformerLM(ModelConfig(**config, kernels="triton")).to(DEVICE)
+    triton_model.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 61, (2, 23), device=DEVICE)
+    targets = torch.randint(0, 61, (2, 23), device=DEVICE)
+    losses = []
+    for model in (eager, triton_model):
+        loss = model(ids, targets)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, p_eager), p_triton in zip(eager.named_parameters(), triton_model.parameters()):
+        torch.testing.assert_close(p_triton.grad, p_eager.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def eager_same_dtype(q, k, v, causal: bool):
+    """Plain PyTorch attention computed in the inputs' dtype: the baseline error of the FlashAttention rule."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        scores = scores.masked_fill(~ref.causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_flashattention_rule(head_dim, causal):
+    """bf16 error vs an fp32 reference at most 2x eager bf16 PyTorch's own (plus a tiny floor), output and grads."""
+    case = Case(2, 8, 2, 1000, 1000, head_dim, causal=causal)
+    q, k, v, do = make_inputs(case, torch.bfloat16)
+    expected = fp32_reference(q, k, v, do, case)
+    actual = run_with_grads(kernels.flash_attention, q, k, v, do, case)
+    baseline = run_with_grads(lambda *a, causal, scale: eager_same_dtype(*a, causal), q, k, v, do, case)
+    for name, a, b, e in zip(("out", "dq", "dk", "dv"), actual, baseline, expected):
+        err, eager_err = (a.float() - e).abs().max().item(), (b.float() - e).abs().max().item()
+        assert err <= 2 * eager_err + 1e-5 * e.abs().max().item(), f"{name}: error {err:.3g} vs eager {eager_err:.3g}"
+
+
+@GPU_ONLY
+def test_backward_is_deterministic():
+    """No atomics: two backward passes give the same bits (GQA, so dK/dV sum over query heads)."""
+    case = Case(2, 8, 2, 1000, 1000, 64)
+    q, k, v, do = make_inputs(case, torch.bfloat16)
+    first, second = (run_with_grads(kernels.flash_attention, q, k, v, do, case) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

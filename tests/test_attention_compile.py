@@ -1,0 +1,67 @@
+"""The attention kernels compile for an H100 (sm_90) through Triton's real compiler and ptxas, without a GPU.
+
+The interpreter accepts things the compiler rejects, so CI also lowers each kernel as a GPU launch would: bf16 at
+head dim 64 with the first Hopper candidate of each autotune list, causal, and fp32 (the FMA path with
+input_precision="ieee") non-causal at head dim 32 with its fallback config. A subprocess, because the interpreter,
+switched on for the other tests, patches triton.language.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = """
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import attention as A
+
+POINTERS = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
+
+
+def compile_for_sm90(kernel, dtype, config, **constexprs):
+    constexprs = {**constexprs, **config.kwargs}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            continue
+        if name in POINTERS:
+            signature[name] = "*" + dtype
+        elif name in ("LSE", "DELTA"):
+            signature[name] = "*fp32"
+        elif name in ("qk_scale", "sm_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    assert compiled.asm["cubin"], kernel.__name__
+
+
+count = 0
+for tuned in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq):
+    bf16 = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(0, dtype=torch.bfloat16)}, HEAD_DIM=64)[0]
+    fp32 = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(0)}, HEAD_DIM=32)[0]
+    compile_for_sm90(tuned.fn, "bf16", bf16, HEAD_DIM=64, CAUSAL=True, DOT_PRECISION="tf32")
+    compile_for_sm90(tuned.fn, "fp32", fp32, HEAD_DIM=32, CAUSAL=False, DOT_PRECISION="ieee")
+    count += 2
+compile_for_sm90(A._attn_bwd_delta, "bf16", triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1), HEAD_DIM=64)
+print("compiled", count + 1)
+"""
+
+
+def test_attention_kernels_compile_for_sm90():
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default today, set to silence the warning of newer tritons
+    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "compiled 7" in result.stdout

@@ -1,0 +1,213 @@
+"""Experiments: suites, spec files, the runner (parallel, divergence, failure, resume), reports, web-text, budget."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from model import ModelConfig, flops_per_token, param_counts
+from train import run
+from train.config import make_config
+from train.experiments import SUITES, build_report, load_spec, propose, resolve_suite, run_suite, webtext_config
+from train.experiments.__main__ import main
+from train.experiments.budget import measured_flops_per_s, optimal_run_flops, shape
+from train.experiments.webtext import TOKENS_PER_STEP, plan, webtext_model_config
+from train.log import read_metrics
+
+TINY = dict(
+    vocab_size=64,
+    context_length=16,
+    batch_size=4,
+    steps=12,
+    warmup_steps=2,
+    eval_interval=4,
+    eval_batches=2,
+    log_interval=2,
+    ckpt_interval=4,
+    keep_ckpts=3,
+    sample_tokens=0,
+    progress=False,
+    device="cpu",
+    threads=1,
+    model_args=dict(d_model=32, num_layers=2, num_heads=2),
+)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> tuple[str, str]:
+    """Train/val .npy splits of a noisy periodic sequence (learnable, so losses fall)."""
+    root = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    period = rng.integers(0, 64, size=97)
+    for name, repeats in (("train", 40), ("val", 4)):
+        seq = np.tile(period, repeats)
+        noise = rng.random(len(seq)) < 0.1
+        seq[noise] = rng.integers(0, 64, size=noise.sum())
+        np.save(root / f"{name}.npy", seq.astype(np.uint16))
+    return str(root / "train.npy"), str(root / "val.npy")
+
+
+def base(tokens, **overrides):
+    return make_config(TINY, train_data=tokens[0], val_data=tokens[1], **overrides)
+
+
+def test_builtin_suites_make_the_studies_of_the_issue():
+    cfg = make_config({}, max_lr=2e-3, min_lr=2e-4, steps=128, batch_size=8)
+    ablations = {v.name: v.overrides for v in SUITES["ablations"](cfg)}
+    assert ablations["baseline"] == {}
+    assert ablations["no-norm"]["model_args"] == {"norm": "none"} and "max_lr" not in ablations["no-norm"]
+    assert (
+        ablations["no-norm-low-lr"]["model_args"] == {"norm": "none"} and ablations["no-norm-low-lr"]["max_lr"] < 2e-3
+    )
+    assert ablations["post-norm"]["model_args"] == {"norm": "post"}
+    assert ablations["nope"]["model_args"] == {"position": "nope"}
+    assert ablations["silu-mlp"]["model_args"] == {"ffn": "silu", "d_ff": 4 * 128}  # tiny's d_model is 128
+
+    lrs = [v.overrides["max_lr"] for v in SUITES["lr"](cfg)]
+    assert 2e-3 in lrs and min(lrs) < 2e-3 and max(lrs) >= 1000 * 2e-3  # around the base, up to a divergent one
+    assert all(v.overrides["min_lr"] == pytest.approx(v.overrides["max_lr"] / 10) for v in SUITES["lr"](cfg))
+
+    batch = SUITES["batch"](cfg)
+    sizes = [v.overrides["batch_size"] * v.overrides["grad_accum"] for v in batch]
+    assert sizes[0] == 1 and sizes == sorted(sizes) and sizes[-1] > 8 and batch[-1].overrides["grad_accum"] > 1
+    for v, size in zip(batch, sizes):
+        assert v.overrides["steps"] * size == 128 * 8  # the token budget is held constant
+        assert v.overrides["batch_size"] <= 8  # past the base micro-batch: accumulation
+        assert v.overrides["max_lr"] == pytest.approx(2e-3 * (size / 8) ** 0.5, rel=1e-3)  # the sqrt rule
+
+
+def test_spec_files_and_bad_suites(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text(
+        'name = "mine"\n[[variants]]\nname = "a"\n[[variants]]\nname = "b"\nmax_lr = 1e-3\nmodel = {norm = "post"}\n'
+    )
+    name, variants = load_spec(str(spec))
+    assert name == "mine" and [v.name for v in variants] == ["a", "b"]
+    assert variants[1].overrides == {"max_lr": 1e-3, "model_args": {"norm": "post"}}
+    cfg = variants[1].config(make_config({}), tmp_path / "b")
+    assert cfg.max_lr == 1e-3 and cfg.model_args == {"norm": "post"} and cfg.out_dir == str(tmp_path / "b")
+
+    (tmp_path / "j.json").write_text(json.dumps({"variants": [{"name": "x", "model": {"d_model": 7}}]}))
+    with pytest.raises(ValueError, match="variant x"):  # 7 is not divisible by the heads: named before any run
+        resolve_suite(str(tmp_path / "j.json"), make_config({}))
+    (tmp_path / "d.json").write_text(json.dumps({"variants": [{"name": "x"}, {"name": "x"}]}))
+    with pytest.raises(ValueError, match="unique"):
+        resolve_suite(str(tmp_path / "d.json"), make_config({}))
+    (tmp_path / "e.json").write_text(json.dumps({"variants": []}))
+    with pytest.raises(ValueError, match="non-empty"):
+        load_spec(str(tmp_path / "e.json"))
+    with pytest.raises(ValueError, match="unknown suite"):
+        resolve_suite("nosuch", make_config({}))
+    with pytest.raises(FileNotFoundError):
+        load_spec(str(tmp_path / "missing.toml"))
+    assert main(["run", "nosuch"]) == 2
+
+
+def test_suite_runs_in_parallel_survives_divergence_and_failure_resumes_and_reports(tokens, tmp_path, capsys):
+    """The CI smoke test: a suite, a simulated kill, the same command again, then the report."""
+    spec = tmp_path / "spec.json"
+    variants = [
+        {"name": "a", "note": "the base"},
+        {"name": "huge-lr", "max_lr": 1000.0, "min_lr": 100.0},  # diverges: marked, the suite goes on
+    ]
+    spec.write_text(json.dumps({"name": "smoke", "variants": variants}))
+    suite_dir = tmp_path / "suite"
+    _, rows = run_suite(str(spec), base(tokens), str(suite_dir), jobs=2, progress=False)  # two subprocesses
+    assert {r["name"]: r["status"] for r in rows} == {"a": "finished", "huge-lr": "diverged"}
+    assert "diverged at step" in (suite_dir / "logs" / "huge-lr.log").read_text()
+
+    # A variant added to the spec, failing at run time (its context is longer than the data): recorded, not fatal.
+    variants.append({"name": "broken", "context_length": 10_000})
+    spec.write_text(json.dumps({"name": "smoke", "variants": variants}))
+
+    # Simulate a kill of "a" between its step-8 checkpoint and its end: no summary, no last checkpoint. Then the same
+    # command again (in this process this time: jobs=1).
+    a = suite_dir / "a"
+    before = read_metrics(a)
+    (a / "summary.json").unlink()
+    (a / "ckpt_000012.pt").unlink()
+    diverged_summary = (suite_dir / "huge-lr" / "summary.json").stat().st_mtime_ns
+    capsys.readouterr()
+    _, rows = run_suite(str(spec), base(tokens), str(suite_dir), jobs=1, progress=False)
+    assert [r["status"] for r in rows] == ["finished", "diverged", "failed"]
+    assert "too few for one sequence" in rows[2]["message"]
+    assert (suite_dir / "huge-lr" / "summary.json").stat().st_mtime_ns == diverged_summary  # skipped, not rerun
+    assert "resuming a" in capsys.readouterr().out
+    after = read_metrics(a)
+    assert after[:-3] == before[:-3]  # steps 0..8 kept as logged (times included), 10 and 12 redone
+    assert [r["step"] for r in after] == [r["step"] for r in before]
+    assert after[-1]["val_loss"] == pytest.approx(before[-1]["val_loss"], abs=1e-4)  # the same run, continued
+
+    with pytest.raises(ValueError, match="another config"):  # a finished variant is never reused under a new config
+        run_suite(str(spec), base(tokens, max_lr=1e-3), str(suite_dir), progress=False)
+
+    report = build_report(suite_dir, tmp_path / "report", notes="Short runs.")
+    text = report.read_text()
+    for name in ("loss_vs_steps.png", "loss_vs_tokens.png", "loss_vs_time.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 5000 and f"]({name})" in text
+    table = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [(t["variant"], t["status"]) for t in table] == [
+        ("a", "finished"),
+        ("huge-lr", "diverged"),
+        ("broken", "failed"),
+    ]
+    assert "| 1 | a | the base |" in text and "**diverged**" in text and "Short runs." in text
+    assert "Measured ranking by best validation loss" in text and "**huge-lr diverged**" in text
+    assert measured_flops_per_s(str(a)) > 0  # the budget helper reads a measured throughput from a run
+
+
+def test_webtext_preset_is_the_recipe_and_runs_at_toy_scale(tokens, tmp_path):
+    cfg = webtext_config(world_size=1)
+    total = param_counts(webtext_model_config())[0]
+    assert 90e6 < total < 130e6
+    assert cfg.batch_size * cfg.grad_accum * cfg.context_length == TOKENS_PER_STEP == 2**20
+    assert cfg.steps * TOKENS_PER_STEP == pytest.approx(20 * total, rel=0.01)  # Chinchilla's 20 tokens / parameter
+    assert (cfg.max_lr, cfg.min_lr, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.dtype) == (
+        3e-3,
+        3e-4,
+        0.9,
+        0.95,
+        0.1,
+        1.0,
+        "bfloat16",
+    )
+    assert 0 < cfg.warmup_steps < cfg.steps // 10
+    eight = webtext_config(world_size=8)
+    assert eight.grad_accum * 8 == cfg.grad_accum  # data parallel keeps the 1M-token step
+    with pytest.raises(ValueError, match="processes"):
+        webtext_config(world_size=3)
+    assert "ESTIMATE" in plan() and "H100-hours" in plan()
+
+    smoke = webtext_config(smoke=True, train_data=tokens[0], val_data=tokens[1], out_dir=str(tmp_path / "w"))
+    assert (smoke.max_lr, smoke.beta2, smoke.weight_decay, smoke.dtype, smoke.grad_accum) == (
+        3e-3,
+        0.95,
+        0.1,
+        "bfloat16",
+        2,
+    )
+    summary = run(smoke)
+    assert summary["status"] == "finished" and math.isfinite(summary["final_val_loss"])
+    assert summary["final_val_loss"] < read_metrics(tmp_path / "w")[0]["val_loss"]  # it learns, in bf16 on the CPU
+
+
+def test_budget_picks_the_largest_compute_optimal_model_that_fits():
+    config, tokens = propose(1e18)
+    assert tokens == 20 * param_counts(config)[0]
+    assert flops_per_token(config) * tokens <= 1e18
+    bigger = shape(config.num_layers + 1, config.vocab_size, config.context_length)
+    assert optimal_run_flops(bigger) > 1e18  # the next shape up would not fit
+    assert param_counts(propose(1e20)[0])[0] > 5 * param_counts(config)[0]
+    assert isinstance(config, ModelConfig) and config.d_model == 64 * config.num_layers
+    with pytest.raises(ValueError, match="below the smallest"):
+        propose(1e6)
+
+
+def test_budget_cli(capsys):
+    assert main(["budget", "--hours", "2", "--gpu", "H100", "--mfu", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "20 per parameter" in out and "[model]" in out and "num_layers =" in out
+    assert main(["budget", "--hours", "2"]) == 2  # no throughput given
+    assert "needs exactly one throughput" in capsys.readouterr().err
+    assert main(["budget", "--flops", "1e18", "--gpu", "nosuch"]) == 2

@@ -1,0 +1,267 @@
+"""Every Triton kernel against its eager reference: forward and every gradient, awkward shapes, strided views.
+
+On a CPU these run under Triton's interpreter (tests/conftest.py), so shapes are small; bf16 and large shapes need
+a GPU and skip without one. Outputs are poisoned with NaN before each launch (kernels._utils.POISON), so an element
+a kernel forgets to write fails the comparison.
+"""
+
+import pytest
+import torch
+
+import kernels
+from kernels import _utils, reference
+from kernels.linear_cross_entropy import CPU_CHUNK_BUDGET_BYTES, chunk_rows
+
+# One row per dtype, used by every test; set from the dtype's precision, never widened to make a test pass.
+# rtol is about one unit in the last place; atol is that relative to the expected tensor's largest magnitude, so an
+# element near zero that came from cancelling larger terms (a matmul, a sum over rows) may be off by an ulp of them.
+TOLERANCES = {
+    torch.float32: {"rtol": 1.3e-6, "atol": 2e-6},
+    torch.float16: {"rtol": 1e-3, "atol": 1e-3},
+    torch.bfloat16: {"rtol": 8e-3, "atol": 8e-3},
+}
+
+
+def assert_close(actual, expected, dtype):
+    tol = TOLERANCES[dtype]
+    atol = tol["atol"] * max(expected.abs().max().item(), 1e-3)
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=atol)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 and large shapes)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter computes bf16 wrongly, so bf16 runs only where there is a GPU.
+DTYPES = [torch.float32, torch.float16] + [pytest.param(torch.bfloat16, marks=cuda)]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(_utils, "POISON", True)
+
+
+def run(fn, inputs, upstream=None):
+    """fn on fresh leaf copies of inputs, backward with the shared upstream gradient; returns (out, grads)."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*leaves)
+    out.backward(torch.ones_like(out) if upstream is None else upstream)
+    return out.detach(), [t.grad for t in leaves if t.is_floating_point()]
+
+
+def assert_matches(fn_kernel, fn_ref, inputs, dtype, upcast_reference=False, upstream=None):
+    """Kernel vs reference on the same inputs with one upstream gradient; upcast_reference runs the reference in
+    fp32 and rounds its results to dtype (for references whose own math rounds to dtype at every step)."""
+    if upstream is None:
+        with torch.no_grad():
+            shape_of = fn_kernel(*inputs)
+        upstream = torch.randn(shape_of.shape, device=shape_of.device).to(shape_of.dtype)
+    out, grads = run(fn_kernel, inputs, upstream)
+    ref_inputs = [t.float() if upcast_reference and t.is_floating_point() else t for t in inputs]
+    ref_out, ref_grads = run(fn_ref, ref_inputs, upstream.to(torch.float32) if upcast_reference else upstream)
+    assert_close(out, ref_out.to(out.dtype), dtype)
+    assert len(grads) == len(ref_grads)
+    for g, rg, t in zip(grads, ref_grads, [t for t in inputs if t.is_floating_point()]):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        assert_close(g, rg.to(g.dtype), dtype)
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- rms_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 123, 123), (3, 7, 93), (1, 3), (2, 640)])
+def test_rms_norm(shape, dtype):
+    x, w = randn(*shape, dtype=dtype), randn(shape[-1], dtype=dtype, scale=0.3) + 1
+    assert_matches(kernels.rms_norm, reference.rms_norm, [x, w], dtype)
+
+
+def test_rms_norm_strided_input_and_fp32_weight():
+    x = randn(7, 93, 5, dtype=torch.float16).transpose(1, 2)  # (7, 5, 93), rows not contiguous
+    w = randn(93, scale=0.3) + 1  # fp32 weight with fp16 activations, as under autocast
+    assert_matches(lambda x, w: kernels.rms_norm(x, w, eps=1e-3), lambda x, w: reference.rms_norm(x, w, eps=1e-3),
+                   [x, w], torch.float16)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- swiglu
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 123, 123), (3, 7, 93), (1,)])
+def test_swiglu(shape, dtype):
+    g, u = randn(*shape, dtype=dtype, scale=3), randn(*shape, dtype=dtype)
+    assert_matches(kernels.swiglu, reference.swiglu, [g, u], dtype, upcast_reference=True)
+
+
+def test_swiglu_strided_inputs():
+    g = randn(93, 3, 7).permute(1, 2, 0)
+    u = randn(3, 7, 186)[..., ::2]
+    assert_matches(kernels.swiglu, reference.swiglu, [g, u], torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- rope
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,positions_shape", [((2, 3, 37, 26), (37,)), ((2, 3, 37, 26), (2, 37)),
+                                                   ((3, 37, 62), (3, 37)), ((37, 10), (37,))])  # fmt: skip
+def test_rope(shape, positions_shape, dtype):
+    x = randn(*shape, dtype=dtype)
+    positions = torch.randint(0, 2000, positions_shape, device=DEVICE)
+    assert_matches(lambda x: kernels.apply_rope(x, positions, theta=500.0),
+                   lambda x: reference.apply_rope(x, positions, theta=500.0), [x], dtype)  # fmt: skip
+
+
+def test_rope_strided_heads_view():
+    x = randn(2, 37, 3, 26).transpose(1, 2)  # (B, H, T, d) view of a (B, T, H, d) projection, as in attention
+    positions = torch.arange(37, device=DEVICE)
+    assert_matches(lambda x: kernels.apply_rope(x, positions), lambda x: reference.apply_rope(x, positions), [x],
+                   torch.float32)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- cross-entropy
+
+
+def _targets(shape, vocab, ignore_every=5):
+    t = torch.randint(0, vocab, shape, device=DEVICE)
+    t.view(-1)[::ignore_every] = -100
+    return t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,vocab", [((37,), 301), ((2, 5), 123), ((5,), 2500)])  # 2500: several vocab blocks
+def test_cross_entropy(shape, vocab, dtype):
+    logits, t = randn(*shape, vocab, dtype=dtype, scale=3), _targets(shape, vocab)
+    assert_matches(lambda x: kernels.cross_entropy(x, t), lambda x: reference.cross_entropy(x, t), [logits], dtype)
+
+
+def test_cross_entropy_strided_inputs_and_upstream_scale():
+    logits = randn(37, 400, scale=3)[:, :301]  # row stride 400
+    t = _targets((37, 2), 301)[:, 1]  # stride 2
+    upstream = torch.tensor(0.37, device=DEVICE)
+    assert_matches(lambda x: kernels.cross_entropy(x, t, ignore_index=-100), lambda x: reference.cross_entropy(x, t),
+                   [logits], torch.float32, upstream=upstream)  # fmt: skip
+
+
+def test_cross_entropy_all_ignored_is_zero():
+    logits = randn(4, 17).requires_grad_()
+    loss = kernels.cross_entropy(logits, torch.full((4,), 7, device=DEVICE), ignore_index=7)
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss.item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+# ----------------------------------------------------------------------------------------------- fused linear CE
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk_size", [None, 16])  # 16 tokens: many chunks, the last one ragged
+def test_fused_linear_cross_entropy(chunk_size, dtype):
+    hidden, weight = randn(3, 37, 48, dtype=dtype), randn(301, 48, dtype=dtype, scale=0.3)
+    t = _targets((3, 37), 301)
+    assert_matches(lambda h, w: kernels.fused_linear_cross_entropy(h, w, t, chunk_size=chunk_size),
+                   lambda h, w: reference.fused_linear_cross_entropy(h, w, t), [hidden, weight], dtype)  # fmt: skip
+
+
+def test_fused_linear_cross_entropy_mixed_dtypes_strided_and_upstream_scale():
+    # Autocast's case: fp16 activations, the fp32 lm_head weight passed raw; each gradient in its input's dtype.
+    hidden, weight = randn(29, 2, 40, dtype=torch.float16).transpose(0, 1), randn(97, 40, scale=0.3)
+    t = _targets((2, 29, 3), 97)[..., 2]
+    upstream = torch.tensor(2.5, device=DEVICE)
+    out, (dh, dw) = run(lambda h, w: kernels.fused_linear_cross_entropy(h, w, t, chunk_size=8), [hidden, weight],
+                        upstream)  # fmt: skip
+    ref_out, (ref_dh, ref_dw) = run(lambda h, w: reference.fused_linear_cross_entropy(h, w.half(), t),
+                                    [hidden, weight], upstream)  # fmt: skip
+    assert out.dtype == torch.float32 and dh.dtype == torch.float16 and dw.dtype == torch.float32
+    assert_close(out, ref_out, torch.float32)
+    assert_close(dh, ref_dh, torch.float16)
+    assert_close(dw, ref_dw, torch.float16)  # the matmul ran in fp16
+
+
+def test_fused_linear_cross_entropy_without_grad_needs_no_backward():
+    hidden, weight = randn(9, 16), randn(33, 16)
+    t = _targets((9,), 33)
+    with torch.no_grad():
+        loss = kernels.fused_linear_cross_entropy(hidden, weight, t, chunk_size=4)
+    assert_close(loss, reference.fused_linear_cross_entropy(hidden, weight, t), torch.float32)
+
+
+def test_chunk_rows_follows_memory_budget():
+    rows = chunk_rows(16384, 50257, torch.bfloat16, torch.device("cpu"))
+    assert rows % 128 == 0 and rows * 50257 * 2 <= CPU_CHUNK_BUDGET_BYTES + 128 * 50257 * 2
+    assert chunk_rows(100, 50257, torch.bfloat16, torch.device("cpu")) == 100  # small batches: one chunk
+
+
+# ----------------------------------------------------------------------------------------------- contracts
+
+
+def test_inputs_are_not_modified():
+    x, w = randn(3, 7, 93), randn(93)
+    logits, t = randn(37, 301), _targets((37,), 301)
+    hidden, weight = randn(37, 48), randn(301, 48)
+    before = [a.clone() for a in (x, w, logits, hidden, weight)]
+    run(kernels.rms_norm, [x, w])
+    run(kernels.swiglu, [x, x])
+    run(lambda x: kernels.apply_rope(x, torch.arange(7, device=DEVICE)), [x[..., :92]])
+    for leaf in (logits, hidden, weight):
+        leaf.requires_grad_()
+    kernels.cross_entropy(logits, t).backward()
+    kernels.fused_linear_cross_entropy(hidden, weight, t, chunk_size=16).backward()
+    for a, b in zip((x, w, logits, hidden, weight), before):
+        assert torch.equal(a.detach(), b)
+
+
+def test_second_backward_is_refused():
+    logits = randn(5, 11).requires_grad_()
+    loss = kernels.cross_entropy(logits, _targets((5,), 11))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: kernels.rms_norm(randn(4, 8).double(), randn(8).double()), TypeError, "float32, float16 or bfloat16"),
+        (lambda: kernels.rms_norm(randn(4, 8), randn(7)), ValueError, "weight must have shape"),
+        (lambda: kernels.swiglu(randn(4, 8), randn(4, 9)), ValueError, "same shape"),
+        (lambda: kernels.swiglu(randn(4, 8), randn(4, 8).half()), TypeError, "same dtype"),
+        (lambda: kernels.apply_rope(randn(2, 5, 7), torch.arange(5)), ValueError, "even d"),
+        (lambda: kernels.apply_rope(randn(2, 5, 8), torch.arange(6)), ValueError, "positions must be"),
+        (lambda: kernels.cross_entropy(randn(4, 8), torch.tensor([0, 1, 8, 2])), ValueError, "out of range"),
+        (lambda: kernels.cross_entropy(randn(4, 8), torch.tensor([0, -3, 1, 2])), ValueError, "out of range"),
+        (lambda: kernels.cross_entropy(randn(4, 8), torch.zeros(3, dtype=torch.long)), ValueError, "targets must"),
+        (lambda: kernels.cross_entropy(randn(4, 8), torch.zeros(4)), TypeError, "integer"),
+        (lambda: kernels.fused_linear_cross_entropy(randn(4, 8), randn(9, 7), torch.zeros(4, dtype=torch.long)),
+         ValueError, "weight must be"),
+        (lambda: kernels.fused_linear_cross_entropy(randn(4, 8), randn(9, 8), torch.full((4,), 9)),
+         ValueError, "out of range"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------- GPU only
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_shapes_on_gpu(dtype):
+    x, w = randn(4096, 1536, dtype=dtype), randn(1536, dtype=dtype)
+    assert_matches(kernels.rms_norm, reference.rms_norm, [x, w], dtype)
+    logits, t = randn(4096, 50257, dtype=dtype, scale=3), _targets((4096,), 50257)
+    assert_matches(lambda x: kernels.cross_entropy(x, t), lambda x: reference.cross_entropy(x, t), [logits], dtype)
+
+
+@cuda
+def test_cross_entropy_offsets_beyond_int32_on_gpu():
+    vocab = 50257
+    n = 2**31 // vocab + 3  # rows x vocab > 2^31: the last rows' offsets overflow int32
+    logits = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    t = torch.randint(0, vocab, (n,), device="cuda")
+    kernels.cross_entropy(logits, t).backward()
+    last = logits.detach()[-3:].float()
+    expected = (torch.softmax(last, dim=-1) - torch.nn.functional.one_hot(t[-3:], vocab)) / n
+    assert_close(logits.grad[-3:].float(), expected, torch.bfloat16)

@@ -1,0 +1,236 @@
+"""Whole runs of the trainer on tiny models: outputs, exact resume after SIGKILL, DDP equality, and bad inputs."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import model as model_pkg
+import train.loop
+from train import TrainConfig, run
+from train.__main__ import main
+from train.config import make_config
+from train.log import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    vocab_size=64,
+    context_length=16,
+    batch_size=4,
+    steps=20,
+    warmup_steps=2,
+    eval_interval=10,
+    eval_batches=2,
+    log_interval=5,
+    ckpt_interval=10,
+    sample_tokens=0,
+    progress=False,
+    device="cpu",
+    threads=1,  # tiny matmuls: a second thread only adds contention
+    model_args=dict(d_model=32, num_layers=2, num_heads=2),
+)
+TINY_FLAGS = [  # the same as command-line flags, for the subprocess runs
+    *"--vocab-size 64 --context-length 16 --batch-size 4 --warmup-steps 2 --eval-interval 10 --eval-batches 2".split(),
+    *"--log-interval 5 --no-progress --device cpu --sample-tokens 0 --d-model 32 --num-layers 2 --num-heads 2".split(),
+]
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> tuple[str, str]:
+    """Train/val .npy splits of a noisy periodic sequence: learnable, so the loss clearly falls."""
+    root = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    period = rng.integers(0, 64, size=97)
+    for name, repeats in (("train", 40), ("val", 4)):
+        seq = np.tile(period, repeats)
+        noise = rng.random(len(seq)) < 0.1
+        seq[noise] = rng.integers(0, 64, size=noise.sum())
+        np.save(root / f"{name}.npy", seq.astype(np.uint16))
+    return str(root / "train.npy"), str(root / "val.npy")
+
+
+def tiny(tokens, out_dir, **overrides) -> TrainConfig:
+    return make_config(TINY, **{"train_data": tokens[0], "val_data": tokens[1], "out_dir": str(out_dir), **overrides})
+
+
+def test_run_writes_metrics_plots_checkpoints_and_summary(tokens, tmp_path):
+    summary = run(tiny(tokens, tmp_path / "r", keep_ckpts=1))
+    run_dir = tmp_path / "r"
+    assert summary["status"] == "finished" and not summary["diverged"] and summary["steps"] == 20
+    assert json.loads((run_dir / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 5, 10, 15, 20]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.3  # it learns
+    assert {"tokens", "time_s", "train_loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= rows[-1].keys()
+    assert rows[-1]["tokens"] == 20 * 4 * 16 and rows[-1]["val_ppl"] == pytest.approx(math.exp(rows[-1]["val_loss"]))
+    assert [p.name for p in run_dir.glob("ckpt_*.pt")] == ["ckpt_000020.pt"]  # keep_ckpts=1
+    assert (run_dir / "loss_steps.png").stat().st_size > 1000 and (run_dir / "loss_time.png").stat().st_size > 1000
+    loaded = model_pkg.load_model(run_dir / "ckpt_000020.pt")  # the model package reads our checkpoints
+    assert loaded.config.d_model == 32
+    with pytest.raises(ValueError, match="already holds a run"):
+        run(tiny(tokens, run_dir))
+
+
+def _losses(run_dir) -> list[tuple]:
+    return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in read_metrics(run_dir)]
+
+
+def _train_cli(*args) -> list[str]:
+    return [sys.executable, "-m", "train", *TINY_FLAGS, *args]
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tokens, tmp_path):
+    data = ["--train-data", tokens[0], "--val-data", tokens[1], "--cosine-steps", "40", "--ckpt-interval", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(_train_cli(*data, "--steps", "40", "--out-dir", str(tmp_path / "ref")), env=env, check=False)
+    assert ref.returncode == 0
+    # The same run, set to go on far longer (the schedule is the same: flat after --cosine-steps), killed mid-way.
+    killed_dir = tmp_path / "killed"
+    cmd = _train_cli(*data, "--steps", "100000", "--keep-ckpts", "100", "--out-dir", str(killed_dir))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed_dir / "ckpt_000020.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = sorted(killed_dir.glob("ckpt_*.pt"))[-1]
+    assert "ckpt_000020.pt" <= last.name < "ckpt_000040.pt"
+    resumed = subprocess.run(_train_cli("--resume", str(killed_dir), "--steps", "40"), env=env, check=False)
+    assert resumed.returncode == 0
+    assert _losses(killed_dir) == _losses(tmp_path / "ref")  # bitwise: floats compared with ==
+
+
+def test_ddp_two_gloo_processes_match_one_process(tokens, tmp_path):
+    data = ["--train-data", tokens[0], "--val-data", tokens[1], "--steps", "10", "--ckpt-interval", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = _train_cli(*data, "--batch-size", "8", "--out-dir", str(tmp_path / "one"))
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train"]
+    ddp += [*TINY_FLAGS, *data, "--batch-size", "4", "--out-dir", str(tmp_path / "two")]
+    assert subprocess.run(single, env=env, check=False).returncode == 0
+    assert subprocess.run(ddp, env=env, check=False, cwd=ROOT).returncode == 0
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 5, 10]
+    assert two[-1]["tokens"] == one[-1]["tokens"]
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        got = [r.get(key) for r in two if r.get(key) is not None]
+        want = [r.get(key) for r in one if r.get(key) is not None]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokens, tmp_path, monkeypatch, capsys):
+    forward = model_pkg.TransformerLM.forward
+    calls = []
+
+    def nan_after_twelve_steps(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) > 12:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(model_pkg.TransformerLM, "forward", nan_after_twelve_steps)
+    run_dir = tmp_path / "nan"
+    summary = run(tiny(tokens, run_dir))
+    assert summary["diverged"] and summary["status"] == "diverged" and "diverged at step 15" in summary["message"]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
+    assert [p.name for p in run_dir.glob("ckpt_*.pt")] == ["ckpt_000010.pt"]
+    assert main(["--resume", str(run_dir)]) == 1  # the CLI exits non-zero, with the message
+    assert "error: diverged at step" in capsys.readouterr().err
+
+
+def test_loss_above_threshold_counts_as_diverged(tokens, tmp_path):
+    summary = run(tiny(tokens, tmp_path / "d", diverge_loss=1.0))
+    assert summary["diverged"] and "limit 1" in summary["message"]
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(train_data="/nonexistent/train.npy"), FileNotFoundError, "data file not found"),
+        (dict(vocab_size=32), ValueError, "holds token id .* but the vocabulary has 32"),
+        (dict(context_length=500), ValueError, "too few for one sequence of context_length 500"),
+        (dict(model="huge"), ValueError, "unknown preset 'huge'"),
+        (dict(tokenizer="/nonexistent/tok"), FileNotFoundError, "has no vocab.json"),
+        (dict(device="cuda:3"), ValueError, "CUDA is not available"),
+    ],
+)
+def test_bad_inputs_give_clear_errors(tokens, tmp_path, overrides, error, message):
+    if "device" in overrides and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(error, match=message):
+        run(tiny(tokens, tmp_path / "bad", **overrides))
+
+
+def test_cli_prints_error_and_exits_2(tmp_path, capsys):
+    assert main(["--train-data", str(tmp_path / "a.txt"), "--val-data", str(tmp_path / "b.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data file not found") and "Traceback" not in err
+
+
+def test_batch_that_does_not_fit_names_the_fix(tokens, tmp_path, monkeypatch):
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(model_pkg.TransformerLM, "forward", out_of_memory)
+    with pytest.raises(ValueError, match="does not fit in cpu memory: lower --batch-size"):
+        run(tiny(tokens, tmp_path / "oom", steps=2, eval_interval=100))
+
+
+def test_kernel_preflight_aborts_with_a_table(monkeypatch):
+    from types import SimpleNamespace
+
+    rows = [
+        SimpleNamespace(op="rms_norm", quantity="dx", ok=False),
+        SimpleNamespace(op="swiglu", quantity="y", ok=True),
+    ]
+    table = "| op | ... |\n| rms_norm | dx | FAIL |"
+    fake = SimpleNamespace(check_kernels=lambda **shapes: rows, format_check_table=lambda results: table)
+    monkeypatch.setitem(sys.modules, "kernels.check", fake)
+    config = model_pkg.ModelConfig.preset("tiny")
+    with pytest.raises(train.loop.PreflightError, match=r"(?s)kernel preflight failed.*\| rms_norm \| dx \| FAIL \|"):
+        train.loop.preflight(config, 128, torch.bfloat16, torch.device("cpu"), seed=0)
+    rows[0].ok = True
+    train.loop.preflight(config, 128, torch.bfloat16, torch.device("cpu"), seed=0)  # all ok: no error
+
+
+def test_default_run_shortened(tmp_path, monkeypatch, capsys):
+    """`python -m train` as shipped, shortened: the embedded corpus (an excerpt), a small vocab, 30 steps."""
+    import train.dataset
+
+    train_txt, valid_txt = train.dataset.default_corpus()
+    assert train_txt.stat().st_size > 2_000_000 and valid_txt.stat().st_size > 700_000
+    assert "CDLA-Sharing-1.0" in (train_txt.parent / "LICENSE.md").read_text()
+    excerpt = []
+    for path, size in ((train_txt, 60_000), (valid_txt, 30_000)):
+        text = path.read_text()[:size]
+        (tmp_path / path.name).write_text(text)
+        excerpt.append(tmp_path / path.name)
+    monkeypatch.setattr(train.dataset, "default_corpus", lambda: tuple(excerpt))
+    monkeypatch.setenv("SMOLLM_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    flags = "--vocab-size 300 --steps 30 --eval-interval 15 --eval-batches 2 --batch-size 8 --context-length 64"
+    flags += " --d-model 64 --num-layers 2 --log-interval 10 --sample-tokens 20 --threads 1 --no-progress"
+    assert main([*flags.split(), "--out-dir", str(run_dir)]) == 0
+    for name in ("config.json", "metrics.jsonl", "loss_steps.png", "loss_time.png", "ckpt_000030.pt", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["final_val_loss"] < math.log(300)
+    story = (run_dir / "sample.txt").read_text()
+    assert story.startswith("Once upon a time") and len(story) > len("Once upon a time")
+    assert story in capsys.readouterr().out
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 3 and cached[-1].startswith("tok-")  # the tokenizer and both encoded splits, reused next time
+
+    # The tokenizer is cached; a model with a smaller vocabulary than it is refused with a clear message.
+    tok_dir = tmp_path / "cache" / cached[-1]
+    with pytest.raises(ValueError, match="vocabulary/model mismatch: the tokenizer .* has 300 tokens"):
+        run(make_config(tokenizer=str(tok_dir), vocab_size=256, out_dir=str(tmp_path / "mismatch"), device="cpu"))

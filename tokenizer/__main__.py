@@ -1,0 +1,59 @@
+"""Command line: train a tokenizer, or encode a corpus with one.
+
+    python -m tokenizer train CORPUS.txt --vocab-size 10000 --special-token '<|endoftext|>' --out tok/
+    python -m tokenizer encode CORPUS.txt --tokenizer tok/ --out corpus.npy --workers 2
+"""
+
+import argparse
+import resource
+import sys
+import time
+
+from tokenizer import Tokenizer, encode_file, train_bpe
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and of its largest finished child (Linux reports KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, child) / 1024
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenizer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a byte-level BPE tokenizer on a UTF-8 text file")
+    tr.add_argument("corpus")
+    tr.add_argument("--vocab-size", type=int, required=True)
+    tr.add_argument("--special-token", action="append", default=[], help="repeatable; ids 0.. in the given order")
+    tr.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer.json")
+    tr.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
+    en = sub.add_parser("encode", help="encode a UTF-8 text file to a flat .npy of token ids")
+    en.add_argument("corpus")
+    en.add_argument("--tokenizer", required=True, help="directory written by `train`")
+    en.add_argument("--out", required=True, help="output .npy (uint16 if the vocabulary fits, else uint32)")
+    en.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
+
+    t0 = time.perf_counter()
+    try:
+        if args.command == "train":
+            vocab, merges = train_bpe(args.corpus, args.vocab_size, args.special_token, args.workers, progress=True)
+            Tokenizer(vocab, merges, args.special_token).save(args.out)
+            longest = max(vocab.values(), key=len) if not merges else max((a + b for a, b in merges), key=len)
+            print(f"trained {len(vocab)} tokens ({len(merges)} merges) -> {args.out}")
+            print(f"longest token: {longest!r} ({len(longest)} bytes)")
+        else:
+            ids = encode_file(args.corpus, Tokenizer.load(args.tokenizer), args.out, args.workers)
+            print(f"encoded {len(ids):,} tokens ({ids.dtype}) -> {args.out}")
+    except (OSError, ValueError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wall time {time.perf_counter() - t0:.2f} s, peak memory {peak_rss_mb():.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

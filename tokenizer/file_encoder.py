@@ -1,0 +1,77 @@
+"""Parallel, streaming encoding of a text file into a flat .npy of token ids.
+
+The file is cut into ~4 MB chunks at safe positions (pretokenize.py), workers encode chunks independently, and the
+main process appends their ids to the .npy in file order with a bounded number of chunks in flight, so memory stays
+flat for a file larger than RAM. The .npy header is written with room to spare and patched with the final length.
+"""
+
+import collections
+import os
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from tokenizer.pretokenize import char_classes, check_input_path, chunk_bounds, read_chunk
+from tokenizer.tokenizer import Tokenizer
+from tokenizer.trainer import process_pool
+
+CHUNK_BYTES = 4 << 20
+HEADER_BYTES = 128  # fixed-size .npy v1 header, so it can be rewritten in place once the length is known
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _set_tokenizer(tokenizer):
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _encode_range(args):
+    path, start, end, dtype = args
+    return _worker_tokenizer.encode_bytes(read_chunk(path, start, end)).astype(dtype), end - start
+
+
+def _npy_header(dtype, length: int) -> bytes:
+    header = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": (length,)}).encode("latin1")
+    pad = HEADER_BYTES - 10 - len(header) - 1
+    return b"\x93NUMPY\x01\x00" + (HEADER_BYTES - 10).to_bytes(2, "little") + header + b" " * pad + b"\n"
+
+
+def encode_file(input_path, tokenizer: Tokenizer, out_path, num_workers=None, progress=True) -> np.memmap:
+    """Encode a UTF-8 text file to a flat .npy (uint16 if the vocabulary fits, else uint32); return it memory-mapped.
+
+    The ids are identical to tokenizer.encode(whole file) for any number of workers.
+    """
+    path = check_input_path(input_path)
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+    num_workers = num_workers or os.cpu_count() or 1
+    tasks = [(path, s, e, dtype) for s, e in chunk_bounds(path, CHUNK_BYTES, tokenizer.special_tokens)]
+    char_classes()  # built here once, inherited by forked workers
+    _set_tokenizer(tokenizer)
+    tokenizer.encode("warm up the jit before forking")
+    total = 0
+    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc="encode", disable=not progress)
+    with open(out_path, "wb") as out, process_pool(min(num_workers, len(tasks))) as pool:
+        out.write(_npy_header(dtype, 0))
+
+        def write(ids, nbytes):
+            nonlocal total
+            out.write(ids.tobytes())
+            total += len(ids)
+            bar.update(nbytes)
+
+        if pool is None:
+            for task in tasks:
+                write(*_encode_range(task))
+        else:
+            in_flight = collections.deque()
+            for task in tasks:
+                in_flight.append(pool.apply_async(_encode_range, (task,)))
+                if len(in_flight) >= 2 * num_workers:
+                    write(*in_flight.popleft().get())
+            while in_flight:
+                write(*in_flight.popleft().get())
+        out.seek(0)
+        out.write(_npy_header(dtype, total))
+    bar.close()
+    return np.load(out_path, mmap_mode="r")

@@ -1,0 +1,235 @@
+"""The Tokenizer: encode/decode with a trained (or GPT-2) vocabulary, and the on-disk format.
+
+On disk, a tokenizer directory holds (format version 1):
+  vocab.json      {token: id}, one entry per line, tokens written with GPT-2's byte-to-unicode alphabet
+  merges.txt      "#version: 0.2" then one merge per line, "left right" in the same alphabet, in rank order
+  tokenizer.json  {"format": "smollm-bpe", "version": 1, "pattern": ..., "special_tokens": [...], "vocab_size": n}
+vocab.json and merges.txt are byte-for-byte the GPT-2 / Hugging Face layout, so GPT-2's own files load with
+Tokenizer.from_files and ours load in other tools.
+"""
+
+import json
+import os
+import threading
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from tokenizer.encoder import build_rank_table, encode_segments, new_cache
+from tokenizer.pretokenize import (
+    GPT2_PATTERN,
+    char_classes,
+    check_input_path,
+    check_special_tokens,
+    find_cut,
+    segments,
+    special_pattern,
+)
+
+FORMAT, VERSION = "smollm-bpe", 1
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters: printable Latin-1 maps to itself, the rest
+    (control characters, space, ...) to U+0100 onwards, so 0x20 becomes 'Ġ' and 0x0A becomes 'Ċ'."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
+
+
+_BYTE_TO_CHAR = bytes_to_unicode()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+
+
+def _to_text(token: bytes) -> str:
+    return "".join(_BYTE_TO_CHAR[b] for b in token)
+
+
+def _to_bytes(text: str, where: str) -> bytes:
+    try:
+        return bytes(_CHAR_TO_BYTE[c] for c in text)
+    except KeyError as e:
+        raise ValueError(f"{where}: {text!r} has {e.args[0]!r}, which is not in GPT-2's byte alphabet") from None
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer. vocab: {id: bytes}; merges: [(left bytes, right bytes)] in rank order; special
+    tokens not already in the vocab get the next free ids."""
+
+    def __init__(self, vocab: dict[int, bytes], merges: list[tuple[bytes, bytes]], special_tokens=None):
+        self.vocab = dict(vocab)
+        self.merges = [(bytes(a), bytes(b)) for a, b in merges]
+        self.special_tokens = check_special_tokens(special_tokens)
+        ids = {}
+        for i, token in self.vocab.items():
+            if not isinstance(i, int) or i < 0 or not isinstance(token, bytes):
+                raise TypeError(f"vocab must map int ids >= 0 to bytes, got {i!r}: {token!r}")
+            if ids.setdefault(token, i) != i:
+                raise ValueError(f"vocab has token {token!r} twice (ids {ids[token]} and {i})")
+        for s in self.special_tokens:
+            if s.encode("utf-8") not in ids:
+                ids[s.encode("utf-8")] = self.vocab[len(self.vocab)] = len(self.vocab)
+        if sorted(self.vocab) != list(range(len(self.vocab))):
+            raise ValueError(f"vocab ids must be 0..{len(self.vocab) - 1} without gaps")
+        missing = [b for b in range(256) if bytes([b]) not in ids]
+        if missing:
+            raise ValueError(f"vocab lacks single byte(s) {missing[:5]}: a byte-level vocabulary needs all 256")
+        self._ids = ids
+        self._special_ids = {s: ids[s.encode("utf-8")] for s in self.special_tokens}
+        self._specials = special_pattern(self.special_tokens)
+        self._max_special = max((len(s.encode("utf-8")) for s in self.special_tokens), default=1)
+        table = np.empty((len(self.merges), 3), np.int32)
+        for r, (a, b) in enumerate(self.merges):
+            if a not in ids or b not in ids or a + b not in ids:
+                raise ValueError(f"merge {r} ({a!r}, {b!r}) uses or makes a token that is not in the vocab")
+            table[r] = ids[a], ids[b], ids[a + b]
+        self._left, self._right, self._new = (np.ascontiguousarray(table[:, k]) for k in range(3))
+        self._rank_keys, self._rank_vals = build_rank_table(self._left, self._right)
+        self._byte_ids = np.array([ids[bytes([b])] for b in range(256)], np.int32)
+        self._decode_table = [self.vocab[i] for i in range(len(self.vocab))]
+        self._local = threading.local()  # one cache per thread: the jitted encoder releases the GIL
+
+    def __reduce__(self):  # pickle by value (for spawned workers); caches are rebuilt
+        return Tokenizer, (self.vocab, self.merges, self.special_tokens)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def special_token_id(self, token: str) -> int:
+        if token not in self._special_ids:
+            raise ValueError(f"{token!r} is not a special token of this tokenizer (they are {self.special_tokens})")
+        return self._special_ids[token]
+
+    # ---- encoding -------------------------------------------------------------------------------------------
+
+    def encode_bytes(self, raw: bytes) -> np.ndarray:
+        """int32 ids of UTF-8 bytes (the caller has checked they are UTF-8)."""
+        bounds, found = segments(raw, self._specials)
+        special_ids = np.full(len(bounds), -1, np.int64)
+        special_ids[: len(found)] = [self._ids[s] for s in found]
+        if not hasattr(self._local, "cache"):
+            self._local.cache = new_cache()
+        return encode_segments(
+            np.frombuffer(raw, np.uint8), bounds, special_ids, char_classes(), self._byte_ids,
+            self._rank_keys, self._rank_vals, self._left, self._right, self._new, self._local.cache,
+        )  # fmt: skip
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_bytes(_utf8(text)).tolist()
+
+    def encode_iterable(self, iterable: Iterable[str], flush_bytes: int = 1 << 16) -> Iterator[int]:
+        """Lazily encode an iterable of strings (e.g. an open file) with the same ids as encode("".join(iterable)).
+
+        Text is buffered until flush_bytes, then encoded up to the last safe cut (see pretokenize.py), so memory
+        stays flat unless the text goes on for very long without a space or newline.
+        """
+        parts, size = [], 0
+        for text in iterable:
+            parts.append(_utf8(text))
+            size += len(parts[-1])
+            if size < flush_bytes:
+                continue
+            raw = b"".join(parts)
+            target = max(self._max_special, len(raw) - flush_bytes // 4)
+            cut = find_cut(raw, target, self._specials, self._max_special)
+            if cut < 0:
+                cut = find_cut(raw, self._max_special, self._specials, self._max_special)
+            if cut > 0:
+                yield from self.encode_bytes(raw[:cut]).tolist()
+                raw = raw[cut:]
+            parts, size = [raw], len(raw)
+        yield from self.encode_bytes(b"".join(parts)).tolist()
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ids; byte sequences that are not valid UTF-8 become U+FFFD."""
+        table = self._decode_table
+        try:
+            # a negative id is sent past the end so it raises like any other out-of-range id
+            return b"".join([table[i] if i >= 0 else table[len(table)] for i in ids]).decode("utf-8", "replace")
+        except (IndexError, TypeError):
+            bad = next(i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= i < len(table))
+            raise ValueError(f"cannot decode id {bad!r}: ids run from 0 to {len(table) - 1}") from None
+
+    # ---- files ----------------------------------------------------------------------------------------------
+
+    def save(self, out_dir) -> None:
+        """Write vocab.json, merges.txt and tokenizer.json into out_dir (created if needed)."""
+        os.makedirs(out_dir, exist_ok=True)
+        vocab = {_to_text(self.vocab[i]): i for i in range(len(self.vocab))}
+        with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False, indent=0)
+        with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+            f.writelines(f"{_to_text(a)} {_to_text(b)}\n" for a, b in self.merges)
+        meta = {
+            "format": FORMAT, "version": VERSION, "pattern": GPT2_PATTERN,
+            "special_tokens": self.special_tokens, "vocab_size": len(self.vocab), "num_merges": len(self.merges),
+        }  # fmt: skip
+        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, ensure_ascii=False, indent=2)
+
+    @classmethod
+    def from_files(cls, vocab_path, merges_path, special_tokens=None) -> "Tokenizer":
+        """Load GPT-2-style vocab.json and merges.txt (ours or GPT-2's own)."""
+        vocab_path, merges_path = check_input_path(vocab_path), check_input_path(merges_path)
+        try:
+            with open(vocab_path, encoding="utf-8") as f:
+                entries = json.load(f, object_pairs_hook=list)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{vocab_path} is not a valid vocab.json: {e}") from None
+        if not isinstance(entries, list) or not all(isinstance(i, int) for _, i in entries):
+            raise ValueError(f"{vocab_path} must be a JSON object mapping tokens to integer ids")
+        vocab = {}
+        for text, i in entries:
+            if i in vocab:
+                raise ValueError(f"{vocab_path}: id {i} appears twice")
+            vocab[i] = _to_bytes(text, vocab_path)
+        merges = []
+        with open(merges_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if (n == 1 and line.startswith("#version")) or not line.strip():
+                    continue
+                parts = line.rstrip("\n").split(" ")
+                if len(parts) != 2:
+                    raise ValueError(f"{merges_path} line {n}: expected 'left right', got {line.rstrip()!r}")
+                merges.append((_to_bytes(parts[0], f"{merges_path} line {n}"), _to_bytes(parts[1], merges_path)))
+        try:
+            return cls(vocab, merges, special_tokens)
+        except ValueError as e:
+            raise ValueError(f"{vocab_path} and {merges_path} don't match: {e}") from None
+
+    @classmethod
+    def load(cls, tok_dir) -> "Tokenizer":
+        """Load a directory written by save() (the CLI's --out)."""
+        tok_dir = os.fspath(tok_dir)
+        if not os.path.isdir(tok_dir):
+            raise FileNotFoundError(f"no tokenizer directory at {tok_dir}")
+        meta_path = os.path.join(tok_dir, "tokenizer.json")
+        try:
+            with open(check_input_path(meta_path), encoding="utf-8") as f:
+                meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise ValueError(f"{meta_path}: expected format {FORMAT!r} version {VERSION}")
+        if meta.get("pattern") != GPT2_PATTERN:
+            raise ValueError(f"{meta_path}: unsupported pre-tokenization pattern {meta.get('pattern')!r}")
+        tok = cls.from_files(
+            os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), meta.get("special_tokens")
+        )
+        if len(tok) != meta.get("vocab_size"):
+            raise ValueError(f"{meta_path} says vocab_size {meta.get('vocab_size')}, but the files hold {len(tok)}")
+        return tok
+
+
+def _utf8(text: str) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError(f"expected str, got {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text has a lone surrogate {text[e.start]!r} at index {e.start}, not encodable") from None

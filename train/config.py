@@ -1,0 +1,195 @@
+"""The training configuration: one dataclass, built from defaults < an optional TOML file < command-line flags.
+
+Every field is a flag (``batch_size`` -> ``--batch-size``); booleans get ``--x`` / ``--no-x``. The model is a
+preset of ``model.ModelConfig`` plus overrides: every ModelConfig field is a flag too (``--d-model 256``), kept in
+``TrainConfig.model_args``; a TOML file gives them in a ``[model]`` table. ``--resume RUN_DIR`` starts from the
+run's saved config, and flags given alongside it override that (e.g. more ``--steps``).
+"""
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model import ModelConfig
+
+CONFIG_FILE = "config.json"
+# Fields of ModelConfig that come from elsewhere: the tokenizer fixes the vocabulary, TrainConfig the context.
+_MODEL_FIELDS_SET_BY_TRAINER = ("vocab_size", "context_length")
+
+
+def opt(default, help: str):
+    """A dataclass field with its --help text (the text doubles as the field's comment)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. The defaults are the embedded default run (``python -m train``): the tiny preset on
+    the shipped TinyStories excerpt, sized to finish within 10 minutes on a 2-core CPU."""
+
+    # data
+    train_data: str | None = opt(None, "training text file (.txt) or pre-encoded tokens (.npy); none: embedded corpus")
+    val_data: str | None = opt(None, "validation text or .npy; none: the embedded corpus's validation split")
+    tokenizer: str | None = opt(None, "tokenizer dir (Tokenizer.save); none: train BPE on the training text (cached)")
+    vocab_size: int | None = opt(None, "BPE vocabulary to train, and the model's vocab_size; none: the preset's")
+    # model
+    model: str = opt("tiny", "ModelConfig preset: tiny, tinystories-17m, 125m")
+    model_args: dict = opt({}, "ModelConfig overrides (on the command line: --d-model 256, --norm post, ...)")
+    context_length: int | None = opt(None, "tokens per training sequence; none: the preset's context_length")
+    # batch and length
+    batch_size: int = opt(16, "sequences per micro-batch on each process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
+    steps: int = opt(600, "optimizer steps")
+    tokens: int | None = opt(None, "token budget: sets steps = tokens / tokens per step (overrides --steps)")
+    # optimizer and schedule
+    max_lr: float = opt(5e-3, "peak learning rate, reached after warmup")
+    min_lr: float = opt(5e-4, "learning rate at the end of the cosine cycle and after it")
+    warmup_steps: int = opt(30, "linear warmup from 0 to max_lr")
+    cosine_steps: int | None = opt(None, "step at which the cosine reaches min_lr; none: the last step")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    weight_decay: float = opt(0.1, "decoupled weight decay, on matrices and embeddings only (not on norm gains)")
+    grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this (0: off)")
+    # evaluation, logging, checkpoints
+    eval_interval: int = opt(100, "evaluate every N steps (and at the start and the end)")
+    eval_batches: int = opt(20, "validation batches (global), the same each eval, spread over the split (0: all of it)")
+    log_interval: int = opt(10, "metrics row and console line every N steps")
+    ckpt_interval: int = opt(200, "checkpoint every N steps (and at the end)")
+    keep_ckpts: int = opt(2, "keep the last K checkpoints")
+    out_dir: str | None = opt(None, "run directory; none: runs/<preset>-<date-time>")
+    resume: str | None = opt(None, "continue the run in this directory from its last checkpoint")
+    diverge_loss: float | None = opt(None, "stop as diverged when the train loss passes this; none: 2 ln(vocab)")
+    # sampling at the end
+    sample_prompt: str = opt("Once upon a time", "prompt of the story sampled at the end")
+    sample_tokens: int = opt(200, "tokens to sample at the end (0: no sample)")
+    # system
+    seed: int = opt(1337, "seed of the initialization and of the batch sampler")
+    device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = opt("auto", "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16, float32")
+    compile: bool = opt(False, "torch.compile the model")
+    preflight: bool = opt(True, "check the Triton kernels against eager PyTorch on the run's shapes before training")
+    threads: int = opt(0, "CPU threads for torch (0: torch's default, $OMP_NUM_THREADS or the cores)")
+    progress: bool = opt(True, "show a progress bar")
+    wandb_project: str | None = opt(None, "log to this Weights & Biases project (only if wandb is installed)")
+
+    def __post_init__(self):
+        positive = ("batch_size", "grad_accum", "steps", "eval_interval", "log_interval", "ckpt_interval", "keep_ckpts")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("warmup_steps", "eval_batches", "sample_tokens", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr <= self.max_lr:
+            raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={self.min_lr}, max_lr={self.max_lr}")
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+        unknown = set(self.model_args) - model_arg_names()
+        if unknown:
+            raise ValueError(f"unknown model args {sorted(unknown)}; ModelConfig's are {sorted(model_arg_names())}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def model_arg_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(ModelConfig)} - set(_MODEL_FIELDS_SET_BY_TRAINER)
+
+
+def _scalar_type(annotation):
+    """int | None -> int; Literal["a", "b"] -> (str, ("a", "b")); plain types pass through."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        return type(choices[0]), choices
+    return annotation, None
+
+
+def _add_field(parser, name: str, annotation, help: str, dest: str):
+    kind, choices = _scalar_type(annotation)
+    flag = "--" + name.replace("_", "-")
+    if choices:
+        help = f"{help} ({', '.join(map(str, choices))})"
+    if kind is bool:
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help)
+    else:
+        parser.add_argument(flag, dest=dest, type=kind, choices=choices, help=help, metavar=name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a language model. With no arguments: the embedded TinyStories run (tiny preset).",
+        argument_default=argparse.SUPPRESS,  # only flags actually given reach the namespace (they override)
+    )
+    parser.add_argument("--config", dest="config_file", help="TOML file of TrainConfig fields ([model]: overrides)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "model_args":
+            _add_field(parser, f.name, hints[f.name], f.metadata["help"], dest=f.name)
+    group = parser.add_argument_group("model overrides (ModelConfig fields, on top of the --model preset)")
+    model_hints = typing.get_type_hints(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in _MODEL_FIELDS_SET_BY_TRAINER:
+            _add_field(group, f.name, model_hints[f.name], f"ModelConfig.{f.name}", dest="model." + f.name)
+    return parser
+
+
+def read_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ValueError("reading a TOML config on Python 3.10 needs `pip install tomli`") from None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        values = tomllib.load(f)
+    if "model" in values and isinstance(values["model"], dict):
+        values["model_args"] = values.pop("model")
+    return values
+
+
+def load_run_config(run_dir: str) -> dict:
+    """The TrainConfig fields saved in a run directory (what --resume starts from)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} not found (is {run_dir!r} a run directory?)")
+    return json.loads(path.read_text())
+
+
+def make_config(base: dict | None = None, **overrides) -> TrainConfig:
+    """A TrainConfig from a dict of fields plus overrides; model_args are merged, not replaced."""
+    values = dict(base or {})
+    model_args = {**values.pop("model_args", {}), **overrides.pop("model_args", {})}
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)}")
+    return TrainConfig(**values, model_args=model_args)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from the command line: defaults < --resume's saved config or --config TOML < explicit flags."""
+    given = vars(build_parser().parse_args(argv))
+    model_args = {k.removeprefix("model."): given.pop(k) for k in list(given) if k.startswith("model.")}
+    config_file = given.pop("config_file", None)
+    base = {}
+    if "resume" in given and given["resume"] is not None:
+        base = load_run_config(given["resume"])
+        base["out_dir"] = given["resume"]
+    if config_file is not None:
+        base = {**base, **read_toml(config_file)}
+    return make_config(base, **given, model_args=model_args)

@@ -1,0 +1,233 @@
+"""Token data for training: opening and checking token arrays, sampling batches, and turning text into tokens.
+
+Token arrays are flat 1-D ``.npy`` files, opened as ``np.memmap`` so a corpus larger than memory costs nothing
+to open. Text is tokenized once and cached under ``$SMOLLM_CACHE`` (default ``~/.cache/smollm-stack``): the BPE
+tokenizer under ``tok-<sha of the training text>-v<vocab>`` and each encoded file as
+``<sha of the text>-<sha of the tokenizer>.npy``, so a second run (or another rank) starts at once.
+"""
+
+import hashlib
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EOT = "<|endoftext|>"
+
+
+# ---- opening token arrays ---------------------------------------------------------------------------------------
+
+
+def open_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
+    """Open a 1-D integer ``.npy`` token file memory-mapped, checking every id against ``vocab_size``.
+
+    The check reads the file once in chunks, so a token id the model has no embedding for fails here with the file's
+    name instead of as a device-side assert deep in the first forward pass.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file not found: {path}")
+    try:
+        data = np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise ValueError(f"{path} is not a readable .npy token array: {e}") from None
+    if data.ndim != 1 or not np.issubdtype(data.dtype, np.integer):
+        raise ValueError(f"{path}: expected a 1-D integer token array, got shape {data.shape} of {data.dtype}")
+    if vocab_size is not None:
+        chunk = 1 << 24
+        top = max((int(data[i : i + chunk].max()) for i in range(0, len(data), chunk)), default=-1)
+        if top >= vocab_size:
+            raise ValueError(
+                f"{path} holds token id {top} but the vocabulary has {vocab_size} ids: "
+                "the data was encoded with a different tokenizer (or pass a larger --vocab-size)"
+            )
+    return data
+
+
+# ---- batches ----------------------------------------------------------------------------------------------------
+
+
+def batch_from_starts(data: np.ndarray, starts, context_length: int, device: torch.device | str):
+    """Inputs ``data[s : s + T]`` and targets ``data[s + 1 : s + T + 1]`` for each start s, int64 on ``device``.
+
+    On CUDA the host tensors are pinned and copied asynchronously, so the copy overlaps the previous step.
+    """
+    rows = np.stack([np.asarray(data[s : s + context_length + 1], dtype=np.int64) for s in starts])
+    rows = torch.from_numpy(rows)
+    device = torch.device(device)
+    if device.type == "cuda":
+        rows = rows.pin_memory().to(device, non_blocking=True)
+    else:
+        rows = rows.to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def get_batch(data: np.ndarray, batch_size: int, context_length: int, device: torch.device | str):
+    """A random batch (x, y) of shape (batch_size, context_length): starts uniform over every valid position.
+
+    Draws from torch's global RNG; the trainer uses ``BatchSampler`` instead, whose batches depend only on
+    (seed, step) so that resumes and multi-process runs see exactly the same tokens.
+    """
+    check_length(data, context_length, "data")
+    starts = torch.randint(0, len(data) - context_length, (batch_size,)).tolist()
+    return batch_from_starts(data, starts, context_length, device)
+
+
+def check_length(data: np.ndarray, context_length: int, name: str):
+    if len(data) <= context_length:
+        raise ValueError(
+            f"the {name} has {len(data)} tokens, too few for one sequence of context_length {context_length} "
+            "(+1 for the shifted targets): use more data or a shorter --context-length"
+        )
+
+
+class BatchSampler:
+    """Training batches as a pure function of (seed, step): nothing to checkpoint but the seed and the step.
+
+    Step ``s`` draws one global batch of ``batch_size * grad_accum * world_size`` starts from a generator seeded by
+    (seed, s); micro-batch ``m`` of rank ``r`` is slice ``r * grad_accum + m`` of it. Each rank thus reads its own
+    stream of sequences, and the union over ranks is the same global batch a single process with the same global
+    batch would draw, which is what makes multi-process runs and resumed runs reproduce a single uninterrupted one.
+    """
+
+    def __init__(self, data: np.ndarray, batch_size: int, context_length: int, seed: int, slots: int):
+        check_length(data, context_length, "training data")
+        self.data, self.batch_size, self.context_length = data, batch_size, context_length
+        self.seed, self.slots = seed, slots
+
+    def starts(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, len(self.data) - self.context_length, size=self.slots * self.batch_size)
+
+    def batch(self, step: int, slot: int, device: torch.device | str):
+        starts = self.starts(step)[slot * self.batch_size : (slot + 1) * self.batch_size]
+        return batch_from_starts(self.data, starts, self.context_length, device)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "slots": self.slots, "batch_size": self.batch_size}
+
+
+def eval_starts(num_tokens: int, context_length: int, num_windows: int) -> np.ndarray:
+    """Starts of the fixed validation windows: ``num_windows`` spread evenly over the split, or (0) all of it.
+
+    With num_windows=0 the windows tile the split without overlap, so the loss covers every token once.
+    """
+    last = num_tokens - context_length - 1  # the last valid start
+    tiling = np.arange(0, last + 1, context_length)
+    if num_windows == 0 or num_windows >= len(tiling):
+        return tiling
+    return np.linspace(0, last, num_windows).round().astype(np.int64)
+
+
+# ---- text -> tokens, cached -------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smollm-stack"
+    return Path(os.environ.get("SMOLLM_CACHE", default))
+
+
+def default_corpus() -> tuple[Path, Path]:
+    """The embedded TinyStories excerpt (train, valid) shipped in ``train/data`` (see its LICENSE.md)."""
+    root = resources.files("train") / "data"
+    return Path(str(root / "train.txt")), Path(str(root / "valid.txt"))
+
+
+def file_digest(path: Path, size: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:size]
+
+
+def tokenizer_digest(tok_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        if (tok_dir / name).is_file():
+            h.update((tok_dir / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _atomic_dir(final: Path, build):
+    """Run ``build(tmp_dir)`` and rename the result to ``final``: a crash (or a racing rank) never leaves half a dir."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + ".tmp-"))
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, final)
+    except OSError:  # someone else finished first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_tokenizer(train_text: Path, vocab_size: int, out_dir: Path, progress: bool = True):
+    """Train a byte-level BPE tokenizer of ``vocab_size`` (``<|endoftext|>`` included) and save it to ``out_dir``."""
+    from tokenizer import Tokenizer, train_bpe
+
+    print(f"training a {vocab_size}-token BPE tokenizer on {train_text} -> {out_dir}")
+    vocab, merges = train_bpe(train_text, vocab_size, [EOT], progress=progress)
+    _atomic_dir(Path(out_dir), Tokenizer(vocab, merges, [EOT]).save)
+
+
+def encode_text(text: Path, tok_dir: Path, out: Path, progress: bool = True):
+    """Encode a text file with the tokenizer saved in ``tok_dir`` to a flat ``.npy`` (written to a temp file first)."""
+    from tokenizer import Tokenizer, encode_file
+
+    print(f"encoding {text} -> {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem + ".tmp-", suffix=".npy")
+    os.close(fd)
+    try:
+        encode_file(text, Tokenizer.load(tok_dir), tmp, progress=progress)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def cached_tokenizer(train_text: Path, vocab_size: int, progress: bool = True) -> Path:
+    out = cache_dir() / f"tok-{file_digest(train_text)}-v{vocab_size}"
+    if not (out / "vocab.json").is_file():
+        train_tokenizer(train_text, vocab_size, out, progress)
+    return out
+
+
+def cached_encoding(text: Path, tok_dir: Path, progress: bool = True) -> Path:
+    out = cache_dir() / f"{file_digest(text)}-{tokenizer_digest(tok_dir)}.npy"
+    if not out.is_file():
+        encode_text(text, tok_dir, out, progress)
+    return out
+
+
+def resolve_data(train_data, val_data, tokenizer, vocab_size: int, progress: bool = True):
+    """Paths of the (train .npy, val .npy, tokenizer dir or None) that a run reads, preparing what is missing.
+
+    Text inputs (``.txt`` or anything not ``.npy``) are encoded with ``tokenizer``, which is trained on the training
+    text when not given. With no data at all, the embedded TinyStories corpus is used.
+    """
+    if train_data is None and val_data is None:
+        train_data, val_data = default_corpus()
+    if train_data is None or val_data is None:
+        raise ValueError("give both --train-data and --val-data (or neither, for the embedded corpus)")
+    paths = [Path(p) for p in (train_data, val_data)]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"data file not found: {p}")
+    tok_dir = Path(tokenizer) if tokenizer is not None else None
+    if tok_dir is not None and not (tok_dir / "vocab.json").is_file():
+        raise FileNotFoundError(f"tokenizer dir {tok_dir} has no vocab.json (write one with Tokenizer.save)")
+    if all(p.suffix == ".npy" for p in paths):
+        return paths[0], paths[1], tok_dir
+    if tok_dir is None:
+        if paths[0].suffix == ".npy":
+            raise ValueError("text validation data with .npy training data needs --tokenizer")
+        tok_dir = cached_tokenizer(paths[0], vocab_size, progress)
+    encoded = [p if p.suffix == ".npy" else cached_encoding(p, tok_dir, progress) for p in paths]
+    return encoded[0], encoded[1], tok_dir

@@ -1,0 +1,186 @@
+"""A suite's report: overlaid loss curves (PNG), a results table, and ``report.md`` stating the measured ranking.
+
+Everything is read back from the suite directory (``suite.json`` and each variant's ``metrics.jsonl`` and
+``summary.json``), so a report can be rebuilt at any time, also of a suite still running or partly failed.
+"""
+
+import json
+import math
+from pathlib import Path
+
+from train.experiments.runner import SUITE_FILE, read_json
+from train.log import read_metrics
+from train.loop import SUMMARY_FILE
+
+# (metrics key, axis label, file name) of the three x axes every suite is plotted against.
+X_AXES = (
+    ("step", "optimizer step", "loss_vs_steps.png"),
+    ("tokens", "training tokens", "loss_vs_tokens.png"),
+    ("time_s", "wall-clock seconds (evaluation included)", "loss_vs_time.png"),
+)
+
+
+def load_suite(suite_dir: str | Path) -> tuple[dict, list[dict]]:
+    """(suite.json, rows): one row per variant with its note, summary (or None) and metrics rows."""
+    suite_dir = Path(suite_dir)
+    meta = read_json(suite_dir / SUITE_FILE)
+    if meta is None:
+        raise FileNotFoundError(f"{suite_dir / SUITE_FILE} not found: is {suite_dir} a suite directory?")
+    rows = []
+    for v in meta["variants"]:
+        run_dir = suite_dir / v["name"]
+        summary = read_json(run_dir / SUMMARY_FILE)
+        config = read_json(run_dir / "config.json")
+        status = summary["status"] if summary else ("unfinished" if config else "not run")
+        if summary is None:
+            status = next((s["status"] for s in meta.get("status", []) if s["name"] == v["name"]), status)
+        rows.append({**v, "status": status, "summary": summary, "metrics": read_metrics(run_dir)})
+    return meta, rows
+
+
+def ranked(rows: list[dict]) -> list[dict]:
+    """Finished variants by best validation loss, then the diverged and the rest in suite order."""
+    good = sorted((r for r in rows if r["status"] == "finished"), key=lambda r: r["summary"]["best_val_loss"])
+    return good + [r for r in rows if r["status"] != "finished"]
+
+
+def plot_suite(name: str, rows: list[dict], out_dir: Path) -> list[str]:
+    """Overlay every variant's validation and training loss against steps, tokens and time; return the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # A diverged run's loss shoots off the chart: each panel spans from its lowest loss to the initial one.
+    top = max((row["metrics"][0].get("val_loss") or 0.0 for row in rows if row["metrics"]), default=0.0)
+    colors = plt.get_cmap("tab10")
+    names = []
+    for x_key, x_label, file_name in X_AXES:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for i, row in enumerate(rows):
+            diverged = row["status"] == "diverged"
+            style = dict(color=colors(i % 10), label=row["name"] + (" (diverged)" if diverged else ""))
+            val = [r for r in row["metrics"] if r.get("val_loss") is not None]
+            train = [r for r in row["metrics"] if r.get("train_loss") is not None]
+            axes[0].plot([r[x_key] for r in val], [r["val_loss"] for r in val], "o-", ms=2.5, lw=1.3, **style)
+            axes[1].plot([r[x_key] for r in train], [r["train_loss"] for r in train], lw=1.0, **style)
+            if diverged and train:  # mark where the trainer stopped it (its last logged loss may be off the chart)
+                axes[1].plot(train[-1][x_key], min(train[-1]["train_loss"], top), "x", ms=9, color=style["color"])
+        for ax, what in zip(axes, ("validation", "training")):
+            ax.set_title(f"{name}: {what} loss")
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("cross-entropy (nats/token)")
+            ax.grid(alpha=0.3)
+            lows = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
+            if lows and top > min(lows):
+                ax.set_ylim(min(lows) - 0.03 * (top - min(lows)), top + 0.05 * (top - min(lows)))
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / file_name, dpi=80)
+        plt.close(fig)
+        names.append(file_name)
+    return names
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The results table as plain values (also written to results.json)."""
+    out = []
+    for r in ranked(rows):
+        s = r["summary"] or {}
+        out.append(
+            {
+                "variant": r["name"],
+                "change": r["note"],
+                "status": r["status"],
+                "params": s.get("params"),
+                "steps": s.get("steps"),
+                "tokens": s.get("tokens"),
+                "final_val_loss": s.get("final_val_loss"),
+                "best_val_loss": s.get("best_val_loss"),
+                "final_train_loss": s.get("final_train_loss"),
+                "tokens_per_s": s.get("tokens_per_s"),
+                "wall_s": s.get("wall_s"),
+            }
+        )
+    return out
+
+
+def markdown_table(table: list[dict]) -> str:
+    def num(value, fmt):
+        return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+    lines = [
+        "| # | variant | change | params | steps | tokens | final val | best val | final train | tokens/s | wall "
+        "| status |",
+        "|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for i, t in enumerate(table, 1):
+        lines.append(
+            f"| {i if t['status'] == 'finished' else ''} | {t['variant']} | {t['change']} | {num(t['params'], ',')} "
+            f"| {num(t['steps'], 'd')} | {num(t['tokens'], ',')} | {num(t['final_val_loss'], '.4f')} "
+            f"| {num(t['best_val_loss'], '.4f')} | {num(t['final_train_loss'], '.4f')} "
+            f"| {num(t['tokens_per_s'], ',.0f')} | {num(t['wall_s'], '.0f')} s "
+            f"| {'**diverged**' if t['status'] == 'diverged' else t['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def ranking_text(table: list[dict]) -> str:
+    """One sentence per fact: the order by best validation loss, the gap to the baseline, what diverged."""
+    good = [t for t in table if t["status"] == "finished"]
+    lines = []
+    if good:
+        order = " < ".join(f"{t['variant']} ({t['best_val_loss']:.3f})" for t in good)
+        lines.append(f"Measured ranking by best validation loss (lower is better): {order}.")
+        base = next((t for t in good if t["variant"] == "baseline"), None)
+        if base is not None and len(good) > 1:
+            deltas = ", ".join(
+                f"{t['variant']} {t['best_val_loss'] - base['best_val_loss']:+.3f}" for t in good if t is not base
+            )
+            lines.append(f"Difference to the baseline in best validation loss: {deltas}.")
+    for t in table:
+        if t["status"] == "diverged":
+            lines.append(
+                f"**{t['variant']} diverged** (stopped by the trainer's divergence check after {t['steps']} steps)."
+            )
+        elif t["status"] != "finished":
+            lines.append(f"{t['variant']}: {t['status']} (no result).")
+    return "\n\n".join(lines)
+
+
+def build_report(suite_dir: str | Path, out_dir: str | Path | None = None, notes: str | None = None) -> Path:
+    """Write ``report.md``, the three loss figures and ``results.json`` to ``out_dir`` (default: <suite>/report).
+
+    ``notes`` is markdown (e.g. the discussion of what the curves show) placed after the measured ranking.
+    """
+    suite_dir = Path(suite_dir)
+    meta, rows = load_suite(suite_dir)
+    out = Path(out_dir) if out_dir is not None else suite_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plot_suite(meta["name"], rows, out)
+    table = table_rows(rows)
+    (out / "results.json").write_text(json.dumps(table, indent=2) + "\n")
+    base, machine = meta["base"], meta["machine"]
+    model_args = ", ".join(f"{k}={v}" for k, v in base["model_args"].items()) or "none"
+    device = ", ".join(machine["gpus"]) or f"{machine['cpu']} ({machine['cores']} cores), no GPU"
+    parts = [
+        f"# Suite `{meta['name']}`",
+        f"Run {meta['started']} – {meta.get('finished', 'unfinished')} on {device}; torch {machine['torch']}, "
+        f"{meta['jobs']} variant(s) at a time (wall-clock and tokens/s are per variant, under that sharing).",
+        f"Base config: preset `{base['model']}` (model overrides: {model_args}), "
+        f"data `{base['train_data'] or 'embedded TinyStories excerpt'}`, batch {base['batch_size']} x "
+        f"{base['grad_accum']} accumulated, {base['steps']} steps, max lr {base['max_lr']:g} -> min lr "
+        f"{base['min_lr']:g} (cosine, {base['warmup_steps']} warmup steps), AdamW betas ({base['beta1']}, "
+        f"{base['beta2']}), weight decay {base['weight_decay']}, clip {base['grad_clip']}, seed {base['seed']}, "
+        f"{base['eval_batches']} validation batches every {base['eval_interval']} steps. "
+        "Each variant changes only what its row says.",
+        "## Results",
+        markdown_table(table),
+        ranking_text(table),
+    ]
+    if notes:
+        parts += ["## What the curves show", notes.strip()]
+    parts.append("## Curves")
+    parts += [f"![{f.removesuffix('.png').replace('_', ' ')}]({f})" for f in figures]
+    (out / "report.md").write_text("\n\n".join(parts) + "\n")
+    return out / "report.md"

@@ -1,0 +1,207 @@
+"""Run a suite: every variant through the trainer into ``<suite dir>/<variant>``, N at a time, resumable.
+
+A variant whose run directory holds ``summary.json`` (the trainer writes it last, for finished and diverged runs
+alike) is skipped; one with a checkpoint but no summary was interrupted and resumes from its last checkpoint; one
+with neither restarts. So a killed suite is continued by running the same command again. A variant that fails
+(bad data, out of memory, a crash) is recorded as "failed" and the others go on. With ``jobs`` = 1 the variants run
+one after another in this process; with ``jobs`` > 1 as that many subprocesses at once, each on its own GPU when
+there are GPUs, else on cores / jobs CPU threads each.
+"""
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import ModelConfig
+from train.checkpoint import list_checkpoints
+from train.config import CONFIG_FILE, TrainConfig
+from train.dataset import resolve_data
+from train.experiments.suites import Variant, resolve_suite
+from train.loop import SUMMARY_FILE, run
+
+SUITE_FILE = "suite.json"
+# Fields that may change between an interrupted suite and its continuation without changing what a run computes.
+RUNTIME_FIELDS = ("out_dir", "resume", "progress", "threads", "device", "wandb_project")
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line), cpu
+        )
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpus": gpus,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host_os": platform.platform(),
+    }
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
+
+
+def prepare(cfg: TrainConfig) -> str:
+    """What to do with a variant's run directory: "done", "resume" (sets cfg.resume) or "start" (cleared)."""
+    run_dir = Path(cfg.out_dir)
+    saved = read_json(run_dir / CONFIG_FILE)
+    if saved is not None and _comparable(saved) != _comparable(cfg.to_dict()):
+        changed = sorted(k for k in _comparable(cfg.to_dict()) if saved.get(k) != getattr(cfg, k))
+        raise ValueError(
+            f"{run_dir} holds a run with another config (differs in {', '.join(changed)}): "
+            "choose another --out for the suite, or delete that run directory"
+        )
+    if (run_dir / SUMMARY_FILE).is_file():
+        return "done"
+    if list_checkpoints(run_dir):
+        cfg.resume = str(run_dir)
+        return "resume"
+    if run_dir.exists():  # started but killed before its first checkpoint: nothing worth keeping
+        shutil.rmtree(run_dir)
+    return "start"
+
+
+def slot_settings(slot: int, jobs: int, cfg: TrainConfig) -> dict:
+    """Environment for the subprocess in ``slot`` (sets cfg.threads on the CPU): its own GPU, or its share of cores."""
+    env = dict(os.environ)
+    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
+    if gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
+        env["CUDA_VISIBLE_DEVICES"] = visible[slot % gpus]
+    elif jobs > 1:
+        cfg.threads = max(1, (os.cpu_count() or 1) // jobs)
+        env["OMP_NUM_THREADS"] = str(cfg.threads)
+    return env
+
+
+def run_suite(
+    suite: str, base: TrainConfig, out_dir: str | None = None, jobs: int = 1, progress: bool = True
+) -> tuple[Path, list[dict]]:
+    """Run (or continue) ``suite`` on ``base``; return the suite directory and one status row per variant.
+
+    ``suite`` is a name from ``SUITES`` or a spec file. Rows are ``{"name", "note", "status", "message"}`` with
+    status "finished", "diverged" or "failed" (the variant's own error; the suite goes on).
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    name, variants = resolve_suite(suite, base)
+    suite_dir = Path(out_dir or f"runs/experiments/{name}")
+    configs = {v.name: v.config(base, suite_dir / v.name) for v in variants}
+    actions = {v.name: prepare(configs[v.name]) for v in variants}
+    todo = deque(v for v in variants if actions[v.name] != "done")
+    gpus = torch.cuda.device_count() if base.device in ("auto", "cuda") else 0
+    if jobs > 1 and gpus and jobs > gpus:
+        print(f"warning: --jobs {jobs} on {gpus} GPUs: some variants share a GPU")
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    meta = read_json(suite_dir / SUITE_FILE) or {"started": now()}
+    meta.update(
+        name=name,
+        base=base.to_dict(),
+        variants=[{"name": v.name, "note": v.note, "overrides": v.overrides} for v in variants],
+        machine=machine_info(),
+        jobs=jobs,
+    )
+    write_suite(suite_dir, meta)
+    done = len(variants) - len(todo)
+    print(f"suite {name} -> {suite_dir}: {len(variants)} variants, {done} done, {len(todo)} to run, {jobs} at once")
+    if todo:
+        # Train the tokenizer and encode the data once, here, rather than in every variant at the same time.
+        vocab_size = base.vocab_size or ModelConfig.preset(base.model).vocab_size
+        resolve_data(base.train_data, base.val_data, base.tokenizer, vocab_size, progress=progress)
+    run_all = _run_inline if jobs == 1 else _run_parallel
+    failures = run_all(todo, configs, actions, suite_dir, jobs, progress)
+    rows = [variant_status(v, suite_dir, failures) for v in variants]
+    meta = {**meta, "finished": now(), "status": rows}
+    write_suite(suite_dir, meta)
+    return suite_dir, rows
+
+
+def _run_inline(todo, configs, actions, suite_dir: Path, jobs: int, progress: bool) -> dict[str, str]:
+    """Run the variants in ``todo`` one by one in this process; return {name: error} of those that failed."""
+    failures = {}
+    for variant in todo:
+        cfg = configs[variant.name]
+        cfg.progress = progress
+        print(f"{'resuming' if actions[variant.name] == 'resume' else 'starting'} {variant.name}")
+        try:
+            run(cfg)
+        except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+            failures[variant.name] = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"variant {variant.name} failed ({failures[variant.name]}); going on with the others")
+    return failures
+
+
+def _run_parallel(todo, configs, actions, suite_dir: Path, jobs: int, progress: bool) -> dict[str, str]:
+    """Run the variants in ``todo``, ``jobs`` subprocesses at a time; return {name: error} of those that failed."""
+    failures, running, free = {}, {}, list(range(jobs))
+    (suite_dir / "logs").mkdir(exist_ok=True)
+    bar = tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress)
+    try:
+        while todo or running:
+            while todo and free:
+                slot, variant = free.pop(0), todo.popleft()
+                cfg = configs[variant.name]
+                env = slot_settings(slot, jobs, cfg)
+                cfg.progress = False  # several bars in one terminal garble; the logs get the per-interval lines
+                log = open(suite_dir / "logs" / f"{variant.name}.log", "a")
+                what = "resuming" if actions[variant.name] == "resume" else "starting"
+                tqdm.write(f"{what} {variant.name} (log: {log.name})")
+                cmd = [sys.executable, "-m", "train.experiments", "_variant", json.dumps(cfg.to_dict())]
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                running[slot] = (variant, proc, log)
+            time.sleep(0.2)
+            for slot, (variant, proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                if proc.returncode != 0:
+                    failures[variant.name] = f"exit code {proc.returncode}, see logs/{variant.name}.log"
+                    tqdm.write(f"variant {variant.name} failed ({failures[variant.name]}); going on with the others")
+                del running[slot]
+                free.append(slot)
+                bar.update()
+    finally:
+        for _, proc, log in running.values():  # interrupted: stop our own children, keep their checkpoints
+            proc.terminate()
+            proc.wait()
+            log.close()
+        bar.close()
+    return failures
+
+
+def variant_status(variant: Variant, suite_dir: Path, failures: dict[str, str]) -> dict:
+    summary = read_json(suite_dir / variant.name / SUMMARY_FILE)
+    if summary is None:
+        status, message = "failed", failures.get(variant.name, "no summary.json")
+    else:
+        status, message = summary["status"], summary.get("message", "")
+    return {"name": variant.name, "note": variant.note, "status": status, "message": message}
+
+
+def write_suite(suite_dir: Path, meta: dict):
+    tmp = suite_dir / (SUITE_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, suite_dir / SUITE_FILE)

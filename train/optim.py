@@ -1,0 +1,93 @@
+"""The optimizer, the learning-rate schedule and gradient clipping: three small pieces with no state of their own
+beyond what ``torch.optim.Optimizer`` keeps (so they checkpoint through ``optimizer.state_dict()``)."""
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), step for step the update of ``torch.optim.AdamW``.
+
+    For each parameter p with gradient g, at step t (from 1):
+        p <- p - lr * weight_decay * p                          (decay applied to the weights, not the gradient)
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ):
+        if lr < 0:
+            raise ValueError(f"AdamW: lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"AdamW: betas must be in [0, 1), got {betas}")
+        if eps < 0 or weight_decay < 0:
+            raise ValueError(f"AdamW: eps and weight_decay must be >= 0, got eps={eps}, weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
+                p.mul_(1 - lr * wd)
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+                p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+        return loss
+
+
+def cosine_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_cycle_iters: int) -> float:
+    """Learning rate at iteration ``it``: linear warmup from 0, cosine decay to ``min_lr``, then flat.
+
+    1. it < warmup_iters: max_lr * it / warmup_iters.
+    2. warmup_iters <= it <= cosine_cycle_iters: min_lr + (max_lr - min_lr) * (1 + cos(pi * progress)) / 2,
+       progress going from 0 to 1 over the cycle.
+    3. it > cosine_cycle_iters: min_lr.
+    """
+    if it < warmup_iters:
+        return max_lr * it / warmup_iters
+    if it > cosine_cycle_iters:
+        return min_lr
+    if cosine_cycle_iters == warmup_iters:  # a cycle of length 0: warmup ends exactly at the bottom
+        return min_lr
+    progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale all gradients together so that their global L2 norm is at most ``max_norm``; return the norm before.
+
+    The norm is a fp32 tensor (no host sync): the scale min(1, max_norm / (norm + 1e-6)) is applied unconditionally
+    rather than behind an ``if``, so the step never waits on the GPU. Parameters without a gradient are skipped.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return norm
