@@ -26,7 +26,7 @@ if not torch.cuda.is_available():  # without a GPU the kernels run only on Trito
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
-from bench.kernels import _peak_mib, _time_ms  # noqa: E402
+from bench.kernels import peak_mib, time_ms  # noqa: E402
 from kernels import reference  # noqa: E402
 
 TOKENS = 16384  # batch x T in the sweep
@@ -102,7 +102,7 @@ def _measure(shape: Shape, provider: str, mode: str, dtype: torch.dtype, device:
     except RuntimeError as e:  # e.g. no flash backend for this card, dtype or head dim
         print(f"bench.attention: {provider} {shape} {mode}: {str(e).splitlines()[0]}", file=sys.stderr)
         return None
-    return _time_ms(run, device, leaves, dry_run), _peak_mib(run, device)
+    return time_ms(run, device, leaves, dry_run), peak_mib(run, device)
 
 
 def run(dry_run: bool = False, dtype: torch.dtype | None = None) -> str:

@@ -93,7 +93,7 @@ def _cases(s: BenchShape, dtype: torch.dtype, device: torch.device) -> list[Case
     ]  # fmt: skip
 
 
-def _time_ms(fn: Callable, device: torch.device, leaves: list[torch.Tensor], dry_run: bool) -> float:
+def time_ms(fn: Callable, device: torch.device, leaves: list[torch.Tensor], dry_run: bool) -> float:
     """Median milliseconds of fn(): do_bench on a GPU, a few wall-clock runs on the CPU (plumbing only)."""
     if device.type == "cuda":
         return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=leaves, return_mode="median")
@@ -105,7 +105,7 @@ def _time_ms(fn: Callable, device: torch.device, leaves: list[torch.Tensor], dry
     return statistics.median(times)
 
 
-def _peak_mib(fn: Callable, device: torch.device) -> float | None:
+def peak_mib(fn: Callable, device: torch.device) -> float | None:
     """Peak memory fn() allocates beyond what is already held, in MiB (None off CUDA)."""
     if device.type != "cuda":
         return None
@@ -139,8 +139,8 @@ def _measure(case: Case, provider: str, mode: str, device: torch.device, dry_run
     else:
         run = lambda: fn(*leaves).backward(upstream)
     run()  # warm-up: Triton and torch.compile compile here, outside the timing
-    ms = _time_ms(run, device, leaves, dry_run)
-    return ms, _peak_mib(run, device)
+    ms = time_ms(run, device, leaves, dry_run)
+    return ms, peak_mib(run, device)
 
 
 def _cells(ms, nbytes, flops, copy_bw, eager_ms, peak, eager_peak) -> str:

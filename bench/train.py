@@ -18,7 +18,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train/__init__.py does, but torch is imported first here
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # without a GPU the kernels run only on Triton's interpreter, set before import
     os.environ.setdefault("TRITON_INTERPRET", "1")

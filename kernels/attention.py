@@ -506,6 +506,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if q.numel() == 0 or k.numel() == 0:
         raise ValueError(f"flash_attention needs at least one query and one key, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
+    if B * H > 65535:  # (batch, head) is the launch grid's second dimension, which CUDA caps at 65535
+        raise ValueError(f"flash_attention supports batch x heads <= 65535, got {B} x {H}")
     if causal and T > S:
         raise ValueError(f"causal attention needs T <= S (queries are the last T of S positions), got T={T}, S={S}")
 

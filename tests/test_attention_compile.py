@@ -1,9 +1,9 @@
 """The attention kernels compile for an H100 (sm_90) through Triton's real compiler and ptxas, without a GPU.
 
 The interpreter accepts things the compiler rejects, so CI also lowers each kernel as a GPU launch would: bf16 at
-head dim 64 with the first Hopper candidate of each autotune list, causal, and fp32 (the FMA path with
-input_precision="ieee") non-causal at head dim 32 with its fallback config. A subprocess, because the interpreter,
-switched on for the other tests, patches triton.language.
+head dim 128 (the heaviest) with the first Hopper candidate its autotune list keeps there, causal, and fp32 (the FMA
+path with input_precision="ieee") non-causal at head dim 32 with its fallback config. A subprocess, because the
+interpreter, switched on for the other tests, patches triton.language.
 """
 
 import os
@@ -45,9 +45,9 @@ def compile_for_sm90(kernel, dtype, config, **constexprs):
 
 count = 0
 for tuned in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq):
-    bf16 = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(0, dtype=torch.bfloat16)}, HEAD_DIM=64)[0]
+    bf16 = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(0, dtype=torch.bfloat16)}, HEAD_DIM=128)[0]
     fp32 = tuned.early_config_prune(tuned.configs, {"Q": torch.empty(0)}, HEAD_DIM=32)[0]
-    compile_for_sm90(tuned.fn, "bf16", bf16, HEAD_DIM=64, CAUSAL=True, DOT_PRECISION="tf32")
+    compile_for_sm90(tuned.fn, "bf16", bf16, HEAD_DIM=128, CAUSAL=True, DOT_PRECISION="tf32")
     compile_for_sm90(tuned.fn, "fp32", fp32, HEAD_DIM=32, CAUSAL=False, DOT_PRECISION="ieee")
     count += 2
 compile_for_sm90(A._attn_bwd_delta, "bf16", triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1), HEAD_DIM=64)

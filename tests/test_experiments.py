@@ -11,6 +11,7 @@ from train import run
 from train.config import make_config
 from train.experiments import SUITES, build_report, load_spec, propose, resolve_suite, run_suite, webtext_config
 from train.experiments.__main__ import main
+from train.experiments.runner import prepare
 from train.experiments.budget import measured_flops_per_s, optimal_run_flops, shape
 from train.experiments.webtext import TOKENS_PER_STEP, plan, webtext_model_config
 from train.log import read_metrics
@@ -153,7 +154,8 @@ def test_suite_runs_in_parallel_survives_divergence_and_failure_resumes_and_repo
         ("broken", "failed"),
     ]
     assert "| 1 | a | the base |" in text and "**diverged**" in text and "Short runs." in text
-    assert "Measured ranking by best validation loss" in text and "**huge-lr diverged**" in text
+    assert "Measured ranking by best validation loss" in text and "**huge-lr diverged**: diverged at step" in text
+    assert table[1]["best_val_loss"] is None  # a diverged run's pre-divergence loss is not reported as its result
     assert measured_flops_per_s(str(a)) > 0  # the budget helper reads a measured throughput from a run
 
 
@@ -211,3 +213,19 @@ def test_budget_cli(capsys):
     assert main(["budget", "--hours", "2"]) == 2  # no throughput given
     assert "needs exactly one throughput" in capsys.readouterr().err
     assert main(["budget", "--flops", "1e18", "--gpu", "nosuch"]) == 2
+
+
+def test_prepare_resumes_restarts_or_skips_a_run_directory(tmp_path):
+    cfg = make_config(TINY, out_dir=str(tmp_path / "r"))
+    assert prepare(cfg) == "start" and cfg.resume is None
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert prepare(cfg) == "start" and not (tmp_path / "r").exists()  # killed before any checkpoint: cleared
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "r" / "ckpt_000004.pt").write_bytes(b"")
+    assert prepare(cfg) == "resume" and cfg.resume == str(tmp_path / "r")
+    (tmp_path / "r" / "summary.json").write_text("{}")
+    assert prepare(cfg) == "done"
+    with pytest.raises(ValueError, match="differs in max_lr"):
+        prepare(make_config(TINY, out_dir=str(tmp_path / "r"), max_lr=1e-2))

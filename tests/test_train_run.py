@@ -234,3 +234,10 @@ def test_default_run_shortened(tmp_path, monkeypatch, capsys):
     tok_dir = tmp_path / "cache" / cached[-1]
     with pytest.raises(ValueError, match="vocabulary/model mismatch: the tokenizer .* has 300 tokens"):
         run(make_config(tokenizer=str(tok_dir), vocab_size=256, out_dir=str(tmp_path / "mismatch"), device="cpu"))
+
+
+def test_kernel_preflight_passes_on_our_kernels():
+    """The real check (Triton on its interpreter here, fp32) accepts our kernels on a small run's shapes."""
+    shapes = dict(vocab_size=96, context_length=16, d_model=32, num_layers=1, num_heads=2)
+    config = model_pkg.ModelConfig.preset("tiny", **shapes)
+    train.loop.preflight(config, 16, torch.float32, torch.device("cpu"), seed=0)

@@ -2,7 +2,7 @@
 
 Every field is a flag (``batch_size`` -> ``--batch-size``); booleans get ``--x`` / ``--no-x``. The model is a
 preset of ``model.ModelConfig`` plus overrides: every ModelConfig field is a flag too (``--d-model 256``), kept in
-``TrainConfig.model_args``; a TOML file gives them in a ``[model]`` table. ``--resume RUN_DIR`` starts from the
+``TrainConfig.model_args``; a TOML file gives them in a ``[model_args]`` table. ``--resume RUN_DIR`` starts from the
 run's saved config, and flags given alongside it override that (e.g. more ``--steps``).
 """
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a language model. With no arguments: the embedded TinyStories run (tiny preset).",
         argument_default=argparse.SUPPRESS,  # only flags actually given reach the namespace (they override)
     )
-    parser.add_argument("--config", dest="config_file", help="TOML file of TrainConfig fields ([model]: overrides)")
+    parser.add_argument("--config", dest="config_file", help="TOML file of TrainConfig fields ([model_args] table)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name != "model_args":
@@ -155,10 +155,7 @@ def read_toml(path: str) -> dict:
     if not Path(path).is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path, "rb") as f:
-        values = tomllib.load(f)
-    if "model" in values and isinstance(values["model"], dict):
-        values["model_args"] = values.pop("model")
-    return values
+        return tomllib.load(f)
 
 
 def load_run_config(run_dir: str) -> dict:

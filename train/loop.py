@@ -190,7 +190,6 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
     best_val = min((r["val_loss"] for r in logged if r.get("val_loss") is not None), default=math.inf)
     status, message = "finished", ""
     t0 = time.perf_counter()
-    eval_seconds = 0.0  # time in evaluation since the last report, left out of tokens/s
     if start == 0:
         val_loss = evaluate()
         best_val = min(best_val, val_loss)
@@ -225,7 +224,7 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         train_loss = info.mean(loss_sum / cfg.grad_accum).item()
         norm = grad_norm.item()
         now = time.perf_counter()
-        interval = max(now - t_report - eval_seconds, 1e-9)
+        interval = max(now - t_report, 1e-9)  # since the last report's end: its eval and checkpoint left out
         tokens_per_s = (step - step_report) * tokens_per_step / interval
         if not (math.isfinite(train_loss) and math.isfinite(norm)) or train_loss > diverge_loss:
             last_ckpt = list_checkpoints(run_dir)
@@ -248,13 +247,9 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
             "mfu": flops * tokens_per_s / (peak * info.world_size) if peak else None,
         }
         if is_eval:
-            t_eval = time.perf_counter()
             val_loss = evaluate()
             best_val = min(best_val, val_loss)
             row.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
-            eval_seconds = time.perf_counter() - t_eval
-        else:
-            eval_seconds = 0.0
         if logger:
             logger.log(row)
             bar.set_postfix(loss=f"{train_loss:.3f}")

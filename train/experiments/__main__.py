@@ -14,7 +14,7 @@ from train.config import build_parser as trainer_parser
 from train.config import make_config, parse_args
 from train.experiments.budget import describe, gpu_flops_per_s, measured_flops_per_s, propose
 from train.experiments.report import build_report
-from train.experiments.runner import run_suite
+from train.experiments.runner import prepare, run_suite
 from train.experiments.suites import SUITES, resolve_suite
 from train.experiments.webtext import plan, webtext_config
 from train.loop import PreflightError, run
@@ -64,7 +64,7 @@ def explicit_flags(trainer_flags: list[str]) -> dict:
     """Trainer flags given, as TrainConfig fields (model flags in model_args): they override a preset."""
     given = vars(trainer_parser().parse_args(trainer_flags))  # the parser leaves flags not given out
     if "config_file" in given or "resume" in given:
-        raise ValueError("the web-text preset takes flags, not --config or --resume (rerun the same command to resume)")
+        raise ValueError("the web-text preset takes flags, not --config or --resume (the same command again resumes)")
     model_args = {k.removeprefix("model."): given.pop(k) for k in list(given) if k.startswith("model.")}
     return {**given, "model_args": model_args}
 
@@ -122,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.plan:
                 print(plan(args.gpu, args.mfu, args.gpus))
                 return 0
-            summary = run(webtext_config(smoke=args.smoke, **explicit_flags(rest)))
+            cfg = webtext_config(smoke=args.smoke, **explicit_flags(rest))
+            if prepare(cfg) == "done":  # like a suite's variant: resume an interrupted run, skip a finished one
+                print(f"{cfg.out_dir} already holds a finished run: choose another --out-dir to train again")
+                return 0
+            summary = run(cfg)
             return 1 if summary["diverged"] else 0
         elif args.command == "budget":
             print(budget(args))

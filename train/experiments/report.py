@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+from model import ModelConfig
+from train.config import CONFIG_FILE
 from train.experiments.runner import SUITE_FILE, read_json
 from train.log import read_metrics
 from train.loop import SUMMARY_FILE
@@ -30,11 +32,15 @@ def load_suite(suite_dir: str | Path) -> tuple[dict, list[dict]]:
     for v in meta["variants"]:
         run_dir = suite_dir / v["name"]
         summary = read_json(run_dir / SUMMARY_FILE)
-        config = read_json(run_dir / "config.json")
-        status = summary["status"] if summary else ("unfinished" if config else "not run")
-        if summary is None:
-            status = next((s["status"] for s in meta.get("status", []) if s["name"] == v["name"]), status)
-        rows.append({**v, "status": status, "summary": summary, "metrics": read_metrics(run_dir)})
+        config = read_json(run_dir / CONFIG_FILE)
+        recorded = next((s for s in meta.get("status", []) if s["name"] == v["name"]), None)  # the runner's word
+        if summary is not None:
+            status, message = summary["status"], summary.get("message", "")
+        elif recorded is not None:
+            status, message = recorded["status"], recorded["message"]
+        else:
+            status, message = ("unfinished" if config else "not run"), ""
+        rows.append({**v, "status": status, "message": message, "summary": summary, "metrics": read_metrics(run_dir)})
     return meta, rows
 
 
@@ -45,41 +51,76 @@ def ranked(rows: list[dict]) -> list[dict]:
 
 
 def plot_suite(name: str, rows: list[dict], out_dir: Path) -> list[str]:
-    """Overlay every variant's validation and training loss against steps, tokens and time; return the file names."""
+    """Overlay every variant's validation and training loss against steps, tokens and time; return the file names.
+
+    Each figure has the whole runs on top and, below, their second half zoomed in, where the variants separate.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from PIL import Image
 
-    # A diverged run's loss shoots off the chart: each panel spans from its lowest loss to the initial one.
-    top = max((row["metrics"][0].get("val_loss") or 0.0 for row in rows if row["metrics"]), default=0.0)
     colors = plt.get_cmap("tab10")
     names = []
     for x_key, x_label, file_name in X_AXES:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for i, row in enumerate(rows):
-            diverged = row["status"] == "diverged"
-            style = dict(color=colors(i % 10), label=row["name"] + (" (diverged)" if diverged else ""))
-            val = [r for r in row["metrics"] if r.get("val_loss") is not None]
-            train = [r for r in row["metrics"] if r.get("train_loss") is not None]
-            axes[0].plot([r[x_key] for r in val], [r["val_loss"] for r in val], "o-", ms=2.5, lw=1.3, **style)
-            axes[1].plot([r[x_key] for r in train], [r["train_loss"] for r in train], lw=1.0, **style)
-            if diverged and train:  # mark where the trainer stopped it (its last logged loss may be off the chart)
-                axes[1].plot(train[-1][x_key], min(train[-1]["train_loss"], top), "x", ms=9, color=style["color"])
-        for ax, what in zip(axes, ("validation", "training")):
-            ax.set_title(f"{name}: {what} loss")
-            ax.set_xlabel(x_label)
-            ax.set_ylabel("cross-entropy (nats/token)")
-            ax.grid(alpha=0.3)
-            lows = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
-            if lows and top > min(lows):
-                ax.set_ylim(min(lows) - 0.03 * (top - min(lows)), top + 0.05 * (top - min(lows)))
-        axes[0].legend(fontsize=8)
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7.6))
+        for col, loss in enumerate(("val_loss", "train_loss")):
+            curves = []
+            for i, row in enumerate(rows):
+                points = [(r[x_key], r[loss]) for r in row["metrics"] if r.get(loss) is not None]
+                if points:
+                    curves.append((row, colors(i % 10), points))
+            for zoom, ax in enumerate(axes[:, col]):
+                _plot_panel(ax, curves, zoom=bool(zoom))
+                what = "validation" if loss == "val_loss" else "training"
+                ax.set_title(f"{name}: {what} loss" + (", zoomed on the second half" if zoom else ""))
+                ax.set_xlabel(x_label)
+                ax.set_ylabel("cross-entropy (nats/token)")
+                ax.grid(alpha=0.3)
+        axes[0, 0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / file_name, dpi=80)
+        fig.savefig(out_dir / file_name, dpi=72)
         plt.close(fig)
+        # A 128-colour palette loses nothing visible in a line plot and keeps the committed figures small (~3x).
+        Image.open(out_dir / file_name).convert("RGB").quantize(colors=128).save(out_dir / file_name, optimize=True)
         names.append(file_name)
     return names
+
+
+def _plot_panel(ax, curves: list, zoom: bool):
+    """One panel of a figure: every curve, the y range fitted to the runs that did not diverge.
+
+    The full view spans up to the median starting loss (a variant that starts far higher, like one without norms,
+    or one that diverges, runs off the top); the zoomed view starts halfway through the shortest run.
+    """
+    kept = [pts for row, _, pts in curves if row["status"] != "diverged"] or [pts for _, _, pts in curves]
+    ends = [pts[-1][0] for pts in kept]
+    x_end = max(ends)
+    x_start = min(ends) / 2 if zoom else 0.0  # from half the shortest run (wall-clock ends differ), so all show
+    shown = [y for pts in kept for x, y in pts if x >= x_start and math.isfinite(y)]
+    for row, color, pts in curves:
+        diverged = row["status"] == "diverged"
+        label = row["name"] + (" (diverged)" if diverged else "")
+        ax.plot(
+            [x for x, _ in pts],
+            [y for _, y in pts],
+            "o-" if len(pts) < 30 else "-",
+            ms=2.5,
+            lw=1.2,
+            color=color,
+            label=label,
+        )
+        if diverged:  # mark where the trainer stopped it
+            ax.plot(pts[-1][0], pts[-1][1], "x", ms=9, color=color)
+    if not shown:
+        return
+    low = min(shown)
+    high = max(shown) if zoom else sorted(pts[0][1] for pts in kept)[len(kept) // 2]
+    pad = 0.05 * (high - low) if high > low else 0.05
+    ax.set_ylim(low - pad, high + pad)
+    if zoom:
+        ax.set_xlim(x_start, x_end * 1.02)
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
@@ -87,6 +128,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r in ranked(rows):
         s = r["summary"] or {}
+        if r["status"] == "diverged":  # its summary's val loss is from before it went wrong: not a result
+            s = {k: v for k, v in s.items() if k not in ("final_val_loss", "best_val_loss", "tokens_per_s")}
         out.append(
             {
                 "variant": r["name"],
@@ -100,6 +143,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
                 "final_train_loss": s.get("final_train_loss"),
                 "tokens_per_s": s.get("tokens_per_s"),
                 "wall_s": s.get("wall_s"),
+                "message": r["message"],
             }
         )
     return out
@@ -139,12 +183,10 @@ def ranking_text(table: list[dict]) -> str:
             )
             lines.append(f"Difference to the baseline in best validation loss: {deltas}.")
     for t in table:
-        if t["status"] == "diverged":
-            lines.append(
-                f"**{t['variant']} diverged** (stopped by the trainer's divergence check after {t['steps']} steps)."
-            )
+        if t["status"] == "diverged":  # the trainer's message: "diverged at step N: train loss ...; stopped, ..."
+            lines.append(f"**{t['variant']} diverged**: {t['message'].split(';')[0]}.")
         elif t["status"] != "finished":
-            lines.append(f"{t['variant']}: {t['status']} (no result).")
+            lines.append(f"{t['variant']}: {t['status']}, no result ({t['message'] or 'not run yet'}).")
     return "\n\n".join(lines)
 
 
@@ -163,15 +205,17 @@ def build_report(suite_dir: str | Path, out_dir: str | Path | None = None, notes
     base, machine = meta["base"], meta["machine"]
     model_args = ", ".join(f"{k}={v}" for k, v in base["model_args"].items()) or "none"
     device = ", ".join(machine["gpus"]) or f"{machine['cpu']} ({machine['cores']} cores), no GPU"
+    context = base["context_length"] or ModelConfig.preset(base["model"]).context_length
     parts = [
         f"# Suite `{meta['name']}`",
         f"Run {meta['started']} – {meta.get('finished', 'unfinished')} on {device}; torch {machine['torch']}, "
         f"{meta['jobs']} variant(s) at a time (wall-clock and tokens/s are per variant, under that sharing).",
         f"Base config: preset `{base['model']}` (model overrides: {model_args}), "
         f"data `{base['train_data'] or 'embedded TinyStories excerpt'}`, batch {base['batch_size']} x "
-        f"{base['grad_accum']} accumulated, {base['steps']} steps, max lr {base['max_lr']:g} -> min lr "
-        f"{base['min_lr']:g} (cosine, {base['warmup_steps']} warmup steps), AdamW betas ({base['beta1']}, "
-        f"{base['beta2']}), weight decay {base['weight_decay']}, clip {base['grad_clip']}, seed {base['seed']}, "
+        f"{base['grad_accum']} accumulated of {context} tokens, {base['steps']} steps, "
+        f"max lr {base['max_lr']:g} -> min lr {base['min_lr']:g} (cosine, {base['warmup_steps']} warmup steps), "
+        f"AdamW betas ({base['beta1']}, {base['beta2']}), weight decay {base['weight_decay']}, "
+        f"clip {base['grad_clip']}, seed {base['seed']}, "
         f"{base['eval_batches']} validation batches every {base['eval_interval']} steps. "
         "Each variant changes only what its row says.",
         "## Results",

@@ -65,14 +65,17 @@ def _comparable(config: dict) -> dict:
 
 
 def prepare(cfg: TrainConfig) -> str:
-    """What to do with a variant's run directory: "done", "resume" (sets cfg.resume) or "start" (cleared)."""
+    """What to do with the run directory ``cfg.out_dir``: "done", "resume" (sets cfg.resume) or "start" (cleared).
+
+    A directory holding a run of another config is refused: its results would be mistaken for this config's.
+    """
     run_dir = Path(cfg.out_dir)
     saved = read_json(run_dir / CONFIG_FILE)
     if saved is not None and _comparable(saved) != _comparable(cfg.to_dict()):
         changed = sorted(k for k in _comparable(cfg.to_dict()) if saved.get(k) != getattr(cfg, k))
         raise ValueError(
             f"{run_dir} holds a run with another config (differs in {', '.join(changed)}): "
-            "choose another --out for the suite, or delete that run directory"
+            "choose another output directory, or delete that run directory"
         )
     if (run_dir / SUMMARY_FILE).is_file():
         return "done"
@@ -80,7 +83,7 @@ def prepare(cfg: TrainConfig) -> str:
         cfg.resume = str(run_dir)
         return "resume"
     if run_dir.exists():  # started but killed before its first checkpoint: nothing worth keeping
-        shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)  # (torchrun's ranks may race here)
     return "start"
 
 
@@ -121,9 +124,9 @@ def run_suite(
         name=name,
         base=base.to_dict(),
         variants=[{"name": v.name, "note": v.note, "overrides": v.overrides} for v in variants],
-        machine=machine_info(),
-        jobs=jobs,
     )
+    if todo or "machine" not in meta:  # where and how the results were made: a no-op rerun elsewhere changes nothing
+        meta.update(machine=machine_info(), jobs=jobs)
     write_suite(suite_dir, meta)
     done = len(variants) - len(todo)
     print(f"suite {name} -> {suite_dir}: {len(variants)} variants, {done} done, {len(todo)} to run, {jobs} at once")
@@ -132,9 +135,9 @@ def run_suite(
         vocab_size = base.vocab_size or ModelConfig.preset(base.model).vocab_size
         resolve_data(base.train_data, base.val_data, base.tokenizer, vocab_size, progress=progress)
     run_all = _run_inline if jobs == 1 else _run_parallel
-    failures = run_all(todo, configs, actions, suite_dir, jobs, progress)
+    failures = run_all(todo, configs, actions, suite_dir, jobs, progress) if todo else {}
     rows = [variant_status(v, suite_dir, failures) for v in variants]
-    meta = {**meta, "finished": now(), "status": rows}
+    meta = {**meta, "finished": now() if todo else meta.get("finished", now()), "status": rows}
     write_suite(suite_dir, meta)
     return suite_dir, rows
 

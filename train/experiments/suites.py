@@ -45,8 +45,8 @@ def ablations(base: TrainConfig) -> list[Variant]:
     no_norm = {"model_args": {"norm": "none"}, "diverge_loss": limit}
     return [
         Variant("baseline", {}, "pre-norm RMSNorm, RoPE, SwiGLU"),
-        Variant("no-norm", no_norm, "no RMSNorm at all, same lr"),
-        Variant("no-norm-low-lr", {**no_norm, **scaled_lr(base, 0.25)}, "no RMSNorm, lr / 4"),
+        Variant("no-norm", no_norm, f"no RMSNorm at all, same lr (divergence limit {limit:g})"),
+        Variant("no-norm-low-lr", {**no_norm, **scaled_lr(base, 0.25)}, f"no RMSNorm, lr / 4 (limit {limit:g})"),
         Variant("post-norm", {"model_args": {"norm": "post"}}, "norm(x + f(x)) as in the 2017 Transformer"),
         Variant("nope", {"model_args": {"position": "nope"}}, "no position embedding (causal mask only)"),
         Variant(
@@ -76,6 +76,8 @@ def batch(base: TrainConfig) -> list[Variant]:
     evaluation and checkpoint intervals scale with the steps so the curves have the same shape and resolution.
     The square-root rule keeps the noise of an Adam update about constant (Malladi et al., 2022).
     """
+    if base.tokens:
+        raise ValueError("the batch suite scales the base's --steps: give --steps rather than --tokens")
     base_batch = base.batch_size * base.grad_accum
     budget = base.steps * base_batch  # sequences
     variants, size = [], 1
@@ -87,6 +89,7 @@ def batch(base: TrainConfig) -> list[Variant]:
             "batch_size": micro,
             "grad_accum": size // micro,
             "steps": steps,
+            "tokens": None,  # the budget is set through steps here (a base --tokens would override them)
             "warmup_steps": round(base.warmup_steps * scale),
             "eval_interval": max(1, round(base.eval_interval * scale)),
             "log_interval": max(1, round(base.log_interval * scale)),
@@ -108,7 +111,10 @@ def load_spec(path: str) -> tuple[str, list[Variant]]:
     if not p.is_file():
         raise FileNotFoundError(f"suite spec not found: {path}")
     if p.suffix == ".json":
-        spec = json.loads(p.read_text())
+        try:
+            spec = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
     elif p.suffix == ".toml":
         spec = read_toml(path)
     else:
