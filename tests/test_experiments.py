@@ -2,6 +2,7 @@
 
 import json
 import math
+import tomllib
 
 import numpy as np
 import pytest
@@ -209,7 +210,11 @@ def test_budget_picks_the_largest_compute_optimal_model_that_fits():
 def test_budget_cli(capsys):
     assert main(["budget", "--hours", "2", "--gpu", "H100", "--mfu", "0.5"]) == 0
     out = capsys.readouterr().out
-    assert "20 per parameter" in out and "[model]" in out and "num_layers =" in out
+    assert "20 per parameter" in out and "num_layers =" in out
+    # The printed preset is a TOML config that the trainer's --config accepts as it is.
+    toml_text = out.split("# TOML preset", 1)[1].split("\n", 1)[1]
+    cfg = make_config(tomllib.loads(toml_text))
+    assert cfg.model == "125m" and cfg.model_args["num_layers"] > 0 and cfg.tokens > 0
     assert main(["budget", "--hours", "2"]) == 2  # no throughput given
     assert "needs exactly one throughput" in capsys.readouterr().err
     assert main(["budget", "--flops", "1e18", "--gpu", "nosuch"]) == 2

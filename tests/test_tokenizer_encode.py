@@ -121,6 +121,14 @@ def test_encode_file_matches_encode(tmp_path, trained, monkeypatch, workers):
     assert np.load(tmp_path / "out.npy").tolist() == ids.tolist()
 
 
+def test_special_token_outside_vocab_gets_next_id(tmp_path):
+    # A special token the vocab lacks is appended as its bytes, and survives a save/load round trip.
+    tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens=["<|eot|>"])
+    assert tok.vocab[256] == b"<|eot|>" and tok.special_token_id("<|eot|>") == 256
+    tok.save(tmp_path)
+    assert Tokenizer.load(tmp_path).encode("a<|eot|>b") == [97, 256, 98]
+
+
 def test_save_load_round_trip(tmp_path, trained):
     trained.save(tmp_path / "tok")
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["merges.txt", "tokenizer.json", "vocab.json"]

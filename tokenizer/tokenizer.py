@@ -67,8 +67,10 @@ class Tokenizer:
             if ids.setdefault(token, i) != i:
                 raise ValueError(f"vocab has token {token!r} twice (ids {ids[token]} and {i})")
         for s in self.special_tokens:
-            if s.encode("utf-8") not in ids:
-                ids[s.encode("utf-8")] = self.vocab[len(self.vocab)] = len(self.vocab)
+            token = s.encode("utf-8")
+            if token not in ids:
+                ids[token] = len(self.vocab)
+                self.vocab[ids[token]] = token
         if sorted(self.vocab) != list(range(len(self.vocab))):
             raise ValueError(f"vocab ids must be 0..{len(self.vocab) - 1} without gaps")
         missing = [b for b in range(256) if bytes([b]) not in ids]

@@ -124,8 +124,12 @@ def process_pool(n: int):
     pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(n)
     try:
         yield pool
-    finally:
+    except BaseException:
         pool.terminate()
+        raise
+    # Let the workers drain and exit on their own: terminating them mid-task can leave the task queue's lock held.
+    pool.close()
+    pool.join()
 
 
 # ---------------------------------------------------------------------------------------------------------------

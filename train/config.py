@@ -45,7 +45,7 @@ class TrainConfig:
     # batch and length
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
-    steps: int = opt(600, "optimizer steps")
+    steps: int = opt(900, "optimizer steps")
     tokens: int | None = opt(None, "token budget: sets steps = tokens / tokens per step (overrides --steps)")
     # optimizer and schedule
     max_lr: float = opt(5e-3, "peak learning rate, reached after warmup")

@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             # A plain kill (SIGTERM) unwinds like Ctrl-C, so the runner stops the variants it started.
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-            suite_dir, rows = run_suite(args.suite, base_config(args.base, rest), args.out, args.jobs)
+            previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+            try:
+                suite_dir, rows = run_suite(args.suite, base_config(args.base, rest), args.out, args.jobs)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
             for row in rows:
                 print(
                     f"{row['name']:>20}: {row['status']}"

@@ -96,7 +96,7 @@ def describe(flops: float, config: ModelConfig, tokens: int, flops_per_s: float 
         f"context_length = {config.context_length}",
         f"tokens = {tokens}",
         "",
-        "[model]",
+        "[model_args]",
         f"d_model = {config.d_model}",
         f"num_layers = {config.num_layers}",
         f"num_heads = {config.num_heads}",
