@@ -12,22 +12,19 @@ reference materialises fp32 (T, S) scores and probabilities, so it is skipped wh
 
 import argparse
 import datetime
-import os
 import sys
 from dataclasses import dataclass
 
+import bench.env  # noqa: F401  (must come before torch and triton)
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-if not torch.cuda.is_available():  # without a GPU the kernels run only on Triton's interpreter, set before import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton
 
-import triton  # noqa: E402
-
-import kernels  # noqa: E402
-from bench.kernels import peak_mib, time_ms  # noqa: E402
-from kernels import reference  # noqa: E402
+import kernels
+from bench.kernels import peak_mib, time_ms
+from kernels import reference
 
 TOKENS = 16384  # batch x T in the sweep
 WIDTH = 2048  # heads x head dim in the sweep

@@ -13,20 +13,17 @@ to ``bench/RESULTS.md``. Exit status 1 when any correctness check fails.
 import argparse
 import datetime
 import importlib
-import os
 import sys
 import time
 from pathlib import Path
 
+import bench.env  # noqa: F401  (must come before torch and triton)
 import torch
 
-if not torch.cuda.is_available():  # without a GPU the kernels run only on Triton's interpreter, set before import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton
 
-import triton  # noqa: E402
-
-from bench import kernels as bench_kernels  # noqa: E402
-from kernels.check import check_kernels, format_check_table  # noqa: E402
+from bench import kernels as bench_kernels
+from kernels.check import check_kernels, format_check_table
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

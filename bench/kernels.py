@@ -11,23 +11,20 @@ linear cross-entropy is matmul-bound, so it is reported in TFLOP/s and peak memo
 
 import argparse
 import datetime
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import bench.env  # noqa: F401  (must come before torch and triton)
 import torch
 from tqdm import tqdm
 
-if not torch.cuda.is_available():  # without a GPU the kernels run only on Triton's interpreter, set before import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton
 
-import triton  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+import kernels
+from kernels import reference
 
 
 @dataclass

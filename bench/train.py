@@ -18,18 +18,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train/__init__.py does, but torch is imported first here
+import bench.env  # noqa: F401  (must come before torch and triton)
+import torch
 
-import torch  # noqa: E402
+import numpy as np
 
-if not torch.cuda.is_available():  # without a GPU the kernels run only on Triton's interpreter, set before import
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import numpy as np  # noqa: E402
-
-from train import run as train_run  # noqa: E402
-from train.config import make_config  # noqa: E402
-from train.log import read_metrics  # noqa: E402
+from train import run as train_run
+from train.config import make_config
+from train.log import read_metrics
 
 
 @dataclass

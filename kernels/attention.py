@@ -98,6 +98,33 @@ def _key_range(start_m, offset, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _scores_block(
+    q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, cols, offs_m, offs_d, S, offset, qk_scale,
+    MASKED: tl.constexpr,  # key block on the diagonal or past S: load with bounds and mask the scores
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One key block's K and V tiles and the scores q k^T * qk_scale (log2 units), -inf where a key is hidden.
+
+    Shared by the forward and the dQ pass, which walk the key blocks of a query block the same way."""
+    k_ptrs = K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_ptrs = V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    if MASKED:
+        k = tl.load(k_ptrs, mask=cols[:, None] < S, other=0.0)
+        v = tl.load(v_ptrs, mask=cols[:, None] < S, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        keep = cols[None, :] < S
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] + offset >= cols[None, :])
+        s = tl.where(keep, s, float("-inf"))
+    return s, k, v
+
+
+@triton.jit
 def _attn_fwd_blocks(
     acc, l_i, m_i, q, K, V,  # running state, this block's queries, K/V base pointers for this (batch, kv head)
     stride_kt, stride_kd, stride_vt, stride_vd,
@@ -109,21 +136,10 @@ def _attn_fwd_blocks(
 ):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k_ptrs = K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd
-        v_ptrs = V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < S, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < S, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        if MASKED:
-            keep = cols[None, :] < S
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] + offset >= cols[None, :])
-            s = tl.where(keep, s, float("-inf"))
+        s, k, v = _scores_block(
+            q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n + offs_n, offs_m, offs_d, S, offset,
+            qk_scale, MASKED, CAUSAL, DOT_PRECISION,
+        )
         # Every row sees at least one key in the first block it visits (key 0, or a whole unmasked block), so m_new
         # is finite from then on and exp2(m_i - m_new) never meets -inf - -inf, however large the scores.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -351,21 +367,10 @@ def _attn_bwd_dq_blocks(
 ):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k_ptrs = K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd
-        v_ptrs = V + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=cols[:, None] < S, other=0.0)
-            v = tl.load(v_ptrs, mask=cols[:, None] < S, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            keep = cols[None, :] < S
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] + offset >= cols[None, :])
-            s = tl.where(keep, s, float("-inf"))
+        s, k, v = _scores_block(
+            q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n + offs_n, offs_m, offs_d, S, offset,
+            qk_scale, MASKED, CAUSAL, DOT_PRECISION,
+        )
         p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])

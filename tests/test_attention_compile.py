@@ -2,15 +2,8 @@
 
 The interpreter accepts things the compiler rejects, so CI also lowers each kernel as a GPU launch would: bf16 at
 head dim 128 (the heaviest) with the first Hopper candidate its autotune list keeps there, causal, and fp32 (the FMA
-path with input_precision="ieee") non-causal at head dim 32 with its fallback config. A subprocess, because the
-interpreter, switched on for the other tests, patches triton.language.
+path with input_precision="ieee") non-causal at head dim 32 with its fallback config.
 """
-
-import os
-import subprocess
-import sys
-
-import pytest
 
 SCRIPT = """
 import torch
@@ -55,13 +48,5 @@ print("compiled", count + 1)
 """
 
 
-def test_attention_kernels_compile_for_sm90():
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default today, set to silence the warning of newer tritons
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 7" in result.stdout
+def test_attention_kernels_compile_for_sm90(compile_for_sm90):
+    assert "compiled 7" in compile_for_sm90(SCRIPT)

@@ -2,14 +2,7 @@
 
 The interpreter accepts things the compiler rejects (types that change around a loop, Python control flow on tensor
 values, bad promotions), so CI also lowers each kernel the way a GPU launch would, at the launchers' block sizes.
-It runs in a subprocess because the interpreter, switched on for the other tests, patches triton.language.
 """
-
-import os
-import subprocess
-import sys
-
-import pytest
 
 SCRIPT = """
 import triton
@@ -46,13 +39,5 @@ print("compiled", len(CASES))
 """
 
 
-def test_kernels_compile_for_sm90():
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default today, set to silence the warning of newer tritons
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 7" in result.stdout
+def test_kernels_compile_for_sm90(compile_for_sm90):
+    assert "compiled 7" in compile_for_sm90(SCRIPT)
