@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,3 +32,17 @@ def compile_for_sm90():
         return result.stdout
 
     return run
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> tuple[str, str]:
+    """Train/val .npy splits (vocab 64) of a noisy periodic sequence: learnable, so a trainer's loss clearly falls."""
+    root = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    period = rng.integers(0, 64, size=97)
+    for name, repeats in (("train", 40), ("val", 4)):
+        seq = np.tile(period, repeats)
+        noise = rng.random(len(seq)) < 0.1
+        seq[noise] = rng.integers(0, 64, size=noise.sum())
+        np.save(root / f"{name}.npy", seq.astype(np.uint16))
+    return str(root / "train.npy"), str(root / "val.npy")

@@ -4,7 +4,6 @@ import json
 import math
 import tomllib
 
-import numpy as np
 import pytest
 
 from model import ModelConfig, flops_per_token, param_counts
@@ -34,20 +33,6 @@ TINY = dict(
     threads=1,
     model_args=dict(d_model=32, num_layers=2, num_heads=2),
 )
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory) -> tuple[str, str]:
-    """Train/val .npy splits of a noisy periodic sequence (learnable, so losses fall)."""
-    root = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    period = rng.integers(0, 64, size=97)
-    for name, repeats in (("train", 40), ("val", 4)):
-        seq = np.tile(period, repeats)
-        noise = rng.random(len(seq)) < 0.1
-        seq[noise] = rng.integers(0, 64, size=noise.sum())
-        np.save(root / f"{name}.npy", seq.astype(np.uint16))
-    return str(root / "train.npy"), str(root / "val.npy")
 
 
 def base(tokens, **overrides):

@@ -43,20 +43,6 @@ TINY_FLAGS = [  # the same as command-line flags, for the subprocess runs
 ]
 
 
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory) -> tuple[str, str]:
-    """Train/val .npy splits of a noisy periodic sequence: learnable, so the loss clearly falls."""
-    root = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    period = rng.integers(0, 64, size=97)
-    for name, repeats in (("train", 40), ("val", 4)):
-        seq = np.tile(period, repeats)
-        noise = rng.random(len(seq)) < 0.1
-        seq[noise] = rng.integers(0, 64, size=noise.sum())
-        np.save(root / f"{name}.npy", seq.astype(np.uint16))
-    return str(root / "train.npy"), str(root / "val.npy")
-
-
 def tiny(tokens, out_dir, **overrides) -> TrainConfig:
     return make_config(TINY, **{"train_data": tokens[0], "val_data": tokens[1], "out_dir": str(out_dir), **overrides})
 
