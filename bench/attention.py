@@ -10,12 +10,11 @@ Times are medians of ``triton.testing.do_bench``; peak memory is what one call a
 reference materialises fp32 (T, S) scores and probabilities, so it is skipped where they would not fit.
 """
 
-import argparse
 import datetime
 import sys
 from dataclasses import dataclass
 
-import bench.env  # noqa: F401  (must come before torch and triton)
+import bench.env  # first: it sets what torch and triton read when they load
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -107,7 +106,7 @@ def run(dry_run: bool = False, dtype: torch.dtype | None = None) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
     # the interpreter's bf16 is unreliable, so the dry run uses fp32
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    card = bench.env.card_name(device)
     date = datetime.date.today().isoformat()
     lines = [
         f"### Causal attention: {card}, torch {torch.__version__}, triton {triton.__version__}, {date}",
@@ -137,11 +136,8 @@ def run(dry_run: bool = False, dtype: torch.dtype | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU interpreter")
-    args = parser.parse_args(argv)
-    if not args.dry_run and not torch.cuda.is_available():
-        print("error: no CUDA device; use --dry-run on a CPU", file=sys.stderr)
+    args = bench.env.parse_args(__doc__, argv, compile_flag=False, needs_cuda=True)
+    if args is None:
         return 2
     print(run(dry_run=args.dry_run))
     return 0

@@ -4,7 +4,9 @@ Passive OpenMP waiting, since spin-waiting threads collapse CPU throughput on sh
 Triton's interpreter, the only way its kernels run on a CPU.
 """
 
+import argparse
 import os
+import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -12,3 +14,26 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def card_name(device: torch.device) -> str:
+    """What a results row says it ran on: the GPU's name, or the CPU and how the kernels ran there."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, Triton interpreter)"
+
+
+def parse_args(doc: str, argv: list[str] | None, *, compile_flag: bool, needs_cuda: bool):
+    """The benchmarks' shared flags (--dry-run, and --no-compile where there is a compiled provider).
+
+    Returns None, after printing why, when the full run needs a GPU and there is none.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton on its interpreter)")
+    if compile_flag:
+        parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    args = parser.parse_args(argv)
+    if needs_cuda and not args.dry_run and not torch.cuda.is_available():
+        print("error: no CUDA device; use --dry-run on a CPU", file=sys.stderr)
+        return None
+    return args

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import bench.env  # noqa: F401  (must come before torch and triton)
+import bench.env  # first: it sets what torch and triton read when they load
 import torch
 
 import triton
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     date = datetime.date.today().isoformat()
     out = args.out or RESULTS.with_name(f"gpu_check_{date}.md")
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter, dry run)"
+    card = bench.env.card_name(device)
     start = time.perf_counter()
 
     def elapsed() -> str:

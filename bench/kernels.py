@@ -9,7 +9,6 @@ also given as a percentage of this card's device-to-device copy bandwidth, measu
 linear cross-entropy is matmul-bound, so it is reported in TFLOP/s and peak memory instead.
 """
 
-import argparse
 import datetime
 import statistics
 import sys
@@ -17,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import bench.env  # noqa: F401  (must come before torch and triton)
+import bench.env  # first: it sets what torch and triton read when they load
 import torch
 from tqdm import tqdm
 
@@ -163,7 +162,7 @@ def run(dry_run: bool = False, shapes=None, providers=PROVIDERS, dtype: torch.dt
         dtype = dtype or torch.float32  # the interpreter's bf16 math is unreliable
     shapes, dtype = shapes or SHAPES, dtype or torch.bfloat16
     copy_bw = copy_bandwidth_gbs(device)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    card = bench.env.card_name(device)
     date = datetime.date.today().isoformat()
     lines = [
         f"### Memory-bound kernels: {card}, torch {torch.__version__}, triton {triton.__version__}, {date}",
@@ -197,12 +196,8 @@ def run(dry_run: bool = False, shapes=None, providers=PROVIDERS, dtype: torch.dt
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU interpreter")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    args = parser.parse_args(argv)
-    if not args.dry_run and not torch.cuda.is_available():
-        print("error: no CUDA device; use --dry-run on a CPU", file=sys.stderr)
+    args = bench.env.parse_args(__doc__, argv, compile_flag=True, needs_cuda=True)
+    if args is None:
         return 2
     providers = [p for p in PROVIDERS if not (args.no_compile and p == "compile")]
     print(run(dry_run=args.dry_run, providers=providers))

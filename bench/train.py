@@ -10,7 +10,6 @@ holds torch.compile's and Triton's compilation. Providers: ``eager`` (the model'
 (our kernels), ``compile`` (the eager model under torch.compile).
 """
 
-import argparse
 import datetime
 import os
 import statistics
@@ -18,7 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-import bench.env  # noqa: F401  (must come before torch and triton)
+import bench.env  # first: it sets what torch and triton read when they load
 import torch
 
 import numpy as np
@@ -114,10 +113,7 @@ def run(dry_run: bool = False, providers=PROVIDERS) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU (Triton on its interpreter)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    args = parser.parse_args(argv)
+    args = bench.env.parse_args(__doc__, argv, compile_flag=True, needs_cuda=False)
     providers = [p for p in PROVIDERS if not (args.no_compile and p == "compile")]
     print(run(dry_run=args.dry_run, providers=providers))
     return 0
