@@ -10,7 +10,8 @@ import torch
 
 import train.checkpoint
 from train import AdamW, clip_grad_norm, cosine_lr, get_batch, load_checkpoint, save_checkpoint
-from train.checkpoint import list_checkpoints, prune_checkpoints, read_checkpoint, set_rng_state
+from train.checkpoint import read_checkpoint, set_rng_state
+from train.rundir import RunDir
 from train.config import make_config, parse_args, read_toml
 from train.dataset import BatchSampler, eval_starts, open_tokens
 
@@ -159,15 +160,15 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(model, optimizer, 2, path)
     monkeypatch.undo()
-    assert path.read_bytes() == good and os.listdir(tmp_path) == ["ckpt.pt"]  # no partial file, none left behind
+    assert path.read_bytes() == good and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.sha256"]  # no partial file left
     assert read_checkpoint(path)["iteration"] == 1
 
 
 def test_prune_keeps_last_k(tmp_path):
     for it in (5, 10, 100, 1000):
         (tmp_path / f"ckpt_{it:06d}.pt").touch()
-    prune_checkpoints(tmp_path, 2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_000100.pt", "ckpt_001000.pt"]
+    RunDir(tmp_path).prune(2)
+    assert [p.name for p in RunDir(tmp_path).checkpoints()] == ["ckpt_000100.pt", "ckpt_001000.pt"]
 
 
 def test_open_tokens_errors(tmp_path):

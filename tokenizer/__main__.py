@@ -2,9 +2,12 @@
 
     python -m tokenizer train CORPUS.txt --vocab-size 10000 --special-token '<|endoftext|>' --out tok/
     python -m tokenizer encode CORPUS.txt --tokenizer tok/ --out corpus.npy --workers 2
+
+Neither overwrites an existing output without ``--force``.
 """
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -19,6 +22,13 @@ def peak_rss_mb() -> float:
     return max(own, child) / 1024
 
 
+def check_output(out: str, names: tuple[str, ...], force: bool):
+    """Refuse to overwrite ``out`` (a file, or the ``names`` in a directory) unless ``force``."""
+    existing = [p for p in ([os.path.join(out, n) for n in names] if names else [out]) if os.path.exists(p)]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)} already exists: choose another --out, or --force to replace it")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenizer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,11 +38,13 @@ def main(argv=None) -> int:
     tr.add_argument("--special-token", action="append", default=[], help="repeatable; ids 0.. in the given order")
     tr.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer.json")
     tr.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
+    tr.add_argument("--force", action="store_true", help="overwrite a tokenizer already in --out")
     en = sub.add_parser("encode", help="encode a UTF-8 text file to a flat .npy of token ids")
     en.add_argument("corpus")
     en.add_argument("--tokenizer", required=True, help="directory written by `train`")
     en.add_argument("--out", required=True, help="output .npy (uint16 if the vocabulary fits, else uint32)")
     en.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    en.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be >= 1")
@@ -40,12 +52,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         if args.command == "train":
+            check_output(args.out, ("vocab.json", "merges.txt", "tokenizer.json"), args.force)
             vocab, merges = train_bpe(args.corpus, args.vocab_size, args.special_token, args.workers, progress=True)
             Tokenizer(vocab, merges, args.special_token).save(args.out)
             longest = max(vocab.values(), key=len) if not merges else max((a + b for a, b in merges), key=len)
             print(f"trained {len(vocab)} tokens ({len(merges)} merges) -> {args.out}")
             print(f"longest token: {longest!r} ({len(longest)} bytes)")
         else:
+            check_output(args.out, (), args.force)
             ids = encode_file(args.corpus, Tokenizer.load(args.tokenizer), args.out, args.workers)
             print(f"encoded {len(ids):,} tokens ({ids.dtype}) -> {args.out}")
     except (OSError, ValueError, TypeError) as e:

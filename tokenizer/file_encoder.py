@@ -3,10 +3,13 @@
 The file is cut into ~4 MB chunks at safe positions (pretokenize.py), workers encode chunks independently, and the
 main process appends their ids to the .npy in file order with a bounded number of chunks in flight, so memory stays
 flat for a file larger than RAM. The .npy header is written with room to spare and patched with the final length.
+All of it goes to a temporary file beside the output, renamed over it only when complete: a failed or killed encode
+leaves the output as it was (absent, or the previous good file), never an empty or partial array.
 """
 
 import collections
 import os
+import tempfile
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -43,15 +46,36 @@ def encode_file(input_path, tokenizer: Tokenizer, out_path, num_workers=None, pr
     The ids are identical to tokenizer.encode(whole file) for any number of workers.
     """
     path = check_input_path(input_path)
+    out_path = os.fspath(out_path)
+    if os.path.exists(out_path) and os.path.samefile(path, out_path):
+        raise ValueError(f"the output {out_path} is the input file: encoding would destroy it")
+    if os.path.isdir(out_path):
+        raise IsADirectoryError(f"{out_path} is a directory, expected a .npy file name")
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     num_workers = num_workers or os.cpu_count() or 1
     tasks = [(path, s, e, dtype) for s, e in chunk_bounds(path, CHUNK_BYTES, tokenizer.special_tokens)]
     char_classes()  # built here once, inherited by forked workers
     _set_tokenizer(tokenizer)
     tokenizer.encode("warm up the jit before forking")
+    out_dir, name = os.path.split(os.path.abspath(out_path))
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=name + ".tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the output private
+    try:
+        _write_npy(fd, tasks, dtype, num_workers, os.path.getsize(path), progress)
+        os.replace(tmp, out_path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return np.load(out_path, mmap_mode="r")
+
+
+def _write_npy(fd: int, tasks: list, dtype, num_workers: int, size: int, progress: bool):
+    """Encode ``tasks`` in order into the open file ``fd`` as a .npy, fsync'ed (``size``: input bytes, for the bar)."""
     total = 0
-    bar = tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc="encode", disable=not progress)
-    with open(out_path, "wb") as out, process_pool(min(num_workers, len(tasks))) as pool:
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="encode", disable=not progress)
+    with os.fdopen(fd, "wb") as out, process_pool(min(num_workers, len(tasks))) as pool:
         out.write(_npy_header(dtype, 0))
 
         def write(ids, nbytes):
@@ -73,5 +97,6 @@ def encode_file(input_path, tokenizer: Tokenizer, out_path, num_workers=None, pr
                 write(*in_flight.popleft().get())
         out.seek(0)
         out.write(_npy_header(dtype, total))
+        out.flush()
+        os.fsync(out.fileno())
     bar.close()
-    return np.load(out_path, mmap_mode="r")

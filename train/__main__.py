@@ -1,4 +1,7 @@
-"""``python -m train [--flag value ...]``: parse a TrainConfig and run it. ``--help`` lists every option."""
+"""``python -m train [--flag value ...]``: parse a TrainConfig and run it. ``--help`` lists every option.
+
+Exit status: 0 done, 1 diverged, 2 bad input (one line ``error: ...`` naming the flag or file).
+"""
 
 import sys
 
@@ -9,7 +12,7 @@ from train.loop import PreflightError, run
 def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(parse_args(argv))
-    except (ValueError, FileNotFoundError, TypeError, PreflightError) as e:
+    except (ValueError, OSError, TypeError, PreflightError) as e:  # OSError: a full disk, a missing file
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary["diverged"]:

@@ -1,12 +1,18 @@
-"""Checkpoints: plain dicts written atomically, read back with ``weights_only=True``.
+"""Checkpoints: plain dicts written atomically with a checksum beside them, read back with ``weights_only=True``.
 
 A checkpoint holds everything a resumed run needs to continue as if never stopped:
 ``{"model", "model_config", "optimizer", "iteration", "train_config", "rng", "sampler", "elapsed_s"}``.
 RNG states are stored as tensors and lists (never pickled objects), so ``torch.load(weights_only=True)`` reads them.
+``X.pt.sha256`` holds the SHA-256 of ``X.pt``: a file damaged after its write (a flipped bit, a truncating copy)
+fails it and is reported as damaged instead of training on from garbage. A checkpoint without one (written before
+checksums existed, or copied alone) is read unverified. Where the checkpoints of a run live is train.rundir's.
 """
 
+import hashlib
 import os
+import pickle
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO
@@ -16,11 +22,16 @@ import torch
 
 from model import clean_state_dict
 
-CKPT_GLOB = "ckpt_*.pt"
+REQUIRED_KEYS = ("model", "optimizer", "iteration")
 
 
-def ckpt_name(iteration: int) -> str:
-    return f"ckpt_{iteration:06d}.pt"
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -60,8 +71,9 @@ def save_checkpoint(
 ):
     """Write model, optimizer, iteration, RNG states and any ``extra`` entries to a path or a binary file object.
 
-    A path is written atomically: to a temporary file in the same directory, flushed to disk, then renamed over the
-    target, so a crash mid-save leaves the previous file intact and never a truncated one.
+    A path is written atomically: to a temporary file in the same directory, flushed to disk, its checksum written
+    beside it, then renamed over the target, so a crash mid-save leaves the previous file intact and never a
+    truncated one. A failed write (a full disk) is a ValueError naming the file; nothing is left behind.
     """
     checkpoint = {
         "model": unwrap(model).state_dict(),
@@ -80,19 +92,43 @@ def save_checkpoint(
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+        from train.rundir import atomic_write
+
+        atomic_write(checksum_path(out), f"{sha256_file(tmp)}  {out.name}\n".encode())
         os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as "enforce fail at inline_container.cc"
+        Path(tmp).unlink(missing_ok=True)
+        free = shutil.disk_usage(out.parent).free / 2**20
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[-1].strip()
+        raise ValueError(
+            f"cannot write checkpoint {out} ({free:.0f} MiB free on its disk): {reason}; "
+            "the previous checkpoint is intact"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def read_checkpoint(src: str | os.PathLike | IO[bytes], map_location="cpu") -> dict:
-    """The checkpoint dict, loaded with weights_only=True (no arbitrary code runs while reading)."""
-    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
-        raise FileNotFoundError(f"no checkpoint file at {src}")
-    checkpoint = torch.load(src, map_location=map_location, weights_only=True)
-    if not isinstance(checkpoint, dict) or not {"model", "optimizer", "iteration"} <= checkpoint.keys():
-        raise ValueError(f"{src} is not a training checkpoint (needs 'model', 'optimizer' and 'iteration')")
+    """The checkpoint dict, its checksum verified when it has one, loaded with weights_only=True (no code runs).
+
+    Anything that is not an intact checkpoint (damaged, truncated, empty, another kind of file, a pickle with code
+    in it) is a ValueError naming the file.
+    """
+    if isinstance(src, (str, os.PathLike)):
+        if not Path(src).is_file():
+            raise FileNotFoundError(f"no checkpoint file at {src}")
+        checksum = checksum_path(Path(src))
+        if checksum.is_file() and checksum.read_text().split()[:1] != [sha256_file(src)]:
+            raise ValueError(f"{src} is damaged: its SHA-256 differs from the one saved with it in {checksum.name}")
+    try:
+        checkpoint = torch.load(src, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{src} is not a training checkpoint: it holds objects other than tensors") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise ValueError(f"{src} is not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or not set(REQUIRED_KEYS) <= checkpoint.keys():
+        raise ValueError(f"{src} is not a training checkpoint (needs {', '.join(map(repr, REQUIRED_KEYS))})")
     return checkpoint
 
 
@@ -110,13 +146,3 @@ def load_checkpoint(
     """Restore model and optimizer from a checkpoint path or file object; return the iteration it was saved at."""
     device = next(model.parameters()).device
     return apply_checkpoint(read_checkpoint(src, map_location=device), model, optimizer)
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """The run's checkpoints, oldest first (names carry the zero-padded iteration)."""
-    return sorted(Path(run_dir).glob(CKPT_GLOB))
-
-
-def prune_checkpoints(run_dir: str | os.PathLike, keep: int):
-    for path in list_checkpoints(run_dir)[:-keep]:
-        path.unlink()

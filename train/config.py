@@ -3,20 +3,21 @@
 Every field is a flag (``batch_size`` -> ``--batch-size``); booleans get ``--x`` / ``--no-x``. The model is a
 preset of ``model.ModelConfig`` plus overrides: every ModelConfig field is a flag too (``--d-model 256``), kept in
 ``TrainConfig.model_args``; a TOML file gives them in a ``[model_args]`` table. ``--resume RUN_DIR`` starts from the
-run's saved config, and flags given alongside it override that (e.g. more ``--steps``).
+run's saved config, and flags given alongside it override that (e.g. more ``--steps``); ``--resume auto`` does the
+same with the run in ``--out-dir`` if there is one.
 """
 
 import argparse
 import dataclasses
-import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from model import ModelConfig
+from train.rundir import RunDir, read_json
 
-CONFIG_FILE = "config.json"
 # Fields of ModelConfig that come from elsewhere: the tokenizer fixes the vocabulary, TrainConfig the context.
 _MODEL_FIELDS_SET_BY_TRAINER = ("vocab_size", "context_length")
 
@@ -64,7 +65,8 @@ class TrainConfig:
     ckpt_interval: int = opt(200, "checkpoint every N steps (and at the end)")
     keep_ckpts: int = opt(2, "keep the last K checkpoints")
     out_dir: str | None = opt(None, "run directory; none: runs/<preset>-<date-time>")
-    resume: str | None = opt(None, "continue the run in this directory from its last checkpoint")
+    resume: str | None = opt(None, "continue the run in this directory from its last checkpoint (auto: --out-dir's)")
+    force: bool = opt(False, "write the run into an --out-dir that holds other files")
     diverge_loss: float | None = opt(None, "stop as diverged when the train loss passes this; none: 2 ln(vocab)")
     # sampling at the end
     sample_prompt: str = opt("Once upon a time", "prompt of the story sampled at the end")
@@ -80,6 +82,7 @@ class TrainConfig:
     wandb_project: str | None = opt(None, "log to this Weights & Biases project (only if wandb is installed)")
 
     def __post_init__(self):
+        check_types(self)
         positive = ("batch_size", "grad_accum", "steps", "eval_interval", "log_interval", "ckpt_interval", "keep_ckpts")
         for name in positive:
             value = getattr(self, name)
@@ -90,6 +93,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.min_lr <= self.max_lr:
             raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={self.min_lr}, max_lr={self.max_lr}")
+        for name in ("grad_clip", "weight_decay"):  # negative: gradient ascent, growing weights
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0: off), got {getattr(self, name)!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
+            raise ValueError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got {self.beta1}, {self.beta2}, {self.eps}")
+        if self.diverge_loss is not None and not self.diverge_loss > 0:
+            raise ValueError(f"diverge_loss must be positive, got {self.diverge_loss!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (no other is supported), got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         unknown = set(self.model_args) - model_arg_names()
@@ -98,6 +110,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_types(cfg: "TrainConfig"):
+    """Every field holds its annotated type (an int is a fine float): a TOML ``max_lr = "0.01"`` fails here, by name."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, annotation = getattr(cfg, f.name), hints[f.name]
+        optional = isinstance(annotation, types.UnionType) and type(None) in typing.get_args(annotation)
+        kind, _ = _scalar_type(annotation)
+        if value is None and optional:
+            continue
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ValueError(f"{f.name} must be {'a' if kind is not int else 'an'} {kind.__name__}, got {value!r}")
 
 
 def model_arg_names() -> set[str]:
@@ -154,16 +182,24 @@ def read_toml(path: str) -> dict:
             raise ValueError("reading a TOML config on Python 3.10 needs `pip install tomli`") from None
     if not Path(path).is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8: byte {e.object[e.start]:#04x} at offset {e.start}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML: {e}") from None
 
 
 def load_run_config(run_dir: str) -> dict:
     """The TrainConfig fields saved in a run directory (what --resume starts from)."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot resume: {path} not found (is {run_dir!r} a run directory?)")
-    return json.loads(path.read_text())
+    run = RunDir(run_dir)
+    if run.path.exists() and not run.path.is_dir():
+        raise ValueError(f"--resume {run_dir}: that is a file; --resume takes a run directory (or auto)")
+    saved = read_json(run.config)
+    if saved is None:
+        raise FileNotFoundError(f"cannot resume: {run.config} not found (is {run_dir!r} a run directory?)")
+    return saved
 
 
 def make_config(base: dict | None = None, **overrides) -> TrainConfig:
@@ -184,9 +220,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     model_args = {k.removeprefix("model."): given.pop(k) for k in list(given) if k.startswith("model.")}
     config_file = given.pop("config_file", None)
     base = {}
-    if "resume" in given and given["resume"] is not None:
+    if given.get("resume") == "auto":  # the saved config of the run in --out-dir, if it has started
+        if given.get("out_dir") is not None and RunDir(given["out_dir"]).config.is_file():
+            base = load_run_config(given["out_dir"])
+    elif given.get("resume") is not None:
         base = load_run_config(given["resume"])
         base["out_dir"] = given["resume"]
     if config_file is not None:
         base = {**base, **read_toml(config_file)}
+        try:
+            make_config(base)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{config_file}: {e}") from None
     return make_config(base, **given, model_args=model_args)

@@ -25,8 +25,8 @@ EOT = "<|endoftext|>"
 def open_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
     """Open a 1-D integer ``.npy`` token file memory-mapped, checking every id against ``vocab_size``.
 
-    The check reads the file once in chunks, so a token id the model has no embedding for fails here with the file's
-    name instead of as a device-side assert deep in the first forward pass.
+    The check reads the file once in chunks, so a token id the model has no embedding for (negative, or past the
+    vocabulary) fails here with the file's name instead of as a device-side assert deep in the first forward pass.
     """
     path = Path(path)
     if not path.is_file():
@@ -39,7 +39,10 @@ def open_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.nd
         raise ValueError(f"{path}: expected a 1-D integer token array, got shape {data.shape} of {data.dtype}")
     if vocab_size is not None:
         chunk = 1 << 24
-        top = max((int(data[i : i + chunk].max()) for i in range(0, len(data), chunk)), default=-1)
+        spans = [(int(data[i : i + chunk].min()), int(data[i : i + chunk].max())) for i in range(0, len(data), chunk)]
+        low, top = min((lo for lo, _ in spans), default=0), max((hi for _, hi in spans), default=-1)
+        if low < 0:
+            raise ValueError(f"{path} holds a negative token id ({low}): it is not a token array of this project")
         if top >= vocab_size:
             raise ValueError(
                 f"{path} holds token id {top} but the vocabulary has {vocab_size} ids: "
@@ -153,8 +156,11 @@ def tokenizer_digest(tok_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _atomic_dir(final: Path, build):
-    """Run ``build(tmp_dir)`` and rename the result to ``final``: a crash (or a racing rank) never leaves half a dir."""
+def _atomic_dir(final: Path, build, replace: bool = False):
+    """Run ``build(tmp_dir)`` and rename the result to ``final``: a crash (or a racing rank) never leaves half a dir.
+
+    An existing ``final`` is kept (someone else finished first: theirs is as good), or with ``replace`` swapped out.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + ".tmp-"))
     try:
@@ -162,34 +168,32 @@ def _atomic_dir(final: Path, build):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = final.with_name(tmp.name + "-old")
+    if replace and final.exists():
+        os.rename(final, old)
     try:
         os.rename(tmp, final)
-    except OSError:  # someone else finished first: theirs is as good
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def train_tokenizer(train_text: Path, vocab_size: int, out_dir: Path, progress: bool = True):
+def train_tokenizer(train_text: Path, vocab_size: int, out_dir: Path, progress: bool = True, replace: bool = False):
     """Train a byte-level BPE tokenizer of ``vocab_size`` (``<|endoftext|>`` included) and save it to ``out_dir``."""
     from tokenizer import Tokenizer, train_bpe
 
     print(f"training a {vocab_size}-token BPE tokenizer on {train_text} -> {out_dir}")
     vocab, merges = train_bpe(train_text, vocab_size, [EOT], progress=progress)
-    _atomic_dir(Path(out_dir), Tokenizer(vocab, merges, [EOT]).save)
+    _atomic_dir(Path(out_dir), Tokenizer(vocab, merges, [EOT]).save, replace)
 
 
 def encode_text(text: Path, tok_dir: Path, out: Path, progress: bool = True):
-    """Encode a text file with the tokenizer saved in ``tok_dir`` to a flat ``.npy`` (written to a temp file first)."""
+    """Encode a text file with the tokenizer saved in ``tok_dir`` to a flat ``.npy`` (encode_file writes atomically)."""
     from tokenizer import Tokenizer, encode_file
 
     print(f"encoding {text} -> {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem + ".tmp-", suffix=".npy")
-    os.close(fd)
-    try:
-        encode_file(text, Tokenizer.load(tok_dir), tmp, progress=progress)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    encode_file(text, Tokenizer.load(tok_dir), out, progress=progress)
 
 
 def cached_tokenizer(train_text: Path, vocab_size: int, progress: bool = True) -> Path:

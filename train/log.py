@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-METRICS_FILE = "metrics.jsonl"
+from train.rundir import RunDir
 
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(), most specific first.
 PEAK_BF16_FLOPS = (
@@ -32,10 +32,23 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
+    """The rows of a run's metrics.jsonl. A torn last line (the run was killed mid-write) is dropped; a damaged line
+    before it is an error naming the file and line."""
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                break
+            raise ValueError(f"{path}, line {i}, is not a JSON row ({e}): fix or delete that line") from None
+    return rows
 
 
 class RunLogger:
@@ -45,10 +58,10 @@ class RunLogger:
     so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: Path, config: dict, resume_step: int | None = None, wandb_project: str | None = None):
-        self.run_dir = run_dir
-        self.path = run_dir / METRICS_FILE
-        self.rows = [r for r in read_metrics(run_dir) if r["step"] <= resume_step] if resume_step is not None else []
+    def __init__(self, run: RunDir, config: dict, resume_step: int | None = None, wandb_project: str | None = None):
+        self.run = run
+        self.path = run.metrics
+        self.rows = [r for r in read_metrics(run.path) if r["step"] <= resume_step] if resume_step is not None else []
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.wandb = None
         if wandb_project is not None:
@@ -57,7 +70,7 @@ class RunLogger:
             except ModuleNotFoundError:
                 print(f"warning: --wandb-project {wandb_project} ignored: wandb is not installed (pip install wandb)")
             else:
-                self.wandb = wandb.init(project=wandb_project, name=run_dir.name, config=config, resume="allow")
+                self.wandb = wandb.init(project=wandb_project, name=run.path.name, config=config, resume="allow")
 
     def log(self, row: dict):
         self.rows.append(row)
@@ -76,18 +89,17 @@ class RunLogger:
 
         train = [r for r in self.rows if r.get("train_loss") is not None]
         val = [r for r in self.rows if r.get("val_loss") is not None]
-        axes = (("step", "step", "loss_steps.png"), ("time_s", "wall-clock seconds", "loss_time.png"))
-        for x_key, x_label, name in axes:
+        for x_key, x_label in (("step", "step"), ("time_s", "wall-clock seconds")):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             ax.plot([r[x_key] for r in train], [r["train_loss"] for r in train], label="train", lw=1)
             ax.plot([r[x_key] for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3)
             ax.set_xlabel(x_label)
             ax.set_ylabel("cross-entropy loss (nats/token)")
-            ax.set_title(self.run_dir.name)
+            ax.set_title(self.run.path.name)
             ax.grid(alpha=0.3)
             ax.legend()
             fig.tight_layout()
-            fig.savefig(self.run_dir / name, dpi=100)
+            fig.savefig(self.run.plot(x_key), dpi=100)
             plt.close(fig)
 
     def close(self):

@@ -1,45 +1,78 @@
-"""The training run: ``run(cfg)`` goes setup -> data -> model -> optimizer -> loop -> sample, flat, top to bottom.
+"""The training run: ``run(cfg)`` goes open the run -> data -> model and optimizer -> train -> finish, flat, top to
+bottom, each phase one function.
 
+Everything that can be checked is checked before the first step (data, tokenizer, sample prompt, the model against
+a resumed checkpoint, the kernels), so a bad input fails in seconds, not after the training it would have wasted.
 Host syncs (``.item()``) happen only on report steps (log, eval and checkpoint steps), so on a GPU the CPU queues
-steps ahead in between. Everything a run writes lands in its run directory; ``summary.json`` is written last,
-so its presence marks a finished run (or a diverged one: see its "status").
+steps ahead in between. Everything a run writes lands in its run directory, which ``train.rundir`` names, locks and
+lays out; ``summary.json`` is written last, so its presence marks a finished run (or a diverged one: its "status").
 """
 
-import json
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
-from datetime import datetime
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import kernels
 from model import ModelConfig, TransformerLM, flops_per_token, generate, param_counts
-from train.checkpoint import (
-    apply_checkpoint,
-    ckpt_name,
-    list_checkpoints,
-    prune_checkpoints,
-    read_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-)
-from train.config import CONFIG_FILE, TrainConfig
+from train.checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint, set_rng_state
+from train.config import TrainConfig
 from train.dataset import EOT, BatchSampler, batch_from_starts, check_length, eval_starts, open_tokens, resolve_data
+from train.dataset import tokenizer_digest
 from train.distributed import Dist, init_distributed, shutdown
 from train.log import RunLogger, peak_flops, perplexity
 from train.optim import AdamW, clip_grad_norm, cosine_lr
+from train.rundir import RunDir, open_run, read_json, write_json
 
-SUMMARY_FILE = "summary.json"
+# ModelConfig fields that choose how the same model is computed, not what it is: a resumed run may change them.
+RUNTIME_MODEL_FIELDS = ("kernels",)
 
 
 class PreflightError(RuntimeError):
     """A Triton kernel disagrees with eager PyTorch on the run's shapes: training on it would be silently wrong."""
+
+
+@dataclass
+class Data:
+    """What the run reads, checked: token arrays, the model's vocabulary and context, the tokenizer and prompt."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    context_length: int
+    tok_dir: Path | None  # the tokenizer's directory, when the run has one
+    tokenizer: object | None  # its Tokenizer (for the sample at the end)
+    prompt: list[int] | None  # the sample prompt's ids; None: no sample
+
+
+@dataclass
+class Model:
+    """The model in its three wrappings, its optimizer, and where a resumed run picks up."""
+
+    config: ModelConfig
+    raw: TransformerLM  # the plain module: parameters, checkpoints, sampling
+    train: torch.nn.Module  # compiled and/or DDP-wrapped: the training forward
+    eval: torch.nn.Module  # compiled but not DDP: evaluation needs no gradient hooks, no collective per forward
+    optimizer: AdamW
+    backend: str  # the resolved kernels: "triton" or "eager"
+    start: int  # the last step already trained (0: a new run)
+    elapsed_s: float  # wall-clock seconds of the steps before ``start``
+
+
+@dataclass
+class Outcome:
+    status: str  # "finished" or "diverged"
+    message: str
+    step: int  # the last step reported
+    train_loss: float | None
+    val_loss: float
+    best_val: float
+    wall_s: float
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -64,31 +97,67 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
-    # ---- setup -------------------------------------------------------------------------------------------------
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, cfg.dtype)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    run_dir = Path(cfg.resume or cfg.out_dir or f"runs/{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}")
-    if info.enabled and cfg.resume is None and cfg.out_dir is None:
-        names = [str(run_dir)]
-        torch.distributed.broadcast_object_list(names, src=0)  # ranks started a second apart must agree
-        run_dir = Path(names[0])
-    checkpoint = None
-    if cfg.resume is not None:
-        ckpts = list_checkpoints(run_dir)
-        if not ckpts:
-            raise FileNotFoundError(f"cannot resume: no {ckpt_name(0).replace('000000', '*')} in {run_dir}")
-        checkpoint = read_checkpoint(ckpts[-1])
-    elif list_checkpoints(run_dir) or (run_dir / CONFIG_FILE).exists():
-        raise ValueError(f"{run_dir} already holds a run: --resume {run_dir} to continue it, or pick another --out-dir")
+    run_dir, checkpoint = claim_run(cfg, info)
+    try:
+        if checkpoint is not None and checkpoint["iteration"] >= total_steps(cfg, info) and run_dir.summary.is_file():
+            print(f"{run_dir} has finished its steps: nothing to do (give a larger --steps to train it further)")
+            return read_json(run_dir.summary)
+        data = prepare_data(cfg, info, run_dir)
+        model = build_model(cfg, data, checkpoint, info, device, dtype)
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        logger = start_log(cfg, info, run_dir, data, model, device, dtype)
+        outcome = train(cfg, info, device, autocast, run_dir, data, model, logger)
+        return finish(cfg, info, run_dir, data, model, outcome, logger)
+    finally:
+        if info.main:
+            run_dir.close()
 
-    # ---- data: rank 0 trains the tokenizer and encodes first, the others then find it cached --------------------
+
+def total_steps(cfg: TrainConfig, info: Dist) -> int:
+    return max(1, cfg.tokens // tokens_per_step(cfg, info)) if cfg.tokens else cfg.steps
+
+
+def tokens_per_step(cfg: TrainConfig, info: Dist) -> int:
+    context_length = cfg.context_length or ModelConfig.preset(cfg.model).context_length
+    return cfg.batch_size * context_length * cfg.grad_accum * info.world_size
+
+
+# ---- open the run: rank 0 names, locks and checks the run directory, and finds the checkpoint to resume from ----
+
+
+def claim_run(cfg: TrainConfig, info: Dist) -> tuple[RunDir, dict | None]:
+    """The run directory (locked by rank 0) and the newest intact checkpoint to resume from (None: from step 0)."""
+    run_dir, ckpt_path, checkpoint = None, None, None
+    if info.main:
+        run_dir = open_run(cfg.out_dir, cfg.resume, cfg.model, cfg.force)
+        try:
+            if cfg.resume is not None:
+                ckpt_path, checkpoint = run_dir.latest_checkpoint()
+        except BaseException:
+            run_dir.close()
+            raise
+    if info.enabled:  # the others follow rank 0's choice (ranks started a second apart would name different dirs)
+        shared = [str(run_dir) if info.main else None, str(ckpt_path) if ckpt_path else None]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if not info.main:
+            run_dir = RunDir(shared[0])
+            checkpoint = read_checkpoint(shared[1]) if shared[1] else None
+    return run_dir, checkpoint
+
+
+# ---- data: rank 0 trains the tokenizer and encodes first, the others then find it cached ------------------------
+
+
+def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
     preset = ModelConfig.preset(cfg.model)  # the defaults of vocab_size and context_length
     vocab_size = cfg.vocab_size or preset.vocab_size
+    context_length = cfg.context_length or preset.context_length
     if not info.main:
         info.barrier()
     train_path, val_path, tok_dir = resolve_data(
@@ -100,6 +169,11 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
     if tok_dir is not None:
         from tokenizer import Tokenizer
 
+        if run_dir.tokenizer.is_dir() and tokenizer_digest(run_dir.tokenizer) != tokenizer_digest(tok_dir):
+            raise ValueError(
+                f"the tokenizer {tok_dir} differs from the one this run trained with ({run_dir.tokenizer}): "
+                "resume with that one, or start a new run"
+            )
         tokenizer = Tokenizer.load(tok_dir)
         if cfg.vocab_size is not None and cfg.vocab_size < tokenizer.vocab_size:
             raise ValueError(
@@ -108,112 +182,153 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
             )
         vocab_size = cfg.vocab_size or tokenizer.vocab_size  # a larger model vocabulary is fine (padding)
     train_data, val_data = open_tokens(train_path, vocab_size), open_tokens(val_path, vocab_size)
-
-    # ---- model -------------------------------------------------------------------------------------------------
-    context_length = cfg.context_length or preset.context_length
     check_length(val_data, context_length, "validation data")  # (the sampler checks the training data)
-    model_config = ModelConfig.preset(cfg.model, **cfg.model_args, vocab_size=vocab_size, context_length=context_length)
-    if checkpoint is not None and checkpoint["model_config"] != asdict(model_config):
-        raise ValueError(f"cannot resume: the model config differs from the checkpoint's ({run_dir})")
+    prompt = None
+    if tokenizer is not None and cfg.sample_tokens > 0:
+        prompt = tokenizer.encode(cfg.sample_prompt)
+        if not 0 < len(prompt) < context_length:
+            raise ValueError(
+                f"--sample-prompt is {len(prompt)} tokens: it needs 1 to {context_length - 1} to leave room in the "
+                f"context of {context_length} (or --sample-tokens 0 for no sample)"
+            )
+    return Data(train_data, val_data, vocab_size, context_length, tok_dir, tokenizer, prompt)
+
+
+# ---- model and optimizer --------------------------------------------------------------------------------------
+
+
+def build_model(cfg, data: Data, checkpoint: dict | None, info: Dist, device, dtype) -> Model:
+    sizes = dict(vocab_size=data.vocab_size, context_length=data.context_length)
+    config = ModelConfig.preset(cfg.model, **cfg.model_args, **sizes)
+    if checkpoint is not None:
+        check_same_model(checkpoint["model_config"], config)
+    try:
+        backend = kernels.resolve_backend(config.kernels, device)
+    except RuntimeError as e:
+        raise ValueError(f"--kernels {config.kernels}: {e}") from None
     torch.manual_seed(cfg.seed)
-    raw_model = TransformerLM(model_config).to(device)
-    backend = kernels.resolve_backend(model_config.kernels, device)
+    raw = TransformerLM(config).to(device)
     if cfg.preflight and device.type == "cuda" and backend == "triton":
-        preflight(model_config, context_length, dtype, device, cfg.seed)
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]  # matrices and embeddings; not the norm gains
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    optimizer = AdamW(
+        preflight(config, data.context_length, dtype, device, cfg.seed)
+    optimizer = build_optimizer(cfg, raw)
+    start, elapsed_s = 0, 0.0
+    if checkpoint is not None:
+        start = apply_checkpoint(checkpoint, raw, optimizer)
+        set_rng_state(checkpoint["rng"])
+        elapsed_s = checkpoint.get("elapsed_s", 0.0)
+    compiled = torch.compile(raw) if cfg.compile else raw
+    wrapped = compiled
+    if info.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
+    return Model(config, raw, wrapped, compiled, optimizer, backend, start, elapsed_s)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings; not the norm gains
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.max_lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
     )
-    start, elapsed_before = 0, 0.0
-    if checkpoint is not None:
-        start = apply_checkpoint(checkpoint, raw_model, optimizer)
-        set_rng_state(checkpoint["rng"])
-        elapsed_before = checkpoint.get("elapsed_s", 0.0)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    eval_model = model  # evaluation and sampling bypass DDP: no gradient hooks, no collective per forward
-    if info.enabled:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    # ---- schedule, sampler, logger --------------------------------------------------------------------------------
-    tokens_per_step = cfg.batch_size * context_length * cfg.grad_accum * info.world_size
-    steps = max(1, cfg.tokens // tokens_per_step) if cfg.tokens else cfg.steps
+
+def check_same_model(saved: dict, config: ModelConfig):
+    """A resumed run trains the checkpoint's model: every field but the runtime ones must match, else say which."""
+    current = asdict(config)
+    changed = [
+        f"{k} ({saved.get(k)!r} in the checkpoint, {v!r} now)"
+        for k, v in current.items()
+        if k not in RUNTIME_MODEL_FIELDS and saved.get(k) != v
+    ]
+    if changed:
+        raise ValueError(f"cannot resume: the model differs from the checkpoint's in {', '.join(changed)}")
+
+
+# ---- train ------------------------------------------------------------------------------------------------------
+
+
+def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device, dtype) -> RunLogger | None:
+    """Rank 0 writes the run's config and tokenizer copy, and opens its metrics; the checks have all passed."""
+    if not info.main:
+        return None
+    config_dict = saved_config(cfg, run_dir)
+    run_dir.summary.unlink(missing_ok=True)  # a resumed run is unfinished again
+    write_json(run_dir.config, config_dict)
+    if data.tok_dir is not None:
+        run_dir.copy_tokenizer(data.tok_dir)
+    logger = RunLogger(run_dir, config_dict, resume_step=model.start or None, wandb_project=cfg.wandb_project)
+    total, non_embedding = param_counts(model.config)
+    resuming = f", resuming at step {model.start}" if model.start else ""
+    print(
+        f"{run_dir}: {cfg.model} preset, {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
+        f"vocab {data.vocab_size}, {total_steps(cfg, info)} steps of {tokens_per_step(cfg, info):,} tokens on "
+        f"{info.world_size} x {device} ({str(dtype).removeprefix('torch.')}, kernels {model.backend}){resuming}"
+    )
+    return logger
+
+
+def saved_config(cfg: TrainConfig, run_dir: RunDir) -> dict:
+    """The config as the run directory and its checkpoints keep it: what ``--resume`` starts from."""
+    return {**cfg.to_dict(), "out_dir": str(run_dir), "resume": None, "force": False}
+
+
+def save(run_dir: RunDir, model: Model, sampler: BatchSampler, cfg: TrainConfig, step: int, elapsed_s: float):
+    extra = dict(model_config=asdict(model.config), train_config=saved_config(cfg, run_dir), elapsed_s=elapsed_s)
+    save_checkpoint(model.raw, model.optimizer, step, run_dir.checkpoint(step), sampler=sampler.state_dict(), **extra)
+    run_dir.prune(cfg.keep_ckpts)
+
+
+def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device, autocast) -> float:
+    """Mean validation loss over the fixed windows; ranks split the batches and sum."""
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    with torch.no_grad(), autocast:
+        for i in range(info.rank * cfg.batch_size, len(starts), cfg.batch_size * info.world_size):
+            x, y = batch_from_starts(data.val, starts[i : i + cfg.batch_size], data.context_length, device)
+            total += model(x, y).float() * len(x)
+            count += len(x)
+    model.train()
+    return (info.sum(total) / info.sum(count)).item()
+
+
+def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model: Model, logger) -> Outcome:
+    steps, per_step, start = total_steps(cfg, info), tokens_per_step(cfg, info), model.start
     cosine_steps = cfg.cosine_steps or steps
-    sampler = BatchSampler(train_data, cfg.batch_size, context_length, cfg.seed, cfg.grad_accum * info.world_size)
-    val_starts = eval_starts(len(val_data), context_length, cfg.eval_batches * cfg.batch_size * info.world_size)
-    diverge_loss = cfg.diverge_loss or 2 * math.log(vocab_size)
-    flops, peak = flops_per_token(model_config), peak_flops(device)
-    config_dict = {**cfg.to_dict(), "out_dir": str(run_dir), "resume": None}
-    logger = None
-    if info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a resumed run is unfinished again
-        write_json(run_dir / CONFIG_FILE, config_dict)
-        if tok_dir is not None and not (run_dir / "tokenizer").exists():  # the run dir alone is enough to sample
-            shutil.copytree(tok_dir, run_dir / "tokenizer")
-        resume_step = start if checkpoint else None
-        logger = RunLogger(run_dir, config_dict, resume_step=resume_step, wandb_project=cfg.wandb_project)
-        total, non_embedding = param_counts(model_config)
-        resuming = f", resuming at step {start}" if start else ""
-        print(
-            f"{run_dir}: {cfg.model} preset, {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
-            f"vocab {vocab_size}, {steps} steps of {tokens_per_step:,} tokens on {info.world_size} x {device} "
-            f"({str(dtype).removeprefix('torch.')}, kernels {backend}){resuming}"
-        )
-
-    def evaluate() -> float:
-        """Mean validation loss over the fixed windows; ranks split the batches and sum."""
-        eval_model.eval()
-        total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-        with torch.no_grad(), autocast:
-            for i in range(info.rank * cfg.batch_size, len(val_starts), cfg.batch_size * info.world_size):
-                x, y = batch_from_starts(val_data, val_starts[i : i + cfg.batch_size], context_length, device)
-                total += eval_model(x, y).float() * len(x)
-                count += len(x)
-        eval_model.train()
-        return (info.sum(total) / info.sum(count)).item()
-
-    def checkpoint_now(step: int, elapsed: float):
-        if info.main:
-            path = run_dir / ckpt_name(step)
-            extra = dict(model_config=asdict(model_config), train_config=config_dict, elapsed_s=elapsed)
-            save_checkpoint(raw_model, optimizer, step, path, sampler=sampler.state_dict(), **extra)
-            prune_checkpoints(run_dir, cfg.keep_ckpts)
-
-    # ---- the loop -------------------------------------------------------------------------------------------------
+    sampler = BatchSampler(data.train, cfg.batch_size, data.context_length, cfg.seed, cfg.grad_accum * info.world_size)
+    val_starts = eval_starts(len(data.val), data.context_length, cfg.eval_batches * cfg.batch_size * info.world_size)
+    diverge_loss = cfg.diverge_loss or 2 * math.log(data.vocab_size)
+    flops, peak = flops_per_token(model.config), peak_flops(device)
+    params = list(model.raw.parameters())
     val_loss = train_loss = None
-    logged = logger.rows if logger else []  # a resumed run's earlier rows
-    best_val = min((r["val_loss"] for r in logged if r.get("val_loss") is not None), default=math.inf)
+    best_val = min((r["val_loss"] for r in (logger.rows if logger else []) if r.get("val_loss") is not None),
+                   default=math.inf)  # fmt: skip
     status, message = "finished", ""
     t0 = time.perf_counter()
     if start == 0:
-        val_loss = evaluate()
-        best_val = min(best_val, val_loss)
+        val_loss = best_val = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
         if logger:
             logger.log({"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
     t_report, step_report = time.perf_counter(), start
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
-    params = list(raw_model.parameters())
     for step in range(start + 1, steps + 1):
         lr = cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cosine_steps)
-        for group in optimizer.param_groups:
+        for group in model.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             x, y = sampler.batch(step, info.rank * cfg.grad_accum + micro, device)
             last = micro == cfg.grad_accum - 1
-            with model.no_sync() if info.enabled and not last else nullcontext():  # all-reduce once per step
+            with model.train.no_sync() if info.enabled and not last else nullcontext():  # all-reduce once per step
                 with autocast:
-                    loss = model(x, y)
+                    loss = model.train(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm(params, cfg.grad_clip or math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        model.optimizer.step()
+        model.optimizer.zero_grad(set_to_none=True)
         bar.update()
 
         is_eval = step % cfg.eval_interval == 0 or step == steps
@@ -225,9 +340,9 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         norm = grad_norm.item()
         now = time.perf_counter()
         interval = max(now - t_report, 1e-9)  # since the last report's end: its eval and checkpoint left out
-        tokens_per_s = (step - step_report) * tokens_per_step / interval
+        tokens_per_s = (step - step_report) * per_step / interval
         if not (math.isfinite(train_loss) and math.isfinite(norm)) or train_loss > diverge_loss:
-            last_ckpt = list_checkpoints(run_dir)
+            last_ckpt = run_dir.checkpoints()  # all written by this run or verified on resume: good ones
             status = "diverged"
             message = (
                 f"diverged at step {step}: train loss {train_loss:.4g}, grad norm {norm:.4g} "
@@ -237,8 +352,8 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
             break
         row = {
             "step": step,
-            "tokens": step * tokens_per_step,
-            "time_s": round(elapsed_before + now - t0, 3),
+            "tokens": step * per_step,
+            "time_s": round(model.elapsed_s + now - t0, 3),
             "train_loss": train_loss,
             "lr": lr,
             "grad_norm": norm,
@@ -247,7 +362,7 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
             "mfu": flops * tokens_per_s / (peak * info.world_size) if peak else None,
         }
         if is_eval:
-            val_loss = evaluate()
+            val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
             best_val = min(best_val, val_loss)
             row.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
         if logger:
@@ -255,49 +370,56 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
             bar.set_postfix(loss=f"{train_loss:.3f}")
             if is_eval:
                 logger.plot()
-        if is_ckpt:
-            checkpoint_now(step, elapsed_before + time.perf_counter() - t0)
+        if is_ckpt and info.main:
+            save(run_dir, model, sampler, cfg, step, model.elapsed_s + time.perf_counter() - t0)
         t_report, step_report = time.perf_counter(), step
     bar.close()
-
-    # ---- the end: a sample, the summary -------------------------------------------------------------------------
-    wall_s = elapsed_before + time.perf_counter() - t0
     if val_loss is None:  # resumed a run that had already reached its steps
-        val_loss = evaluate()
+        val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
+    wall_s = model.elapsed_s + time.perf_counter() - t0
+    return Outcome(status, message, step_report, train_loss, val_loss, min(best_val, val_loss), wall_s)
+
+
+# ---- finish: a sample, the summary ------------------------------------------------------------------------------
+
+
+def finish(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, out: Outcome, logger) -> dict:
+    per_step = tokens_per_step(cfg, info)
     summary = {
-        "status": status,
-        "diverged": status == "diverged",
-        "message": message,
+        "status": out.status,
+        "diverged": out.status == "diverged",
+        "message": out.message,
         "run_dir": str(run_dir),
-        "steps": step_report,
-        "tokens": step_report * tokens_per_step,
-        "final_train_loss": train_loss,
-        "final_val_loss": val_loss,
-        "best_val_loss": best_val,
-        "final_val_ppl": perplexity(val_loss),
-        "tokens_per_s": (step_report - start) * tokens_per_step / max(wall_s - elapsed_before, 1e-9),
-        "wall_s": wall_s,
-        "params": param_counts(model_config)[0],
+        "steps": out.step,
+        "tokens": out.step * per_step,
+        "final_train_loss": out.train_loss,
+        "final_val_loss": out.val_loss,
+        "best_val_loss": out.best_val,
+        "final_val_ppl": perplexity(out.val_loss),
+        "tokens_per_s": (out.step - model.start) * per_step / max(out.wall_s - model.elapsed_s, 1e-9),
+        "wall_s": out.wall_s,
+        "params": param_counts(model.config)[0],
     }
     if logger:
         logger.plot()
         logger.close()
-        if status == "finished" and tokenizer is not None and cfg.sample_tokens > 0:
-            summary["sample"] = sample_story(raw_model, tokenizer, cfg, context_length, run_dir)
-        write_json(run_dir / SUMMARY_FILE, summary)
-        print(message or f"done: val loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f}) in {wall_s:.0f}s")
+        if out.status == "finished" and data.prompt is not None:
+            summary["sample"] = sample_story(model.raw, data, cfg, run_dir)
+        write_json(run_dir.summary, summary)
+        ppl = summary["final_val_ppl"]
+        print(out.message or f"done: val loss {out.val_loss:.4f} (ppl {ppl:.2f}) in {out.wall_s:.0f}s")
     return summary
 
 
-def sample_story(model, tokenizer, cfg: TrainConfig, context_length: int, run_dir: Path) -> str:
+def sample_story(model, data: Data, cfg: TrainConfig, run_dir: RunDir) -> str:
     """Sample a story from the prompt (in fp32: a few hundred tokens), print it and write it to sample.txt."""
-    prompt = tokenizer.encode(cfg.sample_prompt)
-    max_new = min(cfg.sample_tokens, context_length - len(prompt))
+    tokenizer = data.tokenizer
+    max_new = min(cfg.sample_tokens, data.context_length - len(data.prompt))
     eos = tokenizer.special_token_id(EOT) if EOT in tokenizer.special_tokens else None
     model.eval()
-    ids = generate(model, prompt, max_new, temperature=0.8, top_p=0.95, eos_id=eos, seed=cfg.seed)
+    ids = generate(model, data.prompt, max_new, temperature=0.8, top_p=0.95, eos_id=eos, seed=cfg.seed)
     story = cfg.sample_prompt + tokenizer.decode(ids)
-    (run_dir / "sample.txt").write_text(story + "\n")
+    run_dir.sample.write_text(story + "\n")
     tqdm.write(f"--- sample ---\n{story}\n--------------")
     return story
 
@@ -324,9 +446,3 @@ def preflight(model_config: ModelConfig, seq_len: int, dtype: torch.dtype, devic
             "kernel preflight failed: a Triton kernel disagrees with eager PyTorch on this run's shapes "
             "(--no-preflight skips this check; --kernels eager avoids the kernels)\n" + format_check_table(results)
         )
-
-
-def write_json(path: Path, value: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -6,7 +6,8 @@
 
 writes ``OUT/tokenizer/`` (trained on the training text, or the one given with ``--tokenizer``), ``OUT/train.npy``
 and ``OUT/val.npy`` (uint16 when the vocabulary fits). ``python -m train`` does the same by itself when given text
-files, caching the results; this command is for corpora you want to prepare once, in a place you choose.
+files, caching the results; this command is for corpora you want to prepare once, in a place you choose. An OUT
+that already holds any of the three is refused unless ``--force`` (which replaces them).
 """
 
 import argparse
@@ -16,18 +17,23 @@ from pathlib import Path
 from train.dataset import encode_text, train_tokenizer
 
 
-def prepare(train: Path, val: Path, out: Path, vocab_size: int, tokenizer: Path | None = None, progress=True) -> dict:
+def prepare(
+    train: Path, val: Path, out: Path, vocab_size: int, tokenizer: Path | None = None, progress=True, force=False
+) -> dict:
     """Write OUT/tokenizer, OUT/train.npy and OUT/val.npy; return their paths."""
     for path in (train, val):
         if not path.is_file():
             raise FileNotFoundError(f"text file not found: {path}")
     if tokenizer is not None and not (tokenizer / "vocab.json").is_file():
         raise FileNotFoundError(f"tokenizer dir {tokenizer} has no vocab.json (write one with Tokenizer.save)")
+    paths = {"tokenizer": tokenizer or out / "tokenizer", "train": out / "train.npy", "val": out / "val.npy"}
+    existing = [str(p) for name, p in paths.items() if p.exists() and not (name == "tokenizer" and tokenizer)]
+    if existing and not force:
+        raise ValueError(f"{', '.join(existing)} already exist: choose another --out, or --force to replace them")
     out.mkdir(parents=True, exist_ok=True)
-    tok_dir = tokenizer or out / "tokenizer"
+    tok_dir = paths["tokenizer"]
     if tokenizer is None:
-        train_tokenizer(train, vocab_size, tok_dir, progress)
-    paths = {"tokenizer": tok_dir, "train": out / "train.npy", "val": out / "val.npy"}
+        train_tokenizer(train, vocab_size, tok_dir, progress, replace=True)
     encode_text(train, tok_dir, paths["train"], progress)
     encode_text(val, tok_dir, paths["val"], progress)
     return paths
@@ -40,9 +46,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--vocab-size", type=int, default=10000, help="BPE vocabulary to train (default 10000)")
     parser.add_argument("--tokenizer", type=Path, help="use this saved tokenizer instead of training one")
+    parser.add_argument("--force", action="store_true", help="replace the outputs if OUT already holds them")
     args = parser.parse_args(argv)
     try:
-        paths = prepare(args.train, args.val, args.out, args.vocab_size, args.tokenizer)
+        paths = prepare(args.train, args.val, args.out, args.vocab_size, args.tokenizer, force=args.force)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if summary["diverged"] else 0
         elif args.command == "budget":
             print(budget(args))
-    except (ValueError, FileNotFoundError, TypeError, PreflightError) as e:
+    except (ValueError, OSError, TypeError, PreflightError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

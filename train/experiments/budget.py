@@ -7,11 +7,9 @@ throughput: given in FLOP/s, measured by an earlier run (its tokens/s times its 
 peak times an assumed MFU.
 """
 
-import json
-from pathlib import Path
-
 from model import ModelConfig, flops_per_token, param_counts
 from train.log import PEAK_BF16_FLOPS
+from train.rundir import RunDir, read_json
 
 TOKENS_PER_PARAM = 20
 HEAD_DIM = 64
@@ -20,10 +18,10 @@ MAX_LAYERS = 64
 
 def measured_flops_per_s(run_dir: str) -> float:
     """Training FLOP/s of a finished run: its summary's tokens/s times its model's FLOPs per token."""
-    run = Path(run_dir)
-    if not (run / "summary.json").is_file() or not (run / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished run directory (needs summary.json and config.json)")
-    summary, cfg = json.loads((run / "summary.json").read_text()), json.loads((run / "config.json").read_text())
+    run = RunDir(run_dir)
+    summary, cfg = read_json(run.summary), read_json(run.config)
+    if summary is None or cfg is None:
+        raise FileNotFoundError(f"{run_dir} is not a finished run directory (needs {run.summary} and {run.config})")
     preset = ModelConfig.preset(cfg["model"])
     model = ModelConfig.preset(
         cfg["model"],

@@ -4,15 +4,13 @@ Everything is read back from the suite directory (``suite.json`` and each varian
 ``summary.json``), so a report can be rebuilt at any time, also of a suite still running or partly failed.
 """
 
-import json
 import math
 from pathlib import Path
 
 from model import ModelConfig
-from train.config import CONFIG_FILE
-from train.experiments.runner import SUITE_FILE, read_json
+from train.experiments.runner import SUITE_FILE
 from train.log import read_metrics
-from train.loop import SUMMARY_FILE
+from train.rundir import RunDir, read_json, write_json
 
 # (metrics key, axis label, file name) of the three x axes every suite is plotted against.
 X_AXES = (
@@ -30,9 +28,9 @@ def load_suite(suite_dir: str | Path) -> tuple[dict, list[dict]]:
         raise FileNotFoundError(f"{suite_dir / SUITE_FILE} not found: is {suite_dir} a suite directory?")
     rows = []
     for v in meta["variants"]:
-        run_dir = suite_dir / v["name"]
-        summary = read_json(run_dir / SUMMARY_FILE)
-        config = read_json(run_dir / CONFIG_FILE)
+        run_dir = RunDir(suite_dir / v["name"])
+        summary = read_json(run_dir.summary)
+        config = read_json(run_dir.config)
         recorded = next((s for s in meta.get("status", []) if s["name"] == v["name"]), None)  # the runner's word
         if summary is not None:
             status, message = summary["status"], summary.get("message", "")
@@ -40,7 +38,8 @@ def load_suite(suite_dir: str | Path) -> tuple[dict, list[dict]]:
             status, message = recorded["status"], recorded["message"]
         else:
             status, message = ("unfinished" if config else "not run"), ""
-        rows.append({**v, "status": status, "message": message, "summary": summary, "metrics": read_metrics(run_dir)})
+        metrics = read_metrics(run_dir.path)
+        rows.append({**v, "status": status, "message": message, "summary": summary, "metrics": metrics})
     return meta, rows
 
 
@@ -201,7 +200,7 @@ def build_report(suite_dir: str | Path, out_dir: str | Path | None = None, notes
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_suite(meta["name"], rows, out)
     table = table_rows(rows)
-    (out / "results.json").write_text(json.dumps(table, indent=2) + "\n")
+    write_json(out / "results.json", table)
     base, machine = meta["base"], meta["machine"]
     model_args = ", ".join(f"{k}={v}" for k, v in base["model_args"].items()) or "none"
     device = ", ".join(machine["gpus"]) or f"{machine['cpu']} ({machine['cores']} cores), no GPU"

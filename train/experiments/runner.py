@@ -1,8 +1,9 @@
 """Run a suite: every variant through the trainer into ``<suite dir>/<variant>``, N at a time, resumable.
 
-A variant whose run directory holds ``summary.json`` (the trainer writes it last, for finished and diverged runs
-alike) is skipped; one with a checkpoint but no summary was interrupted and resumes from its last checkpoint; one
-with neither restarts. So a killed suite is continued by running the same command again. A variant that fails
+A variant whose run directory is finished (train.rundir's states: it holds a summary, for finished and diverged
+runs alike) is skipped; every other one runs with ``--resume auto``: a resumable one continues from its newest
+intact checkpoint, a dead one (killed before its first checkpoint) and a new one start from step 0. So a killed suite
+is continued by running the same command again; nothing is ever deleted. A variant that fails
 (bad data, out of memory, a crash) is recorded as "failed" and the others go on. With ``jobs`` = 1 the variants run
 one after another in this process; with ``jobs`` > 1 as that many subprocesses at once, each on its own GPU when
 there are GPUs, else on cores / jobs CPU threads each.
@@ -11,7 +12,6 @@ there are GPUs, else on cores / jobs CPU threads each.
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -23,15 +23,15 @@ import torch
 from tqdm import tqdm
 
 from model import ModelConfig
-from train.checkpoint import list_checkpoints
-from train.config import CONFIG_FILE, TrainConfig
+from train.config import TrainConfig
 from train.dataset import resolve_data
 from train.experiments.suites import Variant, resolve_suite
-from train.loop import SUMMARY_FILE, run
+from train.loop import run
+from train.rundir import RunDir, read_json, write_json
 
 SUITE_FILE = "suite.json"
 # Fields that may change between an interrupted suite and its continuation without changing what a run computes.
-RUNTIME_FIELDS = ("out_dir", "resume", "progress", "threads", "device", "wandb_project")
+RUNTIME_FIELDS = ("out_dir", "resume", "force", "progress", "threads", "device", "wandb_project")
 
 
 def machine_info() -> dict:
@@ -56,35 +56,34 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RUNTIME_FIELDS}
 
 
 def prepare(cfg: TrainConfig) -> str:
-    """What to do with the run directory ``cfg.out_dir``: "done", "resume" (sets cfg.resume) or "start" (cleared).
+    """What to do with the run directory ``cfg.out_dir``: "done", "resume" or "start" (both set cfg.resume = "auto").
 
-    A directory holding a run of another config is refused: its results would be mistaken for this config's.
+    A directory holding a run of another config is refused: its results would be mistaken for this config's. So is
+    a folder of other files (the trainer would refuse it too, but only once its turn comes).
     """
-    run_dir = Path(cfg.out_dir)
-    saved = read_json(run_dir / CONFIG_FILE)
+    run_dir = RunDir(cfg.out_dir)
+    state = run_dir.state()
+    if state == "foreign" and not cfg.force:
+        raise ValueError(
+            f"{run_dir} holds files that are not a run's ({', '.join(run_dir.foreign_files(include_ours=True)[:4])}): "
+            "choose another output directory"
+        )
+    saved = read_json(run_dir.config)
     if saved is not None and _comparable(saved) != _comparable(cfg.to_dict()):
         changed = sorted(k for k in _comparable(cfg.to_dict()) if saved.get(k) != getattr(cfg, k))
         raise ValueError(
             f"{run_dir} holds a run with another config (differs in {', '.join(changed)}): "
             "choose another output directory, or delete that run directory"
         )
-    if (run_dir / SUMMARY_FILE).is_file():
+    if state == "finished":
         return "done"
-    if list_checkpoints(run_dir):
-        cfg.resume = str(run_dir)
-        return "resume"
-    if run_dir.exists():  # started but killed before its first checkpoint: nothing worth keeping
-        shutil.rmtree(run_dir, ignore_errors=True)  # (torchrun's ranks may race here)
-    return "start"
+    cfg.resume = "auto"
+    return "resume" if state == "resumable" else "start"
 
 
 def slot_settings(slot: int, jobs: int, cfg: TrainConfig) -> dict:
@@ -196,7 +195,7 @@ def _run_parallel(todo, configs, actions, suite_dir: Path, jobs: int, progress: 
 
 
 def variant_status(variant: Variant, suite_dir: Path, failures: dict[str, str]) -> dict:
-    summary = read_json(suite_dir / variant.name / SUMMARY_FILE)
+    summary = read_json(RunDir(suite_dir / variant.name).summary)
     if summary is None:
         status, message = "failed", failures.get(variant.name, "no summary.json")
     else:
@@ -205,6 +204,4 @@ def variant_status(variant: Variant, suite_dir: Path, failures: dict[str, str]) 
 
 
 def write_suite(suite_dir: Path, meta: dict):
-    tmp = suite_dir / (SUITE_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, suite_dir / SUITE_FILE)
+    write_json(suite_dir / SUITE_FILE, meta)

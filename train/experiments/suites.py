@@ -132,6 +132,12 @@ def load_spec(path: str) -> tuple[str, list[Variant]]:
     return str(spec.get("name", p.stem)), variants
 
 
+def check_name(name: str, what: str):
+    """Names become folders: letters, digits and ._=+- only, not starting with a dot (no ".", "..", "../x")."""
+    if not re.fullmatch(r"[\w=+-][\w.=+-]*", name):
+        raise ValueError(f"{what} {name!r} must be letters, digits and ._=+- only, not starting with a dot")
+
+
 def resolve_suite(suite: str, base: TrainConfig) -> tuple[str, list[Variant]]:
     """A suite name from SUITES or a spec file path -> (name, variants), with the names checked."""
     if suite in SUITES:
@@ -140,12 +146,12 @@ def resolve_suite(suite: str, base: TrainConfig) -> tuple[str, list[Variant]]:
         name, variants = load_spec(suite)
     else:
         raise ValueError(f"unknown suite {suite!r}: choose one of {sorted(SUITES)} or give a .toml/.json spec file")
+    check_name(name, "suite name")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"suite {name}: variant names must be unique, got {names}")
     for v in variants:
-        if not re.fullmatch(r"[\w.=+-]+", v.name):
-            raise ValueError(f"suite {name}: variant name {v.name!r} must be letters, digits and ._=+- only")
+        check_name(v.name, f"suite {name}: variant name")
         try:
             base_model(v.config(base, Path(v.name)))  # bad fields or values fail now, not hours into the suite
         except (ValueError, TypeError) as e:
