@@ -418,6 +418,7 @@ def sample_story(model, data: Data, cfg: TrainConfig, run_dir: RunDir) -> str:
     eos = tokenizer.special_token_id(EOT) if EOT in tokenizer.special_tokens else None
     model.eval()
     ids = generate(model, data.prompt, max_new, temperature=0.8, top_p=0.95, eos_id=eos, seed=cfg.seed)
+    ids = [i for i in ids if i < tokenizer.vocab_size]  # padding rows of a larger model vocabulary have no text
     story = cfg.sample_prompt + tokenizer.decode(ids)
     run_dir.sample.write_text(story + "\n")
     tqdm.write(f"--- sample ---\n{story}\n--------------")

@@ -152,9 +152,11 @@ class RunDir:
         """Take the run's exclusive lock (creating the folder if needed); a second holder gets a ValueError."""
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"{self.path} is a file, not a run directory: choose another --out-dir")
-        if not self.path.exists():
+        try:
             self.path.mkdir(parents=True)
             self._created = True
+        except FileExistsError:  # (perhaps by a racing run: the lock decides)
+            pass
         f = open(self.path / LOCK_FILE, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
