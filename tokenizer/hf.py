@@ -22,7 +22,9 @@ END_OF_TEXT = "<|endoftext|>"
 
 def special_roles(special_tokens: list[str]) -> dict[str, str]:
     """{"bos_token": ..., "eos_token": ..., "pad_token": ...} for a tokenizer's specials (empty without END_OF_TEXT)."""
-    return {role: END_OF_TEXT for role in ("bos_token", "eos_token", "pad_token")} if END_OF_TEXT in special_tokens else {}
+    if END_OF_TEXT not in special_tokens:
+        return {}
+    return {role: END_OF_TEXT for role in ("bos_token", "eos_token", "pad_token")}
 
 
 def tokenizer_json(vocab_text: dict[str, int], merges_text: list[str], special_ids: dict[str, int]) -> dict:

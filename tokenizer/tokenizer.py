@@ -4,9 +4,10 @@ On disk, a tokenizer directory holds (format version 2):
   vocab.json           {token: id}, one entry per line, tokens written with GPT-2's byte-to-unicode alphabet
   merges.txt           "#version: 0.2" then one merge per line, "left right" in the same alphabet, in rank order
   tokenizer_meta.json  {"format": "smollm-bpe", "version": 2, "pattern": ..., "special_tokens": [...], ...}
-plus Hugging Face's tokenizer.json, tokenizer_config.json and special_tokens_map.json (see tokenizer/hf.py), which
-are derived from the three above (load() reads them only in a directory that has nothing else). vocab.json and merges.txt are byte-for-byte the GPT-2 /
-Hugging Face layout, so GPT-2's own files load with Tokenizer.from_files and ours load in other tools.
+plus Hugging Face's tokenizer.json, tokenizer_config.json and special_tokens_map.json (see tokenizer/hf.py),
+derived from the three above (load() reads HF's tokenizer.json only in a directory without ours). vocab.json and
+merges.txt are byte-for-byte the GPT-2 / Hugging Face layout, so GPT-2's own files load with Tokenizer.from_files
+and ours load in other tools.
 Version 1 named the metadata file tokenizer.json, which is Hugging Face's name; load() still reads it.
 """
 
