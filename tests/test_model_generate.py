@@ -122,8 +122,11 @@ def test_one_host_sync_per_generated_token(monkeypatch):
     """Every way Python reads a tensor's value back is counted: one per step, the step's tolist."""
     model = make_model(num_kv_heads=2)
     reads = []
+
+    def counted(name, original):
+        return lambda self, *args, **kwargs: reads.append(name) or original(self, *args, **kwargs)
+
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: reads.append(_n) or _f(self, *a, **k))
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
     out = generate_batch(model, [[1, 2, 3], [4]], 9, temperature=0.7, top_k=10, top_p=0.9, seed=0)
     assert len(out[0]) == 9 and reads == ["tolist"] * 9
