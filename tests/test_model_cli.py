@@ -167,7 +167,7 @@ def test_import_of_broken_directories_gives_one_error_line(run_dir, tmp_path, ca
 
 
 def test_the_model_package_imports_no_tokenizer():
-    code = "import sys, model, model.hf, model.generate, model.__main__; print('tokenizer' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "False\n"
-    result = subprocess.run([sys.executable, "-m", "model", "sample", "--x"], capture_output=True, text=True)
-    assert result.returncode == 2 and "moved: run `python -m train.lm sample ...`" in result.stderr
+    code = "import sys, model, model.hf, model.generate; from model.__main__ import main; "
+    code += "code = main(['sample', '--x']); print('tokenizer' in sys.modules, code)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout == "False 2\n" and "moved: run `python -m train.lm sample ...`" in result.stderr
