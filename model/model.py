@@ -125,7 +125,7 @@ class KVCache:
 
     def attention_mask(self, T: int) -> torch.Tensor:
         """(B, 1, T, length), True where each of the last T queries may attend: causal and never a row's padding.
-        A padding query attends to the padding before it, so no row is empty (which would give NaN)."""
+        A padding query attends to the padding before it, so no row is empty (which some backends turn into NaN)."""
         key = torch.arange(self.length, device=self.k.device)
         query, pad = key[self.length - T :, None], self.pad[:, None, None]  # (T, 1), (B, 1, 1)
         return ((key <= query) & ((key >= pad) | (query < pad)))[:, None]

@@ -106,6 +106,17 @@ def test_a_batch_of_unequal_prompts_equals_one_by_one(overrides):
     assert len(alone_eos[1]) == alone[1].index(eos) < 12
 
 
+def test_the_padding_mask():
+    """Causal, blind to each row's padding, and no query without a key (an empty row is NaN in some backends)."""
+    model = make_model()
+    cache = model.make_kv_caches(2, 5)[0]
+    cache.update(torch.zeros(2, 4, 4, 8), torch.zeros(2, 4, 4, 8))
+    cache.pad = torch.tensor([0, 2])
+    mask = cache.attention_mask(2)[:, 0]  # the last 2 of 4 queries
+    assert mask.tolist() == [[[1, 1, 1, 0], [1, 1, 1, 1]], [[0, 0, 1, 0], [0, 0, 1, 1]]]
+    assert cache.attention_mask(4)[1, 0, :2].any(-1).all()  # padding queries see the padding before them
+
+
 def test_streaming_equals_generating():
     model = make_model(num_kv_heads=2)
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
@@ -113,7 +124,8 @@ def test_streaming_equals_generating():
     steps = list(stream(model, prompts, 10, temperature=0, eos_id=eos))
     batch = generate_batch(model, prompts, 10, temperature=0, eos_id=eos)
     assert [[t for t in column if t is not None] for column in zip(*steps)] == batch
-    assert all(any(t is not None for t in step) for step in steps)  # it stops once every row has ended
+    assert all(any(t is not None for t in step) for step in steps)
+    assert len(list(stream(model, prompts[:1], 10, temperature=0, eos_id=eos))) == 6  # it stops once all have ended
     sampled = [step[0] for step in stream(model, [prompts[0]], 10, temperature=0.9, top_k=5, seed=3)]
     assert sampled == generate(model, prompts[0], 10, temperature=0.9, top_k=5, seed=3)
 
