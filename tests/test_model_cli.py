@@ -98,6 +98,16 @@ def test_sample_streams_the_greedy_continuation_and_reports_tokens_per_second(ru
     assert re.fullmatch(r"\d+ tokens in [\d.]+ s: [\d.]+ tokens/s on cpu\n", result.stderr), result.stderr
 
 
+def test_streamed_text_holds_back_half_characters(run_dir):
+    from tokenizer import Tokenizer
+    from train.lm import texts
+
+    tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    ids = tokenizer.encode("thé 日本 the") + [0xE6, 0xFF]  # then half a character and a byte that starts none
+    pieces = list(texts(tokenizer, ids))
+    assert pieces[:3] == ["th", "", "é"] and "".join(pieces) == tokenizer.decode(ids)
+
+
 def test_sample_of_a_batch_and_its_errors(run_dir, capsys):
     from tokenizer import Tokenizer
 

@@ -63,14 +63,12 @@ def sample(args):
         max_new = max(model.config.context_length - max(map(len, prompts)), 0)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos_id, seed=args.seed)
     start = time.perf_counter()
-    if len(prompts) == 1:  # print the tokens as they come; an incremental decoder holds back half a character
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    if len(prompts) == 1:  # print the tokens as they come
         print(args.prompt[0], end="", flush=True)
-        count = 0
-        for (token,) in stream(model, prompts, max_new, **sampling):
-            print(decoder.decode(tokenizer.vocab[token]), end="", flush=True)
-            count += 1
-        print(decoder.decode(b"", final=True))
+        tokens = (token for (token,) in stream(model, prompts, max_new, **sampling))
+        for count, text in enumerate(texts(tokenizer, tokens)):  # N tokens, then the decoder's flush: count ends at N
+            print(text, end="", flush=True)
+        print()
     else:
         outputs = generate_batch(model, prompts, max_new, **sampling)
         print("\n\n".join(p + tokenizer.decode(ids) for p, ids in zip(args.prompt, outputs)))
@@ -78,6 +76,15 @@ def sample(args):
     seconds = time.perf_counter() - start
     print(f"{count} tokens in {seconds:.2f} s: {count / seconds:.1f} tokens/s on {torch.device(args.device).type}",
           file=sys.stderr)  # fmt: skip
+
+
+def texts(tokenizer, tokens):
+    """The text of each token as it comes, then what is left: an incremental UTF-8 decoder holds back the bytes of
+    a character that a later token completes, so the pieces join to tokenizer.decode(all tokens)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    for token in tokens:
+        yield decoder.decode(tokenizer.vocab[token])
+    yield decoder.decode(b"", final=True)
 
 
 def export(args):
