@@ -66,8 +66,10 @@ def sample(args):
     if len(prompts) == 1:  # print the tokens as they come
         print(args.prompt[0], end="", flush=True)
         tokens = (token for (token,) in stream(model, prompts, max_new, **sampling))
-        for count, text in enumerate(texts(tokenizer, tokens)):  # N tokens, then the decoder's flush: count ends at N
+        count = -1  # texts yields a piece per token, then the decoder's flush
+        for text in texts(tokenizer, tokens):
             print(text, end="", flush=True)
+            count += 1
         print()
     else:
         outputs = generate_batch(model, prompts, max_new, **sampling)
