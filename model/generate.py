@@ -69,6 +69,7 @@ def stream(
     model: TransformerLM,
     prompts: Sequence[list[int] | torch.Tensor],
     max_new_tokens: int,
+    *,
     temperature: float = 1.0,
     top_p: float = 1.0,
     eos_id: int | None = None,
@@ -110,7 +111,7 @@ def stream(
 
 
 def generate_batch(model: TransformerLM, prompts: Sequence[list[int] | torch.Tensor], max_new_tokens: int, **sampling):
-    """The new ids of each prompt (list of lists); the arguments are stream's."""
+    """The new ids of each prompt (a list per prompt); sampling: stream's keywords."""
     out = [[] for _ in prompts]
     for step in stream(model, prompts, max_new_tokens, **sampling):
         for row, token in zip(out, step):
@@ -119,19 +120,10 @@ def generate_batch(model: TransformerLM, prompts: Sequence[list[int] | torch.Ten
     return out
 
 
-def generate(
-    model: TransformerLM,
-    prompt_ids: list[int] | torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    eos_id: int | None = None,
-    seed: int | None = None,
-    top_k: int = 0,
-) -> list[int]:
+def generate(model: TransformerLM, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int, **sampling) -> list[int]:
     """The ids of up to max_new_tokens tokens sampled after prompt_ids; stops early after eos_id (not returned).
 
-    The prompt plus the new tokens must fit in the model's context length. seed makes the draw repeatable.
+    sampling: stream's keywords (temperature=1.0, top_k=0, top_p=1.0, eos_id=None, seed=None). The prompt plus the
+    new tokens must fit in the model's context length. seed makes the draw repeatable.
     """
-    sampling = dict(temperature=temperature, top_p=top_p, eos_id=eos_id, seed=seed, top_k=top_k)
     return generate_batch(model, [prompt_ids], max_new_tokens, **sampling)[0]

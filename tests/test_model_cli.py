@@ -114,7 +114,8 @@ def test_sample_of_a_batch_and_its_errors(run_dir, capsys):
     tokenizer, model = Tokenizer.load(run_dir / "tokenizer"), load_model(run_dir / "ckpt_000002.pt")
     prompts, args = ["the cat", "a dog and the bird"], ["sample", "--run", str(run_dir), "--temperature", "0"]
     assert main([*args, "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "5", "--top-k", "3"]) == 0
-    expected = [p + tokenizer.decode(generate(model, tokenizer.encode(p), 5, 0, eos_id=259)) for p in prompts]
+    new = [generate(model, tokenizer.encode(p), 5, temperature=0, eos_id=259) for p in prompts]
+    expected = [p + tokenizer.decode(ids) for p, ids in zip(prompts, new)]
     assert capsys.readouterr().out == "\n\n".join(expected) + "\n"
     err = error_of([*args, "--prompt", "the" * 40], capsys)
     assert "40 prompt + 0 new tokens must fit the context length 32" in err
