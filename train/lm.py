@@ -96,7 +96,7 @@ def export(args):
     model, tokenizer = load_model(checkpoint), load_tokenizer(tok_dir)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"{tok_dir} has {len(tokenizer)} tokens, more than the model's vocab_size")
-    from tokenizer.hf import special_roles, tokenizer_config
+    from tokenizer.hf import special_roles, tokenizer_config  # lazily, as load_tokenizer
 
     special_ids = {s: tokenizer.special_token_id(s) for s in tokenizer.special_tokens}
     token_ids = {f"{role}_id": special_ids[s] for role, s in special_roles(tokenizer.special_tokens).items()}
