@@ -1,6 +1,7 @@
 """Load a model from a trainer checkpoint: {"model": state_dict, "model_config": asdict(ModelConfig), ...}."""
 
 import os
+import pickle
 
 import torch
 
@@ -25,10 +26,22 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     """The TransformerLM of a checkpoint file, in eval mode on device (reads only "model" and "model_config")."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False: never, for a file we can't trust
+        raise ValueError(f"{path} holds objects other than tensors and plain containers: refused") from None
+    except Exception as e:  # KeyError, EOFError, RuntimeError, ...: whatever torch.load meets in a foreign file
+        raise ValueError(f"{path} is not a torch.save file, or is cut short ({type(e).__name__})") from None
     if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a checkpoint: expected a dict with 'model' and 'model_config'")
+    try:
+        config = ModelConfig(**checkpoint["model_config"])
+    except TypeError as e:
+        raise ValueError(f"{path} has a model_config this ModelConfig does not take: {e}") from None
     with torch.device(device):
-        model = TransformerLM(ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(clean_state_dict(checkpoint["model"]))
+        model = TransformerLM(config)
+    try:
+        model.load_state_dict(clean_state_dict(checkpoint["model"]))
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights don't fit its model_config: {str(e).splitlines()[0]}") from None
     return model.eval()

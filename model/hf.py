@@ -1,6 +1,7 @@
 """Hugging Face interop: write a TransformerLM as a `LlamaForCausalLM` directory and read one back.
 
-Only files are written and read (config.json + model.safetensors), so `transformers` is not needed here.
+Only files are written and read (config.json, generation_config.json, model.safetensors), so `transformers` is not
+needed here; the tokenizer's files are written by the caller (train/lm.py), since the model knows no tokenizer.
 Two conventions differ from ours:
 - names: `layers.0.attn.q_proj` is `model.layers.0.self_attn.q_proj`, and so on (see `_hf_names`);
 - RoPE: Hugging Face rotates the halves (x[i], x[i + d/2]) of each head where we rotate adjacent pairs
@@ -46,8 +47,13 @@ def _halves_to_pairs(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.unflatten(0, (-1, 2, head_dim // 2)).transpose(1, 2).flatten(0, 2)
 
 
-def export_hf(model: TransformerLM, out_dir: str | os.PathLike) -> Path:
-    """Write model as a LlamaForCausalLM directory (config.json, model.safetensors); returns the directory."""
+def export_hf(model: TransformerLM, out_dir: str | os.PathLike, token_ids: dict[str, int] | None = None) -> Path:
+    """Write model as a LlamaForCausalLM directory (config.json, generation_config.json, model.safetensors).
+
+    token_ids: {"bos_token_id", "eos_token_id", "pad_token_id"} (any of them) for config.json and the generation
+    config, so that generate() stops where our sampler does; without them transformers assumes Llama's ids.
+    Returns the directory.
+    """
     c = model.config
     if (c.norm, c.position, c.ffn) != ("pre", "rope", "swiglu"):
         raise ValueError(f"only Llama blocks export: need norm='pre', position='rope', ffn='swiglu', got {c}")
@@ -77,25 +83,57 @@ def export_hf(model: TransformerLM, out_dir: str | os.PathLike) -> Path:
         "mlp_bias": False,
         "tie_word_embeddings": c.tie_embeddings,
         "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        **(token_ids or {}),
     }
+    generation = dict(token_ids or {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return value
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a cut or foreign file
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+
+
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a directory's model.safetensors, or of the shards its index lists."""
+    """Every tensor of a directory's model.safetensors, or of the shards its index lists (inside the directory)."""
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return _load_file(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if not index.is_file():
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} needs a 'weight_map' of tensor names to shard file names")
     tensors = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-        tensors |= load_file(path / shard)
+    for shard in sorted(set(weight_map.values())):
+        file = (path / shard).resolve()
+        if file.parent != path.resolve():  # "../../x" or "/etc/x" would read whatever the index points at
+            raise ValueError(f"{index} names the shard {shard!r}, which is not a file in {path}")
+        tensors |= _load_file(file)
     return tensors
+
+
+_REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings",
+)  # fmt: skip
 
 
 def import_hf(path: str | os.PathLike, kernels: str = "auto") -> TransformerLM:
@@ -103,7 +141,10 @@ def import_hf(path: str | os.PathLike, kernels: str = "auto") -> TransformerLM:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {path}")
-    hf = json.loads((path / "config.json").read_text())
+    hf = _read_json(path / "config.json")
+    missing = [k for k in _REQUIRED if type(hf.get(k)) is not int or hf[k] <= 0]
+    if missing:
+        raise ValueError(f"{path / 'config.json'} needs {', '.join(missing)} as positive integers")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if hf.get("model_type") != "llama" or hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path} is not a Llama model with SiLU (model_type={hf.get('model_type')!r})")
@@ -137,5 +178,8 @@ def import_hf(path: str | os.PathLike, kernels: str = "auto") -> TransformerLM:
     if config.tie_embeddings:
         state["lm_head.weight"] = state["token_embeddings.weight"]
     model = TransformerLM(config)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the tensors don't fit its config.json: {str(e).splitlines()[-1].strip()}") from None
     return model

@@ -84,17 +84,18 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE rotates pairs, so d_head must be even, got {d_head}")
         self.theta, self.d_head, self.max_seq_len, self.kernels = theta, d_head, max_seq_len, kernels
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., T, d_head); positions (T,) or (B, T) ints, default arange(T).
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | int | None = None) -> torch.Tensor:
+        """x (..., T, d_head); positions (T,) or (B, T) ints, or an int start for start..start+T-1 (default 0).
 
         Explicit positions are checked against max_seq_len, which costs a host sync (skipped under torch.compile,
-        where it would break the graph); the default positions are checked from the shape alone.
+        where it would break the graph); a start (what KV-cache decoding passes) is checked from the shape alone.
         """
         T = x.shape[-2]
-        if positions is None:
-            if T > self.max_seq_len:
-                raise ValueError(f"sequence of {T} tokens is longer than max_seq_len {self.max_seq_len}")
-            positions = torch.arange(T, device=x.device)
+        if positions is None or isinstance(positions, int):
+            start = positions or 0
+            if start + T > self.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens from {start} is longer than max_seq_len {self.max_seq_len}")
+            positions = torch.arange(start, start + T, device=x.device)
         elif not torch.compiler.is_compiling() and positions.numel():
             low, high = torch.stack(torch.aminmax(positions)).tolist()
             if low < 0 or high >= self.max_seq_len:
@@ -110,6 +111,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens cached so far: a Python int, so the bounds check reads nothing from the device
+        self.pad = None  # (B,) left-padding lengths of a batch of unequal prompts (generate.py), hidden from attention
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (B, Hkv, T, dh) and return every cached key and value, (B, Hkv, length, dh)."""
@@ -120,6 +122,13 @@ class KVCache:
         self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def attention_mask(self, T: int) -> torch.Tensor:
+        """(B, 1, T, length), True where each of the last T queries may attend: causal and never a row's padding.
+        A padding query attends to the padding before it, so no row is empty (which some backends turn into NaN)."""
+        key = torch.arange(self.length, device=self.k.device)
+        query, pad = key[self.length - T :, None], self.pad[:, None, None]  # (T, 1), (B, 1, 1)
+        return ((key <= query) & ((key >= pad) | (query < pad)))[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -138,7 +147,7 @@ class CausalSelfAttention(nn.Module):
             self.rope = RotaryEmbedding(config.rope_theta, self.head_dim, config.context_length, config.kernels)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self, x: torch.Tensor, positions: torch.Tensor | int | None = None, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
@@ -148,8 +157,10 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rope(q, positions), self.rope(k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, Hkv, S, dh), the T new tokens last
-        # The kernel reads each K/V head for its group of query heads (no repeat) and aligns the mask to the end.
-        y = _ops(self.kernels, x).flash_attention(q, k, v, causal=True)  # (B, H, T, dh)
+        if kv_cache is not None and kv_cache.pad is not None:  # left-padded prompts: PyTorch's attention takes a mask
+            y = F.scaled_dot_product_attention(q, k, v, kv_cache.attention_mask(T), enable_gqa=True)  # (B, H, T, dh)
+        else:  # the kernel reads each K/V head for its group of query heads (no repeat), mask aligned to the end
+            y = _ops(self.kernels, x).flash_attention(q, k, v, causal=True)  # (B, H, T, dh)
         return self.output_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -198,7 +209,7 @@ class TransformerBlock(nn.Module):
         self.ffn = SwiGLU(config) if config.ffn == "swiglu" else SiLUMLP(config)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, kv_cache: KVCache | None = None
+        self, x: torch.Tensor, positions: torch.Tensor | int | None = None, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
         if self.post_norm:
             x = self.ln1(x + self.attn(x, positions, kv_cache))
@@ -246,20 +257,19 @@ class TransformerLM(nn.Module):
         self,
         ids: torch.Tensor,
         targets: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
+        positions: torch.Tensor | int | None = None,
         kv_caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V); with targets (B, T), already shifted, the fp32 mean loss instead.
 
-        positions (T,) or (B, T) overrides the default arange(T), which starts after the cached tokens when
-        kv_caches (from make_kv_caches) are given. Targets equal to -100 are ignored.
+        positions (T,) or (B, T), or an int start, overrides the default arange(T), which starts after the cached
+        tokens when kv_caches (from make_kv_caches) are given. Targets equal to -100 are ignored.
         """
         T = ids.shape[-1]
         if T > self.config.context_length:
             raise ValueError(f"sequence of {T} tokens is longer than the context length {self.config.context_length}")
-        if positions is None and kv_caches is not None and kv_caches[0].length:
-            start = kv_caches[0].length
-            positions = torch.arange(start, start + T, device=ids.device)
+        if positions is None and kv_caches is not None:
+            positions = kv_caches[0].length  # a start: RoPE checks it without reading the device
         x = self.token_embeddings(ids)  # (B, T, d)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, None if kv_caches is None else kv_caches[i])

@@ -1,10 +1,11 @@
-"""Generation: the KV cache against the full forward, greedy and nucleus sampling, seeds, stopping and errors."""
+"""Generation: the KV cache against the full forward, greedy, top-k and nucleus sampling, seeds, stopping, batches
+of unequal prompts, streaming, host syncs and errors."""
 
 import pytest
 import torch
 
 from model import ModelConfig, TransformerLM, generate
-from model.generate import sample_next, top_p_filter
+from model.generate import generate_batch, sample_next, stream, top_k_filter, top_p_filter
 
 
 def make_model(**overrides) -> TransformerLM:
@@ -70,6 +71,74 @@ def test_generate_rejects_bad_arguments():
         generate(model, [1, 2, 3, 4, 5], 20)
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         generate(model, [], 5)
-    with pytest.raises(ValueError, match="temperature >= 0 and 0 < top_p <= 1"):
+    with pytest.raises(ValueError, match="temperature >= 0, 0 < top_p <= 1 and top_k >= 0"):
         generate(model, [1], 5, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k >= 0"):
+        generate(model, [1], 5, top_k=-1)
+    with pytest.raises(ValueError, match="7 prompt \\+ 20 new tokens"):
+        generate_batch(model, [[1], [2] * 7], 20)
     assert generate(model, [1] * 24, 0) == []
+
+
+def test_top_k_keeps_exactly_k_candidates():
+    probs = torch.softmax(torch.randn(3, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
+    kept = top_k_filter(probs, 7)
+    assert (kept > 0).sum(dim=-1).tolist() == [7, 7, 7]
+    torch.testing.assert_close(kept.sum(dim=-1), torch.ones(3))
+    assert torch.equal(kept.topk(7).indices.sort().values, probs.topk(7).indices.sort().values)
+    ties = top_k_filter(torch.full((2, 5), 0.2), 2)  # five equal candidates: still exactly two survive
+    assert (ties > 0).sum(dim=-1).tolist() == [2, 2] and ties.max() == 0.5
+    assert torch.equal(top_k_filter(probs, 99), probs / probs.sum(dim=-1, keepdim=True))
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(torch.log(probs), 1.0, 1.0, generator, top_k=2) for _ in range(200)])
+    assert set(draws.flatten().tolist()) <= set(probs.topk(2).indices.flatten().tolist())
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_kv_heads=2), dict(position="nope", norm="post")])
+def test_a_batch_of_unequal_prompts_equals_one_by_one(overrides):
+    model = make_model(**overrides)
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6, 5, 3], [5], [8, 9, 7, 9, 3]]
+    alone = [generate(model, p, 12, temperature=0) for p in prompts]
+    eos = alone[1][4]  # ends row 1 early, and any other row that greedily reaches the same token
+    alone_eos = [generate(model, p, 12, temperature=0, eos_id=eos) for p in prompts]
+    assert generate_batch(model, prompts, 12, temperature=0) == alone
+    assert generate_batch(model, prompts, 12, temperature=0, eos_id=eos) == alone_eos
+    assert len(alone_eos[1]) == alone[1].index(eos) < 12
+
+
+def test_the_padding_mask():
+    """Causal, blind to each row's padding, and no query without a key (an empty row is NaN in some backends)."""
+    model = make_model()
+    cache = model.make_kv_caches(2, 5)[0]
+    cache.update(torch.zeros(2, 4, 4, 8), torch.zeros(2, 4, 4, 8))
+    cache.pad = torch.tensor([0, 2])
+    mask = cache.attention_mask(2)[:, 0]  # the last 2 of 4 queries
+    assert mask.tolist() == [[[1, 1, 1, 0], [1, 1, 1, 1]], [[0, 0, 1, 0], [0, 0, 1, 1]]]
+    assert cache.attention_mask(4)[1, 0, :2].any(-1).all()  # padding queries see the padding before them
+
+
+def test_streaming_equals_generating():
+    model = make_model(num_kv_heads=2)
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6]]
+    eos = generate(model, prompts[0], 10, temperature=0)[6]
+    steps = list(stream(model, prompts, 10, temperature=0, eos_id=eos))
+    batch = generate_batch(model, prompts, 10, temperature=0, eos_id=eos)
+    assert [[t for t in column if t is not None] for column in zip(*steps)] == batch
+    assert all(any(t is not None for t in step) for step in steps)
+    assert len(list(stream(model, prompts[:1], 10, temperature=0, eos_id=eos))) == 6  # it stops once all have ended
+    sampled = [step[0] for step in stream(model, [prompts[0]], 10, temperature=0.9, top_k=5, seed=3)]
+    assert sampled == generate(model, prompts[0], 10, temperature=0.9, top_k=5, seed=3)
+
+
+def test_one_host_sync_per_generated_token(monkeypatch):
+    """Every way Python reads a tensor's value back is counted: one per step, the step's tolist."""
+    model = make_model(num_kv_heads=2)
+    reads = []
+
+    def counted(name, original):
+        return lambda self, *args, **kwargs: reads.append(name) or original(self, *args, **kwargs)
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    out = generate_batch(model, [[1, 2, 3], [4]], 9, temperature=0.7, top_k=10, top_p=0.9, seed=0)
+    assert len(out[0]) == 9 and reads == ["tolist"] * 9

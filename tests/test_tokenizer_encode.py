@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,11 +39,8 @@ VARIED = [
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     """Our Tokenizer and tiktoken's Encoding, both built from GPT-2's vocab.json and merges.txt."""
-    d = tmp_path_factory.mktemp("gpt2")
-    for name in ("vocab.json", "merges.txt"):
-        (d / name).write_bytes(gzip.decompress((DATA / f"gpt2_{name}.gz").read_bytes()))
-    ours = Tokenizer.from_files(d / "vocab.json", d / "merges.txt", [EOT])
-    vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+    ours = Tokenizer.from_files(DATA / "gpt2_vocab.json.gz", DATA / "gpt2_merges.txt.gz", [EOT])  # gzip read as is
+    vocab = json.loads(gzip.decompress((DATA / "gpt2_vocab.json.gz").read_bytes()))
     ranks = {_to_bytes(t, "vocab.json"): i for t, i in vocab.items() if t != EOT}
     theirs = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: vocab[EOT]})
     return ours, theirs
@@ -131,7 +129,10 @@ def test_special_token_outside_vocab_gets_next_id(tmp_path):
 
 def test_save_load_round_trip(tmp_path, trained):
     trained.save(tmp_path / "tok")
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["merges.txt", "tokenizer.json", "vocab.json"]
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == [
+        "merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "tokenizer_meta.json",
+        "vocab.json",
+    ]  # fmt: skip
     back = Tokenizer.load(tmp_path / "tok")
     assert back.vocab == trained.vocab and back.merges == trained.merges
     assert back.special_tokens == [EOT, EOT2] and back.special_token_id(EOT2) == 1
@@ -153,8 +154,9 @@ def corrupt(tok_dir, name, edit):
         ("vocab.json", lambda s: s.replace('"Ġt": ', '"Ġ t": ', 1), "not in GPT-2's byte alphabet"),
         ("merges.txt", lambda s: s + "Ġt h e\n", "expected 'left right'"),
         ("merges.txt", lambda s: s + "zzzz q\n", "don't match"),
-        ("tokenizer.json", lambda s: s.replace('"version": 1', '"version": 7'), "version 1"),
-        ("tokenizer.json", lambda s: s.replace('"vocab_size": 600', '"vocab_size": 9'), "vocab_size 9"),
+        ("tokenizer_meta.json", lambda s: s.replace('"version": 2', '"version": 7'), "version 2"),
+        ("tokenizer_meta.json", lambda s: s.replace('"vocab_size": 600', '"vocab_size": 9'), "vocab_size 9"),
+        ("tokenizer_meta.json", lambda s: s.replace(f'"{EOT2}"', f'"{EOT}"'), "meta.json: duplicate special"),
     ],
 )
 def test_corrupt_files(tmp_path, trained, name, edit, error):
@@ -164,9 +166,23 @@ def test_corrupt_files(tmp_path, trained, name, edit, error):
         Tokenizer.load(tmp_path)
 
 
+def test_version_1_directories_still_load(tmp_path, trained):
+    """Version 1 kept the metadata in tokenizer.json (now Hugging Face's file): such a directory loads as before."""
+    trained.save(tmp_path)
+    meta = json.loads((tmp_path / "tokenizer_meta.json").read_text(encoding="utf-8"))
+    for name in ("tokenizer_meta.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / name).unlink()
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**meta, "version": 1}), encoding="utf-8")
+    back = Tokenizer.load(tmp_path)
+    assert back.vocab == trained.vocab and back.merges == trained.merges and back.special_tokens == [EOT, EOT2]
+
+
 def test_bad_input(trained, tmp_path):
     with pytest.raises(ValueError, match="cannot decode id 600"):
         trained.decode([5, 600])
+    with pytest.raises(ValueError, match="cannot decode id 600"):
+        trained.decode(torch.tensor([5, 600]))
+    assert trained.decode(i for i in [5, 6]) == trained.decode([5, 6]) == trained.decode(torch.tensor([5, 6]))
     with pytest.raises(ValueError, match="cannot decode id -1"):
         trained.decode([-1])
     with pytest.raises(TypeError, match="expected str"):
@@ -209,3 +225,30 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, error):
     assert main([a.format(data=DATA) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and error in err[-1]
+
+
+def test_hugging_face_reads_our_directories(tmp_path, trained):
+    """Tokenizer.save writes HF's files too: AutoTokenizer and tokenizers give our ids, and decode round-trips."""
+    transformers, tokenizers = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
+    trained.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    raw = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in [*VARIED, " " * 7 + "x\n\n\n" + "\t" * 3, "12,345.678 x2 3rd", EOT2 + EOT + EOT2]:
+        ids = trained.encode(text)
+        assert hf(text)["input_ids"] == ids and raw.encode(text).ids == ids, text
+        assert hf.decode(ids) == text
+    assert hf.eos_token_id == hf.bos_token_id == hf.pad_token_id == trained.special_token_id(EOT)
+    assert Tokenizer.from_hf(tmp_path / "tokenizer.json").encode(VARIED[8]) == trained.encode(VARIED[8])
+
+
+def test_a_directory_with_only_hugging_faces_file_loads(tmp_path, trained):
+    trained.save(tmp_path / "ours")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf/tokenizer.json").write_bytes((tmp_path / "ours/tokenizer.json").read_bytes())
+    back = Tokenizer.load(tmp_path / "hf")
+    assert back.vocab == trained.vocab and back.merges == trained.merges and back.special_tokens == [EOT, EOT2]
+    spec = json.loads((tmp_path / "hf/tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"] = {"type": "NFC"}
+    (tmp_path / "hf/tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(ValueError, match="no normalizer is supported"):
+        Tokenizer.load(tmp_path / "hf")

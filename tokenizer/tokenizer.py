@@ -1,20 +1,26 @@
 """The Tokenizer: encode/decode with a trained (or GPT-2) vocabulary, and the on-disk format.
 
-On disk, a tokenizer directory holds (format version 1):
-  vocab.json      {token: id}, one entry per line, tokens written with GPT-2's byte-to-unicode alphabet
-  merges.txt      "#version: 0.2" then one merge per line, "left right" in the same alphabet, in rank order
-  tokenizer.json  {"format": "smollm-bpe", "version": 1, "pattern": ..., "special_tokens": [...], "vocab_size": n}
-vocab.json and merges.txt are byte-for-byte the GPT-2 / Hugging Face layout, so GPT-2's own files load with
-Tokenizer.from_files and ours load in other tools.
+On disk, a tokenizer directory holds (format version 2):
+  vocab.json           {token: id}, one entry per line, tokens written with GPT-2's byte-to-unicode alphabet
+  merges.txt           "#version: 0.2" then one merge per line, "left right" in the same alphabet, in rank order
+  tokenizer_meta.json  {"format": "smollm-bpe", "version": 2, "pattern": ..., "special_tokens": [...], ...}
+plus Hugging Face's tokenizer.json, tokenizer_config.json and special_tokens_map.json (see tokenizer/hf.py),
+derived from the three above (load() reads HF's tokenizer.json only in a directory without ours). vocab.json and
+merges.txt are byte-for-byte the GPT-2 / Hugging Face layout, so GPT-2's own files load with Tokenizer.from_files
+and ours load in other tools.
+Version 1 named the metadata file tokenizer.json, which is Hugging Face's name; load() still reads it.
 """
 
+import gzip
 import json
 import os
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from tokenizer import hf
 from tokenizer.encoder import build_rank_table, encode_segments, new_cache
 from tokenizer.pretokenize import (
     GPT2_PATTERN,
@@ -26,7 +32,7 @@ from tokenizer.pretokenize import (
     special_pattern,
 )
 
-FORMAT, VERSION = "smollm-bpe", 1
+FORMAT, VERSION, META_FILE = "smollm-bpe", 2, "tokenizer_meta.json"
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -147,8 +153,9 @@ class Tokenizer:
         yield from self.encode_bytes(b"".join(parts)).tolist()
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ids; byte sequences that are not valid UTF-8 become U+FFFD."""
+        """Text of ids (any iterable, a numpy array or a torch tensor); bytes that are not valid UTF-8 become U+FFFD."""
         table = self._decode_table
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # once: a generator can't be read twice
         try:
             # a negative id is sent past the end so it raises like any other out-of-range id
             return b"".join([table[i] if i >= 0 else table[len(table)] for i in ids]).decode("utf-8", "replace")
@@ -159,73 +166,117 @@ class Tokenizer:
     # ---- files ----------------------------------------------------------------------------------------------
 
     def save(self, out_dir) -> None:
-        """Write vocab.json, merges.txt and tokenizer.json into out_dir (created if needed)."""
+        """Write our three files and Hugging Face's three (see the module docstring) into out_dir (created if
+        needed), each atomically."""
         os.makedirs(out_dir, exist_ok=True)
         vocab = {_to_text(self.vocab[i]): i for i in range(len(self.vocab))}
-        with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f, ensure_ascii=False, indent=0)
-        with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-            f.writelines(f"{_to_text(a)} {_to_text(b)}\n" for a, b in self.merges)
+        merges = [f"{_to_text(a)} {_to_text(b)}" for a, b in self.merges]
         meta = {
             "format": FORMAT, "version": VERSION, "pattern": GPT2_PATTERN,
             "special_tokens": self.special_tokens, "vocab_size": len(self.vocab), "num_merges": len(self.merges),
         }  # fmt: skip
-        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, ensure_ascii=False, indent=2)
+        files = {
+            "vocab.json": json.dumps(vocab, ensure_ascii=False, indent=0),
+            "merges.txt": "".join(f"{m}\n" for m in ["#version: 0.2", *merges]),
+            META_FILE: json.dumps(meta, ensure_ascii=False, indent=2),
+            "tokenizer.json": json.dumps(hf.tokenizer_json(vocab, merges, self._special_ids), ensure_ascii=False),
+            "tokenizer_config.json": json.dumps(hf.tokenizer_config(self._special_ids), ensure_ascii=False, indent=2),
+            "special_tokens_map.json": json.dumps(hf.special_tokens_map(self.special_tokens), ensure_ascii=False),
+        }
+        for name, text in files.items():
+            _write_atomic(os.path.join(out_dir, name), text)
 
     @classmethod
     def from_files(cls, vocab_path, merges_path, special_tokens=None) -> "Tokenizer":
-        """Load GPT-2-style vocab.json and merges.txt (ours or GPT-2's own)."""
+        """Load GPT-2-style vocab.json and merges.txt (ours or GPT-2's own; either may be gzipped, as *.gz)."""
         vocab_path, merges_path = check_input_path(vocab_path), check_input_path(merges_path)
+        special_tokens = check_special_tokens(special_tokens)
         try:
-            with open(vocab_path, encoding="utf-8") as f:
+            with _open_text(vocab_path) as f:
                 entries = json.load(f, object_pairs_hook=list)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
             raise ValueError(f"{vocab_path} is not a valid vocab.json: {e}") from None
-        if not isinstance(entries, list) or not all(isinstance(i, int) for _, i in entries):
-            raise ValueError(f"{vocab_path} must be a JSON object mapping tokens to integer ids")
-        vocab = {}
-        for text, i in entries:
-            if i in vocab:
-                raise ValueError(f"{vocab_path}: id {i} appears twice")
-            vocab[i] = _to_bytes(text, vocab_path)
         merges = []
-        with open(merges_path, encoding="utf-8") as f:
+        with _open_text(merges_path) as f:
             for n, line in enumerate(f, 1):
                 if (n == 1 and line.startswith("#version")) or not line.strip():
                     continue
                 parts = line.rstrip("\n").split(" ")
                 if len(parts) != 2:
                     raise ValueError(f"{merges_path} line {n}: expected 'left right', got {line.rstrip()!r}")
-                merges.append((_to_bytes(parts[0], f"{merges_path} line {n}"), _to_bytes(parts[1], merges_path)))
+                merges.append((parts[0], parts[1]))
+        return cls._from_text(entries, merges, special_tokens, vocab_path, f"{vocab_path} and {merges_path}")
+
+    @classmethod
+    def from_hf(cls, path) -> "Tokenizer":
+        """Load a Hugging Face tokenizer.json of byte-level BPE with GPT-2's pre-tokenization (e.g. GPT-2's own)."""
+        path = check_input_path(path)
+        entries, merges, special_ids = hf.read_tokenizer_json(path)
+        entries = [(t, i) for t, i in entries if i not in special_ids.values()]  # specials are kept as UTF-8 text
+        specials = {i: s.encode("utf-8") for s, i in special_ids.items()}
+        return cls._from_text(entries, merges, list(special_ids), path, path, specials)
+
+    @classmethod
+    def _from_text(cls, entries, merges, special_tokens, vocab_name, names, extra=None) -> "Tokenizer":
+        """A Tokenizer from [(token text, id)] and [(left text, right text)] in GPT-2's byte alphabet."""
+        if not isinstance(entries, list) or not all(isinstance(i, int) for _, i in entries):
+            raise ValueError(f"{vocab_name} must be a JSON object mapping tokens to integer ids")
+        vocab = dict(extra or {})
+        for text, i in entries:
+            if i in vocab:
+                raise ValueError(f"{vocab_name}: id {i} appears twice")
+            vocab[i] = _to_bytes(text, vocab_name)
+        merges = [(_to_bytes(a, names), _to_bytes(b, names)) for a, b in merges]
         try:
             return cls(vocab, merges, special_tokens)
         except ValueError as e:
-            raise ValueError(f"{vocab_path} and {merges_path} don't match: {e}") from None
+            raise ValueError(f"{names} don't match: {e}") from None
 
     @classmethod
     def load(cls, tok_dir) -> "Tokenizer":
-        """Load a directory written by save() (the CLI's --out)."""
+        """Load a directory written by save() (the CLI's --out): ours of version 2, or of version 1 (whose
+        metadata file was named tokenizer.json), or only a Hugging Face tokenizer.json."""
         tok_dir = os.fspath(tok_dir)
         if not os.path.isdir(tok_dir):
             raise FileNotFoundError(f"no tokenizer directory at {tok_dir}")
-        meta_path = os.path.join(tok_dir, "tokenizer.json")
+        meta_path, version = os.path.join(tok_dir, META_FILE), VERSION
+        if not os.path.exists(meta_path):
+            meta_path, version = os.path.join(tok_dir, "tokenizer.json"), 1
+            if not os.path.exists(os.path.join(tok_dir, "vocab.json")) and os.path.exists(meta_path):
+                return cls.from_hf(meta_path)
         try:
             with open(check_input_path(meta_path), encoding="utf-8") as f:
                 meta = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{meta_path} is not valid JSON: {e}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(f"{meta_path}: expected format {FORMAT!r} version {VERSION}")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != version:
+            raise ValueError(f"{meta_path}: expected format {FORMAT!r} version {version}")
         if meta.get("pattern") != GPT2_PATTERN:
             raise ValueError(f"{meta_path}: unsupported pre-tokenization pattern {meta.get('pattern')!r}")
-        tok = cls.from_files(
-            os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), meta.get("special_tokens")
-        )
+        try:
+            specials = check_special_tokens(meta.get("special_tokens"))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{meta_path}: {e}") from None
+        tok = cls.from_files(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), specials)
         if len(tok) != meta.get("vocab_size"):
             raise ValueError(f"{meta_path} says vocab_size {meta.get('vocab_size')}, but the files hold {len(tok)}")
         return tok
+
+
+def _open_text(path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _write_atomic(path: str, text: str):
+    """Write text to path through a temporary file in the same directory, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _utf8(text: str) -> bytes:
