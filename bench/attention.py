@@ -121,8 +121,8 @@ def _measure(shape: Shape, provider: str, mode: str, dtype: torch.dtype, device:
 
 def _row(shape: Shape, mode: str, checked: list[check.CheckResult], measured: dict) -> dict:
     row = dict(section="attention", shape=shape.name, dims=shape.dims(), seq_len=shape.seq_len,
-               head_dim=shape.head_dim, mode=mode, check_ok=all(r.ok for r in checked),
-               check_worst=max(r.err / r.limit for r in checked))  # fmt: skip
+               head_dim=shape.head_dim, mode=mode, check_ok=bool(checked) and all(r.ok for r in checked),
+               check_worst=max((r.err / r.limit for r in checked), default=None))  # fmt: skip
     for p in PROVIDERS:
         m: tuple[Timing, float | None] | None = measured.get(p)
         row[f"{p}_ms"] = list(m[0].ms) if m else None
@@ -137,14 +137,19 @@ def _row(shape: Shape, mode: str, checked: list[check.CheckResult], measured: di
 def measure(dry_run: bool, dtype: torch.dtype, device: torch.device) -> Iterator[dict]:
     """Yield one row per (shape, mode), each shape checked before it is timed."""
     for shape in shapes(dry_run):
-        warm = _inputs(shape, "ours", dtype, device)
-        kernels.flash_attention(*warm).backward(torch.randn_like(warm[0]))  # autotune on the timed shape
-        del warm
-        checked = check_shape(shape, dtype, device)
-        if not all(r.ok for r in checked):
+        try:
+            warm = _inputs(shape, "ours", dtype, device)
+            kernels.flash_attention(*warm).backward(torch.randn_like(warm[0]))  # autotune on the timed shape
+            del warm
+            checked = check_shape(shape, dtype, device)
+        except RuntimeError as e:  # e.g. out of resources: say so in the row, keep the other providers and shapes
+            print(f"bench.attention: {shape}: ours failed: {str(e).splitlines()[0]}", file=sys.stderr)
+            checked = []
+        ok = bool(checked) and all(r.ok for r in checked)
+        if not ok:
             print(f"bench.attention: {shape} FAILED its check, ours is not timed there", file=sys.stderr)
         for mode in ("fwd", "fwd+bwd"):
-            providers = [p for p in PROVIDERS if p != "ours" or all(r.ok for r in checked)]
+            providers = [p for p in PROVIDERS if p != "ours" or ok]
             measured = {p: m for p in providers if (m := _measure(shape, p, mode, dtype, device, dry_run))}
             yield _row(shape, mode, checked, measured)
         if device.type == "cuda":
@@ -158,7 +163,8 @@ def format_table(rows: list[dict], card: str, date: str) -> str:
         "|---|---|---|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        checked = f"{'ok' if r['check_ok'] else '**FAILED**'} ({r['check_worst']:.2f})"
+        worst = f" ({r['check_worst']:.2f})" if r["check_worst"] is not None else " (did not run)"
+        checked = ("ok" if r["check_ok"] else "**FAILED**") + worst
         tflops = [f"{r[f'{p}_tflops']:.4g}" if r[f"{p}_tflops"] else "-" for p in PROVIDERS]
         ours_ms = " / ".join(f"{t:.3f}" for t in r["ours_ms"]) if r["ours_ms"] else "-"
         peaks = " / ".join(f"{r[f'{p}_peak_mib']:.0f}" if r[f"{p}_peak_mib"] is not None else "-" for p in PROVIDERS)

@@ -1,12 +1,91 @@
-"""The GPU check's dry run (tiny shapes on the CPU interpreter) must work, so the first lent GPU yields numbers."""
+"""The GPU check's dry run (tiny shapes on the CPU interpreter) must work, so the first lent GPU yields numbers: every
+section written out as it finishes, sections that do not fit the budget skipped and named, a killed run's finished
+sections kept."""
 
-from bench.gpu_check import main
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import kernels
+from bench.gpu_check import SECTIONS, main
+
+OPS = ("rms_norm", "swiglu", "apply_rope", "cross_entropy", "fused_linear_cross_entropy", "flash_attention")
 
 
-def test_gpu_check_dry_run(tmp_path):
-    out = tmp_path / "report.md"
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+
+
+def _status(rows: list[dict]) -> dict[str, str]:
+    return {r["name"]: r["status"] for r in rows if r["section"] == "gpu_check"}
+
+
+def test_gpu_check_dry_run(tmp_path, monkeypatch):
+    if "out_dtype" not in inspect.signature(kernels.rms_norm).parameters:  # a stand-in until the fp32-in kernel lands
+        rms_norm = kernels.rms_norm
+        monkeypatch.setattr(kernels, "rms_norm", lambda x, weight, eps=1e-5, out_dtype=None: rms_norm(x, weight, eps)
+                            .to(out_dtype or x.dtype))  # fmt: skip
+    out = tmp_path / "run"
     assert main(["--dry-run", "--out", str(out)]) == 0
-    report = out.read_text()
-    for op in ("rms_norm", "swiglu", "apply_rope", "cross_entropy", "fused_linear_cross_entropy", "flash_attention"):
+    report = (out / "report.md").read_text()
+    for op in OPS:
         assert f"| {op} |" in report
-    assert "**NO**" not in report  # every correctness row passed
+    assert "**NO**" not in report and "**FAILED**" not in report  # every correctness row passed
+    assert "| rms_norm (out float16) | out |" in report and "| rms_norm | fp32 -> fp16 |" in report
+    rows = _rows(out)
+    assert _status(rows) == dict.fromkeys(SECTIONS, "done")
+    checks = [r for r in rows if r["section"] in ("check", "dtypes")]
+    assert checks and all(r["ok"] for r in checks)
+    assert {r["dtype"] for r in checks} == {"float32", "float16"}
+    timed = [r for r in rows if r["section"] == "kernels"]
+    assert {r["provider"] for r in timed} == {"triton", "eager"} and all(len(r["ms"]) == 3 for r in timed)
+    assert [r["check_ok"] for r in rows if r["section"] == "attention"] == [True, True]  # checked before timed
+    assert "### Targets (issue 10)" in report and f"correctness: {len(checks) + 1} of {len(checks) + 1}" in report
+
+
+def test_gpu_check_budget_skips_and_bad_flags(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--dry-run", "--budget-s", "1", "--only", "env,check,train", "--out", str(out)]) == 0
+    assert _status(_rows(out)) == {"env": "done", "check": "skipped", "train": "skipped"}
+    report = (out / "report.md").read_text()
+    assert "_skipped: needs ~" in report and "### Targets" in report
+    capsys.readouterr()
+    for flags in (["--only", "env,nope"], ["--budget-s", "-1"], ["--out", str(out)]):  # out holds a report now
+        assert main(["--dry-run", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and flags[0] in err
+
+
+def test_gpu_check_killed_run_keeps_finished_sections(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(out), "--only", "env,check,kernels"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "rows.jsonl").exists() and _status(_rows(out)).get("env") == "done"):
+            assert proc.poll() is None and time.monotonic() < deadline, "gpu_check ended or stalled before env"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    report = (out / "report.md").read_text()
+    assert "### Environment" in report and "Triton interpreter" in report
+    assert "### Targets" not in report  # killed mid-run: the end never came, what was done is there
+    assert _status(_rows(out)) == {"env": "done"}
+
+
+def test_gpu_check_attention_that_fails_its_check_is_not_timed(tmp_path, monkeypatch):
+    flash_attention = kernels.flash_attention
+    monkeypatch.setattr(kernels, "flash_attention", lambda q, k, v: flash_attention(q, k, v) * 1.01)
+    out = tmp_path / "run"
+    assert main(["--dry-run", "--only", "attention", "--out", str(out)]) == 1  # a failed check fails the run
+    rows = [r for r in _rows(out) if r["section"] == "attention"]
+    assert rows and all(not r["check_ok"] and r["ours_ms"] is None and r["sdpa_ms"] for r in rows)
+    assert "**FAILED**" in (out / "report.md").read_text()
