@@ -89,3 +89,26 @@ def test_gpu_check_attention_that_fails_its_check_is_not_timed(tmp_path, monkeyp
     rows = [r for r in _rows(out) if r["section"] == "attention"]
     assert rows and all(not r["check_ok"] and r["ours_ms"] is None and r["sdpa_ms"] for r in rows)
     assert "**FAILED**" in (out / "report.md").read_text()
+
+
+def test_gpu_check_targets_screen_judges_each_row(monkeypatch):
+    import bench.gpu_check as gpu_check
+
+    monkeypatch.setattr(gpu_check, "JUDGED", True)  # as on a GPU
+    kernel = dict(section="kernels", provider="triton", shape="125m", dtype="bf16", mode="fwd+bwd")
+    rows = [
+        {**kernel, "op": "rms_norm", "pct_copy": 90.0, "x_compile": 0.9, "x_eager": 2.0},
+        {**kernel, "op": "rms_norm", "provider": "eager", "pct_copy": 99.0, "x_compile": 9.0, "x_eager": 1.0},
+        {**kernel, "op": "fused_linear_cross_entropy", "pct_eager_peak": 20.0, "x_eager": 0.95},
+        dict(section="attention", shape="d128", head_dim=128, seq_len=4096, mode="fwd", x_sdpa=1.1, ours_tflops=300.0,
+             check_ok=True),
+        dict(section="attention", shape="d128", head_dim=128, seq_len=2048, mode="fwd", x_sdpa=0.5, ours_tflops=9.0,
+             check_ok=True),
+        dict(section="check", ok=True),
+    ]  # fmt: skip
+    screen = gpu_check.targets_render(rows)
+    assert "correctness: 3 of 3 checks pass; targets: 4 pass, 3 miss, 0 not measured" in screen
+    assert "| 125m rms_norm bf16 fwd+bwd | copy 90% (>= 85%) pass; x compile 0.9 (>= 1) **MISS**; x eager 2 " in screen
+    assert "| 125m FLCE fwd+bwd | peak 20% of eager (<= 25% of eager) pass; x eager 0.95 (>= 1) **MISS** |" in screen
+    assert "| attention d128 T4096 fwd | x SDPA 1.1 (>= 1) pass; TFLOP/s 300 (>= 350) **MISS** |" in screen
+    assert "T2048" not in screen and screen.count("\n") < 40  # only the rows the targets name, on one screen
