@@ -112,7 +112,7 @@ def _measure(shape: Shape, provider: str, mode: str, dtype: torch.dtype, device:
     run = (lambda: fn(*leaves)) if mode == "fwd" else (lambda: fn(*leaves).backward(upstream))
     try:
         run()  # warm-up: Triton compiles and autotunes here, outside the timing
-    except RuntimeError as e:  # e.g. no flash backend for this card, dtype or head dim
+    except Exception as e:  # e.g. no flash backend for this card, dtype or head dim
         print(f"bench.attention: {provider} {shape} {mode}: {str(e).splitlines()[0]}", file=sys.stderr)
         return None
     # The eager backend's (T, S) temporaries would multiply in a graph of many calls: events suffice at its speed.
@@ -141,9 +141,10 @@ def measure(dry_run: bool, dtype: torch.dtype, device: torch.device) -> Iterator
             warm = _inputs(shape, "ours", dtype, device)
             kernels.flash_attention(*warm).backward(torch.randn_like(warm[0]))  # autotune on the timed shape
             del warm
-            checked = check_shape(shape, dtype, device)
-        except RuntimeError as e:  # e.g. out of resources: say so in the row, keep the other providers and shapes
-            print(f"bench.attention: {shape}: ours failed: {str(e).splitlines()[0]}", file=sys.stderr)
+            checked, error = check_shape(shape, dtype, device), None
+        except Exception as e:  # e.g. Triton's OutOfResources: say so, keep the other providers and shapes
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"bench.attention: {shape}: ours failed: {error}", file=sys.stderr)
             checked = []
         ok = bool(checked) and all(r.ok for r in checked)
         if not ok:
@@ -151,7 +152,7 @@ def measure(dry_run: bool, dtype: torch.dtype, device: torch.device) -> Iterator
         for mode in ("fwd", "fwd+bwd"):
             providers = [p for p in PROVIDERS if p != "ours" or ok]
             measured = {p: m for p in providers if (m := _measure(shape, p, mode, dtype, device, dry_run))}
-            yield _row(shape, mode, checked, measured)
+            yield {**_row(shape, mode, checked, measured), "error": error}
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

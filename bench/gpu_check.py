@@ -37,7 +37,7 @@ Estimated run time, one H100 from a cold Triton and inductor cache (``GPU_COSTS`
 
 so the default 420 s budget runs env to attention in about 5 minutes (~290 s), then train without torch.compile
 (~80 s), and skips dtypes; ``--no-compile`` runs every section in about 6 minutes (~360 s). Exit status 1 when any
-correctness check fails, 2 on bad flags or no GPU.
+correctness check or any section fails, 2 on bad flags or no GPU.
 """
 
 import argparse
@@ -416,20 +416,20 @@ def _fit(section: Section, plan: Plan, scale: float, left: float) -> tuple[float
 
 
 def _run_section(section: Section, plan: Plan, report: Report, deadline: Callable[[], bool]) -> tuple[list, str]:
-    """Run one section, every row written as it comes; (rows, how it ended: "" or why it stopped)."""
-    rows, ended = [], ""
+    """Run one section, every row written as it comes; (rows, "done" or why it stopped)."""
+    rows, ended = [], "done"
     try:
         for row in section.rows(plan):
             report.row(row)
             rows.append(row)
             if deadline():
-                ended = "; stopped after this row: over the budget"
+                ended = "stopped after this row: over the budget"
                 break
     except Exception as e:  # a broken section must not lose the others
         import traceback
 
         traceback.print_exc()
-        ended = f"; **failed**: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ended = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if plan.device.type == "cuda":
             torch.cuda.empty_cache()
     return rows, ended
@@ -477,7 +477,7 @@ def main(argv=None) -> int:
     # From the command line (argv None) the budget holds the process's start-up too; a caller's time is its own.
     started = time.monotonic() - (seconds_since_process_start() if argv is None else 0.0)
     elapsed = lambda: time.monotonic() - started
-    all_rows, spent_total, estimated_total = [], 0.0, 0.0
+    all_rows, outcomes, spent_total, estimated_total = [], {}, 0.0, 0.0
     for name in (n for n in SECTIONS if n in args.only):
         section = ALL_SECTIONS[name]
         # Later estimates follow how the finished sections compared with theirs (env is one-off CUDA start-up).
@@ -489,30 +489,33 @@ def main(argv=None) -> int:
             print(f"gpu_check: {name} {why}", file=sys.stderr)
             report.row(dict(section="gpu_check", name=name, status="skipped", estimate_s=estimate, left_s=left))
             report.add(f"### {section.title}\n\n_{why}_")
+            outcomes[name] = "skipped"
             continue
         print(f"gpu_check: {name} (estimate {estimate:.0f} s, {left:.0f} s left) ...", file=sys.stderr)
         start = time.monotonic()
         rows, ended = _run_section(section, plan, report, lambda: elapsed() > args.budget_s)
         spent = time.monotonic() - start
         plan.compile = not args.no_compile
-        if not ended:
+        outcomes[name] = ended
+        if ended == "done":
             plan.done.add(name)
         if name != "env":
             spent_total, estimated_total = spent_total + spent, estimated_total + estimate
-        status = "done" if not ended else ended.removeprefix("; ")
-        report.row(dict(section="gpu_check", name=name, status=status, estimate_s=estimate, spent_s=spent))
+        report.row(dict(section="gpu_check", name=name, status=ended, estimate_s=estimate, spent_s=spent))
         body = section.render(plan, rows) if rows else "(no rows)"
-        report.add(f"### {section.title}\n\n_{spent:.0f} s (estimate {estimate:.0f} s){note}{ended}_\n\n{body}")
+        how = "" if ended == "done" else f"; **{ended}**"
+        report.add(f"### {section.title}\n\n_{spent:.0f} s (estimate {estimate:.0f} s){note}{how}_\n\n{body}")
         all_rows += rows
-        print(f"gpu_check: {name} {status} in {spent:.0f} s", file=sys.stderr)
-    summary = targets_render(all_rows)
+        print(f"gpu_check: {name} {ended} in {spent:.0f} s", file=sys.stderr)
+    not_done = ", ".join(f"{name} {status.split(':')[0]}" for name, status in outcomes.items() if status != "done")
+    summary = (f"sections not done: {not_done}\n\n" if not_done else "") + targets_render(all_rows)
     report.add(f"### Targets (issue 10)\n\nTotal wall time {elapsed():.0f} s of the {args.budget_s:.0f} s budget.\n\n"
                + summary)  # fmt: skip
     print(summary)
     print(f"wrote {report.markdown} and {report.rows.name}", file=sys.stderr)
     report.rows.close()
     failed = [r for r in all_rows if r.get("ok") is False or r.get("check_ok") is False]
-    return 1 if failed else 0
+    return 1 if failed or any(status.startswith("failed") for status in outcomes.values()) else 0
 
 
 if __name__ == "__main__":
