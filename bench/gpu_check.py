@@ -71,7 +71,6 @@ SECTIONS = ("env", "check", "kernels", "attention", "train", "dtypes")
 class UnitCosts:
     """Seconds per unit of work, from which each section's cost is estimated before it starts."""
 
-    startup: float  # importing torch and triton, creating the CUDA context
     env: float  # the two ceilings
     kernel_compile: float  # one memory-bound Triton kernel (a few hundred lines of PTX)
     attention_compile: float  # one attention autotune config (forward or one of the two backward kernels)
@@ -83,10 +82,10 @@ class UnitCosts:
     model_compile: float  # torch.compile of one whole model
 
 
-GPU_COSTS = UnitCosts(startup=15, env=5, kernel_compile=1.0, attention_compile=2.0, autotune_trial=0.15, op_check=0.5,
+GPU_COSTS = UnitCosts(env=5, kernel_compile=1.0, attention_compile=2.0, autotune_trial=0.15, op_check=0.5,
                       inductor_compile=6.0, timed_row=0.5, train_row=20, model_compile=60)  # fmt: skip
-DRY_RUN_COSTS = UnitCosts(startup=3, env=0.1, kernel_compile=0.0, attention_compile=0.0, autotune_trial=0.0,
-                          op_check=0.6, inductor_compile=0.0, timed_row=0.1, train_row=5, model_compile=0)  # fmt: skip
+DRY_RUN_COSTS = UnitCosts(env=0.1, kernel_compile=0.0, attention_compile=0.0, autotune_trial=0.0, op_check=0.6,
+                          inductor_compile=0.0, timed_row=0.1, train_row=5, model_compile=0)  # fmt: skip
 KERNELS_PER_SHAPE = 10  # Triton kernels the memory-bound ops compile per shape and dtype (fwd, bwd, CE's variants)
 
 
