@@ -112,11 +112,13 @@ def _measure(shape: Shape, provider: str, mode: str, dtype: torch.dtype, device:
     run = (lambda: fn(*leaves)) if mode == "fwd" else (lambda: fn(*leaves).backward(upstream))
     try:
         run()  # warm-up: Triton compiles and autotunes here, outside the timing
-    except Exception as e:  # e.g. no flash backend for this card, dtype or head dim
+        # The eager backend's (T, S) temporaries would multiply in a graph of many calls: events suffice at its speed.
+        return time_ms(run, device, leaves, dry_run, graph=provider != "eager"), peak_mib(run, device)
+    except Exception as e:  # e.g. no flash backend for this card, dtype or head dim; out of memory
         print(f"bench.attention: {provider} {shape} {mode}: {str(e).splitlines()[0]}", file=sys.stderr)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         return None
-    # The eager backend's (T, S) temporaries would multiply in a graph of many calls: events suffice at its speed.
-    return time_ms(run, device, leaves, dry_run, graph=provider != "eager"), peak_mib(run, device)
 
 
 def _row(shape: Shape, mode: str, checked: list[check.CheckResult], measured: dict) -> dict:

@@ -237,6 +237,8 @@ def measure(shapes, providers, dtype: torch.dtype, device: torch.device, dry_run
                         timing, peak = _measure(case, fns[provider], mode, device, dry_run)
                     except Exception as e:  # one broken provider must not lose the rest of the table
                         print(f"bench.kernels: {shape.name} {case.op} {mode} {provider}: {e!r}", file=sys.stderr)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
                         continue
                     group[provider] = _row(shape, case, mode, provider, timing, peak, copy_bw)
                 for row in group.values():

@@ -18,7 +18,9 @@ OPS = ("rms_norm", "swiglu", "apply_rope", "cross_entropy", "fused_linear_cross_
 
 
 def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    """The complete lines of rows.jsonl (a reader racing the writer may see the last one half written)."""
+    lines = (out / "rows.jsonl").read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines]
 
 
 def _status(rows: list[dict]) -> dict[str, str]:
