@@ -93,10 +93,9 @@ def test_gpu_check_attention_that_fails_its_check_is_not_timed(tmp_path, monkeyp
     assert "**FAILED**" in (out / "report.md").read_text()
 
 
-def test_gpu_check_targets_screen_judges_each_row(monkeypatch):
+def test_gpu_check_targets_screen_judges_each_row():
     import bench.gpu_check as gpu_check
 
-    monkeypatch.setattr(gpu_check, "JUDGED", True)  # as on a GPU
     kernel = dict(section="kernels", provider="triton", shape="125m", dtype="bf16", mode="fwd+bwd")
     rows = [
         {**kernel, "op": "rms_norm", "pct_copy": 90.0, "x_compile": 0.9, "x_eager": 2.0},
@@ -108,7 +107,7 @@ def test_gpu_check_targets_screen_judges_each_row(monkeypatch):
              check_ok=True),
         dict(section="check", ok=True),
     ]  # fmt: skip
-    screen = gpu_check.targets_render(rows)
+    screen = gpu_check.targets_render(rows, judged=True)  # as on a GPU
     assert "correctness: 3 of 3 checks pass; targets: 4 pass, 3 miss, 0 not measured" in screen
     assert "| 125m rms_norm bf16 fwd+bwd | copy 90% (>= 85%) pass; x compile 0.9 (>= 1) **MISS**; x eager 2 " in screen
     assert "| 125m FLCE fwd+bwd | peak 20% of eager (<= 25% of eager) pass; x eager 0.95 (>= 1) **MISS** |" in screen
