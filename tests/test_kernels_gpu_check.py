@@ -94,7 +94,7 @@ def test_gpu_check_attention_that_fails_its_check_is_not_timed(tmp_path, monkeyp
 
 
 def test_gpu_check_targets_screen_judges_each_row():
-    import bench.gpu_check as gpu_check
+    from bench import targets
 
     kernel = dict(section="kernels", provider="triton", shape="125m", dtype="bf16", mode="fwd+bwd")
     rows = [
@@ -107,7 +107,7 @@ def test_gpu_check_targets_screen_judges_each_row():
              check_ok=True),
         dict(section="check", ok=True),
     ]  # fmt: skip
-    screen = gpu_check.targets_render(rows, judged=True)  # as on a GPU
+    screen = targets.render(rows, judged=True)  # as on a GPU
     assert "correctness: 3 of 3 checks pass; targets: 4 pass, 3 miss, 0 not measured" in screen
     assert "| 125m rms_norm bf16 fwd+bwd | copy 90% (>= 85%) pass; x compile 0.9 (>= 1) **MISS**; x eager 2 " in screen
     assert "| 125m FLCE fwd+bwd | peak 20% of eager (<= 25% of eager) pass; x eager 0.95 (>= 1) **MISS** |" in screen
