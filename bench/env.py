@@ -5,6 +5,7 @@ Triton's interpreter, the only way its kernels run on a CPU.
 """
 
 import argparse
+import datetime
 import os
 import sys
 
@@ -14,6 +15,17 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+
+
+def versions() -> str:
+    """The software a results row depends on."""
+    return f"torch {torch.__version__}, triton {triton.__version__}"
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
 
 
 def card_name(device: torch.device) -> str:
