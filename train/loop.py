@@ -33,7 +33,9 @@ from train.config import CONFIG_FILE, TrainConfig
 from train.dataset import EOT, BatchSampler, batch_from_starts, check_length, eval_starts, open_tokens, resolve_data
 from train.distributed import Dist, init_distributed, shutdown
 from train.log import RunLogger, peak_flops, perplexity
-from train.optim import AdamW, clip_grad_norm, cosine_lr
+from train.optim import clip_grad_norm
+from train.optimizers import build_optimizer
+from train.schedule import build_schedule, predecay_name, resume_schedule
 
 SUMMARY_FILE = "summary.json"
 
@@ -120,16 +122,13 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
     backend = kernels.resolve_backend(model_config.kernels, device)
     if cfg.preflight and device.type == "cuda" and backend == "triton":
         preflight(model_config, context_length, dtype, device, cfg.seed)
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]  # matrices and embeddings; not the norm gains
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    optimizer = AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.max_lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-    )
+    optimizer = build_optimizer(cfg, raw_model)
+    tokens_per_step = cfg.batch_size * context_length * cfg.grad_accum * info.world_size
+    steps = max(1, cfg.tokens // tokens_per_step) if cfg.tokens else cfg.steps
+    schedule, schedule_note = build_schedule(cfg, steps), ""
     start, elapsed_before = 0, 0.0
     if checkpoint is not None:
+        schedule, checkpoint, schedule_note = resume_schedule(schedule, checkpoint, run_dir, info.main)
         start = apply_checkpoint(checkpoint, raw_model, optimizer)
         set_rng_state(checkpoint["rng"])
         elapsed_before = checkpoint.get("elapsed_s", 0.0)
@@ -140,9 +139,6 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     # ---- schedule, sampler, logger --------------------------------------------------------------------------------
-    tokens_per_step = cfg.batch_size * context_length * cfg.grad_accum * info.world_size
-    steps = max(1, cfg.tokens // tokens_per_step) if cfg.tokens else cfg.steps
-    cosine_steps = cfg.cosine_steps or steps
     sampler = BatchSampler(train_data, cfg.batch_size, context_length, cfg.seed, cfg.grad_accum * info.world_size)
     val_starts = eval_starts(len(val_data), context_length, cfg.eval_batches * cfg.batch_size * info.world_size)
     diverge_loss = cfg.diverge_loss or 2 * math.log(vocab_size)
@@ -164,6 +160,8 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
             f"vocab {vocab_size}, {steps} steps of {tokens_per_step:,} tokens on {info.world_size} x {device} "
             f"({str(dtype).removeprefix('torch.')}, kernels {backend}){resuming}"
         )
+        if schedule_note:
+            print(schedule_note)
 
     def evaluate() -> float:
         """Mean validation loss over the fixed windows; ranks split the batches and sum."""
@@ -181,7 +179,10 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         if info.main:
             path = run_dir / ckpt_name(step)
             extra = dict(model_config=asdict(model_config), train_config=config_dict, elapsed_s=elapsed)
-            save_checkpoint(raw_model, optimizer, step, path, sampler=sampler.state_dict(), **extra)
+            extra.update(sampler=sampler.state_dict(), schedule=schedule.state_dict())
+            save_checkpoint(raw_model, optimizer, step, path, **extra)
+            if step == schedule.predecay_step:  # what a longer run re-decays from (the pruner keeps it)
+                save_checkpoint(raw_model, optimizer, step, run_dir / predecay_name(step), **extra)
             prune_checkpoints(run_dir, cfg.keep_ckpts)
 
     # ---- the loop -------------------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
     params = list(raw_model.parameters())
     for step in range(start + 1, steps + 1):
-        lr = cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cosine_steps)
+        lr = schedule.lr(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
@@ -217,7 +218,7 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         bar.update()
 
         is_eval = step % cfg.eval_interval == 0 or step == steps
-        is_ckpt = step % cfg.ckpt_interval == 0 or step == steps
+        is_ckpt = step % cfg.ckpt_interval == 0 or step == steps or step == schedule.predecay_step
         if not (is_eval or is_ckpt or step % cfg.log_interval == 0):
             continue
         # A report step: sync, check for divergence before anything is saved, then log.
