@@ -33,6 +33,7 @@ from train.config import CONFIG_FILE, TrainConfig
 from train.dataset import EOT, BatchSampler, batch_from_starts, check_length, eval_starts, open_tokens, resolve_data
 from train.distributed import Dist, init_distributed, shutdown
 from train.log import RunLogger, peak_flops, perplexity
+from train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
 from train.optim import clip_grad_norm
 from train.optimizers import build_optimizer
 from train.schedule import build_schedule, predecay_name, resume_schedule
@@ -141,6 +142,10 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
     # ---- schedule, sampler, logger --------------------------------------------------------------------------------
     sampler = BatchSampler(train_data, cfg.batch_size, context_length, cfg.seed, cfg.grad_accum * info.world_size)
     val_starts = eval_starts(len(val_data), context_length, cfg.eval_batches * cfg.batch_size * info.world_size)
+    bpb_factor = None  # val bits per byte = val loss x bpb_factor (without a tokenizer the bytes are unknown)
+    if tokenizer is not None:
+        lengths = token_byte_lengths(tokenizer, vocab_size)
+        bpb_factor = bits_per_byte_factor(val_data, val_starts, context_length, lengths)
     diverge_loss = cfg.diverge_loss or 2 * math.log(vocab_size)
     flops, peak = flops_per_token(model_config), peak_flops(device)
     config_dict = {**cfg.to_dict(), "out_dir": str(run_dir), "resume": None}
@@ -195,7 +200,8 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         val_loss = evaluate()
         best_val = min(best_val, val_loss)
         if logger:
-            logger.log({"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+            row = {"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+            logger.log({**row, "val_bpb": bits_per_byte(val_loss, bpb_factor)})
     t_report, step_report = time.perf_counter(), start
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
     params = list(raw_model.parameters())
@@ -250,7 +256,7 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         if is_eval:
             val_loss = evaluate()
             best_val = min(best_val, val_loss)
-            row.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+            row.update(val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bits_per_byte(val_loss, bpb_factor))
         if logger:
             logger.log(row)
             bar.set_postfix(loss=f"{train_loss:.3f}")
@@ -276,6 +282,8 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         "final_val_loss": val_loss,
         "best_val_loss": best_val,
         "final_val_ppl": perplexity(val_loss),
+        "final_val_bpb": bits_per_byte(val_loss, bpb_factor),
+        "best_val_bpb": bits_per_byte(best_val, bpb_factor),
         "tokens_per_s": (step_report - start) * tokens_per_step / max(wall_s - elapsed_before, 1e-9),
         "wall_s": wall_s,
         "params": param_counts(model_config)[0],

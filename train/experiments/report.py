@@ -129,7 +129,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
     for r in ranked(rows):
         s = r["summary"] or {}
         if r["status"] == "diverged":  # its summary's val loss is from before it went wrong: not a result
-            s = {k: v for k, v in s.items() if k not in ("final_val_loss", "best_val_loss", "tokens_per_s")}
+            results = ("final_val_loss", "best_val_loss", "best_val_bpb", "tokens_per_s")
+            s = {k: v for k, v in s.items() if k not in results}
         out.append(
             {
                 "variant": r["name"],
@@ -140,6 +141,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
                 "tokens": s.get("tokens"),
                 "final_val_loss": s.get("final_val_loss"),
                 "best_val_loss": s.get("best_val_loss"),
+                "best_val_bpb": s.get("best_val_bpb"),  # bits per byte: comparable across tokenizers
                 "final_train_loss": s.get("final_train_loss"),
                 "tokens_per_s": s.get("tokens_per_s"),
                 "wall_s": s.get("wall_s"),
@@ -154,15 +156,16 @@ def markdown_table(table: list[dict]) -> str:
         return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
 
     lines = [
-        "| # | variant | change | params | steps | tokens | final val | best val | final train | tokens/s | wall "
-        "| status |",
-        "|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| # | variant | change | params | steps | tokens | final val | best val | best val bpb | final train "
+        "| tokens/s | wall | status |",
+        "|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for i, t in enumerate(table, 1):
         lines.append(
             f"| {i if t['status'] == 'finished' else ''} | {t['variant']} | {t['change']} | {num(t['params'], ',')} "
             f"| {num(t['steps'], 'd')} | {num(t['tokens'], ',')} | {num(t['final_val_loss'], '.4f')} "
-            f"| {num(t['best_val_loss'], '.4f')} | {num(t['final_train_loss'], '.4f')} "
+            f"| {num(t['best_val_loss'], '.4f')} | {num(t.get('best_val_bpb'), '.4f')} "
+            f"| {num(t['final_train_loss'], '.4f')} "
             f"| {num(t['tokens_per_s'], ',.0f')} | {num(t['wall_s'], '.0f')} s "
             f"| {'**diverged**' if t['status'] == 'diverged' else t['status']} |"
         )
