@@ -30,7 +30,7 @@ from train.checkpoint import (
     set_rng_state,
 )
 from train.config import CONFIG_FILE, TrainConfig
-from train.dataset import EOT, BatchSampler, batch_from_starts, check_length, eval_starts, open_tokens, resolve_data
+from train.dataset import EOT, batch_from_starts, batch_sampler, check_length, eval_starts, open_tokens, resolve_data
 from train.distributed import Dist, init_distributed, shutdown
 from train.log import RunLogger, peak_flops, perplexity
 from train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
@@ -140,7 +140,9 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     # ---- schedule, sampler, logger --------------------------------------------------------------------------------
-    sampler = BatchSampler(train_data, cfg.batch_size, context_length, cfg.seed, cfg.grad_accum * info.world_size)
+    eot_id = tokenizer.special_token_id(EOT) if tokenizer is not None and EOT in tokenizer.special_tokens else None
+    slots = cfg.grad_accum * info.world_size
+    sampler = batch_sampler(cfg.windows, train_data, cfg.batch_size, context_length, cfg.seed, slots, eot_id)
     val_starts = eval_starts(len(val_data), context_length, cfg.eval_batches * cfg.batch_size * info.world_size)
     bpb_factor = None  # val bits per byte = val loss x bpb_factor (without a tokenizer the bytes are unknown)
     if tokenizer is not None:
