@@ -57,7 +57,8 @@ def orthogonalize(u: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | N
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.mT  # (n, m): the Gram matrix below is then n x n
-    x = x / (x.norm() + 1e-7)  # singular values into [0, 1]
+    x = x / x.abs().amax().clamp_min(torch.finfo(dtype).tiny)  # entries <= 1: the squares below cannot overflow
+    x = x / x.norm().clamp_min(torch.finfo(dtype).tiny)  # singular values into [0, 1]; a zero matrix stays zero
     for _ in range(steps):
         gram = x @ x.mT  # (k, k), k = min(m, n)
         x = a * x + (b * gram + c * gram @ gram) @ x
