@@ -96,3 +96,20 @@ def test_extending_a_finished_run_never_jumps(tokens, tmp_path, fields):
         assert (run_dir / "decayed_000020" / "ckpt_000020.pt").is_file()  # the first decay, kept aside
         assert [s for s in after if s > 14] == [15, 20, 21, 25, 30] and after[15] == after[20] == history.max_lr
         assert {s: lr for s, lr in before.items() if s <= 14} == {s: lr for s, lr in after.items() if s <= 14}
+
+
+def test_schedule_suite_extensions_are_what_an_extending_resume_runs(tmp_path):
+    from train.experiments.suites import resolve_suite
+
+    base = make_config(steps=300)
+    _, variants = resolve_suite("schedule", base)
+    configs = {v.name: v.config(base, tmp_path / v.name) for v in variants}
+    for kind in ("cosine", "wsd"):
+        short, extended = configs[kind], configs[f"{kind}-extended"]
+        old = build_schedule(short, short.steps)
+        if old.predecay_step is not None:
+            torch.save({"model": {}, "optimizer": {}, "iteration": old.predecay_step}, tmp_path / predecay_name(240))
+        checkpoint = {"iteration": short.steps, "schedule": old.state_dict()}
+        asked = build_schedule(make_config(short.to_dict(), steps=600), 600)  # what --resume RUN --steps 600 asks for
+        resumed, _, _ = resume_schedule(asked, checkpoint, tmp_path, main=False)
+        assert extended.steps == 600 and build_schedule(extended, extended.steps) == resumed
