@@ -153,7 +153,7 @@ def documents(base: TrainConfig) -> list[Variant]:
     """
     return [
         Variant("uniform", {"windows": "uniform"}, "windows start at any token"),
-        Variant("aligned", {"windows": "aligned"}, "windows start at <|endoftext|>, short documents packed"),
+        Variant("aligned", {"windows": "aligned"}, "windows start at an end-of-text token, short documents packed"),
     ]
 
 
