@@ -80,11 +80,7 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes matrices only, got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self):  # no closure: the trainer computes its loss itself (and Muon needs just one gradient)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -98,7 +94,6 @@ class Muon(torch.optim.Optimizer):
                 update = orthogonalize(p.grad.lerp(m, mu))
                 p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-lr * RMS_MATCH * math.sqrt(max(p.shape)))
-        return loss
 
 
 class Optimizers:
