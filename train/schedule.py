@@ -15,8 +15,8 @@ promised extension of a 900-step cosine run to 3000 steps used to restart at 4.1
 5e-4 on step 900. ``resume_schedule`` decides what an extended run does instead:
 
 - wsd: the stable phase goes on, and the decay is redone at the end of the new length. A run that is already in
-  (or past) its decay continues from the checkpoint saved on the first step of its decay (``predecay_*.pt``, which
-  the pruner keeps); its later checkpoints, metrics and summary move to ``decayed_<step>/`` in the run directory.
+  (or past) its decay continues from the checkpoint of its last step at ``max_lr`` (``predecay_*.pt``, which the
+  pruner keeps); its later checkpoints move, and copies of its metrics and summary go, to ``decayed_<step>/``.
 - cosine: a cosine fixes its end at the start, so an extended cosine run keeps its schedule: the learning rate
   stays at the floor ``min_lr`` for the added steps (a note says so). Runs meant to be extended should use wsd.
 """
@@ -34,9 +34,9 @@ from train.config import make_config
 DECAY_SHAPES = {
     "linear": lambda p: 1.0 - p,
     "cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)),
-    "1-sqrt": lambda p: 1.0 - math.sqrt(p),  # Hägele et al.'s best: most of the drop late, close to the end
+    "1-sqrt": lambda p: 1.0 - math.sqrt(p),  # half the drop in the first quarter; Hägele et al.'s best
 }
-PREDECAY_PREFIX = "predecay_"  # the checkpoint saved on the step before the decay starts (not ckpt_*: never pruned)
+PREDECAY_PREFIX = "predecay_"  # the checkpoint of the last step at max_lr (not a ckpt_*: never pruned)
 METRICS_AND_SUMMARY = ("metrics.jsonl", "summary.json")
 
 
@@ -127,7 +127,7 @@ def resume_schedule(new: Schedule, checkpoint: dict, run_dir: Path, main: bool) 
         raise ValueError(
             f"cannot resume {run_dir} with this schedule: it changes the lr of steps already trained "
             f"(step {start}: {old.lr(start):.3g} -> {new.lr(start):.3g}), and there is no pre-decay checkpoint "
-            f"{path.name if path else predecay_name(0)} to redo the decay from; keep the run's schedule flags"
+            f"{path.name if path else '(no stable phase)'} to redo the decay from; keep the run's schedule flags"
         )
     if main:
         archive_decay(run_dir, step, start)
