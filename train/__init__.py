@@ -11,7 +11,8 @@ from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import TrainConfig, parse_args
 from train.dataset import get_batch
 from train.loop import run
-from train.optim import AdamW, clip_grad_norm, cosine_lr
+from train.optim import AdamW, clip_grad_norm
+from train.schedule import cosine_lr
 
 __all__ = [
     "AdamW",

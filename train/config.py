@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from model import ModelConfig
 from train.rundir import RunDir, read_json
@@ -58,6 +59,13 @@ class TrainConfig:
     eps: float = opt(1e-8, "AdamW epsilon")
     weight_decay: float = opt(0.1, "decoupled weight decay, on matrices and embeddings only (not on norm gains)")
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this (0: off)")
+    # schedule shape, optimizer choice and window placement (README "Recipes")
+    schedule: Literal["cosine", "wsd"] = opt("cosine", "lr schedule: cosine, or warmup-stable-decay (extends cleanly)")
+    decay_fraction: float = opt(0.2, "wsd: the last fraction of the steps, decaying from max_lr to min_lr")
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = opt("1-sqrt", "wsd: shape of the decay")
+    optimizer: Literal["ours", "muon"] = opt("ours", "ours: AdamW; muon: Muon on hidden matrices, AdamW on the rest")
+    muon_momentum: float = opt(0.95, "Muon's Nesterov momentum (the AdamW part keeps --beta1, --beta2)")
+    windows: Literal["uniform", "aligned"] = opt("uniform", "training windows start anywhere, or at document starts")
     # evaluation, logging, checkpoints
     eval_interval: int = opt(100, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(20, "validation batches (global), the same each eval, spread over the split (0: all of it)")
@@ -102,6 +110,15 @@ class TrainConfig:
             raise ValueError(f"diverge_loss must be positive, got {self.diverge_loss!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N (no other is supported), got {self.device!r}")
+        for name in ("schedule", "decay_shape", "optimizer", "windows"):
+            choices = typing.get_args(typing.get_type_hints(TrainConfig)[name])
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not 0 < self.decay_fraction <= 1 or not 0 <= self.muon_momentum < 1:
+            raise ValueError(
+                f"need 0 < decay_fraction <= 1 and 0 <= muon_momentum < 1, got {self.decay_fraction}, "
+                f"{self.muon_momentum}"
+            )
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         unknown = set(self.model_args) - model_arg_names()

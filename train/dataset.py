@@ -114,6 +114,63 @@ class BatchSampler:
         return {"seed": self.seed, "slots": self.slots, "batch_size": self.batch_size}
 
 
+class AlignedBatchSampler(BatchSampler):
+    """``--windows aligned``: training windows that start at document starts, drawn like BatchSampler's.
+
+    A window's input starts on the ``<|endoftext|>`` that ends the previous document (at position 0 for the first
+    document), so its first target is the document's first token and the separator serves as the beginning-of-
+    sequence token. The window then runs on through the following documents: several short documents pack into it
+    in corpus order, and the last one is cut where the window ends (simpler than best-fit packing, and no token
+    is dropped from the stream). A document longer than a window is split into pieces: starts every
+    ``context_length`` tokens, so the pieces' targets tile the whole document.
+
+    Starts are drawn as BatchSampler draws them, a position uniform over the corpus from a generator seeded by
+    (seed, step), then moved back to the start of its document piece: a piece is drawn in proportion to its length
+    (long documents are not under-sampled), and batches stay a pure function of (seed, step), so resumes and
+    multi-process runs reproduce a single uninterrupted run.
+    """
+
+    def __init__(self, data: np.ndarray, batch_size: int, context_length: int, seed: int, slots: int, eot_id: int):
+        super().__init__(data, batch_size, context_length, seed, slots)
+        self.eot_id = eot_id
+        self.piece_starts = piece_starts(data, eot_id, context_length)
+
+    def starts(self, step: int) -> np.ndarray:
+        drawn = super().starts(step)
+        return self.piece_starts[np.searchsorted(self.piece_starts, drawn, side="right") - 1]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "windows": "aligned", "eot_id": self.eot_id}
+
+
+def piece_starts(data: np.ndarray, eot_id: int, context_length: int) -> np.ndarray:
+    """Sorted window starts: 0, each <|endoftext|>, and every context_length tokens into a longer document.
+
+    Only starts that leave room for a whole window (``context_length`` + 1 tokens) are kept; 0 always is.
+    """
+    chunk = 1 << 24
+    eots = [i + np.flatnonzero(np.asarray(data[i : i + chunk]) == eot_id) for i in range(0, len(data), chunk)]
+    bounds = np.unique(np.concatenate([[0], *eots, [len(data)]]).astype(np.int64))
+    lengths = np.diff(bounds)  # a document's span: its opening separator up to the next one
+    pieces = -(-lengths // context_length)  # ceil
+    first = np.repeat(bounds[:-1], pieces)
+    offset = np.arange(len(first)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # 0, 1, ... within a document
+    starts = first + offset * context_length
+    return starts[starts <= len(data) - context_length - 1]
+
+
+def batch_sampler(windows: str, data, batch_size: int, context_length: int, seed: int, slots: int, eot_id):
+    """The training sampler of ``--windows``: "uniform" (BatchSampler) or "aligned" (needs the separator's id)."""
+    if windows == "uniform":
+        return BatchSampler(data, batch_size, context_length, seed, slots)
+    if eot_id is None:
+        raise ValueError(
+            f"--windows aligned needs to know where documents end: a tokenizer with {EOT} "
+            "(with .npy data, pass the --tokenizer it was encoded with)"
+        )
+    return AlignedBatchSampler(data, batch_size, context_length, seed, slots, eot_id)
+
+
 def eval_starts(num_tokens: int, context_length: int, num_windows: int) -> np.ndarray:
     """Starts of the fixed validation windows: ``num_windows`` spread evenly over the split, or (0) all of it.
 

@@ -25,7 +25,7 @@ import torch
 from model import load_model
 from model.generate import generate_batch, stream
 from model.hf import export_hf, import_hf
-from train.checkpoint import list_checkpoints
+from train.rundir import RunDir
 
 
 def checkpoint_and_tokenizer(args) -> tuple[Path, Path]:
@@ -35,7 +35,7 @@ def checkpoint_and_tokenizer(args) -> tuple[Path, Path]:
             raise ValueError("give --run RUNDIR, or both --checkpoint and --tokenizer")
         return Path(args.checkpoint), Path(args.tokenizer)
     run = Path(args.run)
-    checkpoints = list_checkpoints(run)
+    checkpoints = RunDir(run).checkpoints()
     if not checkpoints:
         raise FileNotFoundError(f"--run {run}: no ckpt_*.pt in it")
     return Path(args.checkpoint or checkpoints[-1]), Path(args.tokenizer or run / "tokenizer")

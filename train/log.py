@@ -89,12 +89,17 @@ class RunLogger:
 
         train = [r for r in self.rows if r.get("train_loss") is not None]
         val = [r for r in self.rows if r.get("val_loss") is not None]
+        factor = next((r["val_bpb"] / r["val_loss"] for r in val if r.get("val_bpb") and r["val_loss"]), None)
         for x_key, x_label in (("step", "step"), ("time_s", "wall-clock seconds")):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             ax.plot([r[x_key] for r in train], [r["train_loss"] for r in train], label="train", lw=1)
             ax.plot([r[x_key] for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3)
             ax.set_xlabel(x_label)
             ax.set_ylabel("cross-entropy loss (nats/token)")
+            if factor:  # a fixed multiple of the validation loss (train/metrics.py)
+                ax.secondary_yaxis("right", functions=(lambda y: y * factor, lambda b: b / factor)).set_ylabel(
+                    "validation bits per byte"
+                )
             ax.set_title(self.run.path.name)
             ax.grid(alpha=0.3)
             ax.legend()
@@ -112,7 +117,8 @@ def format_row(row: dict) -> str:
     if row.get("train_loss") is not None:
         parts.append(f"loss {row['train_loss']:.4f}")
     if row.get("val_loss") is not None:
-        parts.append(f"val {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})")
+        bpb = "" if row.get("val_bpb") is None else f", {row['val_bpb']:.4f} bpb"
+        parts.append(f"val {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f}{bpb})")
     if row.get("lr") is not None:
         parts.append(f"lr {row['lr']:.2e}")
     if row.get("grad_norm") is not None:

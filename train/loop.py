@@ -22,12 +22,15 @@ import kernels
 from model import ModelConfig, TransformerLM, flops_per_token, generate, param_counts
 from train.checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint, set_rng_state
 from train.config import TrainConfig
-from train.dataset import EOT, BatchSampler, batch_from_starts, check_length, eval_starts, open_tokens, resolve_data
+from train.dataset import EOT, batch_from_starts, batch_sampler, check_length, eval_starts, open_tokens, resolve_data
 from train.dataset import tokenizer_digest
 from train.distributed import Dist, init_distributed, shutdown
 from train.log import RunLogger, peak_flops, perplexity
-from train.optim import AdamW, clip_grad_norm, cosine_lr
+from train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
+from train.optim import clip_grad_norm
+from train.optimizers import build_optimizer
 from train.rundir import RunDir, open_run, read_json, write_json
+from train.schedule import Schedule, build_schedule, resume_schedule
 
 # ModelConfig fields that choose how the same model is computed, not what it is: a resumed run may change them.
 RUNTIME_MODEL_FIELDS = ("kernels",)
@@ -58,7 +61,9 @@ class Model:
     raw: TransformerLM  # the plain module: parameters, checkpoints, sampling
     train: torch.nn.Module  # compiled and/or DDP-wrapped: the training forward
     eval: torch.nn.Module  # compiled but not DDP: evaluation needs no gradient hooks, no collective per forward
-    optimizer: AdamW
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule  # the learning rate of every step (a resumed run keeps the one its steps were trained with)
+    schedule_note: str  # what resuming did to the schedule, for the console ("" when nothing)
     backend: str  # the resolved kernels: "triton" or "eager"
     start: int  # the last step already trained (0: a new run)
     elapsed_s: float  # wall-clock seconds of the steps before ``start``
@@ -73,6 +78,7 @@ class Outcome:
     val_loss: float
     best_val: float
     wall_s: float
+    bpb_factor: float | None  # val bits per byte = val loss x this (None: no tokenizer, so the bytes are unknown)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -109,7 +115,7 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
             print(f"{run_dir} has finished its steps: nothing to do (give a larger --steps to train it further)")
             return read_json(run_dir.summary)
         data = prepare_data(cfg, info, run_dir)
-        model = build_model(cfg, data, checkpoint, info, device, dtype)
+        model = build_model(cfg, run_dir, data, checkpoint, info, device, dtype)
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         logger = start_log(cfg, info, run_dir, data, model, device, dtype)
         outcome = train(cfg, info, device, autocast, run_dir, data, model, logger)
@@ -197,7 +203,7 @@ def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
 # ---- model and optimizer --------------------------------------------------------------------------------------
 
 
-def build_model(cfg, data: Data, checkpoint: dict | None, info: Dist, device, dtype) -> Model:
+def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info: Dist, device, dtype) -> Model:
     sizes = dict(vocab_size=data.vocab_size, context_length=data.context_length)
     config = ModelConfig.preset(cfg.model, **cfg.model_args, **sizes)
     if checkpoint is not None:
@@ -211,8 +217,10 @@ def build_model(cfg, data: Data, checkpoint: dict | None, info: Dist, device, dt
     if cfg.preflight and device.type == "cuda" and backend == "triton":
         preflight(config, data.context_length, dtype, device, cfg.seed)
     optimizer = build_optimizer(cfg, raw)
+    schedule, schedule_note = build_schedule(cfg, total_steps(cfg, info)), ""
     start, elapsed_s = 0, 0.0
-    if checkpoint is not None:
+    if checkpoint is not None:  # (an extended WSD run may continue from its pre-decay checkpoint instead)
+        schedule, checkpoint, schedule_note = resume_schedule(schedule, checkpoint, run_dir, info.main)
         start = apply_checkpoint(checkpoint, raw, optimizer)
         set_rng_state(checkpoint["rng"])
         elapsed_s = checkpoint.get("elapsed_s", 0.0)
@@ -221,18 +229,7 @@ def build_model(cfg, data: Data, checkpoint: dict | None, info: Dist, device, dt
     if info.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
-    return Model(config, raw, wrapped, compiled, optimizer, backend, start, elapsed_s)
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings; not the norm gains
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.max_lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-    )
+    return Model(config, raw, wrapped, compiled, optimizer, schedule, schedule_note, backend, start, elapsed_s)
 
 
 def check_same_model(saved: dict, config: ModelConfig):
@@ -267,6 +264,8 @@ def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device
         f"vocab {data.vocab_size}, {total_steps(cfg, info)} steps of {tokens_per_step(cfg, info):,} tokens on "
         f"{info.world_size} x {device} ({str(dtype).removeprefix('torch.')}, kernels {model.backend}){resuming}"
     )
+    if model.schedule_note:
+        print(model.schedule_note)
     return logger
 
 
@@ -275,9 +274,12 @@ def saved_config(cfg: TrainConfig, run_dir: RunDir) -> dict:
     return {**cfg.to_dict(), "out_dir": str(run_dir), "resume": None, "force": False}
 
 
-def save(run_dir: RunDir, model: Model, sampler: BatchSampler, cfg: TrainConfig, step: int, elapsed_s: float):
+def save(run_dir: RunDir, model: Model, sampler, cfg: TrainConfig, step: int, elapsed_s: float):
     extra = dict(model_config=asdict(model.config), train_config=saved_config(cfg, run_dir), elapsed_s=elapsed_s)
-    save_checkpoint(model.raw, model.optimizer, step, run_dir.checkpoint(step), sampler=sampler.state_dict(), **extra)
+    extra.update(sampler=sampler.state_dict(), schedule=model.schedule.state_dict())
+    save_checkpoint(model.raw, model.optimizer, step, run_dir.checkpoint(step), **extra)
+    if step == model.schedule.predecay_step:  # what a longer run re-decays from (the pruner keeps it)
+        save_checkpoint(model.raw, model.optimizer, step, run_dir.predecay(step), **extra)
     run_dir.prune(cfg.keep_ckpts)
 
 
@@ -296,9 +298,14 @@ def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device
 
 def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model: Model, logger) -> Outcome:
     steps, per_step, start = total_steps(cfg, info), tokens_per_step(cfg, info), model.start
-    cosine_steps = cfg.cosine_steps or steps
-    sampler = BatchSampler(data.train, cfg.batch_size, data.context_length, cfg.seed, cfg.grad_accum * info.world_size)
+    tokenizer, slots = data.tokenizer, cfg.grad_accum * info.world_size
+    eot_id = tokenizer.special_token_id(EOT) if tokenizer is not None and EOT in tokenizer.special_tokens else None
+    sampler = batch_sampler(cfg.windows, data.train, cfg.batch_size, data.context_length, cfg.seed, slots, eot_id)
     val_starts = eval_starts(len(data.val), data.context_length, cfg.eval_batches * cfg.batch_size * info.world_size)
+    bpb_factor = None
+    if tokenizer is not None:
+        lengths = token_byte_lengths(tokenizer, data.vocab_size)
+        bpb_factor = bits_per_byte_factor(data.val, val_starts, data.context_length, lengths)
     diverge_loss = cfg.diverge_loss or 2 * math.log(data.vocab_size)
     flops, peak = flops_per_token(model.config), peak_flops(device)
     params = list(model.raw.parameters())
@@ -310,11 +317,12 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
     if start == 0:
         val_loss = best_val = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
         if logger:
-            logger.log({"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+            row = {"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+            logger.log({**row, "val_bpb": bits_per_byte(val_loss, bpb_factor)})
     t_report, step_report = time.perf_counter(), start
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
     for step in range(start + 1, steps + 1):
-        lr = cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cosine_steps)
+        lr = model.schedule.lr(step)
         for group in model.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
@@ -332,7 +340,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
         bar.update()
 
         is_eval = step % cfg.eval_interval == 0 or step == steps
-        is_ckpt = step % cfg.ckpt_interval == 0 or step == steps
+        is_ckpt = step % cfg.ckpt_interval == 0 or step == steps or step == model.schedule.predecay_step
         if not (is_eval or is_ckpt or step % cfg.log_interval == 0):
             continue
         # A report step: sync, check for divergence before anything is saved, then log.
@@ -358,7 +366,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
         if is_eval:
             val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
             best_val = min(best_val, val_loss)
-            row.update(val_loss=val_loss, val_ppl=perplexity(val_loss))
+            row.update(val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bits_per_byte(val_loss, bpb_factor))
         if logger:
             logger.log(row)
             bar.set_postfix(loss=f"{train_loss:.3f}")
@@ -371,7 +379,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
     if val_loss is None:  # resumed a run that had already reached its steps
         val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
     wall_s = model.elapsed_s + time.perf_counter() - t0
-    return Outcome(status, message, step_report, train_loss, val_loss, min(best_val, val_loss), wall_s)
+    return Outcome(status, message, step_report, train_loss, val_loss, min(best_val, val_loss), wall_s, bpb_factor)
 
 
 def diverged_message(step: int, train_loss: float, norm: float, limit: float, run_dir: RunDir) -> str:
@@ -399,6 +407,8 @@ def finish(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, out: Outc
         "final_val_loss": out.val_loss,
         "best_val_loss": out.best_val,
         "final_val_ppl": perplexity(out.val_loss),
+        "final_val_bpb": bits_per_byte(out.val_loss, out.bpb_factor),
+        "best_val_bpb": bits_per_byte(out.best_val, out.bpb_factor),
         "tokens_per_s": (out.step - model.start) * per_step / max(out.wall_s - model.elapsed_s, 1e-9),
         "wall_s": out.wall_s,
         "params": param_counts(model.config)[0],

@@ -1,4 +1,4 @@
-"""The optimizer, the learning-rate schedule and gradient clipping: three small pieces with no state of their own
+"""The optimizer and gradient clipping: two small pieces with no state of their own
 beyond what ``torch.optim.Optimizer`` keeps (so they checkpoint through ``optimizer.state_dict()``)."""
 
 import math
@@ -69,24 +69,6 @@ class AdamW(torch.optim.Optimizer):
                 torch._foreach_add_(denom, eps)
                 torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - beta1**t))
         return loss
-
-
-def cosine_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_cycle_iters: int) -> float:
-    """Learning rate at iteration ``it``: linear warmup from 0, cosine decay to ``min_lr``, then flat.
-
-    1. it < warmup_iters: max_lr * it / warmup_iters.
-    2. warmup_iters <= it <= cosine_cycle_iters: min_lr + (max_lr - min_lr) * (1 + cos(pi * progress)) / 2,
-       progress going from 0 to 1 over the cycle.
-    3. it > cosine_cycle_iters: min_lr.
-    """
-    if it < warmup_iters:
-        return max_lr * it / warmup_iters
-    if it > cosine_cycle_iters:
-        return min_lr
-    if cosine_cycle_iters == warmup_iters:  # a cycle of length 0: warmup ends exactly at the bottom
-        return min_lr
-    progress = (it - warmup_iters) / (cosine_cycle_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -7,6 +7,8 @@ A run directory holds (each name is defined here and nowhere else)::
     metrics.jsonl                  one JSON row per report step
     loss_steps.png, loss_time.png  the loss plots
     ckpt_XXXXXX.pt                 checkpoints (train.checkpoint's format), each with its ckpt_XXXXXX.pt.sha256
+    predecay_XXXXXX.pt             a WSD run's last step at max_lr, which an extension re-decays from (never pruned)
+    decayed_XXXXXX/                an extended WSD run's old decay: its checkpoints, metrics and summary
     tokenizer/                     a copy of the tokenizer the run trains with
     sample.txt                     the story sampled at the end
     summary.json                   written last
@@ -44,6 +46,7 @@ SAMPLE_FILE = "sample.txt"
 TOKENIZER_DIR = "tokenizer"
 PLOT_FILES = {"step": "loss_steps.png", "time_s": "loss_time.png"}  # x axis -> file
 CKPT_GLOB = "ckpt_*.pt"
+PREDECAY_PREFIX = "predecay_"
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint is set aside under this suffix, never deleted
 
 
@@ -186,6 +189,24 @@ class RunDir:
     def checkpoints(self) -> list[Path]:
         """The run's checkpoints, oldest first (names carry the zero-padded iteration)."""
         return sorted(self.path.glob(CKPT_GLOB))
+
+    def predecay(self, iteration: int) -> Path:
+        return self.path / (PREDECAY_PREFIX + ckpt_name(iteration).removeprefix("ckpt_"))
+
+    def archive_decay(self, step: int, end: int) -> Path:
+        """Move the checkpoints after ``step`` aside, with copies of the metrics and summary of the decay ending at
+        ``end`` (the resumed run then truncates its own copies)."""
+        archive = self.path / f"decayed_{end:06d}"
+        archive.mkdir(exist_ok=True)
+        for path in self.checkpoints():
+            if int(path.stem.removeprefix("ckpt_")) > step:
+                for f in (path, checksum_path(path)):
+                    if f.is_file():
+                        os.replace(f, archive / f.name)
+        for f in (self.metrics, self.summary):
+            if f.is_file():
+                shutil.copy2(f, archive / f.name)
+        return archive
 
     def prune(self, keep: int):
         for path in self.checkpoints()[:-keep]:

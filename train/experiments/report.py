@@ -128,7 +128,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
     for r in ranked(rows):
         s = r["summary"] or {}
         if r["status"] == "diverged":  # its summary's val loss is from before it went wrong: not a result
-            s = {k: v for k, v in s.items() if k not in ("final_val_loss", "best_val_loss", "tokens_per_s")}
+            results = ("final_val_loss", "best_val_loss", "best_val_bpb", "tokens_per_s")
+            s = {k: v for k, v in s.items() if k not in results}
         out.append(
             {
                 "variant": r["name"],
@@ -139,6 +140,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
                 "tokens": s.get("tokens"),
                 "final_val_loss": s.get("final_val_loss"),
                 "best_val_loss": s.get("best_val_loss"),
+                "best_val_bpb": s.get("best_val_bpb"),  # bits per byte: comparable across tokenizers
                 "final_train_loss": s.get("final_train_loss"),
                 "tokens_per_s": s.get("tokens_per_s"),
                 "wall_s": s.get("wall_s"),
@@ -153,15 +155,16 @@ def markdown_table(table: list[dict]) -> str:
         return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
 
     lines = [
-        "| # | variant | change | params | steps | tokens | final val | best val | final train | tokens/s | wall "
-        "| status |",
-        "|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| # | variant | change | params | steps | tokens | final val | best val | best val bpb | final train "
+        "| tokens/s | wall | status |",
+        "|--:|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for i, t in enumerate(table, 1):
         lines.append(
             f"| {i if t['status'] == 'finished' else ''} | {t['variant']} | {t['change']} | {num(t['params'], ',')} "
             f"| {num(t['steps'], 'd')} | {num(t['tokens'], ',')} | {num(t['final_val_loss'], '.4f')} "
-            f"| {num(t['best_val_loss'], '.4f')} | {num(t['final_train_loss'], '.4f')} "
+            f"| {num(t['best_val_loss'], '.4f')} | {num(t.get('best_val_bpb'), '.4f')} "
+            f"| {num(t['final_train_loss'], '.4f')} "
             f"| {num(t['tokens_per_s'], ',.0f')} | {num(t['wall_s'], '.0f')} s "
             f"| {'**diverged**' if t['status'] == 'diverged' else t['status']} |"
         )
@@ -212,7 +215,8 @@ def build_report(suite_dir: str | Path, out_dir: str | Path | None = None, notes
         f"Base config: preset `{base['model']}` (model overrides: {model_args}), "
         f"data `{base['train_data'] or 'embedded TinyStories excerpt'}`, batch {base['batch_size']} x "
         f"{base['grad_accum']} accumulated of {context} tokens, {base['steps']} steps, "
-        f"max lr {base['max_lr']:g} -> min lr {base['min_lr']:g} (cosine, {base['warmup_steps']} warmup steps), "
+        f"max lr {base['max_lr']:g} -> min lr {base['min_lr']:g} ({base.get('schedule', 'cosine')}, "
+        f"{base['warmup_steps']} warmup steps), {'Muon + ' if base.get('optimizer') == 'muon' else ''}"
         f"AdamW betas ({base['beta1']}, {base['beta2']}), weight decay {base['weight_decay']}, "
         f"clip {base['grad_clip']}, seed {base['seed']}, "
         f"{base['eval_batches']} validation batches every {base['eval_interval']} steps. "

@@ -102,7 +102,69 @@ def batch(base: TrainConfig) -> list[Variant]:
     return variants
 
 
-SUITES: dict[str, Callable[[TrainConfig], list[Variant]]] = {"ablations": ablations, "lr": lr, "batch": batch}
+OPTIMIZER_LR_FACTORS = (0.3, 1.0, 3.0)
+
+
+def optimizer(base: TrainConfig) -> list[Variant]:
+    """AdamW against Muon (on the hidden matrices, AdamW on the rest) at the base's lr and 0.3x, 3x around it.
+
+    Muon's update is scaled to an AdamW update's RMS (train/muon.py), so the same max_lr is a fair comparison
+    point for both; each still gets three lrs, as their best lr need not coincide.
+    """
+    return [
+        Variant(f"{label}-lr={base.max_lr * f:.3g}", {"optimizer": name, **scaled_lr(base, f)}, f"{note}, lr x {f:g}")
+        for label, name, note in (
+            ("adamw", "ours", "AdamW everywhere"),
+            ("muon", "muon", "Muon on hidden matrices, AdamW on the rest"),
+        )
+        for f in OPTIMIZER_LR_FACTORS
+    ]
+
+
+def schedule(base: TrainConfig) -> list[Variant]:
+    """Cosine against warmup-stable-decay at the base's length, and each extended to twice that length.
+
+    An extension (``--resume RUN --steps 2N``) of a run is bitwise the run of the config given here (resumes are
+    exact, and tests/test_schedule.py holds that the extended schedule is the one below), so each extension runs as
+    a fresh config: a cosine extended keeps its floor from step N on (cosine_steps = N); a WSD run extended
+    continues its stable phase and decays over the last fraction of 2N, which is a 2N-step WSD run.
+    """
+    if base.tokens:
+        raise ValueError("the schedule suite doubles the base's --steps: give --steps rather than --tokens")
+    n = base.steps
+    longer = {"steps": 2 * n}
+    return [
+        Variant("cosine", {"schedule": "cosine"}, f"cosine to min_lr at step {n}"),
+        Variant("wsd", {"schedule": "wsd"}, f"WSD, {base.decay_shape} decay over the last {base.decay_fraction:g}"),
+        Variant(
+            "cosine-extended",
+            {"schedule": "cosine", "cosine_steps": n, **longer},
+            f"cosine run extended to {2 * n}: its floor from step {n}",
+        ),
+        Variant("wsd-extended", {"schedule": "wsd", **longer}, f"WSD run extended to {2 * n}: re-decayed at the end"),
+    ]
+
+
+def documents(base: TrainConfig) -> list[Variant]:
+    """Training windows drawn anywhere against windows that start at documents (validation is the same for both).
+
+    Attention still crosses the documents packed into an aligned window; masking it (aligned+masked) needs the
+    document-aware attention kernel and is left for that change.
+    """
+    return [
+        Variant("uniform", {"windows": "uniform"}, "windows start at any token"),
+        Variant("aligned", {"windows": "aligned"}, "windows start at an end-of-text token, short documents packed"),
+    ]
+
+
+SUITES: dict[str, Callable[[TrainConfig], list[Variant]]] = {
+    "ablations": ablations,
+    "lr": lr,
+    "batch": batch,
+    "optimizer": optimizer,
+    "schedule": schedule,
+    "documents": documents,
+}
 
 
 def load_spec(path: str) -> tuple[str, list[Variant]]:

@@ -1,0 +1,80 @@
+"""Document-aligned training windows (--windows aligned) against a token-by-token reference on awkward boundaries."""
+
+import numpy as np
+import pytest
+
+from train.dataset import AlignedBatchSampler, BatchSampler, batch_sampler, piece_starts
+
+EOT, T = 0, 4  # the separator's id, and the window length
+
+
+def reference_starts(data, context_length: int) -> list[int]:
+    """Walk the tokens: a piece starts at 0, at each separator, and context_length tokens after a piece start that
+    is still in the same document; keep the starts with room for a whole window."""
+    starts, piece = [], None
+    for i, token in enumerate(data):
+        if i == 0 or token == EOT or i - piece == context_length:
+            piece = i
+            starts.append(i)
+    return [s for s in starts if s + context_length + 1 <= len(data)]
+
+
+# Documents between separators: "a" of length 1 twice in a row, one that fills a window exactly (T - 1 tokens, then
+# its separator is the last target), a long one of 2.5 windows, an empty one (two separators in a row), and no
+# separator at the start or the end.
+DOCS = [[7, 8], [5], [6], [1, 2, 3], list(range(1, 11)), [], [9, 9, 9], [4] * 6]
+
+
+def corpus() -> np.ndarray:
+    out = list(DOCS[0])
+    for doc in DOCS[1:]:
+        out += [EOT, *doc]
+    return np.array(out, dtype=np.uint16)
+
+
+def test_piece_starts_match_the_reference():
+    data = corpus()
+    for context in (1, 2, T, 5, 11):
+        assert piece_starts(data, EOT, context).tolist() == reference_starts(data, context)
+    eot = np.flatnonzero(data == EOT)
+    starts = piece_starts(data, EOT, T)
+    assert {0, *eot[eot <= len(data) - T - 1]} <= set(starts)  # every document that fits opens a window
+
+
+def test_windows_on_awkward_boundaries():
+    data = corpus()
+    starts = piece_starts(data, EOT, T)
+    windows = {int(s): data[s : s + T + 1] for s in starts}
+    one_doc = int(np.flatnonzero(data == 1)[0]) - 1  # the separator before [1, 2, 3]
+    assert windows[one_doc].tolist() == [EOT, 1, 2, 3, EOT]  # a window that is exactly one document
+    short = int(np.flatnonzero(data == 5)[0]) - 1
+    assert windows[short].tolist() == [EOT, 5, EOT, 6, EOT]  # two documents of length 1 packed into one window
+    long = one_doc + 4  # the separator before range(1, 11): pieces every T tokens
+    assert [s for s in starts if long <= s < long + 11] == [long, long + 4, long + 8]
+    targets = set()
+    for s in (long, long + 4, long + 8):
+        targets |= set(range(s + 1, s + T + 1))
+    assert set(range(long + 1, long + 12)) <= targets  # the long document and its separator are all targets
+
+
+def test_sampled_starts_snap_to_their_piece_and_are_a_function_of_seed_and_step():
+    data = np.tile(corpus(), 5)
+    aligned = AlignedBatchSampler(data, 3, T, seed=7, slots=2, eot_id=EOT)
+    uniform = BatchSampler(data, 3, T, seed=7, slots=2)
+    pieces = reference_starts(data, T)
+    for step in range(1, 20):
+        for drawn, start in zip(uniform.starts(step), aligned.starts(step)):
+            assert start == max(p for p in pieces if p <= drawn)  # the piece holding the uniformly drawn position
+        again = AlignedBatchSampler(data, 6, T, seed=7, slots=1, eot_id=EOT)  # a resumed run, or other ranks
+        np.testing.assert_array_equal(again.starts(step), aligned.starts(step))
+        x, y = aligned.batch(step, 1, "cpu")
+        assert x.shape == y.shape == (3, T) and (x[:, 1:] == y[:, :-1]).all()
+    assert aligned.state_dict()["windows"] == "aligned"
+
+
+def test_choice_and_errors():
+    data = corpus()
+    assert type(batch_sampler("uniform", data, 2, T, 0, 1, None)) is BatchSampler
+    assert type(batch_sampler("aligned", data, 2, T, 0, 1, EOT)) is AlignedBatchSampler
+    with pytest.raises(ValueError, match="--windows aligned needs .* --tokenizer"):
+        batch_sampler("aligned", data, 2, T, 0, 1, None)

@@ -1,0 +1,143 @@
+"""Muon: Newton-Schulz against an SVD in fp64, the band its singular values land in, bf16 stability, the update rule,
+the optimizer split, exact resume, and 1 vs 2 DDP processes."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_train_run import ROOT, TINY_FLAGS, tiny
+
+import model as model_pkg
+from train import run
+from train.config import load_run_config, make_config
+from train.log import read_metrics
+from train.muon import BAND, NS_COEFFICIENTS, NS_STEPS, Muon, Optimizers, orthogonalize
+from train.optim import AdamW
+from train.optimizers import build_optimizer
+
+SHAPES = [(6, 6), (7, 5), (5, 7), (1, 9), (33, 17), (17, 33)]  # square, tall, wide, a row, ragged
+
+
+def quintic(s: np.ndarray, steps: int = NS_STEPS) -> np.ndarray:
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        s = a * s + b * s**3 + c * s**5
+    return s
+
+
+def conditioned(shape, seed: int, spread: float = 20.0) -> torch.Tensor:
+    """A random matrix whose singular values span a factor ``spread`` (so each is >= 0.003 of the norm)."""
+    g = torch.Generator().manual_seed(seed)
+    p, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g, dtype=torch.float64))
+    q, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=g, dtype=torch.float64))
+    k = min(shape)
+    s = torch.logspace(0, -math.log10(spread), k, dtype=torch.float64)
+    return (p[:, :k] * s) @ q[:, :k].T
+
+
+def test_the_band_holds_for_every_singular_value_above_0_003():
+    assert NS_COEFFICIENTS == (3.4445, -4.7750, 2.0315)  # the Muon write-up's, whose band the docstring argues
+    s = quintic(np.linspace(0.003, 1.0, 100_001))
+    assert BAND[0] <= s.min() and s.max() <= BAND[1]
+    assert quintic(np.array([0.001]))[0] < BAND[0]  # and below that it does not: the 0.003 is needed
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_newton_schulz_is_the_quintic_on_each_singular_value(shape):
+    u = conditioned(shape, seed=sum(shape))
+    p, s, qt = torch.linalg.svd(u, full_matrices=False)
+    want = (p * torch.from_numpy(quintic((s / s.norm()).numpy()))) @ qt  # same vectors, values through p^5
+    got = orthogonalize(u.float())
+    assert got.dtype == torch.float32 and got.shape == shape
+    # Each iteration rounds three fp32 matmuls of inner size <= 33 (relative ~ 33 x 2^-24 = 2e-6); the quintic's
+    # slope is at most 3.44 (at 0), so 5 iterations amplify an error at most 3.44^5 ~ 500x: ~ 1e-3 at worst.
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=0)
+    sv = torch.linalg.svdvals(got.double())
+    assert BAND[0] - 1e-3 <= sv.min() and sv.max() <= BAND[1] + 1e-3  # orthogonal up to the band
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_bf16_iteration_stays_in_the_band(scale):
+    """bf16 rounds each matmul to 2^-9 relative; the band attracts, so errors do not add up over the iterations:
+    the result is within the band widened by a few bf16 roundings of the last iteration (0.05)."""
+    for shape in SHAPES:
+        u = (conditioned(shape, seed=3) * scale).to(torch.bfloat16)
+        got = orthogonalize(u, dtype=torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        sv = torch.linalg.svdvals(got.double())
+        assert BAND[0] - 0.05 <= sv.min() and sv.max() <= BAND[1] + 0.05, (shape, sv)
+    assert orthogonalize(torch.zeros(4, 3, dtype=torch.bfloat16)).abs().max() == 0  # no 0/0
+    rank_one = torch.outer(torch.arange(1.0, 6.0), torch.ones(3))  # one direction: it gets one unit singular value
+    assert torch.linalg.svdvals(orthogonalize(rank_one)).tolist() == pytest.approx([1.0, 0, 0], abs=0.35)
+
+
+def test_muon_step_is_the_documented_update():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(7, 5))
+    start, lr, mu, wd = w.detach().clone(), 0.01, 0.9, 0.1
+    opt = Muon([w], lr=lr, momentum=mu, weight_decay=wd)
+    g1, g2 = torch.randn(7, 5), torch.randn(7, 5)
+    w.grad = g1
+    opt.step()
+    m = (1 - mu) * g1
+    want = start * (1 - lr * wd) - lr * 0.2 * math.sqrt(7) * orthogonalize((1 - mu) * g1 + mu * m)
+    torch.testing.assert_close(w.detach(), want)
+    w.grad = g2
+    opt.step()
+    m = mu * m + (1 - mu) * g2
+    want = want * (1 - lr * wd) - lr * 0.2 * math.sqrt(7) * orthogonalize((1 - mu) * g2 + mu * m)
+    torch.testing.assert_close(w.detach(), want)
+    with pytest.raises(ValueError, match="matrices only"):
+        Muon([torch.nn.Parameter(torch.ones(3))])
+
+
+def test_build_optimizer_splits_hidden_matrices_from_the_rest():
+    model = model_pkg.TransformerLM(model_pkg.ModelConfig.preset("tiny", d_model=32, num_heads=2, vocab_size=64))
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = build_optimizer(make_config(optimizer="muon"), model)
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, Muon) and isinstance(adamw, AdamW)
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    shapes = dict(model.named_parameters())
+    assert in_muon == {n for n, p in shapes.items() if n.startswith("layers.") and p.dim() == 2}
+    assert {"token_embeddings.weight", "lm_head.weight"} | {n for n, p in shapes.items() if p.dim() == 1} == in_adamw
+    assert in_muon.isdisjoint(in_adamw) and len(in_muon | in_adamw) == len(names)
+    assert isinstance(build_optimizer(make_config(), model), AdamW)  # --optimizer ours: AdamW on everything
+
+
+def test_muon_run_resumes_bitwise(tokens, tmp_path):
+    ref = run(tiny(tokens, tmp_path / "ref", optimizer="muon", max_lr=0.02, min_lr=0.002))
+    part = tiny(tokens, tmp_path / "part", optimizer="muon", max_lr=0.02, min_lr=0.002, steps=10, cosine_steps=20)
+    run(part)
+    resumed = run(make_config(load_run_config(tmp_path / "part"), resume=str(tmp_path / "part"), steps=20))
+    assert ref["status"] == resumed["status"] == "finished"
+    keys = ("step", "train_loss", "val_loss", "grad_norm", "lr")
+    rows = [[tuple(r.get(k) for k in keys) for r in read_metrics(tmp_path / d)] for d in ("ref", "part")]
+    assert rows[0] == rows[1]  # floats compared with ==
+    state = torch.load(tmp_path / "part" / "ckpt_000020.pt", weights_only=True)["optimizer"]
+    assert len(state["optimizers"]) == 2 and state["optimizers"][0]["state"]  # Muon's momenta were saved
+    with pytest.raises(ValueError, match="not this optimizer"):
+        Optimizers(AdamW([torch.nn.Parameter(torch.ones(1))])).load_state_dict({"state": {}, "param_groups": []})
+
+
+def test_muon_ddp_two_gloo_processes_match_one_process(tokens, tmp_path):
+    flags = [*TINY_FLAGS, "--train-data", tokens[0], "--val-data", tokens[1], "--steps", "10", "--optimizer", "muon"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, "-m", "train", *flags, "--batch-size", "8", "--out-dir", str(tmp_path / "one")]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", *flags]
+    ddp += ["--batch-size", "4", "--out-dir", str(tmp_path / "two")]
+    assert subprocess.run(single, env=env, check=False).returncode == 0
+    assert subprocess.run(ddp, env=env, check=False, cwd=ROOT).returncode == 0
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 5, 10]
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        got = [r[key] for r in two if r.get(key) is not None]
+        want = [r[key] for r in one if r.get(key) is not None]
+        # Two ranks sum their gradients in another order than one process: fp32 reassociation, ~1e-7 relative,
+        # through 10 steps of a 2-layer model; as in test_train_run's AdamW DDP test.
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,125 @@
+"""Muon: momentum, then the nearest semi-orthogonal matrix to it, as the update of each hidden weight matrix.
+
+Muon (Keller Jordan et al., 2024, "Muon: An optimizer for hidden layers in neural networks"; the optimizer of the
+modded-nanogpt speedruns) treats a weight matrix W (m x n) as a linear map and steps it along the orthogonalized
+momentum. For gradient G at each step:
+
+    M <- mu M + (1 - mu) G                           momentum (an average of the gradients)
+    U <- (1 - mu) G + mu M                           Nesterov: look one momentum step ahead
+    O <- orthogonalize(U) ~ P Q^T, where U = P S Q^T is the SVD: every singular value set to (about) 1
+    W <- W (1 - lr wd) - lr * 0.2 sqrt(max(m, n)) * O
+
+Why: the gradient of a matrix is typically close to low rank, so plain SGD or Adam spends the step along a few
+dominant directions; O has the same singular vectors with all singular values equal, so rare directions get the same
+step size as common ones. An m x n matrix with unit singular values has RMS 1 / sqrt(max(m, n)), so the scale
+0.2 sqrt(max(m, n)) gives the update the RMS 0.2 of a typical AdamW update (Liu et al., 2025, "Muon is Scalable for
+LLM Training"): one learning rate and one weight decay serve both optimizers, and ``--max-lr`` keeps its meaning.
+
+Orthogonalizing without an SVD: the Newton-Schulz quintic. Divide U by its Frobenius norm, which puts every singular
+value in [0, 1], then repeat X <- a X + b (X X^T) X + c (X X^T)^2 X. With X = P S Q^T, X X^T = P S^2 P^T, so one
+iteration is P (a S + b S^3 + c S^5) Q^T: each singular value goes through the scalar polynomial
+p(s) = a s + b s^3 + c s^5 and the singular vectors stay. The coefficients (a, b, c) = (3.4445, -4.7750, 2.0315) of
+the Muon write-up trade exactness for speed: the slope p'(0) = 3.44 lifts small singular values fast, and in exchange
+the iterates do not converge to 1 but into a band: p maps [0, 1] into [0, 1.2024] and [0.68, 1.2024] into itself, and
+after 5 iterations every singular value that started at >= 0.003 of the norm lies in [0.68, 1.2024] (a grid over s
+shows it; tests/test_muon.py checks it). Since the band is attracting, rounding errors do not accumulate, which is
+why the iteration runs in bf16 on a GPU (tensor cores). On a CPU, where bf16 matmuls are emulated and slow, it runs
+in fp32. Tall matrices are transposed first so X X^T is the smaller k x k Gram matrix, k = min(m, n): an iteration
+costs 4 k^2 max(m, n) + 2 k^3 FLOPs, at d_model 768 about 5 GFLOP for a square matrix's 5 iterations, against the
+6 * 768^2 = 3.5 MFLOP per token of its forward and backward: small next to a step of 10^5 tokens or more.
+
+Only hidden 2-D weights go to Muon: the embedding is a lookup, not a linear map of its input, and the lm_head's
+rows are scored against each other; both, and the norm gains, stay with AdamW (as in the write-up). In DDP every rank
+all-reduces the gradients first and then computes the same orthogonalization, so the ranks stay identical.
+"""
+
+import math
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of p(s) = a s + b s^3 + c s^5
+NS_STEPS = 5
+BAND = (0.68, 1.2024)  # where 5 iterations leave each singular value that started at >= 0.003 of the norm
+RMS_MATCH = 0.2  # the update's RMS, as an AdamW update's
+
+
+def orthogonalize(u: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """About P Q^T for u = P S Q^T (singular values in BAND), by ``steps`` Newton-Schulz quintic iterations.
+
+    u: (m, n), any float dtype; the iteration runs in ``dtype`` (default: bf16 on CUDA, fp32 elsewhere) and the
+    result has u's dtype. A zero matrix stays zero.
+    """
+    if u.dim() != 2:
+        raise ValueError(f"orthogonalize: expected a matrix, got shape {tuple(u.shape)}")
+    dtype = dtype or (torch.bfloat16 if u.is_cuda else torch.float32)
+    a, b, c = NS_COEFFICIENTS
+    x = u.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.mT  # (n, m): the Gram matrix below is then n x n
+    x = x / x.abs().amax().clamp_min(torch.finfo(dtype).tiny)  # entries <= 1: the squares below cannot overflow
+    x = x / x.norm().clamp_min(torch.finfo(dtype).tiny)  # singular values into [0, 1]; a zero matrix stays zero
+    for _ in range(steps):
+        gram = x @ x.mT  # (k, k), k = min(m, n)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(u.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters (see the module docstring): lr, Nesterov momentum ``momentum``, decoupled decay."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
+        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(
+                f"Muon: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
+            )
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon takes matrices only, got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self):  # no closure: the trainer computes its loss itself (and Muon needs just one gradient)
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                m = state["momentum"]
+                m.lerp_(p.grad, 1 - mu)
+                update = orthogonalize(p.grad.lerp(m, mu))
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr * RMS_MATCH * math.sqrt(max(p.shape)))
+
+
+class Optimizers:
+    """Several optimizers stepped, zeroed, checkpointed and scheduled as one (``param_groups`` spans them all)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict):
+        saved = state.get("optimizers")
+        if saved is None or len(saved) != len(self.optimizers):
+            raise ValueError("the checkpoint's optimizer state is not this optimizer's (was it --optimizer ours?)")
+        for o, s in zip(self.optimizers, saved):
+            o.load_state_dict(s)
