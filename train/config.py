@@ -13,8 +13,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from model import ModelConfig
+from train.optim import OPTIMIZERS
 
 CONFIG_FILE = "config.json"
 # Fields of ModelConfig that come from elsewhere: the tokenizer fixes the vocabulary, TrainConfig the context.
@@ -57,6 +59,7 @@ class TrainConfig:
     eps: float = opt(1e-8, "AdamW epsilon")
     weight_decay: float = opt(0.1, "decoupled weight decay, on matrices and embeddings only (not on norm gains)")
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this (0: off)")
+    optimizer: Literal["torch", "ours"] = opt("torch", "AdamW and clipping: torch's fastest (fused) or train/optim.py's")
     # evaluation, logging, checkpoints
     eval_interval: int = opt(100, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(20, "validation batches (global), the same each eval, spread over the split (0: all of it)")
@@ -90,6 +93,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.min_lr <= self.max_lr:
             raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={self.min_lr}, max_lr={self.max_lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         unknown = set(self.model_args) - model_arg_names()

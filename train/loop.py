@@ -33,7 +33,7 @@ from train.config import CONFIG_FILE, TrainConfig
 from train.dataset import EOT, BatchSampler, batch_from_starts, check_length, eval_starts, open_tokens, resolve_data
 from train.distributed import Dist, init_distributed, shutdown
 from train.log import RunLogger, peak_flops, perplexity
-from train.optim import AdamW, clip_grad_norm, cosine_lr
+from train.optim import clip_gradients, cosine_lr, make_adamw
 
 SUMMARY_FILE = "summary.json"
 
@@ -122,8 +122,10 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         preflight(model_config, context_length, dtype, device, cfg.seed)
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]  # matrices and embeddings; not the norm gains
     no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    optimizer = AdamW(
+    optimizer = make_adamw(
+        cfg.optimizer,
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        device,
         lr=cfg.max_lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
@@ -211,7 +213,7 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
                     loss = model(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm(params, cfg.grad_clip or math.inf)
+        grad_norm = clip_gradients(cfg.optimizer, params, cfg.grad_clip or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update()
