@@ -9,7 +9,8 @@ own step (batch sampling, forward, backward, clipping, AdamW); tokens/s is the m
 over the steps after the first two, which hold torch.compile's and Triton's compilation. Providers: ``eager``
 (kernels.eager), ``triton`` (our kernels), ``compile`` (the eager model under torch.compile), and ``naive``
 (bench/naive_train.py: the loop a student writes first, the same model in textbook PyTorch), timed step by step
-on the same batches. On a CPU each case also profiles a few steps of ours and of the naive loop and reports the
+on the same batches in turns with our step ("eager step": the trainer's pieces without its loop). On a CPU each
+case also profiles a few steps of ours and of the naive loop and reports the
 share of the step spent in matmuls (self time of aten::mm/addmm/bmm/matmul/linear), the part no implementation
 can remove, and in the fused attention kernel (whose matmuls happen inside it).
 """
@@ -102,17 +103,19 @@ def measure_trainer(case: BenchCase, provider: str, steps: int, device: str, wor
     return {**stats([r["tokens_per_s"] for r in rows]), "mfu": statistics.median(mfu) if mfu else None}
 
 
-def ours_step_fn(config: ModelConfig, compile: bool):
-    """The trainer's step from its own pieces (model, fused loss, clip_gradients, make_adamw), for the profiler."""
+def ours_step_fn(config: ModelConfig):
+    """The trainer's step from its own pieces (model, fused loss, clip_gradients, make_adamw), for the profiler.
+
+    Its row ("eager step") is timed in turns with the naive loop: the ratio the trainer row is checked by.
+    """
     model = TransformerLM(config)
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
     optimizer = make_adamw("torch", groups, torch.device("cpu"), lr=1e-3, betas=(0.9, 0.95))
-    forward = torch.compile(model) if compile else model
     params = list(model.parameters())
 
     def step(ids, targets):
-        loss = forward(ids, targets)
+        loss = model(ids, targets)
         loss.backward()
         clip_gradients("torch", params, 1.0)
         optimizer.step()
@@ -122,16 +125,20 @@ def ours_step_fn(config: ModelConfig, compile: bool):
     return step
 
 
-def time_steps(step, case: BenchCase, steps: int, workdir: str) -> dict:
-    """tokens/s of each of ``steps`` steps on the trainer's batches, after warm-up."""
+def time_steps(steps_by_name: dict, case: BenchCase, steps: int, workdir: str) -> dict:
+    """tokens/s of each step function over ``steps`` steps on the trainer's batches, after warm-up.
+
+    The functions take turns step by step, so a load that comes and goes on a shared machine hits them alike.
+    """
     sampler = BatchSampler(np.load(random_tokens(workdir)), case.batch, case.context, seed=0, slots=1)
-    rates = []
+    rates = {name: [] for name in steps_by_name}
     for i in range(steps):
         ids, targets = sampler.batch(i, 0, "cpu")
-        t0 = time.perf_counter()
-        step(ids, targets)
-        rates.append(case.batch * case.context / (time.perf_counter() - t0))
-    return {**stats(rates[WARMUP_STEPS:]), "mfu": None}
+        for name, step in steps_by_name.items():
+            t0 = time.perf_counter()
+            step(ids, targets)
+            rates[name].append(case.batch * case.context / (time.perf_counter() - t0))
+    return {name: {**stats(r[WARMUP_STEPS:]), "mfu": None} for name, r in rates.items()}
 
 
 def profile_shares(step, case: BenchCase, steps: int, workdir: str) -> dict:
@@ -151,17 +158,13 @@ def profile_shares(step, case: BenchCase, steps: int, workdir: str) -> dict:
 
 
 def cpu_rows(case: BenchCase, providers, steps: int, workdir: str) -> dict:
-    """Every provider of a CPU case, with the profile of ours and of the naive loop."""
-    measured = {}
-    for provider in providers:
-        if provider == "naive":
-            step = naive_step_fn(model_config(case))
-            measured[provider] = {**time_steps(step, case, steps, workdir), **profile_shares(step, case, 3, workdir)}
-        else:
-            measured[provider] = measure_trainer(case, provider, steps, "cpu", workdir)
-            if provider in ("eager", "compile"):
-                step = ours_step_fn(model_config(case), compile=provider == "compile")
-                measured[provider].update(profile_shares(step, case, 3, workdir))
+    """The trainer with each provider, then its step and the naive loop's taking turns, each profiled."""
+    measured = {p: measure_trainer(case, p, steps, "cpu", workdir) for p in providers if p != "naive"}
+    if "naive" in providers:
+        step_fns = {"eager step": ours_step_fn(model_config(case)),
+                    "naive": naive_step_fn(model_config(case))}  # fmt: skip
+        for name, m in time_steps(step_fns, case, steps, workdir).items():
+            measured[name] = {**m, **profile_shares(step_fns[name], case, 3, workdir)}
     return measured
 
 

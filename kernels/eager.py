@@ -101,22 +101,22 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 
 def _loss_and_grads(h, w, t, ignore_index: int, with_grad: bool):
-    """Sum of the losses of rows h (n, d) against w (V, d), and (if with_grad) d(sum)/dh and d(sum)/dw in fp32.
+    """Sum of the losses of rows h (n, d) against w (V, d), and (if with_grad) d(sum)/dh and d(sum)/dw.
 
     The logits of one chunk: log_softmax in fp32, the loss gathered from it, then exp() in place turns it into the
-    softmax, and subtracting the one-hot gives the gradient of the summed loss with respect to the logits.
+    softmax, and subtracting the one-hot gives the gradient of the summed loss with respect to the logits. Ignored
+    rows are zeroed in h and in dh, (n, d), rather than in that gradient, (n, V).
     """
     logp = torch.log_softmax(h @ w.t(), dim=-1, dtype=torch.float32)  # (n, V); a fp32 chunk, never the whole
-    keep = t != ignore_index
-    rows = torch.where(keep, t, 0)[:, None]
-    loss = -(logp.gather(1, rows).squeeze(1) * keep).sum()
+    keep = (t != ignore_index)[:, None]
+    rows = torch.where(keep, t[:, None], 0)
+    loss = -(logp.gather(1, rows) * keep).sum()
     if not with_grad:
         return loss, None, None
     grad = logp.exp_()
     grad.scatter_add_(1, rows, torch.full_like(rows, -1, dtype=grad.dtype))
-    grad.mul_(keep[:, None])
     grad = grad.to(h.dtype)
-    return loss, grad @ w, grad.t() @ h
+    return loss, (grad @ w) * keep, grad.t() @ (h * keep)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -128,14 +128,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(h.dtype)  # the matmuls run in the activations' dtype, as lm_head would under autocast
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if with_grad else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if with_grad else None
+        dw = None
         for start in range(0, h.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             chunk_loss, chunk_dh, chunk_dw = _loss_and_grads(h[rows], w, t[rows], ignore_index, with_grad)
             loss += chunk_loss
             if with_grad:
                 dh[rows] = chunk_dh
-                dw += chunk_dw
+                dw = chunk_dw.float() if dw is None else dw + chunk_dw
         count = (t != ignore_index).sum().clamp_min(1)
         if with_grad:
             ctx.save_for_backward(dh, dw, count)
