@@ -96,7 +96,9 @@ def test_rope(dtype, per_row):
     if per_row:
         positions = torch.stack([positions, torch.randperm(200)[:T]])
     # The angles are fp32 in both (one home for them: the reference's), so only the rotation's roundings differ.
-    (y, gold), grads = run_both(lambda x: eager.apply_rope(x, positions), lambda x: reference.apply_rope(x, positions), [x])
+    (y, gold), grads = run_both(
+        lambda x: eager.apply_rope(x, positions), lambda x: reference.apply_rope(x, positions), [x]
+    )
     assert_near(y, gold, dtype, n=2, r=1)
     assert_near(grads[0][0], grads[0][1], dtype, n=2, r=2, name="dx")
 

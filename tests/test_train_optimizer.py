@@ -19,7 +19,8 @@ from train.optim import AdamW, clip_gradients, make_adamw
 def _groups(seed=0):
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((7, 5), (5,), (3, 4, 2))]
-    return params, [{"params": [params[0], params[2]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}]
+    groups = [{"params": [params[0], params[2]], "weight_decay": 0.1}, {"params": [params[1]], "weight_decay": 0.0}]
+    return params, groups
 
 
 def test_torch_adamw_is_fused_on_cpu_and_ours_is_ours():
@@ -56,7 +57,8 @@ def test_runs_with_either_optimizer_agree(tokens, tmp_path):
     """The trainer's wiring: the same 10 steps with torch's and with ours land on the same losses."""
     common = dict(train_data=tokens[0], val_data=tokens[1], vocab_size=64, context_length=16, batch_size=4, steps=10,
                   warmup_steps=2, eval_interval=10, eval_batches=2, log_interval=5, ckpt_interval=10, sample_tokens=0,
-                  progress=False, device="cpu", threads=1, model_args=dict(d_model=32, num_layers=1, num_heads=2))  # fmt: skip
+                  progress=False, device="cpu", threads=1,
+                  model_args=dict(d_model=32, num_layers=1, num_heads=2))  # fmt: skip
     losses = []
     for name in ("torch", "ours"):
         summary = train.loop.run(make_config(common, optimizer=name, out_dir=str(tmp_path / name)))
