@@ -47,9 +47,9 @@ class TrainConfig:
     # batch and length
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
-    # 1600 steps: the eager backend and fused AdamW made the loop ~1.5-1.6x faster than the 900 steps used to take
-    # (measured side by side, bench/RESULTS.md), and at this size more tokens beat a wider model per second.
-    steps: int = opt(1600, "optimizer steps")
+    # 1800 steps (3.7M tokens, ~6.4 passes): the eager backend and fused AdamW made the tiny preset's step ~1.5-1.6x
+    # faster (bench/RESULTS.md), and in a fixed time more tokens beat a wider model (d_model 192: 0.54x the tokens/s).
+    steps: int = opt(1800, "optimizer steps")
     tokens: int | None = opt(None, "token budget: sets steps = tokens / tokens per step (overrides --steps)")
     # optimizer and schedule
     max_lr: float = opt(5e-3, "peak learning rate, reached after warmup")
@@ -63,7 +63,7 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this (0: off)")
     optimizer: Literal["torch", "ours"] = opt("torch", "AdamW and clipping: torch's (fused) or train/optim.py's")
     # evaluation, logging, checkpoints
-    eval_interval: int = opt(400, "evaluate every N steps (and at the start and the end)")
+    eval_interval: int = opt(600, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(0, "validation batches (global), the same each eval, spread over the split (0: all of it)")
     log_interval: int = opt(10, "metrics row and console line every N steps")
     ckpt_interval: int = opt(200, "checkpoint every N steps (and at the end)")
