@@ -178,7 +178,7 @@ def run(dry_run: bool = False, providers=PROVIDERS) -> str:
     cuda = torch.cuda.is_available() and not dry_run
     device = "cuda" if cuda else "cpu"
     if dry_run:
-        cases, providers, steps = DRY_RUN_CASES, [p for p in providers if p != "compile"], 5
+        cases, providers, steps = DRY_RUN_CASES, [p for p in providers if p != "compile"], 4
     elif cuda:
         cases, providers, steps = GPU_CASES, [p for p in providers if p != "naive"], 60
     else:  # the interpreter is far too slow for these shapes: Triton is a GPU provider
