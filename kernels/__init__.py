@@ -1,11 +1,15 @@
-"""Triton kernels with autograd, and the switch between them and their eager references.
+"""Triton kernels with autograd, their fast eager twins, and the switch between them.
 
-Every op exists twice under the same name: here (Triton, forward and backward) and in ``kernels.reference``
-(eager PyTorch). Model code asks ``ops(backend)`` once and calls ``ops.rms_norm(...)`` and friends, so it never
+Every op exists three times under the same name and signature: in the Triton modules of this package (forward and
+backward kernels), in ``kernels.eager`` (PyTorch's best built-in ops: what the model runs without Triton) and in
+``kernels.reference`` (the obviously-correct fp32/fp64 oracle of the tests, the preflight and the benchmarks'
+correctness checks). Model code asks ``ops(backend)`` once and calls ``ops.rms_norm(...)`` and friends, so it never
 branches on the device itself.
 
-On a CPU the Triton kernels run only under Triton's interpreter, which must be switched on with
-``TRITON_INTERPRET=1`` before triton is first imported.
+Triton is imported only if it is installed, so the eager path, and everything built on it, works where triton has
+no wheels (macOS, Windows); asking for the Triton backend there raises a RuntimeError that says so. On a CPU the
+Triton kernels run only under Triton's interpreter, which must be switched on with ``TRITON_INTERPRET=1`` before
+triton is first imported.
 """
 
 import os
@@ -13,17 +17,12 @@ import types
 
 import torch
 
-from kernels import reference
-from kernels.attention import flash_attention
-from kernels.cross_entropy import cross_entropy
-from kernels.linear_cross_entropy import fused_linear_cross_entropy
-from kernels.rms_norm import rms_norm
-from kernels.rope import apply_rope
-from kernels.swiglu import swiglu
+from kernels import eager, reference
 
 __all__ = [
     "apply_rope",
     "cross_entropy",
+    "eager",
     "flash_attention",
     "fused_linear_cross_entropy",
     "ops",
@@ -31,26 +30,57 @@ __all__ = [
     "resolve_backend",
     "rms_norm",
     "swiglu",
+    "triton_available",
 ]
 
 BACKENDS = ("auto", "triton", "eager")
-_TRITON_OPS = types.SimpleNamespace(
-    rms_norm=rms_norm,
-    swiglu=swiglu,
-    apply_rope=apply_rope,
-    cross_entropy=cross_entropy,
-    fused_linear_cross_entropy=fused_linear_cross_entropy,
-    flash_attention=flash_attention,
-)
+
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # off Linux there are no triton wheels: the eager backend is all there is
+    triton = None
+
+_TRITON_OPS = None
+if triton is not None:
+    from kernels.attention import flash_attention
+    from kernels.cross_entropy import cross_entropy
+    from kernels.linear_cross_entropy import fused_linear_cross_entropy
+    from kernels.rms_norm import rms_norm
+    from kernels.rope import apply_rope
+    from kernels.swiglu import swiglu
+
+    _TRITON_OPS = types.SimpleNamespace(
+        rms_norm=rms_norm,
+        swiglu=swiglu,
+        apply_rope=apply_rope,
+        cross_entropy=cross_entropy,
+        fused_linear_cross_entropy=fused_linear_cross_entropy,
+        flash_attention=flash_attention,
+    )
+
+
+def triton_available() -> bool:
+    return _TRITON_OPS is not None
+
+
+def _require_triton():
+    if _TRITON_OPS is None:
+        raise RuntimeError(
+            "kernels='triton' needs the triton package, which is not installed (it has wheels for Linux only): "
+            "`pip install triton` on Linux, or use kernels='eager'"
+        )
 
 
 def resolve_backend(choice: str, device: torch.device | str) -> str:
-    """Map a config's kernels choice to "triton" or "eager": "auto" means Triton on CUDA and eager elsewhere."""
+    """Map a config's kernels choice to "triton" or "eager": "auto" means Triton on CUDA (if installed), else eager."""
     if choice not in BACKENDS:
         raise ValueError(f"kernels must be one of {BACKENDS}, got {choice!r}")
     device = torch.device(device)
     if choice == "auto":
-        return "triton" if device.type == "cuda" else "eager"
+        return "triton" if device.type == "cuda" and triton_available() else "eager"
+    if choice == "triton":
+        _require_triton()
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"kernels='triton' on a {device.type} device needs Triton's interpreter: "
@@ -62,7 +92,8 @@ def resolve_backend(choice: str, device: torch.device | str) -> str:
 def ops(backend: str):
     """The namespace of ops for a resolved backend ("triton" or "eager"), all with the same names and signatures."""
     if backend == "triton":
+        _require_triton()
         return _TRITON_OPS
     if backend == "eager":
-        return reference
+        return eager
     raise ValueError(f"backend must be 'triton' or 'eager', got {backend!r}")

@@ -1,8 +1,9 @@
 """Eager PyTorch references for every kernel in this package.
 
-One home for each reference: the tests compare the Triton kernels against these, the benchmarks race them, the
-trainer's preflight checks the kernels against them, and the model runs them on the CPU (``kernels="eager"``).
-They favour clarity over speed, and do their reductions in fp32 before casting back to the input dtype.
+One home for each reference: the tests compare the Triton kernels and the fast eager backend (``kernels.eager``)
+against these, and the trainer's preflight and the benchmarks' correctness checks use them as gold. The model does
+not run them (``kernels="eager"`` is ``kernels.eager``). They favour clarity over speed, and do their reductions in
+fp32 (fp64 stays fp64) before casting back to the input dtype.
 """
 
 import math

@@ -4,8 +4,8 @@ token_embeddings -> num_layers x TransformerBlock -> ln_final (RMSNorm) -> lm_he
 
 Every module with an op that has a Triton kernel (RMSNorm, SwiGLU, RoPE, attention, the loss) asks
 ``kernels.ops(kernels.resolve_backend(choice, x.device))`` on each call, so the same model runs Triton on CUDA
-and the eager references elsewhere without branching on the device itself. Parameter names and shapes match
-the Stanford CS336 assignment-1 layout, so its checkpoints load as they are.
+and the fast eager backend (``kernels.eager``) elsewhere without branching on the device itself. Parameter names
+and shapes match the Stanford CS336 assignment-1 layout, so its checkpoints load as they are.
 """
 
 import math

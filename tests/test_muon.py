@@ -98,7 +98,7 @@ def test_muon_step_is_the_documented_update():
 def test_build_optimizer_splits_hidden_matrices_from_the_rest():
     model = model_pkg.TransformerLM(model_pkg.ModelConfig.preset("tiny", d_model=32, num_heads=2, vocab_size=64))
     names = {id(p): n for n, p in model.named_parameters()}
-    opt = build_optimizer(make_config(optimizer="muon"), model)
+    opt = build_optimizer(make_config(optimizer="muon"), model, torch.device("cpu"))
     muon, adamw = opt.optimizers
     assert isinstance(muon, Muon) and isinstance(adamw, AdamW)
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
@@ -107,7 +107,8 @@ def test_build_optimizer_splits_hidden_matrices_from_the_rest():
     assert in_muon == {n for n, p in shapes.items() if n.startswith("layers.") and p.dim() == 2}
     assert {"token_embeddings.weight", "lm_head.weight"} | {n for n, p in shapes.items() if p.dim() == 1} == in_adamw
     assert in_muon.isdisjoint(in_adamw) and len(in_muon | in_adamw) == len(names)
-    assert isinstance(build_optimizer(make_config(), model), AdamW)  # --optimizer ours: AdamW on everything
+    ours = build_optimizer(make_config(optimizer="ours"), model, torch.device("cpu"))
+    assert isinstance(ours, AdamW)  # AdamW on everything
 
 
 def test_muon_run_resumes_bitwise(tokens, tmp_path):

@@ -48,14 +48,16 @@ def test_a_schedule_unchanged_so_far_is_taken_as_given(tmp_path):
         cfg = make_config(schedule=kind)
         old, new = build_schedule(cfg, 900), build_schedule(cfg, 3000)
         start = 20 if kind == "cosine" else 500
-        assert resume_schedule(new, {"iteration": start, "schedule": old.state_dict()}, RunDir(tmp_path), True)[0] == new
+        saved = {"iteration": start, "schedule": old.state_dict()}
+        assert resume_schedule(new, saved, RunDir(tmp_path), True)[0] == new
 
 
 def test_wsd_without_a_predecay_checkpoint_is_refused(tmp_path):
     cfg = make_config(schedule="wsd")
     old = build_schedule(cfg, 900)
     with pytest.raises(ValueError, match="no pre-decay checkpoint predecay_000720.pt"):
-        resume_schedule(build_schedule(cfg, 3000), {"iteration": 900, "schedule": old.state_dict()}, RunDir(tmp_path), True)
+        saved = {"iteration": 900, "schedule": old.state_dict()}
+        resume_schedule(build_schedule(cfg, 3000), saved, RunDir(tmp_path), True)
 
 
 @pytest.mark.parametrize("fields", SCHEDULES, ids=lambda f: "-".join(f.values()))

@@ -33,7 +33,7 @@ def opt(default, help: str):
 @dataclass
 class TrainConfig:
     """Everything a run needs. The defaults are the embedded default run (``python -m train``): the tiny preset on
-    the shipped TinyStories excerpt, sized to finish within 10 minutes on a 2-core CPU."""
+    the shipped TinyStories excerpt, sized to about 5 minutes on a quiet 2-core CPU (within 10 under load)."""
 
     # data
     train_data: str | None = opt(None, "training text file (.txt) or pre-encoded tokens (.npy); none: embedded corpus")
@@ -47,7 +47,9 @@ class TrainConfig:
     # batch and length
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
-    steps: int = opt(900, "optimizer steps")
+    # 1800 steps (3.7M tokens, ~6.4 passes): the eager backend and fused AdamW made the tiny preset's step ~1.5-1.6x
+    # faster (bench/RESULTS.md), and in a fixed time more tokens beat a wider model (d_model 192: 0.54x the tokens/s).
+    steps: int = opt(1800, "optimizer steps")
     tokens: int | None = opt(None, "token budget: sets steps = tokens / tokens per step (overrides --steps)")
     # optimizer and schedule
     max_lr: float = opt(5e-3, "peak learning rate, reached after warmup")
@@ -63,12 +65,14 @@ class TrainConfig:
     schedule: Literal["cosine", "wsd"] = opt("cosine", "lr schedule: cosine, or warmup-stable-decay (extends cleanly)")
     decay_fraction: float = opt(0.2, "wsd: the last fraction of the steps, decaying from max_lr to min_lr")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = opt("1-sqrt", "wsd: shape of the decay")
-    optimizer: Literal["ours", "muon"] = opt("ours", "ours: AdamW; muon: Muon on hidden matrices, AdamW on the rest")
+    optimizer: Literal["torch", "ours", "muon"] = opt(
+        "torch", "torch: torch's fused AdamW and clipping; ours: train/optim.py's; muon: Muon on hidden matrices"
+    )
     muon_momentum: float = opt(0.95, "Muon's Nesterov momentum (the AdamW part keeps --beta1, --beta2)")
     windows: Literal["uniform", "aligned"] = opt("uniform", "training windows start anywhere, or at document starts")
     # evaluation, logging, checkpoints
-    eval_interval: int = opt(100, "evaluate every N steps (and at the start and the end)")
-    eval_batches: int = opt(20, "validation batches (global), the same each eval, spread over the split (0: all of it)")
+    eval_interval: int = opt(600, "evaluate every N steps (and at the start and the end)")
+    eval_batches: int = opt(0, "validation batches (global), the same each eval, spread over the split (0: all of it)")
     log_interval: int = opt(10, "metrics row and console line every N steps")
     ckpt_interval: int = opt(200, "checkpoint every N steps (and at the end)")
     keep_ckpts: int = opt(2, "keep the last K checkpoints")
@@ -83,6 +87,7 @@ class TrainConfig:
     seed: int = opt(1337, "seed of the initialization and of the batch sampler")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
     dtype: str = opt("auto", "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16, float32")
+    # Off by default: on the 2-core CPU compiling the tiny model took 225 s (loaded machine) for 1.2x steps after.
     compile: bool = opt(False, "torch.compile the model")
     preflight: bool = opt(True, "check the Triton kernels against eager PyTorch on the run's shapes before training")
     threads: int = opt(0, "CPU threads for torch (0: torch's default, $OMP_NUM_THREADS or the cores)")

@@ -22,7 +22,8 @@ from model import TransformerBlock, TransformerLM
 from tokenizer import Tokenizer, train_bpe
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.dataset import get_batch
-from train.optim import AdamW, clip_grad_norm, cosine_lr
+from train.optim import AdamW, clip_grad_norm
+from train.schedule import cosine_lr
 
 __all__ = [
     "get_adamw_cls", "get_tokenizer", "run_cross_entropy", "run_embedding", "run_get_batch",

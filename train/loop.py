@@ -27,7 +27,7 @@ from train.dataset import tokenizer_digest
 from train.distributed import Dist, init_distributed, shutdown
 from train.log import RunLogger, peak_flops, perplexity
 from train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
-from train.optim import clip_grad_norm
+from train.optim import clip_gradients
 from train.optimizers import build_optimizer
 from train.rundir import RunDir, open_run, read_json, write_json
 from train.schedule import Schedule, build_schedule, resume_schedule
@@ -216,7 +216,7 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
     raw = TransformerLM(config).to(device)
     if cfg.preflight and device.type == "cuda" and backend == "triton":
         preflight(config, data.context_length, dtype, device, cfg.seed)
-    optimizer = build_optimizer(cfg, raw)
+    optimizer = build_optimizer(cfg, raw, device)
     schedule, schedule_note = build_schedule(cfg, total_steps(cfg, info)), ""
     start, elapsed_s = 0, 0.0
     if checkpoint is not None:  # (an extended WSD run may continue from its pre-decay checkpoint instead)
@@ -334,7 +334,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
                     loss = model.train(x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm(params, cfg.grad_clip or math.inf)
+        grad_norm = clip_gradients(cfg.optimizer, params, cfg.grad_clip or math.inf)
         model.optimizer.step()
         model.optimizer.zero_grad(set_to_none=True)
         bar.update()

@@ -1,5 +1,11 @@
 """The optimizer and gradient clipping: two small pieces with no state of their own
-beyond what ``torch.optim.Optimizer`` keeps (so they checkpoint through ``optimizer.state_dict()``)."""
+beyond what ``torch.optim.Optimizer`` keeps (so they checkpoint through ``optimizer.state_dict()``).
+
+Two implementations of the optimizer step (AdamW and the clipping before it), chosen by ``TrainConfig.optimizer``:
+"torch" (the default) is PyTorch's fastest for the device, its fused AdamW where it has one (a single kernel per
+parameter for the whole update: on the 2-core CPU 5x faster than the foreach version for the 17M preset) and
+``clip_grad_norm_``; "ours" is the readable version below, the same update, kept and tested equal to torch's.
+"""
 
 import math
 from collections import defaultdict
@@ -69,6 +75,28 @@ class AdamW(torch.optim.Optimizer):
                 torch._foreach_add_(denom, eps)
                 torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - beta1**t))
         return loss
+
+
+OPTIMIZERS = ("torch", "ours")
+# Devices with a fused AdamW kernel in torch; elsewhere torch.optim.AdamW's foreach update is its fastest.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def make_adamw(name: str, param_groups: list[dict], device: torch.device, **hyper) -> torch.optim.Optimizer:
+    """AdamW over param_groups: ours, or torch's (fused where the device has the kernel, foreach otherwise)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if name == "ours":
+        return AdamW(param_groups, **hyper)
+    fused = torch.device(device).type in FUSED_ADAMW_DEVICES
+    return torch.optim.AdamW(param_groups, **hyper, fused=fused, foreach=None if fused else True)
+
+
+def clip_gradients(name: str, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to max_norm with the chosen implementation; the norm before, as a tensor."""
+    if name == "ours":
+        return clip_grad_norm(params, max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -114,7 +114,7 @@ def optimizer(base: TrainConfig) -> list[Variant]:
     return [
         Variant(f"{label}-lr={base.max_lr * f:.3g}", {"optimizer": name, **scaled_lr(base, f)}, f"{note}, lr x {f:g}")
         for label, name, note in (
-            ("adamw", "ours", "AdamW everywhere"),
+            ("adamw", "torch", "AdamW everywhere"),
             ("muon", "muon", "Muon on hidden matrices, AdamW on the rest"),
         )
         for f in OPTIMIZER_LR_FACTORS
