@@ -100,7 +100,7 @@ def test_build_optimizer_splits_hidden_matrices_from_the_rest():
     names = {id(p): n for n, p in model.named_parameters()}
     opt = build_optimizer(make_config(optimizer="muon"), model, torch.device("cpu"))
     muon, adamw = opt.optimizers
-    assert isinstance(muon, Muon) and isinstance(adamw, AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
     in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
     shapes = dict(model.named_parameters())
