@@ -103,12 +103,12 @@ def _cross_entropy_kernel(
         head_cols = tl.arange(0, VEC)
         m = float("-inf")
         s = 0.0
-        for start in tl.range(head, tail, BLOCK_V):
-            m, s = _lse_step(m, s, tl.load(logits_ptr + body + (start - head) + cols).to(tl.float32))
-        x = tl.load(logits_ptr + row_off + tail + cols, mask=tail + cols < V, other=float("-inf"))
-        m, s = _lse_step(m, s, x.to(tl.float32))
-        x = tl.load(logits_ptr + row_off + head_cols, mask=head_cols < head, other=float("-inf"))
-        m, s = _lse_step(m, s, x.to(tl.float32))
+        for start in tl.range(0, tail - head, BLOCK_V):  # from 0, so the compiler knows start % BLOCK_V == 0
+            m, s = _lse_step(m, s, tl.load(logits_ptr + body + start + cols).to(tl.float32))
+        x_tail = tl.load(logits_ptr + row_off + tail + cols, mask=tail + cols < V, other=float("-inf"))
+        m, s = _lse_step(m, s, x_tail.to(tl.float32))
+        x_head = tl.load(logits_ptr + row_off + head_cols, mask=head_cols < head, other=float("-inf"))
+        m, s = _lse_step(m, s, x_head.to(tl.float32))
         lse = m + tl.log(s)
         target_logit = tl.load(logits_ptr + row_off + tl.where(bad, 0, target)).to(tl.float32)
         tl.store(loss_ptr + row, (lse - target_logit) * scale)
@@ -118,10 +118,10 @@ def _cross_entropy_kernel(
                 grad_body = tl.multiple_of(grad_off + head, VEC)
             else:
                 grad_body = grad_off + head
-            for start in tl.range(head, tail, BLOCK_V):
-                x = tl.load(logits_ptr + body + (start - head) + cols).to(tl.float32)
-                grad = tl.exp(x - lse) * scale - tl.where(start + cols == target, scale, 0.0)
-                tl.store(grad_ptr + grad_body + (start - head) + cols, grad.to(grad_ptr.dtype.element_ty))
+            for start in tl.range(0, tail - head, BLOCK_V):
+                x = tl.load(logits_ptr + body + start + cols).to(tl.float32)
+                grad = tl.exp(x - lse) * scale - tl.where(head + start + cols == target, scale, 0.0)
+                tl.store(grad_ptr + grad_body + start + cols, grad.to(grad_ptr.dtype.element_ty))
             _masked_grad(logits_ptr + row_off, grad_ptr + grad_off, tail + cols, V, target, lse, scale)
             _masked_grad(logits_ptr + row_off, grad_ptr + grad_off, head_cols, head, target, lse, scale)
 

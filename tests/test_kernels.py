@@ -5,11 +5,14 @@ a GPU and skip without one. Outputs are poisoned with NaN before each launch (ke
 a kernel forgets to write fails the comparison.
 """
 
+import importlib
+
 import pytest
 import torch
 
 import kernels
 from kernels import _utils, reference
+cross_entropy_module = importlib.import_module("kernels.cross_entropy")  # the name kernels.cross_entropy is the op
 from kernels.linear_cross_entropy import CPU_CHUNK_BUDGET_BYTES, chunk_rows
 
 # One row per dtype, used by every test; set from the dtype's precision, never widened to make a test pass.
@@ -135,6 +138,28 @@ def test_cross_entropy(shape, vocab, dtype):
     assert_matches(lambda x: kernels.cross_entropy(x, t), lambda x: reference.cross_entropy(x, t), [logits], dtype)
 
 
+@pytest.fixture
+def small_ce_blocks(monkeypatch):
+    """CE's loop path on interpreter-sized rows: rows wider than 128 loop over blocks of 32 (or 64)."""
+    monkeypatch.setattr(cross_entropy_module, "SINGLE_TILE_MAX", 128)
+    monkeypatch.setattr(cross_entropy_module, "LOOP_BLOCKS", (32, 64))  # 257 -> 32, 1031 -> 64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [257, 1031, 100])  # odd: unaligned rows (head + unmasked loop + tail); 100: one tile
+def test_cross_entropy_loop_and_single_tile_paths(small_ce_blocks, vocab, dtype):
+    logits, t = randn(5, vocab, dtype=dtype, scale=3), _targets((5,), vocab)
+    t[3], t[4] = 0, vocab - 1  # the first and last column: targets in the head and in the tail
+    assert_matches(lambda x: kernels.cross_entropy(x, t), lambda x: reference.cross_entropy(x, t), [logits], dtype)
+
+
+def test_fused_linear_cross_entropy_loop_path_in_padded_buffer(small_ce_blocks):
+    hidden, weight = randn(2, 7, 24), randn(257, 24, scale=0.3)  # rows padded to 320: aligned; 257 = 7 x 32 + 33
+    t = _targets((2, 7), 257)
+    assert_matches(lambda h, w: kernels.fused_linear_cross_entropy(h, w, t, chunk_size=8),
+                   lambda h, w: reference.fused_linear_cross_entropy(h, w, t), [hidden, weight], torch.float32)
+
+
 def test_cross_entropy_strided_inputs_and_upstream_scale():
     logits = randn(37, 400, scale=3)[:, :301]  # row stride 400
     t = _targets((37, 2), 301)[:, 1]  # stride 2
@@ -193,6 +218,41 @@ def test_chunk_rows_follows_memory_budget():
 
 
 # ----------------------------------------------------------------------------------------------- contracts
+
+
+HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu")
+
+
+def test_losses_never_read_device_values_on_the_host(monkeypatch):
+    """A training step must queue its loss without waiting for the GPU: no tensor value may reach Python.
+
+    On a CPU there is no sync to detect, so every Tensor method that hands a value to the host raises instead.
+    """
+    logits, hidden, weight = randn(9, 33, scale=3).requires_grad_(), randn(9, 16), randn(33, 16, scale=0.3)
+    hidden.requires_grad_(), weight.requires_grad_()
+    t = _targets((9,), 33)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host (a host sync on a GPU)")
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    kernels.cross_entropy(logits, t).backward()
+    kernels.fused_linear_cross_entropy(hidden, weight, t, chunk_size=4).backward(torch.tensor(0.5))
+    monkeypatch.undo()
+    assert logits.grad.isfinite().all() and weight.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("bad", [33, -3])
+def test_out_of_range_target_makes_the_loss_nan(bad):
+    logits, hidden, weight = randn(5, 33).requires_grad_(), randn(5, 16), randn(33, 16)
+    t = _targets((5,), 33)
+    t[2] = bad
+    loss = kernels.cross_entropy(logits, t)
+    loss.backward()
+    assert loss.isnan() and logits.grad[2].isnan().all() and logits.grad[[0, 1, 3, 4]].isfinite().all()
+    assert kernels.fused_linear_cross_entropy(hidden, weight, t, chunk_size=2).isnan()
+
 
 
 def test_inputs_are_not_modified():
