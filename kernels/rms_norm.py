@@ -9,6 +9,18 @@ Eager PyTorch runs this as about six kernels (square, mean, rsqrt, two multiplie
 activations through memory; the forward here reads x once and writes y once, and saves only r (4 bytes a row) for
 the backward, which reads x and dy once and writes dx once. dw is summed per program into a (programs, N) fp32
 buffer and finished by one small torch reduction, so there is no host loop and no slow path at small widths.
+
+Mixed precision. Under autocast the residual stream is fp32 while the matmuls after a pre-norm run in bf16, so
+``out_dtype=torch.bfloat16`` reads fp32 x once (4 bytes an element) and writes bf16 y (2 bytes): 6 bytes an element
+where an fp32 norm followed by autocast's cast moves 4 + 4 + 4 + 2 = 14. The backward then reads a bf16 dy (2 bytes,
+not 4) and writes dx in x's dtype.
+
+The backward is grid-stride over row blocks with a software-pipelined loop (``tl.range(num_stages=2)``): the loads
+of the next row block are issued while the current one is reduced, so a few programs per SM hide the memory latency
+that a single block in flight per program would expose.
+
+Both directions are torch.library custom ops (smollm::rms_norm, smollm::rms_norm_backward) with fake
+implementations and autograd, so torch.compile traces through them without a graph break.
 """
 
 import torch
@@ -58,6 +70,7 @@ def _rms_norm_bwd_kernel(
     N,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # row blocks in flight per program
 ):
     # Grid-stride over row blocks, so each program owns one row of dw_partial and accumulates it in registers.
     pid = tl.program_id(0)
@@ -65,7 +78,7 @@ def _rms_norm_bwd_kernel(
     col_ok = cols < N
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
+    for start in tl.range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
@@ -89,10 +102,12 @@ def _launch_sizes(N: int) -> tuple[int, int, int]:
     return block_m, block_n, _utils.num_warps_for(block_m * block_n)
 
 
-def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward on a (M, N) view; returns (y, rstd)."""
+def rms_norm_forward(
+    x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward on a (M, N) view; returns (y in out_dtype, rstd)."""
     M, N = x2.shape
-    y = _utils.empty((M, N), x2.dtype, x2.device)
+    y = _utils.empty((M, N), out_dtype, x2.device)
     rstd = _utils.empty((M,), torch.float32, x2.device)
     block_m, block_n, warps = _launch_sizes(N)
     grid = (triton.cdiv(M, block_m),)
@@ -113,29 +128,58 @@ def rms_norm_backward(
     dw_partial = _utils.empty((programs, N), torch.float32, x2.device)
     _rms_norm_bwd_kernel[(programs,)](
         dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), M, N,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=2, num_warps=warps,
     )
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x2 = _utils.rows_of(x)
-        weight = weight.contiguous()
-        y, rstd = rms_norm_forward(x2, weight, eps)
-        ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x2, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_backward(_utils.rows_of(dy), x2, weight, rstd)
-        return dx.view(dy.shape), dw, None
+@torch.library.custom_op("smollm::rms_norm", mutates_args=())
+def _rms_norm_op(
+    x2: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_forward(x2, weight, eps, out_dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """x / sqrt(mean(x^2, -1) + eps) * weight over any leading dims; output in x's dtype (weight may be fp32)."""
+@_rms_norm_op.register_fake
+def _(x2, weight, eps, out_dtype):
+    return x2.new_empty(x2.shape, dtype=out_dtype), x2.new_empty(x2.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op("smollm::rms_norm_backward", mutates_args=())
+def _rms_norm_backward_op(
+    dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_backward(dy2, x2, weight, rstd)
+
+
+@_rms_norm_backward_op.register_fake
+def _(dy2, x2, weight, rstd):
+    return torch.empty_like(x2, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x2, weight, _, _ = inputs
+    ctx.save_for_backward(x2, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _):
+    x2, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_backward_op(_utils.rows_of(dy), x2, weight, rstd)
+    return dx, dw, None, None
+
+
+_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """x / sqrt(mean(x^2, -1) + eps) * weight over any leading dims (weight may be fp32).
+
+    The output is in out_dtype (default x's dtype): fp32 x with out_dtype=torch.bfloat16 is autocast's pre-norm,
+    read once in fp32 and written once in bf16. The gradient comes back in x's dtype.
+    """
     _utils.check_float("x", x)
     _utils.check_float("weight", weight)
     _utils.check_same_device(x=x, weight=weight)
@@ -143,4 +187,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
         raise ValueError(f"weight must have shape ({x.shape[-1] if x.dim() else '?'},), got {tuple(weight.shape)}")
     if x.numel() == 0:
         raise ValueError("x must not be empty")
-    return RMSNormFunction.apply(x, weight, eps)
+    if out_dtype is not None and out_dtype not in _utils.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    y, _ = _rms_norm_op(_utils.rows_of(x), weight.contiguous(), eps, out_dtype or x.dtype)
+    return y.view(x.shape)

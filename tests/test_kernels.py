@@ -12,8 +12,10 @@ import torch
 
 import kernels
 from kernels import _utils, reference
-cross_entropy_module = importlib.import_module("kernels.cross_entropy")  # the name kernels.cross_entropy is the op
 from kernels.linear_cross_entropy import CPU_CHUNK_BUDGET_BYTES, chunk_rows
+from kernels.rope import apply_rope_qk
+
+cross_entropy_module = importlib.import_module("kernels.cross_entropy")  # the name kernels.cross_entropy is the op
 
 # One row per dtype, used by every test; set from the dtype's precision, never widened to make a test pass.
 # rtol is about one unit in the last place; atol is that relative to the expected tensor's largest magnitude, so an
@@ -86,6 +88,19 @@ def test_rms_norm_strided_input_and_fp32_weight():
                    [x, w], torch.float16)  # fmt: skip
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, pytest.param(torch.bfloat16, marks=cuda)])
+def test_rms_norm_fp32_residual_to_compute_dtype(out_dtype):
+    # Autocast's pre-norm: fp32 x and weight in, the compute dtype out, dx back in fp32 from a compute-dtype dy.
+    x, w = randn(3, 37, 93), randn(93, scale=0.3) + 1
+    upstream = randn(3, 37, 93, dtype=out_dtype)
+    out, (dx, dw) = run(lambda x, w: kernels.rms_norm(x, w, out_dtype=out_dtype), [x, w], upstream)
+    ref_out, (ref_dx, ref_dw) = run(lambda x, w: reference.rms_norm(x, w, out_dtype=out_dtype), [x, w], upstream)
+    assert out.dtype == out_dtype and dx.dtype == torch.float32 and dw.dtype == torch.float32
+    assert_close(out, ref_out, out_dtype)  # both round the same fp32 value once
+    assert_close(dx, ref_dx, torch.float32)  # the backward is fp32 throughout, from the same dy
+    assert_close(dw, ref_dw, torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------- swiglu
 
 
@@ -120,6 +135,22 @@ def test_rope_strided_heads_view():
     positions = torch.arange(37, device=DEVICE)
     assert_matches(lambda x: kernels.apply_rope(x, positions), lambda x: reference.apply_rope(x, positions), [x],
                    torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("positions_shape", [(37,), (2, 37)])
+def test_rope_qk_in_one_launch(positions_shape, dtype):
+    # Grouped-query shapes as attention has them: k a strided (B, Hkv, T, d) view of a (B, T, Hkv, d) projection.
+    q, k = randn(2, 6, 37, 26, dtype=dtype), randn(2, 37, 2, 26, dtype=dtype).transpose(1, 2)
+    positions = torch.randint(0, 2000, positions_shape, device=DEVICE)
+
+    def both(rope):
+        return lambda q, k: torch.cat([y.flatten() for y in rope(q, k)])
+
+    def reference_qk(q, k):
+        return reference.apply_rope(q, positions, 500.0), reference.apply_rope(k, positions, 500.0)
+
+    assert_matches(both(lambda q, k: apply_rope_qk(q, k, positions, theta=500.0)), both(reference_qk), [q, k], dtype)
 
 
 # ----------------------------------------------------------------------------------------------- cross-entropy
@@ -288,6 +319,8 @@ def test_second_backward_is_refused():
         (lambda: kernels.swiglu(randn(4, 8), randn(4, 8).half()), TypeError, "same dtype"),
         (lambda: kernels.apply_rope(randn(2, 5, 7), torch.arange(5)), ValueError, "even d"),
         (lambda: kernels.apply_rope(randn(2, 5, 8), torch.arange(6)), ValueError, "positions must be"),
+        (lambda: apply_rope_qk(randn(2, 3, 5, 8), randn(2, 1, 5, 6), torch.arange(5)), ValueError, "q and k must be"),
+        (lambda: kernels.rms_norm(randn(4, 8), randn(8), out_dtype=torch.int32), TypeError, "out_dtype"),
         (lambda: kernels.cross_entropy(randn(4, 8), torch.zeros(3, dtype=torch.long)), ValueError, "targets must"),
         (lambda: kernels.cross_entropy(randn(4, 8), torch.zeros(4)), TypeError, "integer"),
         (lambda: kernels.fused_linear_cross_entropy(randn(4, 8), randn(9, 7), torch.zeros(4, dtype=torch.long)),
