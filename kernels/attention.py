@@ -99,12 +99,13 @@ def _key_range(start_m, offset, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _scores_block(
-    q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, cols, offs_m, offs_d, S, offset, qk_scale,
+    q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, cols, offs_m, offs_d, S, offset,
     MASKED: tl.constexpr,  # key block on the diagonal or past S: load with bounds and mask the scores
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One key block's K and V tiles and the scores q k^T * qk_scale (log2 units), -inf where a key is hidden.
+    """One key block's K and V tiles and the raw scores q k^T, -inf where a key is hidden. The caller applies
+    qk_scale inside the FMA that also subtracts the row's max or log-sum-exp (-inf stays -inf through it).
 
     Shared by the forward and the dQ pass, which walk the key blocks of a query block the same way."""
     k_ptrs = K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd
@@ -115,7 +116,7 @@ def _scores_block(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
     if MASKED:
         keep = cols[None, :] < S
         if CAUSAL:
@@ -138,13 +139,15 @@ def _attn_fwd_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         s, k, v = _scores_block(
             q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n + offs_n, offs_m, offs_d, S, offset,
-            qk_scale, MASKED, CAUSAL, DOT_PRECISION,
+            MASKED, CAUSAL, DOT_PRECISION,
         )
         # Every row sees at least one key in the first block it visits (key 0, or a whole unmasked block), so m_new
         # is finite from then on and exp2(m_i - m_new) never meets -inf - -inf, however large the scores.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # The scale is positive, so max(s) * scale is the max of the scaled scores with the same rounding, and the
+        # scale and the max subtraction are one FMA per score.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -273,13 +276,13 @@ def _attn_bwd_dkdv_blocks(
             lse = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
         # tiles are transposed (keys x queries) so that dV and dK come straight out of the dots
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         if MASKED:
             keep = offs_m[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[None, :] + offset >= offs_n[:, None])
             sT = tl.where(keep, sT, float("-inf"))
-        pT = tl.math.exp2(sT - lse[None, :])
+        pT = tl.math.exp2(sT * qk_scale - lse[None, :])  # one FMA per score
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -369,9 +372,9 @@ def _attn_bwd_dq_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         s, k, v = _scores_block(
             q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n + offs_n, offs_m, offs_d, S, offset,
-            qk_scale, MASKED, CAUSAL, DOT_PRECISION,
+            MASKED, CAUSAL, DOT_PRECISION,
         )
-        p = tl.math.exp2(s - lse[:, None])
+        p = tl.math.exp2(s * qk_scale - lse[:, None])  # one FMA per score
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)

@@ -57,7 +57,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 from triton.runtime.driver import driver
 
-__all__ = ["H100", "HEADER", "Launch", "Stats", "compile_only", "record", "table"]
+__all__ = ["H100", "HEADER", "Launch", "Stats", "compile_only", "ptxas_version", "record", "table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +152,11 @@ def _access_widths(ptx: str) -> tuple[Counter, Counter]:
 
 def _tool(name: str) -> str:
     return getattr(knobs.nvidia, name).path
+
+
+def ptxas_version() -> str:
+    """The version of the ptxas Triton compiles with, e.g. "12.9"."""
+    return knobs.nvidia.ptxas.version
 
 
 def _sass_stats(name: str, cubin: bytes) -> tuple[int, int, int, int]:
