@@ -15,6 +15,16 @@ Causal: key blocks entirely above the diagonal are never visited, and only the b
 end of S) pay for masking. With T < S the queries are the last T positions (KV-cache decoding), so the mask is
 aligned to the end: query i sees keys j <= i + S - T.
 
+Cost (causal halves every count): the forward's two dots are 4·B·H·T·S·d FLOPs; HBM traffic is Q and O once plus
+K and V once per query block, 2·B·H·d·es·(T + 2·S·T/BLOCK_M) bytes, mostly L2 hits since the programs of one K/V
+head run together. Per K/V tile a program does 4·BLOCK_M·BLOCK_N·d FLOPs for 2·BLOCK_N·d·es bytes, 2·BLOCK_M/es =
+128 FLOP/B at BLOCK_M = 128 in bf16, so the tensor cores, not memory, set the pace, and the softmax is next: Hopper
+does ~256 matmul FLOPs per exp2, and each score costs one exp2 for 4·d matmul FLOPs (256 at d = 64: as long).
+So the per-score work is kept to the minimum: the scale is folded into the FMA that subtracts the running max
+(forward) or the log-sum-exp (backward), s·c - m in one instruction, and masks are applied only to boundary blocks.
+Every dot must lower to Hopper's wgmma (the legacy mma.sync runs the tensor cores at a fraction of their rate):
+tests/test_sm90_gates.py checks it for every kept config.
+
 Precision: tiles are multiplied with ``tl.dot`` accumulating in fp32. fp16/bf16 inputs use the tensor cores directly;
 fp32 inputs use input_precision="ieee" (no tf32), because tf32's 10-bit mantissa would put the kernel far above the
 FlashAttention rule's bound of 2x eager fp32's own error. That makes fp32 correct but slow on a GPU; train in bf16.
@@ -43,12 +53,17 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 def _autotune(gpu: list[tuple[int, int, int, int, int]], fp32: tuple[int, int, int, int], interpreter: tuple[int, int]):
     """Autotune arguments for one kernel.
 
-    gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim), chosen by compiling each for
-    sm_90 and reading its register use (cuobjdump -res-usage): a candidate is kept only for the head dims where it
-    spills little or nothing. fp32 inputs take the FMA path (input_precision="ieee"), with twice the bytes per tile
-    and far more registers, so they get the one small config fp32. Under the interpreter a single config, which also
-    skips benchmarking; its blocks are deliberately unequal so that the tests cross BLOCK_M != BLOCK_N boundaries as
-    the GPU configs do.
+    gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim), chosen by lowering each for
+    sm_90a through the real launch path (kernels.sm90: bf16, causal, the argument specialization of a GPU launch)
+    at head dims 32, 64 and 128: a candidate is kept for a head dim only where every tl.dot became a wgmma and
+    ptxas spilled nothing (tests/test_sm90_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
+    per warpgroup, so the dK/dV kernel, whose accumulators are BLOCK_N rows, takes BLOCK_N >= 64 (at BLOCK_N = 32
+    every dot is a legacy mma.sync); at head dim 128 its BLOCK_M = 64 candidates spill (the two BLOCK_N x 128 fp32
+    accumulators already take 128 registers a thread), so they stop at 64. Stage variants let the tuner trade shared
+    memory (K/V or Q/dO tiles in flight) against occupancy. fp32 inputs take the FMA path (input_precision="ieee"),
+    with twice the bytes per tile and far more registers, so they get the one small config fp32. Under the
+    interpreter a single config, which also skips benchmarking; its blocks are deliberately unequal so that the
+    tests cross BLOCK_M != BLOCK_N boundaries as the GPU configs do.
     """
     key = ["HEAD_DIM", "CAUSAL", "tuning_len"]
     if INTERPRET:
@@ -156,7 +171,8 @@ def _attn_fwd_blocks(
 
 @triton.autotune(
     **_autotune(
-        gpu=[(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 3, 128), (64, 64, 4, 3, 128)],
+        gpu=[(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 128),
+             (128, 128, 8, 2, 128), (64, 64, 4, 3, 128)],
         fp32=(32, 32, 4, 2),
         interpreter=(16, 32),
     )
@@ -223,6 +239,12 @@ def _attn_fwd(
 # keys, so they come from two kernels that each own what they write: one program per key block, looping over every
 # query head of its GQA group and over the query blocks that can see it (GQA's sum over heads happens in registers);
 # one program per query block, looping over its keys like the forward. No atomics: the same bits on every run.
+# The price is two more dots than FlashAttention-2's one-pass backward with an atomic dQ: 7 (4 in dK/dV: S^T, dV,
+# dP^T, dK; 3 in dQ: S, dP, dQ) against 5, so 3.5x the forward's matmul FLOPs instead of 2.5x, and P is recomputed
+# twice. The scale is not pre-multiplied into K: rounding k·scale to bf16 would move each recomputed score by up to
+# 2^-9 of its size, so P would no longer match the forward's log-sum-exp (at the large-score test's 1e4 that is
+# exp2 of dozens); folding the scale into the FMA with the log-sum-exp subtraction costs the same one instruction
+# per score and rounds once.
 # Masking sets scores to -inf before exp2, as in the forward: a masked pair's raw score may exceed its row's lse by
 # thousands under large inputs, and exp2 of that would be inf. Padded rows and keys (past T or S) only ever feed
 # rows of dK, dV or dQ that are not stored.
@@ -292,7 +314,7 @@ def _attn_bwd_dkdv_blocks(
 
 @triton.autotune(
     **_autotune(
-        gpu=[(32, 128, 8, 3, 64), (32, 64, 4, 3, 64), (32, 32, 4, 3, 128), (64, 32, 4, 3, 128)],
+        gpu=[(32, 128, 8, 3, 128), (32, 64, 4, 3, 128), (32, 64, 4, 4, 128), (64, 64, 4, 3, 64), (64, 128, 8, 3, 64)],
         fp32=(32, 32, 8, 2),
         interpreter=(16, 32),
     )
@@ -383,7 +405,8 @@ def _attn_bwd_dq_blocks(
 
 @triton.autotune(
     **_autotune(
-        gpu=[(128, 64, 8, 3, 128), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128)],
+        gpu=[(128, 64, 8, 3, 128), (128, 32, 8, 3, 128), (128, 32, 8, 4, 128), (64, 32, 4, 3, 128),
+             (64, 64, 4, 3, 128)],
         fp32=(32, 32, 4, 2),
         interpreter=(32, 16),
     )

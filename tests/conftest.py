@@ -28,7 +28,7 @@ print(_json.dumps(_out))
 """
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def compile_for_sm90():
     """Lowers kernels for an H100 (sm_90a) through Triton's real JIT launch path and ptxas, no GPU needed.
 
