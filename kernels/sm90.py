@@ -37,7 +37,7 @@ resident_ctas / resident_warps (per SM, from registers, shared memory and the SM
 resident CTAs)). Stats: regs, spill_stores / spill_loads (STL / LDL instructions in the SASS: register spills to
 local memory), stack (stack frame bytes per thread), shared (bytes), wgmma / mma_sync (PTX tensor-core
 instructions), cp_async / tma (PTX cp.async and cp.async.bulk), loads / stores (PTX ld.global / st.global counts
-by access width in bytes), vector_share(kind) (fraction of those accesses that are 16-byte vectors).
+by access width in bytes), vector_share(kind) (the share of their bytes moved by 16-byte vectors).
 A config the pruner kept but that cannot launch (too much shared memory) is a Launch with `error` set.
 
 Must run with TRITON_INTERPRET unset (the interpreter replaces the JIT); tests do it in a subprocess.
@@ -57,7 +57,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 from triton.runtime.driver import driver
 
-__all__ = ["H100", "HEADER", "Launch", "Stats", "compile_only", "record", "table"]
+__all__ = ["H100", "HEADER", "Launch", "Stats", "compile_only", "ptxas_version", "record", "table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +94,12 @@ class Stats:
     stores: dict  # same for st.global
 
     def vector_share(self, kind: str) -> float:
-        """Fraction of global loads ("ld") or stores ("st") that move 16 bytes at once; 1.0 when there are none."""
+        """Share of the bytes that global loads ("ld") or stores ("st") move in 16-byte accesses, counting each
+        instruction of the PTX once (a loop body once): 1.0 when a kernel moves its data in full vectors and only
+        per-row scalars (a row's statistic, a target's logit) go narrower; 1.0 when there are none."""
         counts = self.loads if kind == "ld" else self.stores
-        total = sum(counts.values())
-        return counts.get(16, 0) / total if total else 1.0
+        total = sum(int(width) * n for width, n in counts.items())
+        return 16 * counts.get(16, 0) / total if total else 1.0
 
 
 @dataclasses.dataclass
@@ -152,6 +154,11 @@ def _access_widths(ptx: str) -> tuple[Counter, Counter]:
 
 def _tool(name: str) -> str:
     return getattr(knobs.nvidia, name).path
+
+
+def ptxas_version() -> str:
+    """The version of the ptxas Triton compiles with, e.g. "12.9"."""
+    return knobs.nvidia.ptxas.version
 
 
 def _sass_stats(name: str, cubin: bytes) -> tuple[int, int, int, int]:
@@ -296,20 +303,21 @@ def compile_only(device: Device = H100):
 
 # The report ----------------------------------------------------------------------------------------------------------
 
-HEADER = (f"{'kernel':<24} {'config':<34} {'regs':>4} {'spill':>5} {'smem KB':>7} {'wgmma':>5} {'mma':>4} "
+HEADER = (f"{'kernel':<24} {'config':<40} {'regs':>4} {'spill':>5} {'smem KB':>7} {'wgmma':>5} {'mma':>4} "
           f"{'cp.as':>5} {'tma':>3} {'ld16':>5} {'st16':>5} {'grid':>8} {'CTA/SM':>6} {'warp/SM':>7} {'waves':>6}")
 
 
 def _config_text(config: dict) -> str:
-    blocks = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in config.items() if k.startswith("BLOCK"))
-    return f"{blocks} w{config.get('num_warps', '?')} s{config.get('num_stages', '?')}"
+    blocks = [f"{k.removeprefix('BLOCK_')}{v}" for k, v in config.items() if k.startswith("BLOCK")]
+    flags = [k for k, v in config.items() if k.isupper() and v is True]  # e.g. CAUSAL, INVERSE, WRITE_GRAD
+    return " ".join([*blocks, *flags, f"w{config.get('num_warps', '?')}", f"s{config.get('num_stages', '?')}"])
 
 
 def row(launch: Launch) -> str:
     if launch.error:
-        return f"{launch.name:<24} {_config_text(launch.config):<34} cannot launch: {launch.error.splitlines()[0]}"
+        return f"{launch.name:<24} {_config_text(launch.config):<40} cannot launch: {launch.error.splitlines()[0]}"
     s = launch.stats
-    return (f"{launch.name:<24} {_config_text(launch.config):<34} {s.regs:>4} {s.spill_stores + s.spill_loads:>5} "
+    return (f"{launch.name:<24} {_config_text(launch.config):<40} {s.regs:>4} {s.spill_stores + s.spill_loads:>5} "
             f"{s.shared / 1024:>7.1f} {s.wgmma:>5} {s.mma_sync:>4} {s.cp_async:>5} {s.tma:>3} "
             f"{s.vector_share('ld'):>5.0%} {s.vector_share('st'):>5.0%} {launch.ctas:>8} {launch.resident_ctas:>6} "
             f"{launch.resident_warps:>7} {launch.waves:>6.2f}")
