@@ -57,10 +57,11 @@ def num_warps_for(block_elems: int) -> int:
     return max(1, min(16, block_elems // 512))
 
 
-def persistent_programs(device: torch.device, work_items: int) -> int:
-    """How many programs a grid-stride kernel should launch: a few per SM on a GPU, a handful in the interpreter."""
+def persistent_programs(device: torch.device, work_items: int, per_sm: int = 4) -> int:
+    """How many programs a grid-stride kernel should launch: per_sm per SM on a GPU (no more than fit at once, or the
+    last ones start only when the first finish), a handful in the interpreter."""
     if device.type == "cuda" and not INTERPRET:
-        per_gpu = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        per_gpu = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         per_gpu = 4
     return max(1, min(work_items, per_gpu))

@@ -15,9 +15,9 @@ Mixed precision. Under autocast the residual stream is fp32 while the matmuls af
 where an fp32 norm followed by autocast's cast moves 4 + 4 + 4 + 2 = 14. The backward then reads a bf16 dy (2 bytes,
 not 4) and writes dx in x's dtype.
 
-The backward is grid-stride over row blocks with a software-pipelined loop (``tl.range(num_stages=2)``): the loads
-of the next row block are issued while the current one is reduced, so a few programs per SM hide the memory latency
-that a single block in flight per program would expose.
+The backward is grid-stride over row blocks (a few programs per SM, each owning a row of dw partial sums) with the
+loop pipelined by hand: the loads of the next row block are issued before the current one is reduced and stored,
+so each program keeps two blocks in flight and hides the memory latency one block at a time would expose.
 
 Both directions are torch.library custom ops (smollm::rms_norm, smollm::rms_norm_backward) with fake
 implementations and autograd, so torch.compile traces through them without a graph break.
@@ -57,12 +57,23 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _load_rows(x_ptr, dy_ptr, rstd_ptr, rows, cols, col_ok, M, stride_x, stride_dy):
+    """x, dy (in their own dtypes) and rstd of one block of rows; rows past M read as zeros."""
+    row_ok = rows < M
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)  # M * N may pass 2^31
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+    return x, dy, tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     dy_ptr,  # (M, N) upstream gradient, row stride stride_dy
     x_ptr,  # (M, N) forward input, row stride stride_x
     w_ptr,  # (N,) weight
     rstd_ptr,  # (M,) fp32 from the forward
-    dx_ptr,  # (M, N) output, contiguous
+    dx_ptr,  # (M, N) output, contiguous, in x's dtype
     dw_partial_ptr,  # (num_programs, N) fp32: this program's share of dw
     stride_dy,
     stride_x,
@@ -70,28 +81,31 @@ def _rms_norm_bwd_kernel(
     N,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_STAGES: tl.constexpr,  # row blocks in flight per program
 ):
-    # Grid-stride over row blocks, so each program owns one row of dw_partial and accumulates it in registers.
+    # Grid-stride over row blocks, so each program owns one row of dw_partial and accumulates it in registers. The
+    # next block's loads are issued before this block is reduced and stored (a register prefetch), so two blocks are
+    # in flight per program; tl.range(num_stages=2) would do the same through cp.async and 16 KB of shared memory.
     pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK_M
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in tl.range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M, num_stages=NUM_STAGES):
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    x, dy, rstd = _load_rows(x_ptr, dy_ptr, rstd_ptr, rows, cols, col_ok, M, stride_x, stride_dy)
+    for start in range(pid * BLOCK_M, M, step):
         rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        mask = row_ok[:, None] & col_ok[None, :]
-        rows64 = rows.to(tl.int64)
-        x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        x_hat = x * rstd[:, None]
-        g = dy * w[None, :]
+        x_next, dy_next, rstd_next = _load_rows(x_ptr, dy_ptr, rstd_ptr, rows + step, cols, col_ok, M, stride_x,
+                                                stride_dy)  # fmt: skip
+        x_hat = x.to(tl.float32) * rstd[:, None]
+        dy32 = dy.to(tl.float32)
+        g = dy32 * w[None, :]
         c = tl.sum(g * x_hat, axis=1) / N
         dx = rstd[:, None] * (g - x_hat * c[:, None])
-        tl.store(dx_ptr + rows64[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dw_acc += dy * x_hat
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        tl.store(dx_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw_acc += dy32 * x_hat
+        x, dy, rstd = x_next, dy_next, rstd_next
     tl.store(dw_partial_ptr + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
 
@@ -123,12 +137,13 @@ def rms_norm_backward(
     """Launch the backward on (M, N) views; returns (dx, dweight) in x's and weight's dtypes."""
     M, N = x2.shape
     block_m, block_n, warps = _launch_sizes(N)
-    programs = _utils.persistent_programs(x2.device, triton.cdiv(M, block_m))
+    # ~125 registers a thread at 8 warps (sm_90a): two programs fit on an SM.
+    programs = _utils.persistent_programs(x2.device, triton.cdiv(M, block_m), per_sm=2)
     dx = _utils.empty((M, N), x2.dtype, x2.device)
     dw_partial = _utils.empty((programs, N), torch.float32, x2.device)
     _rms_norm_bwd_kernel[(programs,)](
         dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), M, N,
-        BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=2, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )
     return dx, dw_partial.sum(0).to(weight.dtype)
 

@@ -11,9 +11,11 @@ positions and a cached (d/2,) vector of frequencies, with the product rounded to
 
 q and k rotate in one launch (apply_rope_qk): a program computes the sin/cos of its positions once and walks the H
 query heads and then the Hkv key heads, which halves the launches and the angle math of rotating them apart. The
-head loops are software-pipelined (``tl.range(num_stages=NUM_STAGES)``): the next head's tile is loaded while the
-current one is rotated and stored, so the (B x T / BLOCK_T)-program grid (512 programs at 125M) keeps several
-loads in flight per program instead of one latency-bound load-rotate-store round trip per head.
+head loops are pipelined by hand: the next head's tile is loaded before the current one is rotated and stored, so
+the (B x T / BLOCK_T)-program grid (512 programs at 125M) keeps two tile loads in flight per thread instead of one
+latency-bound load-rotate-store round trip per head. ``tl.range(num_stages=2 or 3)`` does the same through cp.async
+and shared memory, but lowered for sm_90a it made ptxas spill (32 STL / 48 LDL: libdevice sinf's local array);
+the register prefetch costs 12 registers (68 in all) and spills nothing.
 
 Both entry points are one torch.library custom op (smollm::rope) with a fake implementation and autograd, so
 torch.compile traces through them without a graph break.
@@ -25,9 +27,6 @@ import triton.language as tl
 
 from kernels import _utils
 from kernels.reference import rope_angles
-
-
-NUM_STAGES = 3  # head tiles in flight per program
 
 
 @triton.jit
@@ -44,14 +43,18 @@ def _rope_heads(
     sin,
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
 ):
     # Whole rows are loaded and stored contiguously (wide vector accesses), then split into (even, odd) in registers.
-    for h in tl.range(0, n_heads, num_stages=NUM_STAGES):
-        x = tl.load(x_ptr + h * stride_xh + x_offs, mask=mask, other=0.0).to(tl.float32)
-        x0, x1 = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_HALF, 2)))
-        y = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK_T, 2 * BLOCK_HALF))
-        tl.store(y_ptr + h * y_head + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    # The next head's tile is loaded before this one is rotated and stored: two loads in flight per thread. The last
+    # head "prefetches" itself again (an L1 hit) rather than branch or mask on the head.
+    if n_heads > 0:
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+        for h in range(n_heads):
+            x_next = tl.load(x_ptr + tl.minimum(h + 1, n_heads - 1) * stride_xh + x_offs, mask=mask, other=0.0)
+            x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_T, BLOCK_HALF, 2)))
+            y = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK_T, 2 * BLOCK_HALF))
+            tl.store(y_ptr + h * y_head + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            x = x_next
 
 
 @triton.jit
@@ -77,7 +80,6 @@ def _rope_kernel(
     INVERSE: tl.constexpr,  # rotate by -a (the backward)
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
 ):
     # One program per (sequence, block of positions), looping over heads: the angles do not depend on the head,
     # and accurate sin/cos (libdevice, tens of instructions each) would otherwise cost more than the memory traffic.
@@ -100,9 +102,9 @@ def _rope_kernel(
     y_offs = t64[:, None] * (2 * HALF) + j[None, :]
     y_head = T * (2 * HALF)
     _rope_heads(q_ptr + b * stride_qb, qo_ptr + b * H * y_head, H, stride_qh, t64[:, None] * stride_qt + j[None, :],
-                y_offs, y_head, mask, cos, sin, BLOCK_T, BLOCK_HALF, NUM_STAGES)  # fmt: skip
+                y_offs, y_head, mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
     _rope_heads(k_ptr + b * stride_kb, ko_ptr + b * HKV * y_head, HKV, stride_kh, t64[:, None] * stride_kt + j[None, :],
-                y_offs, y_head, mask, cos, sin, BLOCK_T, BLOCK_HALF, NUM_STAGES)  # fmt: skip
+                y_offs, y_head, mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
 
 
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
@@ -146,7 +148,7 @@ def rope_launch(
     _rope_kernel[grid](
         q4, k4, positions, inv_freq, qo, ko, q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1),
         k4.stride(2), stride_pb, positions.stride(-1), H, k4.shape[1], T, half, INVERSE=inverse, BLOCK_T=block_t,
-        BLOCK_HALF=block_half, NUM_STAGES=NUM_STAGES, num_warps=_utils.num_warps_for(2 * block_t * block_half),
+        BLOCK_HALF=block_half, num_warps=_utils.num_warps_for(2 * block_t * block_half),
     )
     return qo, ko
 
