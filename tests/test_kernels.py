@@ -234,6 +234,16 @@ def test_fused_linear_cross_entropy_mixed_dtypes_strided_and_upstream_scale():
     assert_close(dw, ref_dw, torch.float16)  # the matmul ran in fp16
 
 
+def test_fused_linear_cross_entropy_recasts_weight_after_update():
+    # The fp32 weight's fp16 copy is reused across calls, so an in-place update (an optimizer step) must invalidate it.
+    hidden, weight, t = randn(9, 16, dtype=torch.float16), randn(33, 16), _targets((9,), 33)
+    for _ in range(2):
+        loss = kernels.fused_linear_cross_entropy(hidden, weight, t, chunk_size=4)
+        assert_close(loss, reference.fused_linear_cross_entropy(hidden, weight.half(), t), torch.float16)
+        with torch.no_grad():
+            weight.mul_(-2.0)
+
+
 def test_fused_linear_cross_entropy_without_grad_needs_no_backward():
     hidden, weight = randn(9, 16), randn(33, 16)
     t = _targets((9,), 33)
