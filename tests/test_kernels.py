@@ -14,6 +14,7 @@ import kernels
 from kernels import _utils, reference
 from kernels.linear_cross_entropy import CPU_CHUNK_BUDGET_BYTES, chunk_rows
 from kernels.rope import apply_rope_qk
+from model import ModelConfig, TransformerLM
 
 cross_entropy_module = importlib.import_module("kernels.cross_entropy")  # the name kernels.cross_entropy is the op
 
@@ -264,14 +265,18 @@ def test_chunk_rows_follows_memory_budget():
 HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu")
 
 
-def test_losses_never_read_device_values_on_the_host(monkeypatch):
-    """A training step must queue its loss without waiting for the GPU: no tensor value may reach Python.
+def test_training_step_never_reads_device_values_on_the_host(monkeypatch):
+    """A training step must queue its work without waiting for the GPU: no tensor value may reach Python.
 
-    On a CPU there is no sync to detect, so every Tensor method that hands a value to the host raises instead.
+    On a CPU there is no sync to detect, so every Tensor method that hands a value to the host raises instead. Both
+    losses standalone (an upstream gradient of 1 and of 0.5), then a whole step of the Triton model.
     """
     logits, hidden, weight = randn(9, 33, scale=3).requires_grad_(), randn(9, 16), randn(33, 16, scale=0.3)
     hidden.requires_grad_(), weight.requires_grad_()
     t = _targets((9,), 33)
+    model = TransformerLM(ModelConfig(vocab_size=33, context_length=8, d_model=64, num_layers=1, num_heads=4,
+                                      num_kv_heads=2, d_ff=48, kernels="triton")).to(DEVICE)  # fmt: skip
+    ids = torch.randint(0, 33, (2, 8), device=DEVICE)
 
     def refuse(self, *args, **kwargs):
         raise AssertionError("a tensor's value was read on the host (a host sync on a GPU)")
@@ -279,9 +284,11 @@ def test_losses_never_read_device_values_on_the_host(monkeypatch):
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, refuse)
     kernels.cross_entropy(logits, t).backward()
-    kernels.fused_linear_cross_entropy(hidden, weight, t, chunk_size=4).backward(torch.tensor(0.5))
+    kernels.fused_linear_cross_entropy(hidden, weight, t, chunk_size=4).backward(torch.tensor(0.5, device=DEVICE))
+    model(ids, ids).backward()
     monkeypatch.undo()
     assert logits.grad.isfinite().all() and weight.grad.isfinite().all()
+    assert all(p.grad.isfinite().all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("bad", [33, -3])
