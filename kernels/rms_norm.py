@@ -137,13 +137,14 @@ def rms_norm_backward(
     """Launch the backward on (M, N) views; returns (dx, dweight) in x's and weight's dtypes."""
     M, N = x2.shape
     block_m, block_n, warps = _launch_sizes(N)
-    # ~125 registers a thread at 8 warps (sm_90a): two programs fit on an SM.
+    # Two programs per SM, which fit because maxnreg caps a thread at 128 registers (fp32 x needs 136 uncapped;
+    # capped, ptxas spills nothing at the presets for sm_90a).
     programs = _utils.persistent_programs(x2.device, triton.cdiv(M, block_m), per_sm=2)
     dx = _utils.empty((M, N), x2.dtype, x2.device)
     dw_partial = _utils.empty((programs, N), torch.float32, x2.device)
     _rms_norm_bwd_kernel[(programs,)](
         dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), M, N,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, maxnreg=128,
     )
     return dx, dw_partial.sum(0).to(weight.dtype)
 
