@@ -42,6 +42,7 @@ import torch
 import triton
 import kernels
 from kernels.linear_cross_entropy import cross_entropy_forward
+from kernels.rope import apply_rope_qk
 
 BF16 = torch.bfloat16
 PRESETS = {"tinystories-17m": dict(tokens=128 * 256, d_model=512, d_ff=1344, heads=16, vocab=10000, seq=256),
@@ -73,6 +74,13 @@ for name, p in PRESETS.items():
         f"swiglu {name}": fwd_bwd(kernels.swiglu, leaf(N, p["d_ff"]), leaf(N, p["d_ff"])),
         f"rope {name}": fwd_bwd(kernels.apply_rope, leaf(N // T, p["heads"], T, p["d_model"] // p["heads"]),
                                 torch.arange(T)),
+        # what training runs: autocast's fp32 residual into a bf16 norm, and q and k rotated in one launch
+        f"rms_norm fp32-to-bf16 {name}": fwd_bwd(lambda x, w: kernels.rms_norm(x, w, out_dtype=BF16),
+                                                 leaf(N, p["d_model"], dtype=torch.float32),
+                                                 leaf(p["d_model"], dtype=torch.float32)),
+        f"rope qk {name}": fwd_bwd(lambda q, k, pos=torch.arange(T): torch.cat([y.flatten() for y in
+                                                                                apply_rope_qk(q, k, pos)]),
+                                   *[leaf(N // T, p["heads"], T, p["d_model"] // p["heads"]) for _ in range(2)]),
         f"cross_entropy {name}": fwd_bwd(kernels.cross_entropy, leaf(N, p["vocab"]), torch.zeros(N, dtype=torch.int64)),
         f"flce_chunk {name}": flce_chunk(8192, p["vocab"]),
     })
