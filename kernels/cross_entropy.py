@@ -5,16 +5,17 @@ For a row x of width V with target c (n rows not ignored), loss = mean over rows
 One program per row, two ways, chosen by V:
 - Single tile (V <= SINGLE_TILE_MAX = 16K): the whole row sits in registers (BLOCK_V = next power of two >= V, at
   most 32 fp32 values a thread at 16 warps), so the row is read once, exp() runs once per element and the gradient
-  is written once: 2V bytes in and 2V out for bf16, the minimum. At V = 10000 that is one 16384-lane tile instead of
-  the 2 x 2 x 8192 lanes (64% masked) of two sweeps; the masked lanes cost only ALU, and a bf16 row of 40 KB moved
-  per 16K exps keeps the SFUs an order of magnitude below the memory time.
+  is written once: 2V bytes in and 2V out for bf16, the minimum. At V = 10000 that is one 16384-lane tile (16384 exps)
+  instead of two sweeps of 2 x 8192 lanes (32768 exps and two reads); the masked lanes cost only ALU, and 40 KB
+  moved per 16K exps keeps the SFUs an order of magnitude below the memory time.
 - Loop (larger V): a first sweep keeps a running max m and sum s of exp(x - m) (the online log-sum-exp, fp32
   whatever the input dtype), a second sweep writes the gradient (its reads mostly hit L2: a 100 KB row). Each sweep
-  is an unmasked main loop over full BLOCK_V blocks that start on a 16-byte boundary, plus a masked remainder: the
-  few elements before the first boundary (row starts are unaligned when V is odd, e.g. 50257) and the ragged tail.
-  So the main loads and stores are 16-byte vectors at any V, standalone or in FLCE's padded buffer, where the masked
-  loop of before was all scalar 2-byte accesses. BLOCK_V is the size in LOOP_BLOCKS that wastes the fewest tail
-  lanes (V = 50257: 2048, 943 lanes, 2%).
+  is an unmasked main loop over full BLOCK_V blocks that start on a 16-byte boundary (row starts are unaligned when
+  V is odd, e.g. 50257, so the first few elements are skipped to the boundary), then a narrow masked loop, one
+  element a thread, over the rest: the ragged tail, then the skipped head. So the main loads and stores are 16-byte
+  vectors at any V, standalone or in FLCE's padded buffer, where the masked loop of before was all scalar 2-byte
+  accesses. BLOCK_V is the size in LOOP_BLOCKS that leaves the shortest rest (V = 50257: 1024, 81 + head elements,
+  three narrow steps), with one warp per 1024 lanes: four 16-byte vectors a thread per block.
 
 Because the gradient is complete after the forward, the backward only scales it by the upstream gradient in place;
 the scale kernel is grid-stride (a few programs per SM) and returns after one scalar load when the upstream gradient
