@@ -259,9 +259,12 @@ class _Driver(DriverBase):
         try:
             kernel_call()
         except triton.runtime.errors.OutOfResources as e:
-            config = dict(_closure(kernel_call).get("current", {}))
-            name = _closure(kernel_call)["self"].base_fn.__name__
-            self.launches.append(Launch(name, config, (0, 0, 0), None, self.device, error=str(e)))
+            # the autotuner's kernel_call closes over its tuner (self) and the config's kwargs (current)
+            cells = _closure(kernel_call)
+            tuner = cells.get("self")
+            name = tuner.base_fn.__name__ if hasattr(tuner, "base_fn") else "?"
+            self.launches.append(Launch(name, dict(cells.get("current", {})), (0, 0, 0), None, self.device,
+                                        error=str(e)))
             raise
         return [0.0, 0.0, 0.0]
 
