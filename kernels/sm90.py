@@ -32,7 +32,8 @@ API (stable; used by bench/sm90.py and the static gates in tests/):
     print(sm90.table(launches))                 # one line per launch; sm90.HEADER names the columns
     json.dumps([sm90.record(launch) for launch in launches])   # flat dicts, e.g. to pass out of a subprocess
 
-Launch: name, config (constexprs plus num_warps / num_stages), grid, stats (Stats), ctas (grid size),
+Launch: name, config (constexprs, the ints the launch turned into constants such as a stride of 1, num_warps and
+num_stages), grid, stats (Stats), ctas (grid size),
 resident_ctas / resident_warps (per SM, from registers, shared memory and the SM's limits), waves (grid / (132 x
 resident CTAs)). Stats: regs, spill_stores / spill_loads (STL / LDL instructions in the SASS: register spills to
 local memory), stack (stack frame bytes per thread), shared (bytes), wgmma / mma_sync (PTX tensor-core
@@ -40,7 +41,8 @@ instructions), cp_async / tma (PTX cp.async and cp.async.bulk), loads / stores (
 by access width in bytes), vector_share(kind) (the share of their bytes moved by 16-byte vectors).
 A config the pruner kept but that cannot launch (too much shared memory) is a Launch with `error` set.
 
-Must run with TRITON_INTERPRET unset (the interpreter replaces the JIT); tests do it in a subprocess.
+ptxas_version() names the ptxas used. Must run with TRITON_INTERPRET unset (the interpreter replaces the JIT);
+tests do it in subprocesses through the `compile_for_sm90` fixture (tests/conftest.py).
 """
 
 import contextlib
@@ -259,9 +261,12 @@ class _Driver(DriverBase):
         try:
             kernel_call()
         except triton.runtime.errors.OutOfResources as e:
-            config = dict(_closure(kernel_call).get("current", {}))
-            name = _closure(kernel_call)["self"].base_fn.__name__
-            self.launches.append(Launch(name, config, (0, 0, 0), None, self.device, error=str(e)))
+            # the autotuner's kernel_call closes over its tuner (self) and the config's kwargs (current)
+            cells = _closure(kernel_call)
+            tuner = cells.get("self")
+            name = tuner.base_fn.__name__ if hasattr(tuner, "base_fn") else "?"
+            self.launches.append(Launch(name, dict(cells.get("current", {})), (0, 0, 0), None, self.device,
+                                        error=str(e)))
             raise
         return [0.0, 0.0, 0.0]
 

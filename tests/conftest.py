@@ -51,7 +51,7 @@ def compile_for_sm90():
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(workers)]
         out = {}
         for proc in procs:
-            stdout, stderr = proc.communicate(timeout=600)
+            stdout, stderr = proc.communicate(timeout=1200)
             assert proc.returncode == 0, stderr[-4000:]
             out.update(json.loads(stdout.strip().splitlines()[-1]))
         return out

@@ -40,4 +40,6 @@ def test_attention_kernels_compile_for_sm90(compile_for_sm90):
             assert r["error"] is None and r["regs"] > 0, (label, r)
             if r["name"] != "_attn_bwd_delta":
                 assert r["config"]["HEAD_DIM"] == int(label.split()[1][1:])
+                # specialized as a GPU launch is: the contiguous head dim's stride == 1 became a constant
+                assert r["config"]["stride_qd"] == 1
                 assert r["config"]["DOT_PRECISION"] == ("ieee" if label.startswith("fp32") else "tf32")

@@ -1,9 +1,11 @@
 """Static Hopper gates: properties of the code an H100 would run, read from sm_90a compiles in CI (kernels.sm90).
 
 Each op is launched through its own launcher on CPU stand-in tensors at the shapes training uses (the TinyStories-17M
-and 125M presets, bench.kernels' batches; attention also at bench.attention's T = 4096), with the argument
-specialization a GPU launch gets, and every autotune config its pruner keeps is compiled. A change that regresses
-one of these properties fails here, before any GPU sees it:
+and 125M presets at bench.kernels' batches; attention at bench.attention's T = 4096 for head dims 32, 64 and 128,
+and the 17M preset), with the argument specialization a GPU launch gets, and every autotune config its pruner keeps
+is compiled. (The 125M preset's attention differs from the d = 64 case only in its head count, 12, not a multiple
+of 16; `python -m bench.sm90` reports it.) A change that regresses one of these properties fails here, before any
+GPU sees it:
 
 - attention: every tl.dot of the forward, dK/dV and dQ kernels is a wgmma (none falls back to mma.sync, which runs
   Hopper's tensor cores at a fraction of their rate), at head dims 32, 64 and 128;
@@ -32,7 +34,7 @@ def backward(B, H, T, d):
 
 
 SHAPES = {f"d{d} T4096": (16384 // 4096, 2048 // d, 4096, d) for d in (32, 64, 128)}
-SHAPES.update({"tinystories-17m": (128, 16, 256, 32), "125m": (16, 12, 1024, 64)})
+SHAPES["tinystories-17m"] = (128, 16, 256, 32)
 CASES = {f"{name} {pass_}": make(*shape) for name, shape in SHAPES.items()
          for pass_, make in (("forward", forward), ("backward", backward))}
 """
@@ -109,32 +111,53 @@ def memory_bound_launches(compile_for_sm90):
     return compile_for_sm90(MEMORY_BOUND_SCRIPT)
 
 
+def _problems(records: list[dict], label: str, check) -> list[str]:
+    return [f"{label}: {_describe(r)}: {why}" for r in records if (why := check(r))]
+
+
+def _no_spills(r: dict) -> str | None:
+    if r["error"]:
+        return r["error"].splitlines()[0]
+    if r["spill_stores"] or r["spill_loads"]:
+        return f"{r['spill_stores']} spill stores, {r['spill_loads']} spill loads"
+    return None
+
+
+def _wgmma_without_spills(r: dict) -> str | None:
+    if r["name"] in ATTENTION_KERNELS and (r["mma_sync"] or not r["wgmma"]):
+        return f"{r['wgmma']} wgmma, {r['mma_sync']} mma.sync"
+    return _no_spills(r)
+
+
+def _vectors(r: dict) -> str | None:
+    if r["ld16"] < 0.75 or r["st16"] < 0.75:
+        return f"16-byte share of bytes: loads {r['ld16']:.0%} {r['loads']}, stores {r['st16']:.0%} {r['stores']}"
+    return _no_spills(r)
+
+
 def test_attention_dots_are_wgmma_without_spills(attention_launches):
+    problems = []
     for label, records in attention_launches.items():
-        names = {r["name"] for r in records}
         wanted = ATTENTION_KERNELS[:1] if label.endswith("forward") else ATTENTION_KERNELS[1:]
-        assert names >= set(wanted), (label, names)
-        for r in records:
-            assert r["error"] is None, (label, r["error"])
-            assert r["spill_stores"] == r["spill_loads"] == 0, (label, _describe(r), "spills")
-            if r["name"] in ATTENTION_KERNELS:
-                assert r["mma_sync"] == 0 and r["wgmma"] > 0, (label, _describe(r), r["wgmma"], r["mma_sync"])
+        assert {r["name"] for r in records} >= set(wanted), label
+        problems += _problems(records, label, _wgmma_without_spills)
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("op", MEMORY_BOUND_OPS)
 def test_memory_bound_kernels_move_data_in_16_byte_vectors(memory_bound_launches, op, request):
     if op in XFAIL_H10B:
         request.applymarker(pytest.mark.xfail(strict=True, reason=XFAIL_H10B[op]))
+    problems = []
     for label, records in memory_bound_launches.items():
-        if label.split()[0] != op:
-            continue
-        assert records, label
-        for r in records:
-            assert r["error"] is None, (label, r["error"])
-            assert r["ld16"] >= 0.75 and r["st16"] >= 0.75, (label, _describe(r), r["loads"], r["stores"])
+        if label.split()[0] == op:
+            assert records, label
+            problems += _problems(records, label, _vectors)
+    assert not problems, "\n".join(problems)
 
 
 def test_memory_bound_kernels_do_not_spill(memory_bound_launches):
+    problems = []
     for label, records in memory_bound_launches.items():
-        for r in records:
-            assert r["spill_stores"] == r["spill_loads"] == 0, (label, _describe(r))
+        problems += _problems(records, label, _no_spills)
+    assert not problems, "\n".join(problems)
