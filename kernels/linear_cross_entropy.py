@@ -57,14 +57,16 @@ def chunk_rows(n_tokens: int, vocab_size: int, dtype: torch.dtype, device: torch
 _HAS_FP32_OUT_ADDMM = "dtype" in torch.ops.aten.addmm.overloads()
 
 
-def add_dw_(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
-    """dw += dlogits^T @ h for an fp32 dw, the products in the activation dtype and the sums in fp32."""
+def add_dw(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """dw + dlogits^T @ h for an fp32 dw, the products in the activation dtype and the sums in fp32.
+
+    Out of place on the fp32-output path (one GEMM reads dw and writes the new sum, the traffic of an in-place one),
+    so it never depends on that overload accepting out= aliased with its input."""
     if dlogits.dtype == dw.dtype:
-        dw.addmm_(dlogits.t(), h)
-    elif dw.is_cuda and _HAS_FP32_OUT_ADDMM:
-        torch.addmm(dw, dlogits.t(), h, out_dtype=torch.float32, out=dw)
-    else:  # CPUs (tests) and old torch: the product rounds to the activation dtype before the fp32 sum
-        dw.add_(dlogits.t() @ h)
+        return dw.addmm_(dlogits.t(), h)
+    if dw.is_cuda and _HAS_FP32_OUT_ADDMM:
+        return torch.addmm(dw, dlogits.t(), h, out_dtype=torch.float32)
+    return dw.add_(dlogits.t() @ h)  # CPUs (tests) and old torch: the product rounds before the fp32 sum
 
 
 _CAST: dict = {}  # the last cast weight: {"ref": weakref to the weight, "version", "dtype", "cast"}
@@ -111,7 +113,7 @@ def linear_cross_entropy_chunks(
         if need_dh:
             torch.mm(logits, w, out=dh[start : start + rows])
         if need_dw:
-            add_dw_(dw, logits, h_c)
+            dw = add_dw(dw, logits, h_c)
     return torch.cat(losses).sum(), dh, dw
 
 
