@@ -15,6 +15,16 @@ Causal: key blocks entirely above the diagonal are never visited, and only the b
 end of S) pay for masking. With T < S the queries are the last T positions (KV-cache decoding), so the mask is
 aligned to the end: query i sees keys j <= i + S - T.
 
+Cost (causal halves every count): the forward's two dots are 4·B·H·T·S·d FLOPs; HBM traffic is Q and O once plus
+K and V once per query block, 2·B·H·d·es·(T + 2·S·T/BLOCK_M) bytes, mostly L2 hits since the programs of one K/V
+head run together. Per K/V tile a program does 4·BLOCK_M·BLOCK_N·d FLOPs for 2·BLOCK_N·d·es bytes, 2·BLOCK_M/es =
+128 FLOP/B at BLOCK_M = 128 in bf16, so the tensor cores, not memory, set the pace, and the softmax is next: Hopper
+does ~256 matmul FLOPs per exp2, and each score costs one exp2 for 4·d matmul FLOPs (256 at d = 64: as long).
+So the per-score work is kept to the minimum: the scale is folded into the FMA that subtracts the running max
+(forward) or the log-sum-exp (backward), s·c - m in one instruction, and masks are applied only to boundary blocks.
+Every dot must lower to Hopper's wgmma (the legacy mma.sync runs the tensor cores at a fraction of their rate):
+tests/test_sm90_gates.py checks it for every kept config.
+
 Precision: tiles are multiplied with ``tl.dot`` accumulating in fp32. fp16/bf16 inputs use the tensor cores directly;
 fp32 inputs use input_precision="ieee" (no tf32), because tf32's 10-bit mantissa would put the kernel far above the
 FlashAttention rule's bound of 2x eager fp32's own error. That makes fp32 correct but slow on a GPU; train in bf16.
@@ -43,12 +53,17 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
 def _autotune(gpu: list[tuple[int, int, int, int, int]], fp32: tuple[int, int, int, int], interpreter: tuple[int, int]):
     """Autotune arguments for one kernel.
 
-    gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim), chosen by compiling each for
-    sm_90 and reading its register use (cuobjdump -res-usage): a candidate is kept only for the head dims where it
-    spills little or nothing. fp32 inputs take the FMA path (input_precision="ieee"), with twice the bytes per tile
-    and far more registers, so they get the one small config fp32. Under the interpreter a single config, which also
-    skips benchmarking; its blocks are deliberately unequal so that the tests cross BLOCK_M != BLOCK_N boundaries as
-    the GPU configs do.
+    gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim), chosen by lowering each for
+    sm_90a through the real launch path (kernels.sm90: bf16, causal, the argument specialization of a GPU launch)
+    at head dims 32, 64 and 128: a candidate is kept for a head dim only where every tl.dot became a wgmma and
+    ptxas spilled nothing (tests/test_sm90_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
+    per warpgroup, so the dK/dV kernel, whose accumulators are BLOCK_N rows, takes BLOCK_N >= 64 (at BLOCK_N = 32
+    every dot is a legacy mma.sync); at head dim 128 its BLOCK_M = 64 candidates spill (the two BLOCK_N x 128 fp32
+    accumulators already take 128 registers a thread), so they stop at 64. Stage variants let the tuner trade shared
+    memory (K/V or Q/dO tiles in flight) against occupancy. fp32 inputs take the FMA path (input_precision="ieee"),
+    with twice the bytes per tile and far more registers, so they get the one small config fp32. Under the
+    interpreter a single config, which also skips benchmarking; its blocks are deliberately unequal so that the
+    tests cross BLOCK_M != BLOCK_N boundaries as the GPU configs do.
     """
     key = ["HEAD_DIM", "CAUSAL", "tuning_len"]
     if INTERPRET:
@@ -99,12 +114,13 @@ def _key_range(start_m, offset, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _scores_block(
-    q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, cols, offs_m, offs_d, S, offset, qk_scale,
+    q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, cols, offs_m, offs_d, S, offset,
     MASKED: tl.constexpr,  # key block on the diagonal or past S: load with bounds and mask the scores
     CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One key block's K and V tiles and the scores q k^T * qk_scale (log2 units), -inf where a key is hidden.
+    """One key block's K and V tiles and the raw scores q k^T, -inf where a key is hidden. The caller applies
+    qk_scale inside the FMA that also subtracts the row's max or log-sum-exp (-inf stays -inf through it).
 
     Shared by the forward and the dQ pass, which walk the key blocks of a query block the same way."""
     k_ptrs = K + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd
@@ -115,7 +131,7 @@ def _scores_block(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
     if MASKED:
         keep = cols[None, :] < S
         if CAUSAL:
@@ -138,13 +154,15 @@ def _attn_fwd_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         s, k, v = _scores_block(
             q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n + offs_n, offs_m, offs_d, S, offset,
-            qk_scale, MASKED, CAUSAL, DOT_PRECISION,
+            MASKED, CAUSAL, DOT_PRECISION,
         )
         # Every row sees at least one key in the first block it visits (key 0, or a whole unmasked block), so m_new
         # is finite from then on and exp2(m_i - m_new) never meets -inf - -inf, however large the scores.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # The scale is positive, so max(s) * scale is the max of the scaled scores with the same rounding, and the
+        # scale and the max subtraction are one FMA per score.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -153,7 +171,8 @@ def _attn_fwd_blocks(
 
 @triton.autotune(
     **_autotune(
-        gpu=[(128, 64, 4, 3, 64), (128, 64, 8, 3, 128), (128, 128, 8, 3, 128), (64, 64, 4, 3, 128)],
+        gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
+             (64, 64, 4, 3, 128)],
         fp32=(32, 32, 4, 2),
         interpreter=(16, 32),
     )
@@ -220,6 +239,12 @@ def _attn_fwd(
 # keys, so they come from two kernels that each own what they write: one program per key block, looping over every
 # query head of its GQA group and over the query blocks that can see it (GQA's sum over heads happens in registers);
 # one program per query block, looping over its keys like the forward. No atomics: the same bits on every run.
+# The price is two more dots than FlashAttention-2's one-pass backward with an atomic dQ: 7 (4 in dK/dV: S^T, dV,
+# dP^T, dK; 3 in dQ: S, dP, dQ) against 5, so 3.5x the forward's matmul FLOPs instead of 2.5x, and P is recomputed
+# twice. The scale is not pre-multiplied into K: rounding k·scale to bf16 would move each recomputed score by up to
+# 2^-9 of its size, so P would no longer match the forward's log-sum-exp (at the large-score test's 1e4 that is
+# exp2 of dozens); folding the scale into the FMA with the log-sum-exp subtraction costs the same one instruction
+# per score and rounds once.
 # Masking sets scores to -inf before exp2, as in the forward: a masked pair's raw score may exceed its row's lse by
 # thousands under large inputs, and exp2 of that would be inf. Padded rows and keys (past T or S) only ever feed
 # rows of dK, dV or dQ that are not stored.
@@ -273,13 +298,13 @@ def _attn_bwd_dkdv_blocks(
             lse = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
         # tiles are transposed (keys x queries) so that dV and dK come straight out of the dots
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         if MASKED:
             keep = offs_m[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[None, :] + offset >= offs_n[:, None])
             sT = tl.where(keep, sT, float("-inf"))
-        pT = tl.math.exp2(sT - lse[None, :])
+        pT = tl.math.exp2(sT * qk_scale - lse[None, :])  # one FMA per score
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -289,7 +314,7 @@ def _attn_bwd_dkdv_blocks(
 
 @triton.autotune(
     **_autotune(
-        gpu=[(32, 128, 8, 3, 64), (32, 64, 4, 3, 64), (32, 32, 4, 3, 128), (64, 32, 4, 3, 128)],
+        gpu=[(32, 128, 8, 3, 128), (32, 64, 4, 3, 128), (32, 64, 4, 4, 128), (64, 128, 8, 3, 64)],
         fp32=(32, 32, 8, 2),
         interpreter=(16, 32),
     )
@@ -369,9 +394,9 @@ def _attn_bwd_dq_blocks(
     for start_n in range(lo, hi, BLOCK_N):
         s, k, v = _scores_block(
             q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n + offs_n, offs_m, offs_d, S, offset,
-            qk_scale, MASKED, CAUSAL, DOT_PRECISION,
+            MASKED, CAUSAL, DOT_PRECISION,
         )
-        p = tl.math.exp2(s - lse[:, None])
+        p = tl.math.exp2(s * qk_scale - lse[:, None])  # one FMA per score
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -380,7 +405,7 @@ def _attn_bwd_dq_blocks(
 
 @triton.autotune(
     **_autotune(
-        gpu=[(128, 64, 8, 3, 128), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128)],
+        gpu=[(128, 64, 8, 3, 128), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 128)],
         fp32=(32, 32, 4, 2),
         interpreter=(32, 16),
     )

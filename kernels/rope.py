@@ -8,6 +8,17 @@ The backward is the inverse rotation (a -> -a) applied to dy, so nothing but the
 Eager PyTorch builds the angle table, its cos and sin, splits, multiplies, stacks and casts: about eight passes over
 x-sized tensors. Here each element is read once and written once; the angles are computed in registers from the
 positions and a cached (d/2,) vector of frequencies, with the product rounded to fp32 exactly as the reference does.
+
+q and k rotate in one launch (apply_rope_qk): a program computes the sin/cos of its positions once and walks the H
+query heads and then the Hkv key heads, which halves the launches and the angle math of rotating them apart. The
+head loops are pipelined by hand: the next head's tile is loaded before the current one is rotated and stored, so
+the (B x T / BLOCK_T)-program grid (512 programs at 125M) keeps two tile loads in flight per thread instead of one
+latency-bound load-rotate-store round trip per head. ``tl.range(num_stages=2 or 3)`` does the same through cp.async
+and shared memory, but lowered for sm_90a it made ptxas spill (32 STL / 48 LDL: libdevice sinf's local array);
+the register prefetch costs 12 registers (68 in all) and spills nothing.
+
+Both entry points are one torch.library custom op (smollm::rope) with a fake implementation and autograd, so
+torch.compile traces through them without a graph break.
 """
 
 import torch
@@ -19,17 +30,51 @@ from kernels.reference import rope_angles
 
 
 @triton.jit
+def _rope_heads(
+    x_ptr,  # this sequence's first head of the input
+    y_ptr,  # this sequence's first head of the contiguous output
+    n_heads,
+    stride_xh,
+    x_offs,  # (BLOCK_T, 2 BLOCK_HALF) offsets of the tile within a head of x
+    y_offs,  # the same within a head of y
+    y_head,  # elements per head of y: T * d
+    mask,
+    cos,
+    sin,
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    # Whole rows are loaded and stored contiguously (wide vector accesses), then split into (even, odd) in registers.
+    # The next head's tile is loaded before this one is rotated and stored: two loads in flight per thread. The last
+    # head "prefetches" itself again (an L1 hit) rather than branch or mask on the head.
+    if n_heads > 0:
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+        for h in range(n_heads):
+            x_next = tl.load(x_ptr + tl.minimum(h + 1, n_heads - 1) * stride_xh + x_offs, mask=mask, other=0.0)
+            x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_T, BLOCK_HALF, 2)))
+            y = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK_T, 2 * BLOCK_HALF))
+            tl.store(y_ptr + h * y_head + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            x = x_next
+
+
+@triton.jit
 def _rope_kernel(
-    x_ptr,  # (B, H, T, d) input, any strides with a contiguous last dim
+    q_ptr,  # (B, H, T, d) input, any strides with a contiguous last dim
+    k_ptr,  # (B, Hkv, T, d) input, the same; Hkv may be 0
     pos_ptr,  # (T,) or (B, T) positions, any int or float dtype
     inv_freq_ptr,  # (d/2,) fp32 theta^(-2i/d)
-    y_ptr,  # (B, H, T, d) output, contiguous
-    stride_xb,
-    stride_xh,
-    stride_xt,
+    qo_ptr,  # (B, H, T, d) output, contiguous
+    ko_ptr,  # (B, Hkv, T, d) output, contiguous
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
     stride_pb,  # 0 when positions are shared by the batch
     stride_pt,
     H,
+    HKV,
     T,
     HALF,  # d / 2
     INVERSE: tl.constexpr,  # rotate by -a (the backward)
@@ -51,16 +96,15 @@ def _rope_kernel(
     if INVERSE:
         sin = -sin
 
-    # Whole rows are loaded and stored contiguously (wide vector accesses), then split into (even, odd) in registers.
     j = tl.arange(0, 2 * BLOCK_HALF)
     mask = t_ok[:, None] & (j[None, :] < 2 * HALF)
-    x_offs = t.to(tl.int64)[:, None] * stride_xt + j[None, :]
-    y_offs = t.to(tl.int64)[:, None] * (2 * HALF) + j[None, :]
-    for h in range(H):
-        x = tl.load(x_ptr + b * stride_xb + h * stride_xh + x_offs, mask=mask, other=0.0).to(tl.float32)
-        x0, x1 = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_HALF, 2)))
-        y = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK_T, 2 * BLOCK_HALF))
-        tl.store(y_ptr + (b * H + h) * T * (2 * HALF) + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    t64 = t.to(tl.int64)
+    y_offs = t64[:, None] * (2 * HALF) + j[None, :]
+    y_head = T * (2 * HALF)
+    _rope_heads(q_ptr + b * stride_qb, qo_ptr + b * H * y_head, H, stride_qh, t64[:, None] * stride_qt + j[None, :],
+                y_offs, y_head, mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
+    _rope_heads(k_ptr + b * stride_kb, ko_ptr + b * HKV * y_head, HKV, stride_kh, t64[:, None] * stride_kt + j[None, :],
+                y_offs, y_head, mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
 
 
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
@@ -87,46 +131,61 @@ def _as_bhtd(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def rope_launch(x4: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Rotate a (B, H, T, d) tensor; returns a fresh contiguous tensor of the same shape."""
-    B, H, T, d = x4.shape
+def rope_launch(
+    q4: torch.Tensor, k4: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate (B, H, T, d) q4 and (B, Hkv, T, d) k4 in one launch; returns fresh contiguous tensors."""
+    B, H, T, d = q4.shape
     half = d // 2
-    y = _utils.empty(x4.shape, x4.dtype, x4.device)
+    inv_freq = _inv_freq(d, theta, q4.device)
+    qo = _utils.empty(q4.shape, q4.dtype, q4.device)
+    ko = _utils.empty(k4.shape, k4.dtype, k4.device)
     stride_pb = positions.stride(0) if positions.dim() == 2 else 0
     block_half = triton.next_power_of_2(half)
     # ~1024 pairs a tile: enough programs (B x T / block_t) to fill the SMs even for one head group per sequence.
     block_t = max(1, min(triton.next_power_of_2(T), 1024 // block_half))
     grid = (B, triton.cdiv(T, block_t))
     _rope_kernel[grid](
-        x4, positions, inv_freq, y, x4.stride(0), x4.stride(1), x4.stride(2), stride_pb, positions.stride(-1),
-        H, T, half, INVERSE=inverse, BLOCK_T=block_t, BLOCK_HALF=block_half,
-        num_warps=_utils.num_warps_for(2 * block_t * block_half),
+        q4, k4, positions, inv_freq, qo, ko, q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1),
+        k4.stride(2), stride_pb, positions.stride(-1), H, k4.shape[1], T, half, INVERSE=inverse, BLOCK_T=block_t,
+        BLOCK_HALF=block_half, num_warps=_utils.num_warps_for(2 * block_t * block_half),
     )
-    return y
+    return qo, ko
 
 
-class RoPEFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-        inv_freq = _inv_freq(x.shape[-1], theta, x.device)
-        ctx.save_for_backward(positions, inv_freq)
-        return rope_launch(_as_bhtd(x), positions, inv_freq, inverse=False).view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        positions, inv_freq = ctx.saved_tensors
-        return rope_launch(_as_bhtd(dy), positions, inv_freq, inverse=True).view(dy.shape), None, None
+@torch.library.custom_op("smollm::rope", mutates_args=())
+def _rope_op(
+    q4: torch.Tensor, k4: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_launch(q4, k4, positions, theta, inverse)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotate adjacent pairs of x (..., T, d) by positions * theta^(-2i/d); positions (T,) or (B, T).
+@_rope_op.register_fake
+def _(q4, k4, positions, theta, inverse):
+    return q4.new_empty(q4.shape), k4.new_empty(k4.shape)
 
-    With (B, T) positions, x must be (B, T, d) or (B, H, T, d) (angles shared over heads). Output in x's dtype.
-    """
-    _utils.check_float("x", x)
-    _utils.check_same_device(x=x, positions=positions)
+
+def _setup_context(ctx, inputs, output):
+    _, _, positions, theta, inverse = inputs
+    ctx.save_for_backward(positions)
+    ctx.theta, ctx.inverse = theta, inverse
+
+
+def _backward(ctx, dq, dk):
+    # The inverse rotation of the upstream gradients, again in one launch.
+    (positions,) = ctx.saved_tensors
+    dq, dk = _rope_op(_as_bhtd(dq), _as_bhtd(dk), positions, ctx.theta, not ctx.inverse)
+    return dq, dk, None, None, None
+
+
+_rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(name: str, x: torch.Tensor, positions: torch.Tensor) -> None:
+    _utils.check_float(name, x)
+    _utils.check_same_device(**{name: x, "positions": positions})
     if x.dim() < 2 or x.shape[-1] % 2 or x.numel() == 0:
-        raise ValueError(f"x must be a non-empty (..., T, d) tensor with even d, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be a non-empty (..., T, d) tensor with even d, got shape {tuple(x.shape)}")
     if positions.dtype == torch.bool or positions.is_complex():
         raise TypeError(f"positions must be an integer or float tensor, got {positions.dtype}")
     T = x.shape[-2]
@@ -136,6 +195,30 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
         ok = positions.dim() == 2 and x.dim() in (3, 4) and tuple(positions.shape) == (x.shape[0], T)
     if not ok:
         raise ValueError(
-            f"positions must be (T,) or (B, T) for x of shape {tuple(x.shape)}, got {tuple(positions.shape)}"
+            f"positions must be (T,) or (B, T) for {name} of shape {tuple(x.shape)}, got {tuple(positions.shape)}"
         )
-    return RoPEFunction.apply(x, positions, theta)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate adjacent pairs of x (..., T, d) by positions * theta^(-2i/d); positions (T,) or (B, T).
+
+    With (B, T) positions, x must be (B, T, d) or (B, H, T, d) (angles shared over heads). Output in x's dtype.
+    """
+    _check("x", x, positions)
+    x4 = _as_bhtd(x)
+    y, _ = _rope_op(x4, x4[:, :0], positions, theta, False)  # no key heads
+    return y.view(x.shape)
+
+
+def apply_rope_qk(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rope(q, positions, theta), apply_rope(k, positions, theta) in one launch.
+
+    q (B, H, T, d) and k (B, Hkv, T, d) share B, T, d (and the dtype of each output is its input's).
+    """
+    _check("q", q, positions)
+    _check("k", k, positions)
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q and k must be (B, H, T, d) and (B, Hkv, T, d), got {tuple(q.shape)}, {tuple(k.shape)}")
+    return _rope_op(_as_bhtd(q), _as_bhtd(k), positions, theta, False)

@@ -8,6 +8,9 @@ Eager PyTorch runs sigmoid, two multiplies (and autograd saves their intermediat
 5 tensors' worth of bytes instead of 3 (read g and u, write y) and the backward about 10 instead of 5 (read dy,
 g, u, write dg, du). Here s is recomputed in the backward rather than saved: one exp costs less than a round
 trip through memory.
+
+Both directions are torch.library custom ops (smollm::swiglu, smollm::swiglu_backward) with fake implementations
+and autograd, so torch.compile traces through them without a graph break.
 """
 
 import torch
@@ -77,18 +80,36 @@ def swiglu_backward(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple
     return dg, du
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        g, u = _utils.flat(gate), _utils.flat(up)
-        ctx.save_for_backward(g, u)
-        return swiglu_forward(g, u).view(gate.shape)
+@torch.library.custom_op("smollm::swiglu", mutates_args=())
+def _swiglu_op(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return swiglu_forward(g, u)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        g, u = ctx.saved_tensors
-        dg, du = swiglu_backward(_utils.flat(dy), g, u)
-        return dg.view(dy.shape), du.view(dy.shape)
+
+@_swiglu_op.register_fake
+def _(g, u):
+    return torch.empty_like(g)
+
+
+@torch.library.custom_op("smollm::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return swiglu_backward(dy, g, u)
+
+
+@_swiglu_backward_op.register_fake
+def _(dy, g, u):
+    return torch.empty_like(g), torch.empty_like(u)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    g, u = ctx.saved_tensors
+    return _swiglu_backward_op(_utils.flat(dy), g, u)
+
+
+_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -102,4 +123,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"gate and up must have the same dtype, got {gate.dtype} and {up.dtype}")
     if gate.numel() == 0:
         raise ValueError("gate must not be empty")
-    return SwiGLUFunction.apply(gate, up)
+    return _swiglu_op(_utils.flat(gate), _utils.flat(up)).view(gate.shape)

@@ -56,11 +56,16 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32 and cast back to x's dtype."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32 and cast back to x's dtype.
 
-    def __init__(self, d_model: int, eps: float = 1e-5, kernels: str = "auto", device=None, dtype=None):
+    With cast_output (a norm whose output feeds only matmuls) and autocast on, the output is in the autocast dtype:
+    the fp32 residual is read once and written once in bf16, instead of an fp32 output that autocast casts again.
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5, kernels: str = "auto", device=None, dtype=None,
+                 cast_output: bool = False):  # fmt: skip
         super().__init__()
-        self.eps, self.kernels = eps, kernels
+        self.eps, self.kernels, self.cast_output = eps, kernels, cast_output
         self.weight = nn.Parameter(torch.empty(d_model, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -68,7 +73,9 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ops(self.kernels, x).rms_norm(x, self.weight, self.eps)
+        autocast = self.cast_output and torch.is_autocast_enabled(x.device.type)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else None
+        return _ops(self.kernels, x).rms_norm(x, self.weight, self.eps, out_dtype=out_dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -190,9 +197,11 @@ class SiLUMLP(nn.Module):
         return self.w2(silu(self.w1(x)))
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, cast_output: bool = False) -> nn.Module:
     """An RMSNorm, or a parameter-free identity for the norm="none" ablation (so no ln weights are saved)."""
-    return nn.Identity() if config.norm == "none" else RMSNorm(config.d_model, config.norm_eps, config.kernels)
+    if config.norm == "none":
+        return nn.Identity()
+    return RMSNorm(config.d_model, config.norm_eps, config.kernels, cast_output=cast_output)
 
 
 class TransformerBlock(nn.Module):
@@ -204,7 +213,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.post_norm = config.norm == "post"
-        self.ln1, self.ln2 = make_norm(config), make_norm(config)
+        # Post-norm outputs are the fp32 residual stream; pre-norm outputs only feed the matmuls.
+        self.ln1, self.ln2 = (make_norm(config, cast_output=not self.post_norm) for _ in range(2))
         self.attn = CausalSelfAttention(config)
         self.ffn = SwiGLU(config) if config.ffn == "swiglu" else SiLUMLP(config)
 
@@ -225,7 +235,7 @@ class TransformerLM(nn.Module):
         self.token_embeddings = Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         # norm="none" drops every norm, the final one too; post-norm keeps it as a learned output gain.
-        self.ln_final = make_norm(config)
+        self.ln_final = make_norm(config, cast_output=True)  # feeds only lm_head
         self.lm_head = Linear(config.d_model, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embeddings.weight
