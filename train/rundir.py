@@ -7,6 +7,7 @@ A run directory holds (each name is defined here and nowhere else)::
     metrics.jsonl                  one JSON row per report step
     loss_steps.png, loss_time.png  the loss plots
     ckpt_XXXXXX.pt                 checkpoints (train.checkpoint's format), each with its ckpt_XXXXXX.pt.sha256
+    ckpt_XXXXXX.dcp/               or, under --parallel fsdp, sharded ones (train.fsdp's format)
     tokenizer/                     a copy of the tokenizer the run trains with
     sample.txt                     the story sampled at the end
     summary.json                   written last
@@ -44,12 +45,17 @@ SAMPLE_FILE = "sample.txt"
 TOKENIZER_DIR = "tokenizer"
 PLOT_FILES = {"step": "loss_steps.png", "time_s": "loss_time.png"}  # x axis -> file
 CKPT_GLOB = "ckpt_*.pt"
+SHARDED_GLOB = "ckpt_*.dcp"
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint is set aside under this suffix, never deleted
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SAMPLE_FILE, TOKENIZER_DIR, *PLOT_FILES.values())
 
 
 def ckpt_name(iteration: int) -> str:
     return f"ckpt_{iteration:06d}.pt"
+
+
+def sharded_ckpt_name(iteration: int) -> str:
+    return f"ckpt_{iteration:06d}.dcp"
 
 
 def write_json(path: Path, value: dict | list):
@@ -137,7 +143,7 @@ class RunDir:
             return "foreign"
         if self.summary.is_file():
             return "finished"
-        return "resumable" if self.checkpoints() else "dead"
+        return "resumable" if self.checkpoints() or self.sharded_checkpoints() else "dead"
 
     def foreign_files(self, include_ours: bool = False) -> list[str]:
         """Names in the folder (the lock aside), or only those a run does not write."""
@@ -189,10 +195,19 @@ class RunDir:
         """The run's checkpoints, oldest first (names carry the zero-padded iteration)."""
         return sorted(self.path.glob(CKPT_GLOB))
 
+    def sharded_checkpoint(self, iteration: int) -> Path:
+        return self.path / sharded_ckpt_name(iteration)
+
+    def sharded_checkpoints(self) -> list[Path]:
+        """The run's sharded checkpoint directories, oldest first."""
+        return sorted(p for p in self.path.glob(SHARDED_GLOB) if p.is_dir())
+
     def prune(self, keep: int):
         for path in self.checkpoints()[:-keep]:
             path.unlink()
             checksum_path(path).unlink(missing_ok=True)
+        for path in self.sharded_checkpoints()[:-keep]:
+            shutil.rmtree(path)
 
     def clean_tmp(self):
         """Remove what killed writers left: temporary checkpoint and JSON files, checksums of no checkpoint.
@@ -203,6 +218,8 @@ class RunDir:
             tmp.unlink(missing_ok=True)
         for tmp in self.path.glob("*.json.tmp-*"):
             tmp.unlink(missing_ok=True)
+        for tmp in self.path.glob(SHARDED_GLOB + ".tmp"):
+            shutil.rmtree(tmp)
         for checksum in self.path.glob("ckpt_*.pt.sha256"):
             if not checksum.with_suffix("").is_file():
                 checksum.unlink()
