@@ -24,8 +24,9 @@ from train.log import read_metrics
 from train.memory import GiB, block_activation_elements, bytes_per_gpu, checkpoint_blocks, memory_table
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = [  # 6 steps of the tiny model on byte-level text; checkpoints at 3 and 6
-    *"--context-length 16 --warmup-steps 2 --eval-interval 3 --eval-batches 2 --log-interval 1 --steps 6".split(),
+FLAGS = [  # 6 steps of the tiny model on byte-level text; checkpoints at 3 and 6; evals on all 374 windows,
+    # which 2 ranks of 4 sequences split unevenly (under FSDP every rank must still join every forward)
+    *"--context-length 16 --warmup-steps 2 --eval-interval 3 --eval-batches 0 --log-interval 1 --steps 6".split(),
     *"--ckpt-interval 3 --no-progress --device cpu --sample-tokens 0 --d-model 32 --num-layers 2 --num-heads 2".split(),
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -127,8 +128,8 @@ def test_resume_on_one_or_two_processes_skipping_a_damaged_checkpoint(runs, proc
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 1
     shard.write_bytes(bytes(raw))
-    if processes == 1:
-        procs = _train("--resume", str(run), cache=root / "cache-one")
+    if processes == 1:  # the same global batch of 8 sequences, now from one process
+        procs = _train("--resume", str(run), "--batch-size", "8", cache=root / "cache-one")
     else:
         procs = _train("--resume", str(run), cache=root / "cache", nodes=2, port=_free_port())
     _wait(procs)
@@ -245,3 +246,15 @@ def test_memory_per_gpu_shards_with_fsdp_and_fits_the_card():
     with pytest.raises(ValueError, match="parallel must be one of"):
         bytes_per_gpu(config, 16, parallel="tp")
     assert GiB == 2**30
+
+
+def test_budget_says_which_setting_fits_the_card(capsys):
+    from train.experiments.__main__ import main as experiments_main
+
+    flags = "budget --flops 3e20 --gpus 8 --batch-size 16".split()
+    assert experiments_main([*flags, "--gpu-mem-gb", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "| ddp x 8 | yes | 5.71 GiB" in out and "fits with: --parallel fsdp --activation-checkpointing" in out
+    assert 'parallel = "fsdp"' in out and "activation_checkpointing = true" in out
+    assert experiments_main([*flags, "--gpu-mem-gb", "2"]) == 0
+    assert "nothing fits 2 GB" in capsys.readouterr().out

@@ -126,3 +126,34 @@ def _recomputed_forward(forward, x, positions=None, kv_cache=None):
     if kv_cache is not None or not torch.is_grad_enabled():
         return forward(x, positions, kv_cache)
     return checkpoint(forward, x, positions, use_reentrant=False)
+
+
+def fitting_setting(
+    config: ModelConfig, batch_size: int, world_size: int, gpu_mem_gb: float, dtype: torch.dtype = torch.bfloat16
+) -> tuple[str, bool] | None:
+    """The fastest (parallel, activation checkpointing) whose estimate fits a card of ``gpu_mem_gb``, or None.
+
+    Fastest first: DDP (one all-reduce a step), FSDP (all-gathers too, overlapped with compute), then each with
+    activation checkpointing (a second forward: about a third more compute).
+    """
+    for ckpt in (False, True):
+        for parallel in PARALLEL:
+            if bytes_per_gpu(config, batch_size, dtype, parallel, world_size, ckpt).fits(gpu_mem_gb):
+                return parallel, ckpt
+    return None
+
+
+def memory_advice(config: ModelConfig, batch_size: int, world_size: int, gpu_mem_gb: float) -> list[str]:
+    """The memory table and which setting fits the card, as lines for ``budget``."""
+    lines = [
+        f"memory per GPU (estimate; micro-batch {batch_size} x {config.context_length} tokens, bf16 activations, "
+        f"{world_size} GPUs of {gpu_mem_gb:g} GB):",
+        memory_table(config, batch_size, world_size, gpu_mem_gb=gpu_mem_gb),
+    ]
+    setting = fitting_setting(config, batch_size, world_size, gpu_mem_gb)
+    if setting is None:
+        lines.append(f"nothing fits {gpu_mem_gb:g} GB: lower --batch-size (raise --grad-accum) or add GPUs")
+    else:
+        ckpt = " --activation-checkpointing" if setting[1] else ""
+        lines.append(f"fits with: --parallel {setting[0]}{ckpt} --batch-size {batch_size}")
+    return lines
