@@ -19,7 +19,8 @@ import torch
 
 from model import ModelConfig, TransformerLM, load_model, param_counts
 from train.distributed import Dist
-from train.fsdp import MANIFEST_FILE, damage, main as fsdp_main
+from train.consolidate import main as consolidate_main
+from train.fsdp import MANIFEST_FILE, damage
 from train.log import read_metrics
 from train.memory import GiB, block_activation_elements, bytes_per_gpu, checkpoint_blocks, memory_table
 
@@ -150,7 +151,7 @@ def test_damage_names_what_is_wrong(runs, tmp_path):
 def test_consolidate_writes_a_checkpoint_python_m_model_reads(runs, tmp_path, capsys):
     root, _ = runs
     out = tmp_path / "whole.pt"
-    assert fsdp_main(["consolidate", str(root / "two" / "ckpt_000006.dcp"), "--out", str(out)]) == 0
+    assert consolidate_main([str(root / "two" / "ckpt_000006.dcp"), "--out", str(out)]) == 0
     ref = torch.load(root / "one" / "ckpt_000006.pt", weights_only=True)
     whole = torch.load(out, weights_only=True)
     assert whole.keys() == ref.keys() and whole["iteration"] == 6
@@ -163,7 +164,7 @@ def test_consolidate_writes_a_checkpoint_python_m_model_reads(runs, tmp_path, ca
 
     model_main(["export-hf", "--checkpoint", str(out), "--out", str(tmp_path / "hf")])
     assert (tmp_path / "hf" / "config.json").is_file()
-    assert fsdp_main(["consolidate", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    assert consolidate_main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: no sharded checkpoint directory")
 
 

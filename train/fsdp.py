@@ -22,14 +22,14 @@ shape, so any number of processes can load it: W ranks reshard it, one process (
 torchrun, or ``consolidate``) reads whole tensors. RNG state is rank 0's: every rank seeds alike and the trainer
 draws nothing per rank (its batches are a function of (seed, step)).
 
-    python -m train.fsdp consolidate runs/x/ckpt_000200.dcp --out ckpt.pt   # one file, for python -m model
+    python -m train.consolidate runs/x/ckpt_000200.dcp --out ckpt.pt   # one file, for python -m model
 """
 
-import argparse
 import json
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,7 +89,7 @@ def save_sharded(path: Path, model, optimizer, meta: dict, info: Dist):
         shutil.rmtree(tmp)  # a killed save's leftovers
     info.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp, no_dist=not info.enabled)
     mine = sorted(tmp.glob(f"__{info.rank}_*.distcp"))  # DCP names rank R's files __R_<n>.distcp
     digests = {}
     for part in info.gather({p.name: sha256_file(p) for p in mine}):
@@ -156,11 +156,13 @@ def latest_sharded(paths: list[Path], info: Dist) -> tuple[Path, dict] | tuple[N
     return None, None
 
 
-def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: Dist):
     """Load the step directory's model and optimizer state into ``model`` (sharded or not) and ``optimizer``."""
     model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill (optimizer state created)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path)
+    with warnings.catch_warnings():  # DCP warns that one process reads alone: here that is the intent
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=not info.enabled)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -178,7 +180,7 @@ def consolidate(step_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     meta = read_meta(path)
     model = TransformerLM(ModelConfig(**meta["model_config"]))
     optimizer = build_optimizer(make_config(meta["train_config"]), model)
-    load_sharded(path, model, optimizer)
+    load_sharded(path, model, optimizer, Dist())
     set_rng_state(meta["rng"])  # save_checkpoint records the current RNG state: make it the saved one
     extra = {k: v for k, v in meta.items() if k not in ("iteration", "rng")}
     save_checkpoint(model, optimizer, meta["iteration"], out, **extra)
@@ -198,22 +200,3 @@ def _fsync_dir(path: Path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.fsdp", description="sharded checkpoint tools")
-    commands = parser.add_subparsers(dest="command", required=True)
-    c = commands.add_parser("consolidate", help="turn a sharded step directory into one checkpoint file")
-    c.add_argument("step_dir", help="a ckpt_XXXXXX.dcp directory written by --parallel fsdp")
-    c.add_argument("--out", required=True, help="the .pt file to write")
-    args = parser.parse_args(argv)
-    try:
-        print(consolidate(args.step_dir, args.out))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

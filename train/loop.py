@@ -229,7 +229,7 @@ def build_model(cfg, data: Data, checkpoint: dict | None, info: Dist, device, dt
     start, elapsed_s = 0, 0.0
     if checkpoint is not None:
         if "shards" in checkpoint:
-            load_sharded(checkpoint["shards"], raw, optimizer)
+            load_sharded(checkpoint["shards"], raw, optimizer, info)
             start = checkpoint["iteration"]
         else:
             start = apply_checkpoint(checkpoint, raw, optimizer)
