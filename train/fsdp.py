@@ -156,6 +156,17 @@ def latest_sharded(paths: list[Path], info: Dist) -> tuple[Path, dict] | tuple[N
     return None, None
 
 
+def check_kind(run_dir, parallel: str):
+    """A run's checkpoints are of its parallelism's kind; resuming under the other would silently start over."""
+    if parallel == "ddp" and run_dir.sharded_checkpoints():
+        raise ValueError(
+            f"cannot resume: {run_dir} holds sharded checkpoints: resume with --parallel fsdp (on any number of "
+            "processes), or turn one into a file with python -m train.consolidate"
+        )
+    if parallel == "fsdp" and run_dir.checkpoints():
+        raise ValueError(f"cannot resume: {run_dir} holds single-file checkpoints: resume with --parallel ddp")
+
+
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: Dist):
     """Load the step directory's model and optimizer state into ``model`` (sharded or not) and ``optimizer``."""
     model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill (optimizer state created)

@@ -25,7 +25,7 @@ from train.config import TrainConfig
 from train.dataset import EOT, BatchSampler, batch_from_starts, check_length, eval_starts, open_tokens, resolve_data
 from train.dataset import tokenizer_digest
 from train.distributed import Dist, accumulating, init_distributed, shutdown
-from train.fsdp import full_model, latest_sharded, load_sharded, save_sharded, shard
+from train.fsdp import check_kind, full_model, latest_sharded, load_sharded, save_sharded, shard
 from train.log import RunLogger, peak_flops, perplexity
 from train.memory import bytes_per_gpu, checkpoint_blocks
 from train.optim import AdamW, clip_grad_norm, cosine_lr
@@ -141,6 +141,8 @@ def claim_run(cfg: TrainConfig, info: Dist) -> tuple[RunDir, dict | None]:
         try:
             if cfg.resume is not None and cfg.parallel == "ddp":
                 ckpt_path, checkpoint = run_dir.latest_checkpoint()
+                if checkpoint is None:
+                    check_kind(run_dir, cfg.parallel)
         except BaseException:
             run_dir.close()
             raise
@@ -153,6 +155,8 @@ def claim_run(cfg: TrainConfig, info: Dist) -> tuple[RunDir, dict | None]:
     if cfg.resume is not None and cfg.parallel == "fsdp":  # every rank verifies its share of the shards
         try:
             ckpt_path, checkpoint = latest_sharded(run_dir.sharded_checkpoints(), info)
+            if checkpoint is None:
+                check_kind(run_dir, cfg.parallel)
         except BaseException:
             if info.main:
                 run_dir.close()
