@@ -27,7 +27,7 @@ from train.dataset import tokenizer_digest
 from train.distributed import Dist, accumulating, init_distributed, shutdown
 from train.fsdp import check_kind, full_model, latest_sharded, load_sharded, save_sharded, shard
 from train.log import RunLogger, peak_flops, perplexity
-from train.memory import bytes_per_gpu, checkpoint_blocks
+from train.memory import checkpoint_blocks, memory_line
 from train.optim import AdamW, clip_grad_norm, cosine_lr
 from train.rundir import RunDir, open_run, read_json, write_json
 
@@ -290,20 +290,9 @@ def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device
         f"vocab {data.vocab_size}, {total_steps(cfg, info)} steps of {tokens_per_step(cfg, info):,} tokens on "
         f"{info.world_size} x {device} ({str(dtype).removeprefix('torch.')}, kernels {model.backend}){resuming}"
     )
-    print(memory_line(cfg, info, model.config, dtype))
-    return logger
-
-
-def memory_line(cfg: TrainConfig, info: Dist, config: ModelConfig, dtype: torch.dtype) -> str:
     parallel = cfg.parallel if info.enabled else "ddp"  # one process: nothing is sharded
-    m = bytes_per_gpu(config, cfg.batch_size, dtype, parallel, info.world_size, cfg.activation_checkpointing)
-    gib = {k: getattr(m, k) / 2**30 for k in ("params", "grads", "optimizer", "unsharded", "activations", "total")}
-    return (
-        f"memory per process ({parallel} x {info.world_size}, estimate): {gib['total']:.2f} GiB = parameters "
-        f"{gib['params']:.2f} + gradients {gib['grads']:.2f} + optimizer {gib['optimizer']:.2f} + unsharded "
-        f"{gib['unsharded']:.2f} + activations {gib['activations']:.2f}"
-        + (" (activation checkpointing)" if cfg.activation_checkpointing else "")
-    )
+    print(memory_line(model.config, cfg.batch_size, dtype, parallel, info.world_size, cfg.activation_checkpointing))
+    return logger
 
 
 def saved_config(cfg: TrainConfig, run_dir: RunDir) -> dict:

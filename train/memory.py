@@ -92,6 +92,16 @@ def bytes_per_gpu(
     return MemoryEstimate(params, grads, optimizer, unsharded, blocks + loss)
 
 
+def memory_line(config: ModelConfig, batch_size: int, dtype, parallel: str, world_size: int, ckpt: bool) -> str:
+    """The estimate in one line, as the trainer prints it at the start."""
+    m = bytes_per_gpu(config, batch_size, dtype, parallel, world_size, ckpt)
+    return (
+        f"memory per process ({parallel} x {world_size}{', activation checkpointing' if ckpt else ''}, estimate): "
+        f"{m.total / GiB:.2f} GiB = parameters {m.params / GiB:.2f} + gradients {m.grads / GiB:.2f} + optimizer "
+        f"{m.optimizer / GiB:.2f} + unsharded {m.unsharded / GiB:.2f} + activations {m.activations / GiB:.2f}"
+    )
+
+
 def memory_table(
     config: ModelConfig, batch_size: int, world_size: int, dtype: torch.dtype = torch.bfloat16, gpu_mem_gb=None
 ) -> str:
