@@ -207,15 +207,18 @@ def test_budget_cli(capsys):
 
 def test_prepare_resumes_restarts_or_skips_a_run_directory(tmp_path):
     cfg = make_config(TINY, out_dir=str(tmp_path / "r"))
-    assert prepare(cfg) == "start" and cfg.resume is None
+    assert prepare(cfg) == "start" and cfg.resume == "auto"  # the trainer then starts, resumes or restarts it
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps(cfg.to_dict()))
-    assert prepare(cfg) == "start" and not (tmp_path / "r").exists()  # killed before any checkpoint: cleared
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "r" / "metrics.jsonl").write_text("")
+    assert prepare(cfg) == "start" and (tmp_path / "r" / "metrics.jsonl").exists()  # dead: restarted, not deleted
     (tmp_path / "r" / "ckpt_000004.pt").write_bytes(b"")
-    assert prepare(cfg) == "resume" and cfg.resume == str(tmp_path / "r")
+    assert prepare(cfg) == "resume" and cfg.resume == "auto"
     (tmp_path / "r" / "summary.json").write_text("{}")
     assert prepare(cfg) == "done"
     with pytest.raises(ValueError, match="differs in max_lr"):
         prepare(make_config(TINY, out_dir=str(tmp_path / "r"), max_lr=1e-2))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a run")
+    with pytest.raises(ValueError, match="not a run's"):
+        prepare(make_config(TINY, out_dir=str(tmp_path / "mine")))

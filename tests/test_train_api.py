@@ -160,7 +160,8 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(model, optimizer, 2, path)
     monkeypatch.undo()
-    assert path.read_bytes() == good and sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.sha256"]  # no partial file left
+    assert path.read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.sha256"]  # no partial file left behind
     assert read_checkpoint(path)["iteration"] == 1
 
 

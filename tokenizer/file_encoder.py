@@ -75,7 +75,7 @@ def _write_npy(fd: int, tasks: list, dtype, num_workers: int, size: int, progres
     """Encode ``tasks`` in order into the open file ``fd`` as a .npy, fsync'ed (``size``: input bytes, for the bar)."""
     total = 0
     bar = tqdm(total=size, unit="B", unit_scale=True, desc="encode", disable=not progress)
-    with os.fdopen(fd, "wb") as out, process_pool(min(num_workers, len(tasks))) as pool:
+    with bar, os.fdopen(fd, "wb") as out, process_pool(min(num_workers, len(tasks))) as pool:
         out.write(_npy_header(dtype, 0))
 
         def write(ids, nbytes):
@@ -99,4 +99,3 @@ def _write_npy(fd: int, tasks: list, dtype, num_workers: int, size: int, progres
         out.write(_npy_header(dtype, total))
         out.flush()
         os.fsync(out.fileno())
-    bar.close()

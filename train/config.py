@@ -129,10 +129,8 @@ def check_types(cfg: "TrainConfig"):
         kind, _ = _scalar_type(annotation)
         if value is None and optional:
             continue
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
+        number = kind is float and isinstance(value, int)
+        if isinstance(value, bool) != (kind is bool) or not (isinstance(value, kind) or number):
             raise ValueError(f"{f.name} must be {'a' if kind is not int else 'an'} {kind.__name__}, got {value!r}")
 
 

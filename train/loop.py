@@ -339,8 +339,8 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
     flops, peak = flops_per_token(model.config), peak_flops(device)
     params = list(model.raw.parameters())
     val_loss = train_loss = None
-    best_val = min((r["val_loss"] for r in (logger.rows if logger else []) if r.get("val_loss") is not None),
-                   default=math.inf)  # fmt: skip
+    logged = logger.rows if logger else []  # a resumed run's earlier rows
+    best_val = min((r["val_loss"] for r in logged if r.get("val_loss") is not None), default=math.inf)
     status, message = "finished", ""
     t0 = time.perf_counter()
     if start == 0:
@@ -378,13 +378,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
         interval = max(now - t_report, 1e-9)  # since the last report's end: its eval and checkpoint left out
         tokens_per_s = (step - step_report) * per_step / interval
         if not (math.isfinite(train_loss) and math.isfinite(norm)) or train_loss > diverge_loss:
-            last_ckpt = run_dir.checkpoints()  # all written by this run or verified on resume: good ones
-            status = "diverged"
-            message = (
-                f"diverged at step {step}: train loss {train_loss:.4g}, grad norm {norm:.4g} "
-                f"(limit {diverge_loss:.3g}); stopped, last good checkpoint: "
-                f"{last_ckpt[-1] if last_ckpt else 'none'}. Try a lower --max-lr or a longer --warmup-steps."
-            )
+            status, message = "diverged", diverged_message(step, train_loss, norm, diverge_loss, run_dir)
             break
         row = {
             "step": step,
@@ -414,6 +408,15 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
         val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
     wall_s = model.elapsed_s + time.perf_counter() - t0
     return Outcome(status, message, step_report, train_loss, val_loss, min(best_val, val_loss), wall_s)
+
+
+def diverged_message(step: int, train_loss: float, norm: float, limit: float, run_dir: RunDir) -> str:
+    last_ckpt = run_dir.checkpoints()  # all written by this run or verified on resume: good ones
+    return (
+        f"diverged at step {step}: train loss {train_loss:.4g}, grad norm {norm:.4g} (limit {limit:.3g}); stopped, "
+        f"last good checkpoint: {last_ckpt[-1] if last_ckpt else 'none'}. "
+        "Try a lower --max-lr or a longer --warmup-steps."
+    )
 
 
 # ---- finish: a sample, the summary ------------------------------------------------------------------------------
@@ -456,6 +459,7 @@ def sample_story(model, data: Data, cfg: TrainConfig, run_dir: RunDir) -> str:
     eos = tokenizer.special_token_id(EOT) if EOT in tokenizer.special_tokens else None
     model.eval()
     ids = generate(model, data.prompt, max_new, temperature=0.8, top_p=0.95, eos_id=eos, seed=cfg.seed)
+    ids = [i for i in ids if i < tokenizer.vocab_size]  # padding rows of a larger model vocabulary have no text
     story = cfg.sample_prompt + tokenizer.decode(ids)
     run_dir.sample.write_text(story + "\n")
     tqdm.write(f"--- sample ---\n{story}\n--------------")

@@ -47,7 +47,6 @@ PLOT_FILES = {"step": "loss_steps.png", "time_s": "loss_time.png"}  # x axis -> 
 CKPT_GLOB = "ckpt_*.pt"
 SHARDED_GLOB = "ckpt_*.dcp"
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint is set aside under this suffix, never deleted
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SAMPLE_FILE, TOKENIZER_DIR, *PLOT_FILES.values())
 
 
 def ckpt_name(iteration: int) -> str:
@@ -137,7 +136,7 @@ class RunDir:
         """One of "new", "finished", "resumable", "dead" or "foreign" (see the module docstring)."""
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"{self.path} is a file, not a run directory: choose another --out-dir")
-        if not self.path.is_dir() or not self.foreign_files(include_ours=True):
+        if not self.path.is_dir() or not self.entries():
             return "new"
         if not self.config.is_file():
             return "foreign"
@@ -145,12 +144,9 @@ class RunDir:
             return "finished"
         return "resumable" if self.checkpoints() or self.sharded_checkpoints() else "dead"
 
-    def foreign_files(self, include_ours: bool = False) -> list[str]:
-        """Names in the folder (the lock aside), or only those a run does not write."""
-        names = sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE) if self.path.is_dir() else []
-        if include_ours:
-            return names
-        return [n for n in names if n not in RUN_FILES and not n.startswith("ckpt_")]
+    def entries(self) -> list[str]:
+        """The names in the folder, its lock aside."""
+        return sorted(p.name for p in self.path.iterdir() if p.name != LOCK_FILE) if self.path.is_dir() else []
 
     # ---- the lock -------------------------------------------------------------------------------------------------
 
@@ -158,9 +154,11 @@ class RunDir:
         """Take the run's exclusive lock (creating the folder if needed); a second holder gets a ValueError."""
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"{self.path} is a file, not a run directory: choose another --out-dir")
-        if not self.path.exists():
+        try:
             self.path.mkdir(parents=True)
             self._created = True
+        except FileExistsError:  # (perhaps by a racing run: the lock decides)
+            pass
         f = open(self.path / LOCK_FILE, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -180,7 +178,7 @@ class RunDir:
         """Release the lock; a folder this process created and left empty is removed again."""
         if self._lock is None:
             return
-        if self._created and not self.foreign_files(include_ours=True):
+        if self._created and not self.entries():
             (self.path / LOCK_FILE).unlink(missing_ok=True)
             self.path.rmdir()
         self._lock.close()
@@ -285,7 +283,7 @@ def _check_state(run: RunDir, resume: str | None, force: bool):
     if state == "new" and resume not in (None, "auto"):
         raise FileNotFoundError(f"cannot resume: {run.path} holds no run")
     if state == "foreign" and not force:
-        shown = ", ".join(run.foreign_files(include_ours=True)[:4])
+        shown = ", ".join(run.entries()[:4])
         raise ValueError(
             f"--out-dir {run.path} holds files that are not a run's ({shown}): choose another --out-dir, "
             "or --force to write the run among them"

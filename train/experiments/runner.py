@@ -70,7 +70,7 @@ def prepare(cfg: TrainConfig) -> str:
     state = run_dir.state()
     if state == "foreign" and not cfg.force:
         raise ValueError(
-            f"{run_dir} holds files that are not a run's ({', '.join(run_dir.foreign_files(include_ours=True)[:4])}): "
+            f"{run_dir} holds files that are not a run's ({', '.join(run_dir.entries()[:4])}): "
             "choose another output directory"
         )
     saved = read_json(run_dir.config)
