@@ -46,10 +46,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from model import ModelConfig, TransformerLM
 from train.checkpoint import save_checkpoint, set_rng_state, sha256_file
 from train.distributed import Dist
+from train.rundir import CORRUPT_SUFFIX
 
 META_FILE = "meta.pt"
 MANIFEST_FILE = "manifest.json"
-CORRUPT_SUFFIX = ".corrupt"
 
 
 def shard(model: TransformerLM, device: torch.device, dtype: torch.dtype, world_size: int) -> TransformerLM:
