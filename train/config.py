@@ -83,6 +83,11 @@ class TrainConfig:
     # sampling at the end
     sample_prompt: str = opt("Once upon a time", "prompt of the story sampled at the end")
     sample_tokens: int = opt(200, "tokens to sample at the end (0: no sample)")
+    # parallelism and memory (see train/fsdp.py and train/memory.py)
+    parallel: Literal["ddp", "fsdp"] = opt(
+        "ddp", "under torchrun: ddp (replicate the model) or fsdp (shard parameters, gradients and optimizer state)"
+    )
+    activation_checkpointing: bool = opt(False, "keep only each block's input for backward and recompute the rest")
     # system
     seed: int = opt(1337, "seed of the initialization and of the batch sampler")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -126,6 +131,10 @@ class TrainConfig:
             )
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.optimizer == "muon":  # Muon orthogonalizes whole matrices, FSDP shards
+            raise ValueError("--optimizer muon does not run under --parallel fsdp yet: use --parallel ddp")
         unknown = set(self.model_args) - model_arg_names()
         if unknown:
             raise ValueError(f"unknown model args {sorted(unknown)}; ModelConfig's are {sorted(model_arg_names())}")

@@ -1,10 +1,12 @@
 """Data parallelism with torch.distributed: one process per device, started by ``torchrun``.
 
 ``torchrun --nproc_per_node=N -m train ...`` sets RANK, LOCAL_RANK and WORLD_SIZE; without them the run is a single
-process and nothing here does anything. NCCL joins GPUs, gloo CPU processes (used by the CI test).
+process and nothing here does anything. NCCL joins GPUs, gloo CPU processes (used by the CI test). Across nodes
+(``torchrun --nnodes``) LOCAL_RANK counts the processes of one node: its first one prepares the node's data cache.
 """
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,11 @@ class Dist:
         """Rank 0 alone logs, plots, samples and writes checkpoints."""
         return self.rank == 0
 
+    @property
+    def node_main(self) -> bool:
+        """The first process of its node prepares the node's data cache (nodes need not share a filesystem)."""
+        return self.local_rank == 0
+
     def barrier(self):
         if self.enabled:
             dist.barrier()
@@ -43,6 +50,25 @@ class Dist:
             value = value.clone()
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
+
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+
+def accumulating(model: torch.nn.Module, last: bool):
+    """The context of one micro-step's forward and backward under ``--grad-accum``.
+
+    DDP skips its all-reduce until the last micro-step (``no_sync``). FSDP reduce-scatters every micro-step on
+    purpose: skipping it would hold unsharded fp32 gradients of the whole model, the memory FSDP exists to save.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
+    return nullcontext()
 
 
 def init_distributed(device: str) -> tuple[Dist, torch.device]:

@@ -20,13 +20,15 @@ from tqdm import tqdm
 
 import kernels
 from model import ModelConfig, TransformerLM, flops_per_token, generate, param_counts
-from train.checkpoint import apply_checkpoint, read_checkpoint, save_checkpoint, set_rng_state
+from train.checkpoint import apply_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.config import TrainConfig
 from train.dataset import EOT, batch_from_starts, batch_sampler, check_length, eval_starts, open_tokens, resolve_data
 from train.dataset import tokenizer_digest
-from train.distributed import Dist, init_distributed, shutdown
+from train.distributed import Dist, accumulating, init_distributed, shutdown
+from train.fsdp import check_kind, full_model, latest_sharded, load_sharded, save_sharded, shard
 from train.log import RunLogger, peak_flops, perplexity
 from train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
+from train.memory import checkpoint_blocks, memory_line
 from train.optim import clip_gradients
 from train.optimizers import build_optimizer
 from train.rundir import RunDir, open_run, read_json, write_json
@@ -58,7 +60,7 @@ class Model:
     """The model in its three wrappings, its optimizer, and where a resumed run picks up."""
 
     config: ModelConfig
-    raw: TransformerLM  # the plain module: parameters, checkpoints, sampling
+    raw: TransformerLM  # the plain module (sharded in place under FSDP): parameters, checkpoints, sampling
     train: torch.nn.Module  # compiled and/or DDP-wrapped: the training forward
     eval: torch.nn.Module  # compiled but not DDP: evaluation needs no gradient hooks, no collective per forward
     optimizer: torch.optim.Optimizer
@@ -143,8 +145,10 @@ def claim_run(cfg: TrainConfig, info: Dist) -> tuple[RunDir, dict | None]:
     if info.main:
         run_dir = open_run(cfg.out_dir, cfg.resume, cfg.model, cfg.force)
         try:
-            if cfg.resume is not None:
+            if cfg.resume is not None and cfg.parallel == "ddp":
                 ckpt_path, checkpoint = run_dir.latest_checkpoint()
+                if checkpoint is None:
+                    check_kind(run_dir, cfg.parallel)
         except BaseException:
             run_dir.close()
             raise
@@ -154,6 +158,17 @@ def claim_run(cfg: TrainConfig, info: Dist) -> tuple[RunDir, dict | None]:
         if not info.main:
             run_dir = RunDir(shared[0])
             checkpoint = read_checkpoint(shared[1]) if shared[1] else None
+    if cfg.resume is not None and cfg.parallel == "fsdp":  # every rank verifies its share of the shards
+        try:
+            ckpt_path, checkpoint = latest_sharded(run_dir.sharded_checkpoints(), info)
+            if checkpoint is None:
+                check_kind(run_dir, cfg.parallel)
+        except BaseException:
+            if info.main:
+                run_dir.close()
+            raise
+        if checkpoint is not None:
+            checkpoint["shards"] = ckpt_path
     return run_dir, checkpoint
 
 
@@ -164,12 +179,12 @@ def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
     preset = ModelConfig.preset(cfg.model)  # the defaults of vocab_size and context_length
     vocab_size = cfg.vocab_size or preset.vocab_size
     context_length = cfg.context_length or preset.context_length
-    if not info.main:
+    if not info.node_main:  # the first process of each node prepares its cache, the others then find it there
         info.barrier()
     train_path, val_path, tok_dir = resolve_data(
         cfg.train_data, cfg.val_data, cfg.tokenizer, vocab_size, progress=cfg.progress and info.main
     )
-    if info.main:
+    if info.node_main:
         info.barrier()
     tokenizer = None
     if tok_dir is not None:
@@ -216,17 +231,25 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
     raw = TransformerLM(config).to(device)
     if cfg.preflight and device.type == "cuda" and backend == "triton":
         preflight(config, data.context_length, dtype, device, cfg.seed)
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(raw)
+    if cfg.parallel == "fsdp" and info.enabled:
+        shard(raw, device, dtype, info.world_size)  # before the optimizer: it swaps the parameters for shards
     optimizer = build_optimizer(cfg, raw, device)
     schedule, schedule_note = build_schedule(cfg, total_steps(cfg, info)), ""
     start, elapsed_s = 0, 0.0
     if checkpoint is not None:  # (an extended WSD run may continue from its pre-decay checkpoint instead)
         schedule, checkpoint, schedule_note = resume_schedule(schedule, checkpoint, run_dir, info.main)
-        start = apply_checkpoint(checkpoint, raw, optimizer)
+        if "shards" in checkpoint:
+            load_sharded(checkpoint["shards"], raw, optimizer, info)
+            start = checkpoint["iteration"]
+        else:
+            start = apply_checkpoint(checkpoint, raw, optimizer)
         set_rng_state(checkpoint["rng"])
         elapsed_s = checkpoint.get("elapsed_s", 0.0)
     compiled = torch.compile(raw) if cfg.compile else raw
     wrapped = compiled
-    if info.enabled:
+    if info.enabled and cfg.parallel == "ddp":
         device_ids = [device.index] if device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
     return Model(config, raw, wrapped, compiled, optimizer, schedule, schedule_note, backend, start, elapsed_s)
@@ -266,6 +289,8 @@ def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device
     )
     if model.schedule_note:
         print(model.schedule_note)
+    parallel = cfg.parallel if info.enabled else "ddp"  # one process: nothing is sharded
+    print(memory_line(model.config, cfg.batch_size, dtype, parallel, info.world_size, cfg.activation_checkpointing))
     return logger
 
 
@@ -274,24 +299,34 @@ def saved_config(cfg: TrainConfig, run_dir: RunDir) -> dict:
     return {**cfg.to_dict(), "out_dir": str(run_dir), "resume": None, "force": False}
 
 
-def save(run_dir: RunDir, model: Model, sampler, cfg: TrainConfig, step: int, elapsed_s: float):
+def save(run_dir: RunDir, model: Model, sampler, cfg: TrainConfig, info: Dist, step: int, elapsed_s: float):
+    """Rank 0 writes a checkpoint file; under FSDP every rank writes its shards of a step directory."""
     extra = dict(model_config=asdict(model.config), train_config=saved_config(cfg, run_dir), elapsed_s=elapsed_s)
     extra.update(sampler=sampler.state_dict(), schedule=model.schedule.state_dict())
-    save_checkpoint(model.raw, model.optimizer, step, run_dir.checkpoint(step), **extra)
-    if step == model.schedule.predecay_step:  # what a longer run re-decays from (the pruner keeps it)
-        save_checkpoint(model.raw, model.optimizer, step, run_dir.predecay(step), **extra)
-    run_dir.prune(cfg.keep_ckpts)
+    if cfg.parallel == "fsdp":
+        meta = dict(iteration=step, rng=rng_state(), **extra)
+        save_sharded(run_dir.sharded_checkpoint(step), model.raw, model.optimizer, meta, info)
+    elif info.main:
+        save_checkpoint(model.raw, model.optimizer, step, run_dir.checkpoint(step), **extra)
+        if step == model.schedule.predecay_step:  # what a longer run re-decays from (the pruner keeps it)
+            save_checkpoint(model.raw, model.optimizer, step, run_dir.predecay(step), **extra)
+    if info.main:
+        run_dir.prune(cfg.keep_ckpts)
 
 
 def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device, autocast) -> float:
     """Mean validation loss over the fixed windows; ranks split the batches and sum."""
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    stride = cfg.batch_size * info.world_size
     with torch.no_grad(), autocast:
-        for i in range(info.rank * cfg.batch_size, len(starts), cfg.batch_size * info.world_size):
-            x, y = batch_from_starts(data.val, starts[i : i + cfg.batch_size], data.context_length, device)
-            total += model(x, y).float() * len(x)
-            count += len(x)
+        for i in range(info.rank * cfg.batch_size, -(-len(starts) // stride) * stride, stride):
+            chunk = starts[i : i + cfg.batch_size]
+            weight = len(chunk)  # 0 for a rank past the end: under FSDP it still joins the forward's all-gathers
+            chunk = chunk if weight else starts[: cfg.batch_size]
+            x, y = batch_from_starts(data.val, chunk, data.context_length, device)
+            total += model(x, y).float() * weight
+            count += weight
     model.train()
     return (info.sum(total) / info.sum(count)).item()
 
@@ -329,7 +364,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
         for micro in range(cfg.grad_accum):
             x, y = sampler.batch(step, info.rank * cfg.grad_accum + micro, device)
             last = micro == cfg.grad_accum - 1
-            with model.train.no_sync() if info.enabled and not last else nullcontext():  # all-reduce once per step
+            with accumulating(model.train, last):
                 with autocast:
                     loss = model.train(x, y)
                 (loss / cfg.grad_accum).backward()
@@ -372,8 +407,8 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             bar.set_postfix(loss=f"{train_loss:.3f}")
             if is_eval:
                 logger.plot()
-        if is_ckpt and info.main:
-            save(run_dir, model, sampler, cfg, step, model.elapsed_s + time.perf_counter() - t0)
+        if is_ckpt:
+            save(run_dir, model, sampler, cfg, info, step, model.elapsed_s + time.perf_counter() - t0)
         t_report, step_report = time.perf_counter(), step
     bar.close()
     if val_loss is None:  # resumed a run that had already reached its steps
@@ -413,11 +448,13 @@ def finish(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, out: Outc
         "wall_s": out.wall_s,
         "params": param_counts(model.config)[0],
     }
+    sampling = out.status == "finished" and data.prompt is not None
+    whole = full_model(model.raw, info) if sampling and cfg.parallel == "fsdp" and info.enabled else model.raw
     if logger:
         logger.plot()
         logger.close()
-        if out.status == "finished" and data.prompt is not None:
-            summary["sample"] = sample_story(model.raw, data, cfg, run_dir)
+        if sampling:
+            summary["sample"] = sample_story(whole, data, cfg, run_dir)
         write_json(run_dir.summary, summary)
         ppl = summary["final_val_ppl"]
         print(out.message or f"done: val loss {out.val_loss:.4f} (ppl {ppl:.2f}) in {out.wall_s:.0f}s")

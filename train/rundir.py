@@ -9,6 +9,7 @@ A run directory holds (each name is defined here and nowhere else)::
     ckpt_XXXXXX.pt                 checkpoints (train.checkpoint's format), each with its ckpt_XXXXXX.pt.sha256
     predecay_XXXXXX.pt             a WSD run's last step at max_lr, which an extension re-decays from (never pruned)
     decayed_XXXXXX/                an extended WSD run's old decay: its checkpoints, metrics and summary
+    ckpt_XXXXXX.dcp/               or, under --parallel fsdp, sharded ones (train.fsdp's format)
     tokenizer/                     a copy of the tokenizer the run trains with
     sample.txt                     the story sampled at the end
     summary.json                   written last
@@ -47,11 +48,16 @@ TOKENIZER_DIR = "tokenizer"
 PLOT_FILES = {"step": "loss_steps.png", "time_s": "loss_time.png"}  # x axis -> file
 CKPT_GLOB = "ckpt_*.pt"
 PREDECAY_PREFIX = "predecay_"
+SHARDED_GLOB = "ckpt_*.dcp"
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint is set aside under this suffix, never deleted
 
 
 def ckpt_name(iteration: int) -> str:
     return f"ckpt_{iteration:06d}.pt"
+
+
+def sharded_ckpt_name(iteration: int) -> str:
+    return f"ckpt_{iteration:06d}.dcp"
 
 
 def write_json(path: Path, value: dict | list):
@@ -139,7 +145,7 @@ class RunDir:
             return "foreign"
         if self.summary.is_file():
             return "finished"
-        return "resumable" if self.checkpoints() else "dead"
+        return "resumable" if self.checkpoints() or self.sharded_checkpoints() else "dead"
 
     def entries(self) -> list[str]:
         """The names in the folder, its lock aside."""
@@ -208,10 +214,19 @@ class RunDir:
                 shutil.copy2(f, archive / f.name)
         return archive
 
+    def sharded_checkpoint(self, iteration: int) -> Path:
+        return self.path / sharded_ckpt_name(iteration)
+
+    def sharded_checkpoints(self) -> list[Path]:
+        """The run's sharded checkpoint directories, oldest first."""
+        return sorted(p for p in self.path.glob(SHARDED_GLOB) if p.is_dir())
+
     def prune(self, keep: int):
         for path in self.checkpoints()[:-keep]:
             path.unlink()
             checksum_path(path).unlink(missing_ok=True)
+        for path in self.sharded_checkpoints()[:-keep]:
+            shutil.rmtree(path)
 
     def clean_tmp(self):
         """Remove what killed writers left: temporary checkpoint and JSON files, checksums of no checkpoint.
@@ -222,6 +237,8 @@ class RunDir:
             tmp.unlink(missing_ok=True)
         for tmp in self.path.glob("*.json.tmp-*"):
             tmp.unlink(missing_ok=True)
+        for tmp in self.path.glob(SHARDED_GLOB + ".tmp"):
+            shutil.rmtree(tmp)
         for checksum in self.path.glob("ckpt_*.pt.sha256"):
             if not checksum.with_suffix("").is_file():
                 checksum.unlink()

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gpus", type=int, default=1, help="GPUs with --gpu (default 1)")
     b.add_argument("--vocab-size", type=int, default=32000)
     b.add_argument("--context-length", type=int, default=1024)
+    b.add_argument("--gpu-mem-gb", type=float, help="memory of one GPU: print the memory per GPU and what fits it")
+    b.add_argument("--batch-size", type=int, default=16, help="micro-batch per GPU for --gpu-mem-gb (default 16)")
     sub.add_parser("_variant", help=argparse.SUPPRESS).add_argument("config_json")  # the runner's subprocess
     return parser
 
@@ -87,7 +89,10 @@ def budget(args) -> str:
             raise ValueError(f"the throughput must be positive, got {throughput}")
     flops = args.flops if args.flops is not None else args.hours * 3600 * throughput
     config, tokens = propose(flops, args.vocab_size, args.context_length)
-    return describe(flops, config, tokens, throughput)
+    if args.gpu_mem_gb is not None and not (args.gpu_mem_gb > 0 and args.batch_size > 0 and args.gpus > 0):
+        raise ValueError("--gpu-mem-gb, --batch-size and --gpus must be positive")
+    memory = None if args.gpu_mem_gb is None else (args.batch_size, args.gpus, args.gpu_mem_gb)
+    return describe(flops, config, tokens, throughput, memory)
 
 
 def main(argv: list[str] | None = None) -> int:

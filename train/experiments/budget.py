@@ -9,6 +9,7 @@ peak times an assumed MFU.
 
 from model import ModelConfig, flops_per_token, param_counts
 from train.log import PEAK_BF16_FLOPS
+from train.memory import fitting_setting, memory_advice
 from train.rundir import RunDir, read_json
 
 TOKENS_PER_PARAM = 20
@@ -75,8 +76,11 @@ def propose(flops: float, vocab_size: int = 32000, context_length: int = 1024) -
     return best, TOKENS_PER_PARAM * param_counts(best)[0]
 
 
-def describe(flops: float, config: ModelConfig, tokens: int, flops_per_s: float | None = None) -> str:
-    """The proposal in words, plus a TOML config for ``python -m train --config``."""
+def describe(flops: float, config: ModelConfig, tokens: int, flops_per_s: float | None = None, memory=None) -> str:
+    """The proposal in words, plus a TOML config for ``python -m train --config``.
+
+    ``memory`` (batch_size, gpus, gpu_mem_gb) adds the memory per GPU and the setting that fits the card.
+    """
     total, non_embedding = param_counts(config)
     cost = flops_per_token(config) * tokens
     lines = [
@@ -86,6 +90,10 @@ def describe(flops: float, config: ModelConfig, tokens: int, flops_per_s: float 
     ]
     if flops_per_s:
         lines.append(f"at {flops_per_s:.3g} FLOP/s: {cost / flops_per_s / 3600:.2f} hours")
+    setting = None
+    if memory is not None:
+        lines += ["", *memory_advice(config, *memory)]
+        setting = fitting_setting(config, *memory)
     lines += [
         "",
         "# TOML preset: python -m train --config this.toml --train-data ... --val-data ... --tokenizer ...",
@@ -93,6 +101,8 @@ def describe(flops: float, config: ModelConfig, tokens: int, flops_per_s: float 
         f"vocab_size = {config.vocab_size}",
         f"context_length = {config.context_length}",
         f"tokens = {tokens}",
+        *([] if setting is None else [f'parallel = "{setting[0]}"', f"batch_size = {memory[0]}"]),
+        *(["activation_checkpointing = true"] if setting and setting[1] else []),
         "",
         "[model_args]",
         f"d_model = {config.d_model}",
