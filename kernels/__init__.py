@@ -21,6 +21,7 @@ from kernels import eager, reference
 
 __all__ = [
     "apply_rope",
+    "apply_rope_qk",
     "cross_entropy",
     "eager",
     "flash_attention",
@@ -47,13 +48,14 @@ if triton is not None:
     from kernels.cross_entropy import cross_entropy
     from kernels.linear_cross_entropy import fused_linear_cross_entropy
     from kernels.rms_norm import rms_norm
-    from kernels.rope import apply_rope
+    from kernels.rope import apply_rope, apply_rope_qk
     from kernels.swiglu import swiglu
 
     _TRITON_OPS = types.SimpleNamespace(
         rms_norm=rms_norm,
         swiglu=swiglu,
         apply_rope=apply_rope,
+        apply_rope_qk=apply_rope_qk,
         cross_entropy=cross_entropy,
         fused_linear_cross_entropy=fused_linear_cross_entropy,
         flash_attention=flash_attention,

@@ -92,7 +92,15 @@ class RotaryEmbedding(nn.Module):
         self.theta, self.d_head, self.max_seq_len, self.kernels = theta, d_head, max_seq_len, kernels
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | int | None = None) -> torch.Tensor:
-        """x (..., T, d_head); positions (T,) or (B, T) ints, or an int start for start..start+T-1 (default 0).
+        """x (..., T, d_head); positions (T,) or (B, T) ints, or an int start for start..start+T-1 (default 0)."""
+        return _ops(self.kernels, x).apply_rope(x, self.checked(x, positions), self.theta)
+
+    def pair(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | int | None = None):
+        """(forward(q, positions), forward(k, positions)) in one kernel launch and one positions check."""
+        return _ops(self.kernels, q).apply_rope_qk(q, k, self.checked(q, positions), self.theta)
+
+    def checked(self, x: torch.Tensor, positions: torch.Tensor | int | None) -> torch.Tensor:
+        """positions as a tensor, within max_seq_len.
 
         Explicit positions are checked against max_seq_len, which costs a host sync (skipped under torch.compile,
         where it would break the graph); a start (what KV-cache decoding passes) is checked from the shape alone.
@@ -102,12 +110,12 @@ class RotaryEmbedding(nn.Module):
             start = positions or 0
             if start + T > self.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens from {start} is longer than max_seq_len {self.max_seq_len}")
-            positions = torch.arange(start, start + T, device=x.device)
-        elif not torch.compiler.is_compiling() and positions.numel():
+            return torch.arange(start, start + T, device=x.device)
+        if not torch.compiler.is_compiling() and positions.numel():
             low, high = torch.stack(torch.aminmax(positions)).tolist()
             if low < 0 or high >= self.max_seq_len:
                 raise ValueError(f"positions must lie in [0, {self.max_seq_len}), got {low}..{high}")
-        return _ops(self.kernels, x).apply_rope(x, positions, self.theta)
+        return positions
 
 
 class KVCache:
@@ -161,7 +169,7 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
         if self.rope is not None:
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            q, k = self.rope.pair(q, k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, Hkv, S, dh), the T new tokens last
         if kv_cache is not None and kv_cache.pad is not None:  # left-padded prompts: PyTorch's attention takes a mask
