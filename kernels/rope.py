@@ -114,7 +114,8 @@ def _inv_freq(d: int, theta: float, device: torch.device) -> torch.Tensor:
     """theta^(-2i/d) as the reference computes it (angles at position 1), cached: it depends only on its key."""
     key = (d, float(theta), device)
     if key not in _INV_FREQ:
-        _INV_FREQ[key] = rope_angles(torch.ones((), device=device), d, theta).contiguous()
+        with torch.inference_mode(False):  # a first call under inference_mode must not cache an inference tensor
+            _INV_FREQ[key] = rope_angles(torch.ones((), device=device), d, theta).contiguous()
     return _INV_FREQ[key]
 
 

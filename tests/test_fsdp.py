@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from model import ModelConfig, TransformerLM, load_model, param_counts
+from model.hf import export_hf
 from train.distributed import Dist
 from train.consolidate import main as consolidate_main
 from train.fsdp import MANIFEST_FILE, check_kind, damage
@@ -178,9 +179,7 @@ def test_consolidate_writes_a_checkpoint_python_m_model_reads(runs, tmp_path, ca
     assert whole["optimizer"]["param_groups"] == ref["optimizer"]["param_groups"]
     assert whole["optimizer"]["state"].keys() == ref["optimizer"]["state"].keys()
     assert load_model(out).config.d_model == 32
-    from model.__main__ import main as model_main
-
-    model_main(["export-hf", "--checkpoint", str(out), "--out", str(tmp_path / "hf")])
+    export_hf(load_model(out), tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file()
     assert consolidate_main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("error: no sharded checkpoint directory")
@@ -240,15 +239,13 @@ def test_activation_checkpointing_same_loss_and_gradients_fewer_saved_bytes(kern
 @pytest.mark.parametrize("shape", [dict(d_model=64, num_heads=4, num_kv_heads=2), dict(d_model=48, num_heads=3)])
 def test_block_activation_estimate_is_what_the_kernels_save(shape):
     """The per-token count in train/memory.py against the bytes our Triton kernels (interpreted) save for one
-    block, in fp32: exact, since both count the same tensors (integer positions left out), plus RoPE's table of
-    head_dim / 2 inverse frequencies, which does not grow with the tokens."""
+    block, in fp32: exact, since both count the same tensors (integer positions left out)."""
     config = ModelConfig.preset("tiny", vocab_size=64, context_length=32, num_layers=1, kernels="triton", **shape)
     block = TransformerLM(config).layers[0]
     x = torch.randn(2, 19, config.d_model, requires_grad=True)
     saved = _saved_bytes(lambda: block(x), skip=[*block.parameters(), x])
     elements, stats = block_activation_elements(config)
-    rope_table = 4 * config.head_dim // 2
-    assert saved == 2 * 19 * 4 * (elements - config.d_model + stats) + rope_table  # x itself is the caller's
+    assert saved == 2 * 19 * 4 * (elements - config.d_model + stats)  # x itself is the caller's
 
 
 def test_memory_per_gpu_shards_with_fsdp_and_fits_the_card():

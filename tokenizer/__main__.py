@@ -13,6 +13,7 @@ import sys
 import time
 
 from tokenizer import Tokenizer, encode_file, train_bpe
+from tokenizer.tokenizer import TOKENIZER_FILES
 
 
 def peak_rss_mb() -> float:
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     tr.add_argument("corpus")
     tr.add_argument("--vocab-size", type=int, required=True)
     tr.add_argument("--special-token", action="append", default=[], help="repeatable; ids 0.. in the given order")
-    tr.add_argument("--out", required=True, help="directory for vocab.json, merges.txt, tokenizer.json")
+    tr.add_argument("--out", required=True, help="directory for our files and HF's")
     tr.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: all cores)")
     tr.add_argument("--force", action="store_true", help="overwrite a tokenizer already in --out")
     en = sub.add_parser("encode", help="encode a UTF-8 text file to a flat .npy of token ids")
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         if args.command == "train":
-            check_output(args.out, ("vocab.json", "merges.txt", "tokenizer.json"), args.force)
+            check_output(args.out, TOKENIZER_FILES, args.force)
             vocab, merges = train_bpe(args.corpus, args.vocab_size, args.special_token, args.workers, progress=True)
             Tokenizer(vocab, merges, args.special_token).save(args.out)
             longest = max(vocab.values(), key=len) if not merges else max((a + b for a, b in merges), key=len)

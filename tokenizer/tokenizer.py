@@ -33,6 +33,10 @@ from tokenizer.pretokenize import (
 )
 
 FORMAT, VERSION, META_FILE = "smollm-bpe", 2, "tokenizer_meta.json"
+# Every file save() writes (the refusal to overwrite a tokenizer directory checks these).
+TOKENIZER_FILES = (
+    "vocab.json", "merges.txt", META_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"
+)  # fmt: skip
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -206,8 +206,10 @@ def file_digest(path: Path, size: int = 16) -> str:
 
 
 def tokenizer_digest(tok_dir: Path) -> str:
+    from tokenizer.tokenizer import META_FILE
+
     h = hashlib.sha256()
-    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+    for name in ("vocab.json", "merges.txt", META_FILE):  # the special tokens are in the metadata
         if (tok_dir / name).is_file():
             h.update((tok_dir / name).read_bytes())
     return h.hexdigest()[:16]
