@@ -49,7 +49,7 @@ class TrainConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
     # 1800 steps (3.7M tokens, ~6.4 passes): the eager backend and fused AdamW made the tiny preset's step ~1.5-1.6x
     # faster (bench/RESULTS.md), and in a fixed time more tokens beat a wider model (d_model 192: 0.54x the tokens/s).
-    steps: int = opt(1800, "optimizer steps")
+    steps: int = opt(1200, "optimizer steps")
     tokens: int | None = opt(None, "token budget: sets steps = tokens / tokens per step (overrides --steps)")
     # optimizer and schedule
     max_lr: float = opt(5e-3, "peak learning rate, reached after warmup")
@@ -71,7 +71,7 @@ class TrainConfig:
     muon_momentum: float = opt(0.95, "Muon's Nesterov momentum (the AdamW part keeps --beta1, --beta2)")
     windows: Literal["uniform", "aligned"] = opt("uniform", "training windows start anywhere, or at document starts")
     # evaluation, logging, checkpoints
-    eval_interval: int = opt(600, "evaluate every N steps (and at the start and the end)")
+    eval_interval: int = opt(400, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(0, "validation batches (global), the same each eval, spread over the split (0: all of it)")
     log_interval: int = opt(10, "metrics row and console line every N steps")
     ckpt_interval: int = opt(200, "checkpoint every N steps (and at the end)")
