@@ -61,7 +61,7 @@ class TrainConfig:
     eps: float = opt(1e-8, "AdamW epsilon")
     weight_decay: float = opt(0.1, "decoupled weight decay, on matrices and embeddings only (not on norm gains)")
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this (0: off)")
-    # schedule shape, optimizer choice and window placement (README "Recipes")
+    # schedule shape, optimizer choice and window placement (docs/train.md, "Recipes")
     schedule: Literal["cosine", "wsd"] = opt("cosine", "lr schedule: cosine, or warmup-stable-decay (extends cleanly)")
     decay_fraction: float = opt(0.2, "wsd: the last fraction of the steps, decaying from max_lr to min_lr")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = opt("1-sqrt", "wsd: shape of the decay")

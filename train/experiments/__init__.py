@@ -5,7 +5,7 @@
     python -m train.experiments webtext --plan | --smoke | [trainer flags]
     python -m train.experiments budget --hours 8 --gpu H100 --mfu 0.4
 
-See ``python -m train.experiments --help`` and the README's experiments section.
+See ``python -m train.experiments --help`` and docs/experiments.md.
 """
 
 from train.experiments.budget import propose
