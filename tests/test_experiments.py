@@ -6,6 +6,7 @@ import tomllib
 
 import pytest
 
+from conftest import TINY
 from model import ModelConfig, flops_per_token, param_counts
 from train import run
 from train.config import make_config
@@ -16,27 +17,11 @@ from train.experiments.budget import measured_flops_per_s, optimal_run_flops, sh
 from train.experiments.webtext import TOKENS_PER_STEP, plan, webtext_model_config
 from train.log import read_metrics
 
-TINY = dict(
-    vocab_size=64,
-    context_length=16,
-    batch_size=4,
-    steps=12,
-    warmup_steps=2,
-    eval_interval=4,
-    eval_batches=2,
-    log_interval=2,
-    ckpt_interval=4,
-    keep_ckpts=3,
-    sample_tokens=0,
-    progress=False,
-    device="cpu",
-    threads=1,
-    model_args=dict(d_model=32, num_layers=2, num_heads=2),
-)
+RUN = {**TINY, "steps": 12, "eval_interval": 4, "log_interval": 2, "ckpt_interval": 4, "keep_ckpts": 3}
 
 
 def base(tokens, **overrides):
-    return make_config(TINY, train_data=tokens[0], val_data=tokens[1], **overrides)
+    return make_config(RUN, train_data=tokens[0], val_data=tokens[1], **overrides)
 
 
 def test_builtin_suites_make_the_studies_of_the_issue():
@@ -206,7 +191,7 @@ def test_budget_cli(capsys):
 
 
 def test_prepare_resumes_restarts_or_skips_a_run_directory(tmp_path):
-    cfg = make_config(TINY, out_dir=str(tmp_path / "r"))
+    cfg = make_config(RUN, out_dir=str(tmp_path / "r"))
     assert prepare(cfg) == "start" and cfg.resume == "auto"  # the trainer then starts, resumes or restarts it
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps(cfg.to_dict()))
@@ -217,8 +202,8 @@ def test_prepare_resumes_restarts_or_skips_a_run_directory(tmp_path):
     (tmp_path / "r" / "summary.json").write_text("{}")
     assert prepare(cfg) == "done"
     with pytest.raises(ValueError, match="differs in max_lr"):
-        prepare(make_config(TINY, out_dir=str(tmp_path / "r"), max_lr=1e-2))
+        prepare(make_config(RUN, out_dir=str(tmp_path / "r"), max_lr=1e-2))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a run")
     with pytest.raises(ValueError, match="not a run's"):
-        prepare(make_config(TINY, out_dir=str(tmp_path / "mine")))
+        prepare(make_config(RUN, out_dir=str(tmp_path / "mine")))

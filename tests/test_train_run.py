@@ -15,36 +15,19 @@ import torch
 
 import model as model_pkg
 import train.loop
+from conftest import TINY, as_flags
 from train import TrainConfig, run
 from train.__main__ import main
 from train.config import make_config
 from train.log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    vocab_size=64,
-    context_length=16,
-    batch_size=4,
-    steps=20,
-    warmup_steps=2,
-    eval_interval=10,
-    eval_batches=2,
-    log_interval=5,
-    ckpt_interval=10,
-    sample_tokens=0,
-    progress=False,
-    device="cpu",
-    threads=1,  # tiny matmuls: a second thread only adds contention
-    model_args=dict(d_model=32, num_layers=2, num_heads=2),
-)
-TINY_FLAGS = [  # the same as command-line flags, for the subprocess runs
-    *"--vocab-size 64 --context-length 16 --batch-size 4 --warmup-steps 2 --eval-interval 10 --eval-batches 2".split(),
-    *"--log-interval 5 --no-progress --device cpu --sample-tokens 0 --d-model 32 --num-layers 2 --num-heads 2".split(),
-]
+RUN = {**TINY, "steps": 20, "eval_interval": 10, "log_interval": 5, "ckpt_interval": 10}
+TINY_FLAGS = as_flags(RUN)  # the same as command-line flags, for the subprocess runs
 
 
 def tiny(tokens, out_dir, **overrides) -> TrainConfig:
-    return make_config(TINY, **{"train_data": tokens[0], "val_data": tokens[1], "out_dir": str(out_dir), **overrides})
+    return make_config(RUN, **{"train_data": tokens[0], "val_data": tokens[1], "out_dir": str(out_dir), **overrides})
 
 
 def test_run_writes_metrics_plots_checkpoints_and_summary(tokens, tmp_path):
