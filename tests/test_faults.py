@@ -467,6 +467,7 @@ def test_14_out_dir_or_resume_naming_a_file(tokens, tmp_path, capsys):
         ("c.toml", b"steps = = 3\n", ["c.toml", "not valid TOML"]),
         ("c.toml", b'steps = 3\nsample_prompt = "\xff"\n', ["c.toml", "UTF-8"]),
         ("c.toml", b'max_lr = "0.01"\n', ["c.toml", "max_lr must be a float", "'0.01'"]),
+        ("c.toml", b"steps = 3\ntokens = 640\n", ["c.toml", "steps and tokens both set the run's length"]),
         ("config.json", b'{"steps": 3,', ["config.json", "not valid JSON"]),
         ("config.json", b'{"steps": "\xff"}', ["config.json", "UTF-8"]),
     ],
