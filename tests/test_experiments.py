@@ -209,6 +209,17 @@ def test_budget_picks_the_largest_compute_optimal_model_that_fits():
         propose(1e6)
 
 
+def test_help_lists_the_public_commands_and_the_webtext_run_directory_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "{run,report,list,webtext,budget}" in out and "_variant" not in out and "SUPPRESS" not in out
+    with pytest.raises(SystemExit):
+        main(["webtext", "--help"])
+    assert "--out-dir DIR" in capsys.readouterr().out  # the flag its "already holds a finished run" line asks for
+    assert main(["_variant"]) == 2 and "takes one argument" in capsys.readouterr().err
+
+
 def test_budget_cli(capsys):
     assert main(["budget", "--hours", "2", "--gpu", "H100", "--mfu", "0.5"]) == 0
     out = capsys.readouterr().out
