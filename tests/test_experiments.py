@@ -132,6 +132,7 @@ def test_a_variant_failing_at_run_time_is_recorded_not_fatal(second_run):
 def test_the_same_command_again_resumes_a_killed_variant_and_skips_finished_ones(second_run):
     before, after = second_run["before"], second_run["after"]
     assert second_run["skipped"]  # the diverged variant's summary untouched: not rerun
+    assert "3 variants, 1 done, 2 to run" in second_run["out"]  # nor started (its run would refuse, unseen)
     assert "resuming a" in second_run["out"].splitlines()  # the runner's line, not the trainer's "resuming at step"
     assert after[:-3] == before[:-3]  # steps 0..8 kept as logged (times included), 10 and 12 redone
     assert [r["step"] for r in after] == [r["step"] for r in before]
