@@ -1,4 +1,5 @@
-"""Shared test set-up: without CUDA, Triton kernels run on Triton's interpreter, which must be on before import."""
+"""Shared test set-up: Triton's interpreter without CUDA (on before any import of triton), the tolerance table and
+the output poisoning of the kernel tests, the tiny run every trainer test starts from, and the shared fixtures."""
 
 import json
 import importlib.util
@@ -15,6 +16,75 @@ if not torch.cuda.is_available():
 
 if importlib.util.find_spec("triton") is None:  # off Linux triton has no wheels: its kernels' tests have nothing to run
     collect_ignore_glob = ["test_attention*.py", "test_kernels*.py", "test_sm90*.py"]
+
+
+# ---- tolerances: one row per dtype, used by every kernel test -----------------------------------------------------
+# u, the unit roundoff: one rounding to the dtype errs by at most u relative (half an ulp at 1).
+UNIT = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# A kernel and its reference compute the same math in another order, so their results differ by a few roundings:
+# rtol is a few u of each element, atol the same relative to the expected tensor's largest magnitude (an element near
+# zero that came from cancelling larger terms, a matmul or a sum over rows, may be off by an ulp of those terms).
+#   fp32: rtol 1.3e-6 (22 u) and atol 2e-6 (34 u): the order of fp32 accumulations over up to ~10^3 terms whose
+#         partial sums stay near the result's size, a few ulps.
+#   fp16, bf16: the fp32 result is rounded once to the dtype on each side: adjacent values at worst, 1 ulp = 2 u.
+# An op whose analysis finds k roundings on its path where these rows count one passes roundings=k (and says why);
+# never widened to make a test pass.
+TOLERANCES = {
+    torch.float32: (1.3e-6, 2e-6),  # (rtol, atol relative to max|expected|)
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (8e-3, 8e-3),
+}
+
+
+def tolerance(dtype: torch.dtype, roundings: float = 1) -> tuple[float, float]:
+    """(rtol, atol) of dtype's row for an op with `roundings` times the row's roundings on its path."""
+    rtol, atol = TOLERANCES[dtype]
+    return roundings * rtol, roundings * atol
+
+
+def assert_close(actual, expected, dtype: torch.dtype, roundings: float = 1, scale: float | None = None, msg=None):
+    """actual vs expected within dtype's row; atol is relative to scale, by default max|expected| (at least 1e-3)."""
+    rtol, atol = tolerance(dtype, roundings)
+    scale = max(expected.abs().max().item(), 1e-3) if scale is None else scale
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=msg)
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Every kernel output buffer starts as NaN, so an element a kernel never writes fails the comparison.
+
+    Kernel test modules switch it on for all their tests with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    from kernels import _utils
+
+    monkeypatch.setattr(_utils, "POISON", True)
+
+
+# ---- the tiny run -------------------------------------------------------------------------------------------------
+# The trainer tests' model and run, seconds on one CPU thread: a 2-layer d_model 32 model on the `tokens` fixture's
+# vocab-64 data, 16-token windows. Each test module sets its own steps and intervals on top.
+TINY = dict(
+    vocab_size=64,
+    context_length=16,
+    batch_size=4,
+    warmup_steps=2,
+    eval_batches=2,
+    sample_tokens=0,
+    progress=False,
+    device="cpu",
+    threads=1,  # tiny matmuls: a second thread only adds contention
+    model_args=dict(d_model=32, num_layers=2, num_heads=2),
+)
+
+
+def as_flags(fields: dict) -> list[str]:
+    """TrainConfig fields as `python -m train` flags: model_args as model flags, booleans as --x / --no-x."""
+    fields = {**fields, **fields.get("model_args", {})}
+    fields.pop("model_args", None)
+    flags = []
+    for name, value in fields.items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return flags
 
 
 # Appended to a compile_for_sm90 script: lowers its CASES (a dict of label -> callable, every case or one worker's

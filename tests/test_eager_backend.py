@@ -7,19 +7,19 @@ measured is the eager op's own error. The bound, from the usual rounding analysi
 
 n: the longest fp32 accumulation on the path (a sum of n terms errs by at most n * u32 times the sum of their
 magnitudes, which the softmax-weighted sums and normalized rows here keep within a small multiple of max|gold|);
-r: the roundings to the tested dtype along the path (each one relative u: 2^-24 fp32, 2^-11 fp16, 2^-8 bf16);
-the 2 covers the gradients, whose chain adds one more term of each kind. Measured relative to the largest gold
-element, because softmax-backward and RoPE outputs have components that cancel to near zero.
+r: the roundings to the tested dtype along the path (each one relative u, conftest's UNIT: 2^-24 fp32, 2^-11
+fp16, 2^-8 bf16); the 2 covers the gradients, whose chain adds one more term of each kind. Measured relative to the
+largest gold element, because softmax-backward and RoPE outputs have components that cancel to near zero.
 """
 
 import pytest
 import torch
 
 import kernels
+from conftest import UNIT
 from kernels import eager, reference
 
-U32 = 2.0**-24
-UNIT = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+U32 = UNIT[torch.float32]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

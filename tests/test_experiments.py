@@ -1,11 +1,14 @@
 """Experiments: suites, spec files, the runner (parallel, divergence, failure, resume), reports, web-text, budget."""
 
+import contextlib
+import io
 import json
 import math
 import tomllib
 
 import pytest
 
+from conftest import TINY
 from model import ModelConfig, flops_per_token, param_counts
 from train import run
 from train.config import make_config
@@ -16,27 +19,11 @@ from train.experiments.budget import measured_flops_per_s, optimal_run_flops, sh
 from train.experiments.webtext import TOKENS_PER_STEP, plan, webtext_model_config
 from train.log import read_metrics
 
-TINY = dict(
-    vocab_size=64,
-    context_length=16,
-    batch_size=4,
-    steps=12,
-    warmup_steps=2,
-    eval_interval=4,
-    eval_batches=2,
-    log_interval=2,
-    ckpt_interval=4,
-    keep_ckpts=3,
-    sample_tokens=0,
-    progress=False,
-    device="cpu",
-    threads=1,
-    model_args=dict(d_model=32, num_layers=2, num_heads=2),
-)
+RUN = {**TINY, "steps": 12, "eval_interval": 4, "log_interval": 2, "ckpt_interval": 4, "keep_ckpts": 3}
 
 
 def base(tokens, **overrides):
-    return make_config(TINY, train_data=tokens[0], val_data=tokens[1], **overrides)
+    return make_config(RUN, train_data=tokens[0], val_data=tokens[1], **overrides)
 
 
 def test_builtin_suites_make_the_studies_of_the_issue():
@@ -91,46 +78,74 @@ def test_spec_files_and_bad_suites(tmp_path):
     assert main(["run", "nosuch"]) == 2
 
 
-def test_suite_runs_in_parallel_survives_divergence_and_failure_resumes_and_reports(tokens, tmp_path, capsys):
-    """The CI smoke test: a suite, a simulated kill, the same command again, then the report."""
-    spec = tmp_path / "spec.json"
-    variants = [
-        {"name": "a", "note": "the base"},
-        {"name": "huge-lr", "max_lr": 1000.0, "min_lr": 100.0},  # diverges: marked, the suite goes on
-    ]
-    spec.write_text(json.dumps({"name": "smoke", "variants": variants}))
-    suite_dir = tmp_path / "suite"
-    _, rows = run_suite(str(spec), base(tokens), str(suite_dir), jobs=2, progress=False)  # two subprocesses
-    assert {r["name"]: r["status"] for r in rows} == {"a": "finished", "huge-lr": "diverged"}
-    assert "diverged at step" in (suite_dir / "logs" / "huge-lr.log").read_text()
+# The CI smoke test of the runner, in two module-scoped steps whose results the tests below read: a suite run in
+# parallel, then a simulated kill and the same command again. Each test checks one behaviour of what they left.
+SMOKE_VARIANTS = [
+    {"name": "a", "note": "the base"},
+    {"name": "huge-lr", "max_lr": 1000.0, "min_lr": 100.0},  # diverges: marked, the suite goes on
+]
 
-    # A variant added to the spec, failing at run time (its context is longer than the data): recorded, not fatal.
-    variants.append({"name": "broken", "context_length": 10_000})
-    spec.write_text(json.dumps({"name": "smoke", "variants": variants}))
 
-    # Simulate a kill of "a" between its step-8 checkpoint and its end: no summary, no last checkpoint. Then the same
-    # command again (in this process this time: jobs=1).
+@pytest.fixture(scope="module")
+def first_run(tokens, tmp_path_factory):
+    """The suite of SMOKE_VARIANTS in two subprocesses (jobs=2): (spec, suite_dir, rows, huge-lr's log)."""
+    spec = tmp_path_factory.mktemp("spec") / "spec.json"
+    spec.write_text(json.dumps({"name": "smoke", "variants": SMOKE_VARIANTS}))
+    suite_dir = tmp_path_factory.mktemp("suites") / "suite"
+    _, rows = run_suite(str(spec), base(tokens), str(suite_dir), jobs=2, progress=False)
+    return spec, suite_dir, rows, (suite_dir / "logs" / "huge-lr.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def second_run(first_run, tokens):
+    """The same command again, in this process (jobs=1), after a variant was added that fails at run time (its
+    context is longer than the data) and "a" was killed between its step-8 checkpoint and its end (no summary, no
+    last checkpoint). Returns the spec, the suite dir, the rows, what it printed, a's metrics before and after, and
+whether the diverged variant was skipped."""
+    spec, suite_dir, _, _ = first_run
+    broken = {"name": "broken", "context_length": 10_000}
+    spec.write_text(json.dumps({"name": "smoke", "variants": [*SMOKE_VARIANTS, broken]}))
     a = suite_dir / "a"
     before = read_metrics(a)
     (a / "summary.json").unlink()
     (a / "ckpt_000012.pt").unlink()
-    diverged_summary = (suite_dir / "huge-lr" / "summary.json").stat().st_mtime_ns
-    capsys.readouterr()
-    _, rows = run_suite(str(spec), base(tokens), str(suite_dir), jobs=1, progress=False)
+    diverged_mtime = (suite_dir / "huge-lr" / "summary.json").stat().st_mtime_ns
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        _, rows = run_suite(str(spec), base(tokens), str(suite_dir), jobs=1, progress=False)
+    skipped = (suite_dir / "huge-lr" / "summary.json").stat().st_mtime_ns == diverged_mtime
+    return dict(spec=spec, suite_dir=suite_dir, rows=rows, out=out.getvalue(), skipped=skipped, before=before,
+                after=read_metrics(a))  # fmt: skip
+
+
+def test_suite_runs_in_parallel_and_a_diverged_variant_is_marked(first_run):
+    _, _, rows, log = first_run
+    assert {r["name"]: r["status"] for r in rows} == {"a": "finished", "huge-lr": "diverged"}
+    assert "diverged at step" in log
+
+
+def test_a_variant_failing_at_run_time_is_recorded_not_fatal(second_run):
+    rows = second_run["rows"]
     assert [r["status"] for r in rows] == ["finished", "diverged", "failed"]
     assert "too few for one sequence" in rows[2]["message"]
-    assert (suite_dir / "huge-lr" / "summary.json").stat().st_mtime_ns == diverged_summary  # skipped, not rerun
-    assert "resuming a" in capsys.readouterr().out
-    after = read_metrics(a)
+
+
+def test_the_same_command_again_resumes_a_killed_variant_and_skips_finished_ones(second_run):
+    before, after = second_run["before"], second_run["after"]
+    assert second_run["skipped"]  # the diverged variant's summary untouched: not rerun
+    assert "3 variants, 1 done, 2 to run" in second_run["out"]  # nor started (its run would refuse, unseen)
+    assert "resuming a" in second_run["out"].splitlines()  # the runner's line, not the trainer's "resuming at step"
     assert after[:-3] == before[:-3]  # steps 0..8 kept as logged (times included), 10 and 12 redone
     assert [r["step"] for r in after] == [r["step"] for r in before]
     assert after[-1]["val_loss"] == pytest.approx(before[-1]["val_loss"], abs=1e-4)  # the same run, continued
 
-    with pytest.raises(ValueError, match="another config"):  # a finished variant is never reused under a new config
-        run_suite(str(spec), base(tokens, max_lr=1e-3), str(suite_dir), progress=False)
 
-    report = build_report(suite_dir, tmp_path / "report", notes="Short runs.")
-    text = report.read_text()
+def test_a_finished_variant_is_never_reused_under_another_config(second_run, tokens):
+    with pytest.raises(ValueError, match="another config"):
+        run_suite(str(second_run["spec"]), base(tokens, max_lr=1e-3), str(second_run["suite_dir"]), progress=False)
+
+
+def test_report_has_figures_the_results_table_and_the_divergence(second_run, tmp_path):
+    text = build_report(second_run["suite_dir"], tmp_path / "report", notes="Short runs.").read_text()
     for name in ("loss_vs_steps.png", "loss_vs_tokens.png", "loss_vs_time.png"):
         assert (tmp_path / "report" / name).stat().st_size > 5000 and f"]({name})" in text
     table = json.loads((tmp_path / "report" / "results.json").read_text())
@@ -142,10 +157,13 @@ def test_suite_runs_in_parallel_survives_divergence_and_failure_resumes_and_repo
     assert "| 1 | a | the base |" in text and "**diverged**" in text and "Short runs." in text
     assert "Measured ranking by best validation loss" in text and "**huge-lr diverged**: diverged at step" in text
     assert table[1]["best_val_loss"] is None  # a diverged run's pre-divergence loss is not reported as its result
-    assert measured_flops_per_s(str(a)) > 0  # the budget helper reads a measured throughput from a run
 
 
-def test_webtext_preset_is_the_recipe_and_runs_at_toy_scale(tokens, tmp_path):
+def test_budget_reads_a_measured_throughput_from_a_run(second_run):
+    assert measured_flops_per_s(str(second_run["suite_dir"] / "a")) > 0
+
+
+def test_webtext_preset_is_the_recipe_and_runs_at_toy_scale(tokens, tmp_path, capsys):
     cfg = webtext_config(world_size=1)
     total = param_counts(webtext_model_config())[0]
     assert 90e6 < total < 130e6
@@ -176,6 +194,8 @@ def test_webtext_preset_is_the_recipe_and_runs_at_toy_scale(tokens, tmp_path):
         2,
     )
     summary = run(smoke)
+    shrunk = "125m preset (d_model=64, num_layers=2, num_heads=2, d_ff=192, tie_embeddings=True), 0.14M parameters"
+    assert shrunk in capsys.readouterr().out  # the model the smoke run trains, not the 110M one
     assert summary["status"] == "finished" and math.isfinite(summary["final_val_loss"])
     assert summary["final_val_loss"] < read_metrics(tmp_path / "w")[0]["val_loss"]  # it learns, in bf16 on the CPU
 
@@ -192,6 +212,17 @@ def test_budget_picks_the_largest_compute_optimal_model_that_fits():
         propose(1e6)
 
 
+def test_help_lists_the_public_commands_and_the_webtext_run_directory_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "{run,report,list,webtext,budget}" in out and "_variant" not in out and "SUPPRESS" not in out
+    with pytest.raises(SystemExit):
+        main(["webtext", "--help"])
+    assert "--out-dir DIR" in capsys.readouterr().out  # the flag its "already holds a finished run" line asks for
+    assert main(["_variant"]) == 2 and "takes one argument" in capsys.readouterr().err
+
+
 def test_budget_cli(capsys):
     assert main(["budget", "--hours", "2", "--gpu", "H100", "--mfu", "0.5"]) == 0
     out = capsys.readouterr().out
@@ -206,7 +237,7 @@ def test_budget_cli(capsys):
 
 
 def test_prepare_resumes_restarts_or_skips_a_run_directory(tmp_path):
-    cfg = make_config(TINY, out_dir=str(tmp_path / "r"))
+    cfg = make_config(RUN, out_dir=str(tmp_path / "r"))
     assert prepare(cfg) == "start" and cfg.resume == "auto"  # the trainer then starts, resumes or restarts it
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps(cfg.to_dict()))
@@ -217,8 +248,8 @@ def test_prepare_resumes_restarts_or_skips_a_run_directory(tmp_path):
     (tmp_path / "r" / "summary.json").write_text("{}")
     assert prepare(cfg) == "done"
     with pytest.raises(ValueError, match="differs in max_lr"):
-        prepare(make_config(TINY, out_dir=str(tmp_path / "r"), max_lr=1e-2))
+        prepare(make_config(RUN, out_dir=str(tmp_path / "r"), max_lr=1e-2))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a run")
     with pytest.raises(ValueError, match="not a run's"):
-        prepare(make_config(TINY, out_dir=str(tmp_path / "mine")))
+        prepare(make_config(RUN, out_dir=str(tmp_path / "mine")))

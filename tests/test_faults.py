@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import model as model_pkg
+from conftest import TINY, as_flags
 from tokenizer import Tokenizer
 from tokenizer.__main__ import main as tokenizer_main
 from train.__main__ import main as train_main
@@ -30,11 +31,9 @@ from train.experiments.__main__ import main as experiments_main
 from train.log import read_metrics
 from train.prepare import main as prepare_main
 
-TINY = (
-    "--vocab-size 64 --context-length 16 --batch-size 4 --warmup-steps 2 --eval-interval 5 --eval-batches 2 "
-    "--log-interval 5 --ckpt-interval 5 --keep-ckpts 4 --cosine-steps 40 --no-progress --device cpu "
-    "--sample-tokens 0 --d-model 32 --num-layers 2 --num-heads 2 --threads 1"
-).split()
+FLAGS = as_flags(  # conftest's tiny run as command-line flags
+    {**TINY, "eval_interval": 5, "log_interval": 5, "ckpt_interval": 5, "keep_ckpts": 4, "cosine_steps": 40}
+)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -43,11 +42,11 @@ def data_flags(tokens) -> list[str]:
 
 
 def train(tokens, out_dir, *flags) -> int:
-    return train_main([*TINY, *data_flags(tokens), "--out-dir", str(out_dir), *flags])
+    return train_main([*FLAGS, *data_flags(tokens), "--out-dir", str(out_dir), *flags])
 
 
 def train_cli(tokens, out_dir, *flags) -> list[str]:
-    return [sys.executable, "-m", "train", *TINY, *data_flags(tokens), "--out-dir", str(out_dir), *flags]
+    return [sys.executable, "-m", "train", *FLAGS, *data_flags(tokens), "--out-dir", str(out_dir), *flags]
 
 
 def one_error(capsys, *needles) -> str:
@@ -110,7 +109,7 @@ def test_1_variant_names_cannot_reach_outside_the_suite(tokens, tmp_path, varian
     keep.write_text("another suite's results")
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"name": "s", "variants": [{"name": variant}]}))
-    argv = ["run", str(spec), "--out", str(tmp_path / "suites" / "s"), *TINY, *data_flags(tokens), "--steps", "2"]
+    argv = ["run", str(spec), "--out", str(tmp_path / "suites" / "s"), *FLAGS, *data_flags(tokens), "--steps", "2"]
     assert experiments_main(argv) == 2
     one_error(capsys, "variant name")
     assert keep.read_text() == "another suite's results"
@@ -121,7 +120,7 @@ def test_1_suite_name_cannot_climb_out_of_runs(tokens, tmp_path, monkeypatch, ca
     spec.write_text(json.dumps({"name": "../../x", "variants": [{"name": "a"}]}))
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
-    assert experiments_main(["run", str(spec), *TINY, *data_flags(tokens), "--steps", "2", "--no-report"]) == 2
+    assert experiments_main(["run", str(spec), *FLAGS, *data_flags(tokens), "--steps", "2", "--no-report"]) == 2
     one_error(capsys, "suite name")
     assert not (tmp_path / "cwd" / "x").exists()
 
@@ -142,7 +141,7 @@ def test_3_runs_started_in_the_same_second_get_their_own_directories(tokens, tmp
     for other in others:  # runs that started this second (and the next few: the clock may tick meanwhile)
         other.mkdir(parents=True)
         (other / "config.json").write_text('{"seed": 0}')
-    assert train_main([*TINY, *data_flags(tokens), "--steps", "2"]) == 0
+    assert train_main([*FLAGS, *data_flags(tokens), "--steps", "2"]) == 0
     for other in others:
         assert sorted(p.name for p in other.iterdir()) == ["config.json"]
     mine = [p for p in (tmp_path / "runs").iterdir() if p not in others]
@@ -318,7 +317,8 @@ def test_11_negative_token_ids_are_refused_before_training(tokens, tmp_path, cap
     ids = np.load(tokens[0]).astype(np.int64)
     ids[-1] = -1
     np.save(tmp_path / "neg.npy", ids)
-    argv = [*TINY, "--train-data", str(tmp_path / "neg.npy"), "--val-data", tokens[1], "--out-dir", str(tmp_path / "r")]
+    argv = [*FLAGS, "--train-data", str(tmp_path / "neg.npy"), "--val-data", tokens[1]]
+    argv += ["--out-dir", str(tmp_path / "r")]
     assert train_main([*argv, "--steps", "2"]) == 2
     one_error(capsys, "neg.npy", "negative token id")
 
@@ -443,7 +443,7 @@ def test_14_a_full_disk_during_a_checkpoint_is_one_error_line(tokens, tmp_path, 
 def test_14_unusable_device_kernels_or_resume_are_one_error_line(tokens, tmp_path, monkeypatch, flags, needles,
                                                                  capsys):  # fmt: skip
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    argv = [*TINY, *data_flags(tokens), "--steps", "2", *flags]
+    argv = [*FLAGS, *data_flags(tokens), "--steps", "2", *flags]
     if "--resume" not in flags:
         argv += ["--out-dir", str(tmp_path / "r")]
     assert train_main(argv) == 2
@@ -467,6 +467,7 @@ def test_14_out_dir_or_resume_naming_a_file(tokens, tmp_path, capsys):
         ("c.toml", b"steps = = 3\n", ["c.toml", "not valid TOML"]),
         ("c.toml", b'steps = 3\nsample_prompt = "\xff"\n', ["c.toml", "UTF-8"]),
         ("c.toml", b'max_lr = "0.01"\n', ["c.toml", "max_lr must be a float", "'0.01'"]),
+        ("c.toml", b"steps = 3\ntokens = 640\n", ["c.toml", "steps and tokens both set the run's length"]),
         ("config.json", b'{"steps": 3,', ["config.json", "not valid JSON"]),
         ("config.json", b'{"steps": "\xff"}', ["config.json", "UTF-8"]),
     ],
@@ -475,7 +476,7 @@ def test_14_bad_config_files_are_named(tokens, tmp_path, where, content, needles
     run_dir = tmp_path / "r"
     if where == "c.toml":
         (tmp_path / where).write_bytes(content)
-        argv = [*TINY, *data_flags(tokens), "--config", str(tmp_path / where), "--out-dir", str(run_dir)]
+        argv = [*FLAGS, *data_flags(tokens), "--config", str(tmp_path / where), "--out-dir", str(run_dir)]
     else:
         run_dir.mkdir()
         (run_dir / where).write_bytes(content)

@@ -2,7 +2,7 @@
 
 On a CPU these run under Triton's interpreter (tests/conftest.py), so shapes are small; bf16 and large shapes need
 a GPU and skip without one. Outputs are poisoned with NaN before each launch (kernels._utils.POISON), so an element
-a kernel forgets to write fails the comparison.
+a kernel forgets to write fails the comparison. Tolerances: the per-dtype table of tests/conftest.py.
 """
 
 import importlib
@@ -11,36 +11,19 @@ import pytest
 import torch
 
 import kernels
-from kernels import _utils, reference
+from conftest import assert_close
+from kernels import reference
 from kernels.linear_cross_entropy import CPU_CHUNK_BUDGET_BYTES, chunk_rows
 from kernels.rope import apply_rope_qk
 from model import ModelConfig, TransformerLM
 
 cross_entropy_module = importlib.import_module("kernels.cross_entropy")  # the name kernels.cross_entropy is the op
 
-# One row per dtype, used by every test; set from the dtype's precision, never widened to make a test pass.
-# rtol is about one unit in the last place; atol is that relative to the expected tensor's largest magnitude, so an
-# element near zero that came from cancelling larger terms (a matmul, a sum over rows) may be off by an ulp of them.
-TOLERANCES = {
-    torch.float32: {"rtol": 1.3e-6, "atol": 2e-6},
-    torch.float16: {"rtol": 1e-3, "atol": 1e-3},
-    torch.bfloat16: {"rtol": 8e-3, "atol": 8e-3},
-}
-
-
-def assert_close(actual, expected, dtype):
-    tol = TOLERANCES[dtype]
-    atol = tol["atol"] * max(expected.abs().max().item(), 1e-3)
-    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=atol)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 and large shapes)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 # The interpreter computes bf16 wrongly, so bf16 runs only where there is a GPU.
 DTYPES = [torch.float32, torch.float16] + [pytest.param(torch.bfloat16, marks=cuda)]
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    monkeypatch.setattr(_utils, "POISON", True)
 
 
 def run(fn, inputs, upstream=None):

@@ -1,13 +1,17 @@
 """The model with kernels="triton" against kernels="eager": same weights, same loss, same gradient for every parameter.
 
 On a CPU the Triton side runs under the interpreter, so the model is tiny (but every routed op is exercised: RMSNorm,
-SwiGLU, RoPE, attention and the fused loss, with grouped-query heads and some ignored targets).
+SwiGLU, RoPE, attention and the fused loss, with grouped-query heads, a length of 23 that ends every kernel's blocks
+ragged, and some ignored targets). Tolerances: conftest's fp32 row, the backends' fp32 math in another order.
 """
 
 import pytest
 import torch
 
+from conftest import assert_close
 from model import ModelConfig, TransformerLM
+
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 @pytest.mark.parametrize("norm,ffn", [("pre", "swiglu"), ("post", "silu")])
@@ -19,8 +23,8 @@ def test_triton_model_matches_eager(norm, ffn):
     eager = TransformerLM(ModelConfig(**common, kernels="eager")).to(device)
     triton = TransformerLM(ModelConfig(**common, kernels="triton")).to(device)
     triton.load_state_dict(eager.state_dict())
-    ids = torch.randint(0, 97, (2, 24), device=device)
-    targets = torch.randint(0, 97, (2, 24), device=device)
+    ids = torch.randint(0, 97, (2, 23), device=device)
+    targets = torch.randint(0, 97, (2, 23), device=device)
     targets[:, :3] = -100
 
     losses = []
@@ -28,9 +32,8 @@ def test_triton_model_matches_eager(norm, ffn):
         loss = model(ids, targets)
         loss.backward()
         losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1.3e-6, atol=1e-6)
+    assert_close(losses[1], losses[0], torch.float32, scale=1.0)  # a loss in nats: atol relative to one nat
     grads = dict(eager.named_parameters())
     for name, p in triton.named_parameters():
-        ref = grads[name].grad
-        # fp32 tolerance, absolute part scaled to the gradient's size (each is a sum over tokens).
-        torch.testing.assert_close(p.grad, ref, rtol=1.3e-6, atol=2e-6 * ref.abs().max().item(), msg=name)
+        # atol relative to each gradient's largest element: each is a sum over tokens, whose terms may cancel.
+        assert_close(p.grad, grads[name].grad, torch.float32, msg=name)

@@ -14,6 +14,8 @@ import kernels
 from kernels.rope import apply_rope_qk
 from model import ModelConfig, TransformerLM
 
+pytestmark = pytest.mark.usefixtures("poison_outputs")  # an element never written is NaN in both runs: not equal
+
 
 def _leaves(inputs):
     return [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]

@@ -205,6 +205,23 @@ def test_config_flags_toml_and_resume(tmp_path):
     assert (cfg.steps, cfg.batch_size, cfg.model_args, cfg.out_dir) == (80, 3, {"d_model": 16}, str(run_dir))
 
 
+def test_steps_on_the_command_line_win_over_a_token_budget_and_one_source_gives_one(tmp_path):
+    (tmp_path / "budget.toml").write_text("tokens = 6400\n")
+    assert parse_args(["--config", str(tmp_path / "budget.toml")]).tokens == 6400
+    cfg = parse_args(["--config", str(tmp_path / "budget.toml"), "--steps", "9"])
+    assert (cfg.steps, cfg.tokens) == (9, None)  # the flag wins: the file's budget no longer sets the length
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"steps": 50, "tokens": 6400}')
+    assert parse_args(["--resume", str(run_dir), "--steps", "80"]).tokens is None
+    assert parse_args(["--resume", str(run_dir)]).tokens == 6400
+    (tmp_path / "both.toml").write_text("steps = 7\ntokens = 6400\n")
+    with pytest.raises(ValueError, match="both.toml: steps and tokens both set the run's length"):
+        parse_args(["--config", str(tmp_path / "both.toml")])
+    with pytest.raises(ValueError, match="--steps and --tokens both set the run's length"):
+        parse_args(["--steps", "9", "--tokens", "6400"])
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         make_config(batch_size=0)

@@ -15,40 +15,26 @@ import torch
 
 import model as model_pkg
 import train.loop
+from conftest import TINY, as_flags
 from train import TrainConfig, run
 from train.__main__ import main
 from train.config import make_config
 from train.log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    vocab_size=64,
-    context_length=16,
-    batch_size=4,
-    steps=20,
-    warmup_steps=2,
-    eval_interval=10,
-    eval_batches=2,
-    log_interval=5,
-    ckpt_interval=10,
-    sample_tokens=0,
-    progress=False,
-    device="cpu",
-    threads=1,  # tiny matmuls: a second thread only adds contention
-    model_args=dict(d_model=32, num_layers=2, num_heads=2),
-)
-TINY_FLAGS = [  # the same as command-line flags, for the subprocess runs
-    *"--vocab-size 64 --context-length 16 --batch-size 4 --warmup-steps 2 --eval-interval 10 --eval-batches 2".split(),
-    *"--log-interval 5 --no-progress --device cpu --sample-tokens 0 --d-model 32 --num-layers 2 --num-heads 2".split(),
-]
+RUN = {**TINY, "steps": 20, "eval_interval": 10, "log_interval": 5, "ckpt_interval": 10}
+TINY_FLAGS = as_flags(RUN)  # the same as command-line flags, for the subprocess runs
 
 
 def tiny(tokens, out_dir, **overrides) -> TrainConfig:
-    return make_config(TINY, **{"train_data": tokens[0], "val_data": tokens[1], "out_dir": str(out_dir), **overrides})
+    return make_config(RUN, **{"train_data": tokens[0], "val_data": tokens[1], "out_dir": str(out_dir), **overrides})
 
 
-def test_run_writes_metrics_plots_checkpoints_and_summary(tokens, tmp_path):
+def test_run_writes_metrics_plots_checkpoints_and_summary(tokens, tmp_path, capsys):
     summary = run(tiny(tokens, tmp_path / "r", keep_ckpts=1))
+    out = capsys.readouterr().out
+    assert "tiny preset (d_model=32, num_layers=2, num_heads=2), 0.02M parameters" in out  # the model that runs
+    assert " tok/s " in out and "mfu" not in out  # a CPU has no peak to compare to: no mfu column
     run_dir = tmp_path / "r"
     assert summary["status"] == "finished" and not summary["diverged"] and summary["steps"] == 20
     assert json.loads((run_dir / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
@@ -56,6 +42,7 @@ def test_run_writes_metrics_plots_checkpoints_and_summary(tokens, tmp_path):
     assert [r["step"] for r in rows] == [0, 5, 10, 15, 20]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.3  # it learns
     assert {"tokens", "time_s", "train_loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= rows[-1].keys()
+    assert rows[-1]["mfu"] is None  # null, not left out: one set of columns whatever the device
     assert rows[-1]["tokens"] == 20 * 4 * 16 and rows[-1]["val_ppl"] == pytest.approx(math.exp(rows[-1]["val_loss"]))
     assert [p.name for p in run_dir.glob("ckpt_*.pt")] == ["ckpt_000020.pt"]  # keep_ckpts=1
     assert (run_dir / "loss_steps.png").stat().st_size > 1000 and (run_dir / "loss_time.png").stat().st_size > 1000

@@ -50,7 +50,7 @@ class TrainConfig:
     # 1800 steps (3.7M tokens, ~6.4 passes): the eager backend and fused AdamW made the tiny preset's step ~1.5-1.6x
     # faster (bench/RESULTS.md), and in a fixed time more tokens beat a wider model (d_model 192: 0.54x the tokens/s).
     steps: int = opt(1200, "optimizer steps")
-    tokens: int | None = opt(None, "token budget: sets steps = tokens / tokens per step (overrides --steps)")
+    tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
     # optimizer and schedule
     max_lr: float = opt(5e-3, "peak learning rate, reached after warmup")
     min_lr: float = opt(5e-4, "learning rate at the end of the cosine cycle and after it")
@@ -244,7 +244,7 @@ def make_config(base: dict | None = None, **overrides) -> TrainConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """TrainConfig from the command line: defaults < --resume's saved config or --config TOML < explicit flags."""
+    """TrainConfig from the command line: defaults < --resume's saved config < --config TOML < explicit flags."""
     given = vars(build_parser().parse_args(argv))
     model_args = {k.removeprefix("model."): given.pop(k) for k in list(given) if k.startswith("model.")}
     config_file = given.pop("config_file", None)
@@ -256,9 +256,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         base = load_run_config(given["resume"])
         base["out_dir"] = given["resume"]
     if config_file is not None:
-        base = {**base, **read_toml(config_file)}
+        base = _overlay(base, read_toml(config_file), f"{config_file}: steps and tokens")
         try:
             make_config(base)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{config_file}: {e}") from None
-    return make_config(base, **given, model_args=model_args)
+    return make_config(_overlay(base, given, "--steps and --tokens"), model_args=model_args)
+
+
+def _overlay(base: dict, layer: dict, both: str) -> dict:
+    """base with layer's fields on top. steps and tokens both set the length: a layer's steps drops an earlier
+    layer's token budget (which would otherwise win silently), and one layer giving both is refused, naming them."""
+    if "steps" in layer and layer.get("tokens") is not None:
+        raise ValueError(f"{both} both set the run's length: give one")
+    return {**base, **({"tokens": None} if "steps" in layer else {}), **layer}

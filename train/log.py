@@ -24,7 +24,7 @@ PEAK_BF16_FLOPS = (
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """The card's dense bf16 peak, or None when unknown (a CPU, or a card not in the table): MFU is then n/a."""
+    """The card's dense bf16 peak, or None when unknown (a CPU, or a card not in the table): no MFU then."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -126,7 +126,8 @@ def format_row(row: dict) -> str:
     if row.get("tokens_per_s") is not None:
         parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
         parts.append(f"{row['ms_per_step']:.1f} ms/step")
-        parts.append("mfu n/a" if row.get("mfu") is None else f"mfu {100 * row['mfu']:.1f}%")
+        if row.get("mfu") is not None:  # null without a known peak to compare to (a CPU, a card not in the table)
+            parts.append(f"mfu {100 * row['mfu']:.1f}%")
     return " | ".join(parts)
 
 

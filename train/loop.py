@@ -282,8 +282,10 @@ def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device
     logger = RunLogger(run_dir, config_dict, resume_step=model.start or None, wandb_project=cfg.wandb_project)
     total, non_embedding = param_counts(model.config)
     resuming = f", resuming at step {model.start}" if model.start else ""
+    overrides = ", ".join(f"{k}={v}" for k, v in cfg.model_args.items())  # what runs: the preset as overridden
+    preset = f"{cfg.model} preset" + (f" ({overrides})" if overrides else "")
     print(
-        f"{run_dir}: {cfg.model} preset, {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
+        f"{run_dir}: {preset}, {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
         f"vocab {data.vocab_size}, {total_steps(cfg, info)} steps of {tokens_per_step(cfg, info):,} tokens on "
         f"{info.world_size} x {device} ({str(dtype).removeprefix('torch.')}, kernels {model.backend}){resuming}"
     )

@@ -14,7 +14,7 @@ from train.config import build_parser as trainer_parser
 from train.config import make_config, parse_args
 from train.experiments.budget import describe, gpu_flops_per_s, measured_flops_per_s, propose
 from train.experiments.report import build_report
-from train.experiments.runner import prepare, run_suite
+from train.experiments.runner import VARIANT_COMMAND, prepare, run_suite
 from train.experiments.suites import SUITES, resolve_suite
 from train.experiments.webtext import plan, webtext_config
 from train.loop import PreflightError, run
@@ -36,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="print a suite's variants and their overrides on the base config")
     ls.add_argument("suite")
     ls.add_argument("--base", help="TOML file of the base TrainConfig")
-    w = sub.add_parser("webtext", help="the web-text preset: print its plan, run its CPU smoke test, or run it")
+    w = sub.add_parser(
+        "webtext",
+        help="the web-text preset: print its plan, run its CPU smoke test, or run it",
+        description="The web-text preset. Trainer flags (python -m train --help) override it, e.g. --out-dir DIR "
+        "(default runs/webtext, or runs/webtext-smoke with --smoke; the same command again resumes the run there), "
+        "--train-data, --val-data, --tokenizer, --steps.",
+    )
     w.add_argument("--plan", action="store_true", help="print what a real run needs (tokens, data, GPU hours) and exit")
     w.add_argument("--smoke", action="store_true", help="the same recipe shrunk to seconds on a CPU")
     w.add_argument("--gpu", default="H100", help="GPU for the --plan estimate (default H100)")
@@ -54,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--context-length", type=int, default=1024)
     b.add_argument("--gpu-mem-gb", type=float, help="memory of one GPU: print the memory per GPU and what fits it")
     b.add_argument("--batch-size", type=int, default=16, help="micro-batch per GPU for --gpu-mem-gb (default 16)")
-    sub.add_parser("_variant", help=argparse.SUPPRESS).add_argument("config_json")  # the runner's subprocess
     return parser
 
 
@@ -96,13 +101,17 @@ def budget(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        # The runner's subprocess, no command of ours: dispatched before the parser, whose --help lists every one.
+        if argv[:1] == [VARIANT_COMMAND]:
+            if len(argv) != 2:
+                raise ValueError(f"{VARIANT_COMMAND} takes one argument, a TrainConfig as JSON")
+            run(make_config(json.loads(argv[1])))  # a diverged run is a result, not an error: exit 0
+            return 0
+        args, rest = build_parser().parse_known_args(argv)
         if rest and args.command not in ("run", "list", "webtext"):
             raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
-        if args.command == "_variant":
-            run(make_config(json.loads(args.config_json)))  # a diverged run is a result, not an error: exit 0
-            return 0
         if args.command == "run":
             # A plain kill (SIGTERM) unwinds like Ctrl-C, so the runner stops the variants it started.
             previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -30,6 +30,9 @@ from train.loop import run
 from train.rundir import RunDir, read_json, write_json
 
 SUITE_FILE = "suite.json"
+# `python -m train.experiments _variant CONFIG_JSON` runs one variant in a subprocess (parallel suites): not a user
+# command, so train.experiments dispatches it before its parser and --help never lists it.
+VARIANT_COMMAND = "_variant"
 # Fields that may change between an interrupted suite and its continuation without changing what a run computes.
 RUNTIME_FIELDS = ("out_dir", "resume", "force", "progress", "threads", "device", "wandb_project")
 
@@ -171,7 +174,7 @@ def _run_parallel(todo, configs, actions, suite_dir: Path, jobs: int, progress: 
                 log = open(suite_dir / "logs" / f"{variant.name}.log", "a")
                 what = "resuming" if actions[variant.name] == "resume" else "starting"
                 tqdm.write(f"{what} {variant.name} (log: {log.name})")
-                cmd = [sys.executable, "-m", "train.experiments", "_variant", json.dumps(cfg.to_dict())]
+                cmd = [sys.executable, "-m", "train.experiments", VARIANT_COMMAND, json.dumps(cfg.to_dict())]
                 proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
                 running[slot] = (variant, proc, log)
             time.sleep(0.2)
