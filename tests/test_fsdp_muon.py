@@ -44,7 +44,7 @@ def test_two_fsdp_processes_with_muon_follow_one_and_save_its_sharded_momenta(ru
     assert [r["step"] for r in read_metrics(runs / "two")] == [r["step"] for r in read_metrics(runs / "one")]
     _assert_follows(runs / "two", runs / "one")
     saved = dcp.FileSystemReader(runs / "two" / "ckpt_000006.dcp").read_metadata().state_dict_metadata
-    momenta = {k: v for k, v in saved.items() if k.endswith(".momentum")}
+    momenta = {k: v for k, v in saved.items() if k.startswith("optimizer.state.") and k.endswith(".momentum")}
     assert len(momenta) == 2 * 7  # q, k, v, output, w1, w2, w3 in each of the 2 blocks
     w1 = momenta["optimizer.state.layers.1.ffn.w1.weight.momentum"]  # whole shape, written as each rank's rows
     assert tuple(w1.size) == (45, 32)
