@@ -35,19 +35,18 @@ all-reduces the gradients first and then computes the same orthogonalization, so
 Under FSDP2 (train/fsdp.py) each rank holds rows of every matrix: its parameter, gradient and momentum are
 ``Shard(0)`` DTensors, and the momentum stays that way (optimizer state is 1/W of the matrices on each of W ranks).
 Orthogonalization is not row by row, so ``orthogonalize_sharded`` gathers the whole U on every rank
-(``full_tensor``, in the iteration's dtype: bf16 on a GPU, half the bytes of fp32 for the same rounded input),
-runs the same deterministic iteration everywhere, and keeps the rows of its own shard. Its cost, for the P hidden-matrix
+(``full_tensor``, in the iteration's dtype: bf16 on a GPU, half the bytes of fp32 for the same rounded input), runs
+the same deterministic iteration everywhere, and keeps the rows of its own shard. Its cost, for the P hidden-matrix
 elements (85M of the 125M preset's N = 124M) on W ranks, in bf16: each rank receives 2 P (W - 1) / W bytes a step
 (150 MB at W = 8), next to the 8 N (W - 1) / W (870 MB) of FSDP's own two all-gathers of the bf16 parameters and
 reduce-scatter of the fp32 gradients; and each rank runs every matrix's iteration (1.7 TFLOP a step for the 125M
-preset), exactly as under DDP: about 12% of the forward and backward of 16 sequences of 1024 tokens a rank.
-The cheaper design, modded-nanogpt's distributed Muon, gives each matrix an owner rank: the shards go to the
-owner, it alone orthogonalizes, and the result goes back, so a rank receives 4 P (W - 1) / W^2 bytes (37 MB at
-W = 8) and computes 1/W of the iterations. We chose the simple one: it needs no matrix-to-rank assignment, no load
-balancing of unequal shapes and no point-to-point or all-to-all collectives (one ``full_tensor`` per matrix, which
-gloo and NCCL both run), it is the 1-process update up to fp32 rounding (tests/test_fsdp_muon.py), and its cost
-is DDP Muon's. The owner scheme is the step to take when the iteration shows in a profile (at large W and small batches
-a rank).
+preset), exactly as under DDP: about 12% of the forward and backward of 16 sequences of 1024 tokens a rank. The
+cheaper design, modded-nanogpt's distributed Muon, gives each matrix an owner rank: the shards go to the owner, it
+alone orthogonalizes, and the result goes back, so a rank receives 4 P (W - 1) / W^2 bytes (37 MB at W = 8) and
+computes 1/W of the iterations. We chose the simple one: it needs no matrix-to-rank assignment, no load balancing of
+unequal shapes and no point-to-point or all-to-all collectives, just one ``full_tensor`` per matrix, it is the
+1-process update up to fp32 rounding (tests/test_fsdp_muon.py), and its cost is DDP Muon's. The owner scheme is the
+step to take when the iteration shows in a profile (at large W and small batches a rank).
 """
 
 import math
