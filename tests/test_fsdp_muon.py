@@ -16,7 +16,7 @@ from test_fsdp import _data, _free_port, _losses, _train, _wait
 from train.fsdp import consolidate
 from train.log import read_metrics
 
-MUON = [*"--optimizer muon --d-ff 45 --num-kv-heads 1 --sample-tokens 0 --eval-batches 4".split()]  # evals: 4 batches
+MUON = "--optimizer muon --d-ff 45 --num-kv-heads 1 --sample-tokens 0 --eval-batches 4".split()
 
 
 @pytest.fixture(scope="module")
