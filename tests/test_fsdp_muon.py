@@ -72,6 +72,7 @@ def test_resume_on_one_process_from_the_two_process_muon_checkpoint(runs):
     shutil.copytree(runs / "two", run)
     shutil.rmtree(run / "ckpt_000006.dcp")
     (run / "summary.json").unlink()
-    _wait(_train("--resume", str(run), "--batch-size", "8", cache=runs / "cache-one"))
+    # MUON again: the test FLAGS' --eval-batches 0 would otherwise replace the run's saved 4
+    _wait(_train("--resume", str(run), *MUON, "--batch-size", "8", cache=runs / "cache-one"))
     assert [r["step"] for r in read_metrics(run)] == [r["step"] for r in read_metrics(runs / "one")]
     _assert_follows(run, runs / "one")
