@@ -76,16 +76,21 @@ def _byte_tokenizer(out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
+def _data(root: Path) -> list[str]:
+    """Text files and the byte tokenizer in ``root``, as trainer flags."""
     (root / "train.txt").write_text((ROOT / "train/data/train.txt").read_text()[:20_000])
     # 5921 ASCII bytes, one token each: 370 validation windows of 16 (+1), 46 rounds of 8 and 2 left over, which
     # only rank 0 has: rank 1 must still join that last forward under FSDP.
     valid = (ROOT / "train/data/valid.txt").read_text().replace("<|endoftext|>", "\n").encode("ascii", "ignore")
     (root / "valid.txt").write_bytes(valid[:5921])
     data = ["--train-data", str(root / "train.txt"), "--val-data", str(root / "valid.txt")]
-    data += ["--tokenizer", str(_byte_tokenizer(root / "tok"))]
+    return data + ["--tokenizer", str(_byte_tokenizer(root / "tok"))]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    data = _data(root)
     one = _train(*data, "--batch-size", "8", "--out-dir", str(root / "one"), cache=root / "cache-one")
     two = _train(*data, "--batch-size", "4", "--parallel", "fsdp", "--out-dir", str(root / "two"),
                  cache=root / "cache", nodes=2, port=_free_port())  # fmt: skip

@@ -85,7 +85,9 @@ class TrainConfig:
     sample_tokens: int = opt(200, "tokens to sample at the end (0: no sample)")
     # parallelism and memory (see train/fsdp.py and train/memory.py)
     parallel: Literal["ddp", "fsdp"] = opt(
-        "ddp", "under torchrun: ddp (replicate the model) or fsdp (shard parameters, gradients and optimizer state)"
+        "ddp",
+        "under torchrun: ddp (replicate the model) or fsdp (shard parameters, gradients and optimizer state; with "
+        "muon each rank also gathers every hidden matrix's update to orthogonalize it, see train/muon.py)",
     )
     activation_checkpointing: bool = opt(False, "keep only each block's input for backward and recompute the rest")
     # system
@@ -133,8 +135,6 @@ class TrainConfig:
             raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
-        if self.parallel == "fsdp" and self.optimizer == "muon":  # Muon orthogonalizes whole matrices, FSDP shards
-            raise ValueError("--optimizer muon does not run under --parallel fsdp yet: use --parallel ddp")
         unknown = set(self.model_args) - model_arg_names()
         if unknown:
             raise ValueError(f"unknown model args {sorted(unknown)}; ModelConfig's are {sorted(model_arg_names())}")

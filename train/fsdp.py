@@ -7,7 +7,8 @@ its gradients in fp32 right after. The root unit (embeddings, final norm, lm_hea
 forward, which matters because the fused loss reads ``lm_head.weight`` itself rather than calling ``lm_head``.
 Our Triton kernels run inside unchanged: they see ordinary tensors. AdamW and gradient clipping need nothing
 special either: their ``torch._foreach_*`` ops run on the local shards, and the norm's sum of squares, a
-``Partial`` DTensor, is all-reduced by DTensor itself, so clipping uses the global norm.
+``Partial`` DTensor, is all-reduced by DTensor itself, so clipping uses the global norm. Muon keeps its momentum
+sharded too and gathers each whole matrix only to orthogonalize it (train/muon.py says how, and what it costs).
 
 A sharded checkpoint is a step directory, written by every rank with ``torch.distributed.checkpoint`` (DCP)::
 
@@ -46,6 +47,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from model import ModelConfig, TransformerLM
 from train.checkpoint import save_checkpoint, set_rng_state, sha256_file
 from train.distributed import Dist
+from train.muon import Optimizers
 from train.rundir import CORRUPT_SUFFIX
 
 META_FILE = "meta.pt"
@@ -88,7 +90,7 @@ def save_sharded(path: Path, model, optimizer, meta: dict, info: Dist):
     if info.main and tmp.exists():
         shutil.rmtree(tmp)  # a killed save's leftovers
     info.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, torch_optimizers(optimizer))
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp, no_dist=not info.enabled)
     mine = sorted(tmp.glob(f"__{info.rank}_*.distcp"))  # DCP names rank R's files __R_<n>.distcp
     digests = {}
@@ -169,12 +171,22 @@ def check_kind(run_dir, parallel: str):
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: Dist):
     """Load the step directory's model and optimizer state into ``model`` (sharded or not) and ``optimizer``."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to fill (optimizer state created)
+    optimizers = torch_optimizers(optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizers)  # the layout to fill (optimizer state created)
     state = {"model": model_state, "optimizer": optimizer_state}
     with warnings.catch_warnings():  # DCP warns that one process reads alone: here that is the intent
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         dcp.load(state, checkpoint_id=path, no_dist=not info.enabled)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def torch_optimizers(optimizer) -> tuple[torch.optim.Optimizer, ...]:
+    """The torch optimizers DCP's state-dict helpers take: Muon's and AdamW's of an ``Optimizers``, or the one.
+
+    Their states are saved as one dict keyed by parameter name (Muon's ``momentum`` and AdamW's moments side by
+    side), which is why a checkpoint reshards to any number of processes whichever optimizer wrote it.
+    """
+    return optimizer.optimizers if isinstance(optimizer, Optimizers) else (optimizer,)
 
 
 def consolidate(step_dir: str | os.PathLike, out: str | os.PathLike) -> Path:

@@ -25,17 +25,34 @@ after 5 iterations every singular value that started at >= 0.003 of the norm lie
 shows it; tests/test_muon.py checks it). Since the band is attracting, rounding errors do not accumulate, which is
 why the iteration runs in bf16 on a GPU (tensor cores). On a CPU, where bf16 matmuls are emulated and slow, it runs
 in fp32. Tall matrices are transposed first so X X^T is the smaller k x k Gram matrix, k = min(m, n): an iteration
-costs 4 k^2 max(m, n) + 2 k^3 FLOPs, at d_model 768 about 5 GFLOP for a square matrix's 5 iterations, against the
+costs 4 k^2 max(m, n) + 2 k^3 FLOPs, at d_model 768 about 14 GFLOP for a square matrix's 5 iterations, against the
 6 * 768^2 = 3.5 MFLOP per token of its forward and backward: small next to a step of 10^5 tokens or more.
 
 Only hidden 2-D weights go to Muon: the embedding is a lookup, not a linear map of its input, and the lm_head's
 rows are scored against each other; both, and the norm gains, stay with AdamW (as in the write-up). In DDP every rank
 all-reduces the gradients first and then computes the same orthogonalization, so the ranks stay identical.
+
+Under FSDP2 (train/fsdp.py) each rank holds rows of every matrix: its parameter, gradient and momentum are
+``Shard(0)`` DTensors, and the momentum stays that way (optimizer state is 1/W of the matrices on each of W ranks).
+Orthogonalization is not row by row, so ``orthogonalize_sharded`` gathers the whole U on every rank
+(``full_tensor``, in the iteration's dtype: bf16 on a GPU, half the bytes of fp32 for the same rounded input), runs
+the same deterministic iteration everywhere, and keeps the rows of its own shard. Its cost, for the P hidden-matrix
+elements (85M of the 125M preset's N = 124M) on W ranks, in bf16: each rank receives 2 P (W - 1) / W bytes a step
+(150 MB at W = 8), next to the 8 N (W - 1) / W (870 MB) of FSDP's own two all-gathers of the bf16 parameters and
+reduce-scatter of the fp32 gradients; and each rank runs every matrix's iteration (1.7 TFLOP a step for the 125M
+preset), exactly as under DDP: about 12% of the forward and backward of 16 sequences of 1024 tokens a rank. The
+cheaper design, modded-nanogpt's distributed Muon, gives each matrix an owner rank: the shards go to the owner, it
+alone orthogonalizes, and the result goes back, so a rank receives 4 P (W - 1) / W^2 bytes (37 MB at W = 8) and
+computes 1/W of the iterations. We chose the simple one: it needs no matrix-to-rank assignment, no load balancing of
+unequal shapes and no point-to-point or all-to-all collectives, just one ``full_tensor`` per matrix, it is the
+1-process update up to fp32 rounding (tests/test_fsdp_muon.py), and its cost is DDP Muon's. The owner scheme is the
+step to take when the iteration shows in a profile (at large W and small batches a rank).
 """
 
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of p(s) = a s + b s^3 + c s^5
 NS_STEPS = 5
@@ -51,7 +68,7 @@ def orthogonalize(u: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | N
     """
     if u.dim() != 2:
         raise ValueError(f"orthogonalize: expected a matrix, got shape {tuple(u.shape)}")
-    dtype = dtype or (torch.bfloat16 if u.is_cuda else torch.float32)
+    dtype = dtype or iteration_dtype(u)
     a, b, c = NS_COEFFICIENTS
     x = u.to(dtype)
     tall = x.size(0) > x.size(1)
@@ -63,6 +80,20 @@ def orthogonalize(u: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | N
         gram = x @ x.mT  # (k, k), k = min(m, n)
         x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.mT if tall else x).to(u.dtype)
+
+
+def iteration_dtype(u: torch.Tensor) -> torch.dtype:
+    """The dtype Newton-Schulz runs in by default: bf16 on CUDA (tensor cores), fp32 elsewhere (bf16 is emulated)."""
+    return torch.bfloat16 if u.device.type == "cuda" else torch.float32
+
+
+def orthogonalize_sharded(u: DTensor) -> DTensor:
+    """``orthogonalize`` of the whole matrix a DTensor ``u`` holds, sharded as ``u`` is (see the module docstring).
+
+    Every rank gathers all of u, runs the same iteration on it, and keeps its own shard: no second collective.
+    """
+    whole = orthogonalize(u.to(iteration_dtype(u)).full_tensor()).to(u.dtype)  # the same matrix on every rank
+    return distribute_tensor(whole, u.device_mesh, u.placements, src_data_rank=None)  # src None: slice locally
 
 
 class Muon(torch.optim.Optimizer):
@@ -80,7 +111,9 @@ class Muon(torch.optim.Optimizer):
                     raise ValueError(f"Muon takes matrices only, got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
-    def step(self):  # no closure: the trainer computes its loss itself (and Muon needs just one gradient)
+    def step(self, closure=None):  # torch's checkpoint helpers call step(closure=None); Muon needs one gradient
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure: compute the loss and its gradients first")
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -91,7 +124,8 @@ class Muon(torch.optim.Optimizer):
                     state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 m = state["momentum"]
                 m.lerp_(p.grad, 1 - mu)
-                update = orthogonalize(p.grad.lerp(m, mu))
+                u = p.grad.lerp(m, mu)
+                update = orthogonalize_sharded(u) if isinstance(u, DTensor) else orthogonalize(u)
                 p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-lr * RMS_MATCH * math.sqrt(max(p.shape)))
 
