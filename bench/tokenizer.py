@@ -86,10 +86,10 @@ def _encode_tiktoken(corpus, gpt2_dir, workers):
     import tiktoken
 
     from tokenizer.pretokenize import GPT2_PATTERN
-    from tokenizer.tokenizer import _to_bytes
+    from tokenizer.bytes_unicode import text_to_bytes
 
     vocab = json.loads((Path(gpt2_dir) / "vocab.json").read_text(encoding="utf-8"))
-    ranks = {_to_bytes(t, "vocab.json"): i for t, i in vocab.items() if t != EOT}
+    ranks = {text_to_bytes(t, "vocab.json"): i for t, i in vocab.items() if t != EOT}
     enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: vocab[EOT]})
     text = Path(corpus).read_text(encoding="utf-8")
     t0 = time.perf_counter()

@@ -15,8 +15,6 @@ A merge rewrites only the words on the pair's postings list and adjusts the coun
 occurrence. Ties go to the lexicographically greater (bytes(a), bytes(b)), compared byte by byte in the heap.
 """
 
-import contextlib
-import multiprocessing
 import os
 import threading
 
@@ -38,16 +36,9 @@ from tokenizer.hashing import (
     log2_ceil,
     reserve,
 )
-from tokenizer.pretokenize import (
-    char_classes,
-    check_input_path,
-    check_special_tokens,
-    chunk_bounds,
-    next_pretoken,
-    read_chunk,
-    segments,
-    special_pattern,
-)
+from tokenizer.inputs import check_input_path, check_special_tokens
+from tokenizer.parallel import chunk_bounds, process_pool, read_chunk
+from tokenizer.pretokenize import char_classes, next_pretoken, segments, special_pattern
 
 MIN_CHUNK_BYTES = 1 << 20  # smaller chunks cost more in process overhead than they gain in balance
 
@@ -112,24 +103,6 @@ def count_file(path, special_tokens, num_workers, progress=True) -> dict[bytes, 
             bar.update(nbytes)
     bar.close()
     return totals
-
-
-@contextlib.contextmanager
-def process_pool(n: int):
-    """n forked worker processes (they inherit the loaded JIT code and tables), or None to run in-process."""
-    if n <= 1:
-        yield None
-        return
-    methods = multiprocessing.get_all_start_methods()
-    pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(n)
-    try:
-        yield pool
-    except BaseException:
-        pool.terminate()
-        raise
-    # Let the workers drain and exit on their own: terminating them mid-task can leave the task queue's lock held.
-    pool.close()
-    pool.join()
 
 
 # ---------------------------------------------------------------------------------------------------------------
