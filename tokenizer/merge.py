@@ -10,7 +10,9 @@ count. We keep
 A merge rewrites only the words on the pair's postings list and adjusts the counts of the pairs next to each
 occurrence. Ties go to the lexicographically greater (bytes(a), bytes(b)), compared byte by byte in the heap.
 
-The loop reads top to bottom in merge_loop; each step it takes is one small @njit helper above it.
+The loop reads top to bottom in merge_loop; each step it takes is one small @njit helper above it. The three that
+run per word or per occurrence are inlined (inline="always"): as calls, passing a dozen arrays each time, they made
+the merge loop a third slower (CPU time of merge_counts at vocab 20000 on 69k distinct pre-tokens).
 """
 
 import numba
@@ -74,7 +76,7 @@ def _heap_pop(hc, hk, size, tb, tstart, tlen):
     return size
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _add_to_pair(keys, pcount, phead, post, n_post, key, w, c):
     """Add count c of word w to pair `key` (inserting the pair if new) and post w on its list.
 
@@ -151,7 +153,7 @@ def _append_token(tb, tb_used, tstart, tlen, a, b, t):
     return tb, need
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _move_pair(keys, pcount, phead, post, n_post, n_pairs, changed, n_changed, old_key, new_key, w, c):
     """Word w (count c) now has pair new_key where it had old_key: move the count, post w, note the grown pair.
 
@@ -163,7 +165,7 @@ def _move_pair(keys, pcount, phead, post, n_post, n_pairs, changed, n_changed, o
     return n_pairs + new, n_post, n_changed + 1
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _merge_word(toks, s, n, a, b, t, w, c, keys, pcount, phead, post, n_post, n_pairs, changed, n_changed):
     """Replace each (a, b) in word w (toks[s:s + n], count c) by t, moving the counts of the pairs beside each one.
 
