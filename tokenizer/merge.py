@@ -233,8 +233,10 @@ def merge_loop(toks, wstart, wlen, wcount, n_merges, progress):
     out_a, out_b = np.empty(n_merges, np.int32), np.empty(n_merges, np.int32)
 
     n_pairs, n_post = _count_initial_pairs(toks, wstart, wlen, wcount, keys, pcount, phead, post)
-    hc, hk = np.empty(n_pairs, np.int64), np.empty(n_pairs, np.int64)
-    hc, hk, hsize = _push_changed(hc, hk, 0, keys, pcount, pushed, keys[keys != EMPTY], n_pairs, -2, tb, tstart, tlen)
+    hc, hk, hsize = np.empty(n_pairs, np.int64), np.empty(n_pairs, np.int64), 0  # the heap: (count, pair)
+    for slot in range(cap):
+        if keys[slot] != EMPTY:
+            hsize = _heap_push(hc, hk, hsize, pcount[slot], keys[slot], tb, tstart, tlen)
     done = 0
     for m in range(n_merges):
         best, hsize = _pop_best(hc, hk, hsize, keys, pcount, tb, tstart, tlen)
@@ -243,6 +245,7 @@ def merge_loop(toks, wstart, wlen, wcount, n_merges, progress):
         a, b, t = best >> 32, best & 0xFFFFFFFF, 256 + m
         out_a[m], out_b[m] = a, b
         tb, tb_used = _append_token(tb, tb_used, tstart, tlen, a, b, t)
+        # rewrite each word on the pair's postings once, rehashing first where its new pairs could crowd the table
         n_changed = 0
         p = phead[find_int(keys, best)]
         while p != EMPTY:
@@ -257,6 +260,7 @@ def merge_loop(toks, wstart, wlen, wcount, n_merges, progress):
                 toks, wstart[w], wlen[w], a, b, t, w, wcount[w], keys, pcount, phead, post, n_post, n_pairs,
                 changed, n_changed,
             )  # fmt: skip
+        # the merged pair is gone; the pairs whose count grew go (back) on the heap
         best_slot = find_int(keys, best)
         pcount[best_slot], phead[best_slot] = 0, EMPTY
         hc, hk, hsize = _push_changed(hc, hk, hsize, keys, pcount, pushed, changed, n_changed, m, tb, tstart, tlen)
