@@ -269,13 +269,15 @@ def parse_args(argv):
         args.corpus = args.corpus or EXCERPT
         args.small_corpus = args.small_corpus or args.corpus  # the excerpt is smaller than any prefix
     args.out = args.out or DEFAULT_OUT / datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
-    files = {"--corpus": args.corpus, "--small-corpus": args.small_corpus, "--gpt2-vocab": args.gpt2_vocab,
-             "--gpt2-merges": args.gpt2_merges}  # fmt: skip
+    texts = {"--corpus": args.corpus, "--small-corpus": args.small_corpus}
+    files = {**texts, "--gpt2-vocab": args.gpt2_vocab, "--gpt2-merges": args.gpt2_merges}
     missing = [f"{flag} {path}" for flag, path in files.items() if path is not None and not path.is_file()]
     if args.corpus is None:
         error = "--corpus PATH is needed (any UTF-8 text), or --dry-run"
     elif missing:
         error = f"{missing[0]}: no such file"
+    elif not_text := [f"{flag} {path}" for flag, path in texts.items() if path and not _is_utf8(path)]:
+        error = f"{not_text[0]} is not UTF-8 text"
     elif args.repeats < 1:
         error = f"--repeats must be at least 1, got {args.repeats}"
     elif not args.scale_mb > 0:
@@ -288,6 +290,14 @@ def parse_args(argv):
         return args
     print(f"error: {error}", file=sys.stderr)
     return None
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def write_atomic(path: Path, text: str):

@@ -29,6 +29,12 @@ def test_bad_flags_are_one_error_line(argv, error, capsys):
     assert err.startswith(f"error: {error}") and err.count("\n") == 1
 
 
+def test_a_corpus_that_is_not_utf8_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    assert bench_tokenizer.main(["--corpus", str(tmp_path / "latin1.txt")]) == 2
+    assert capsys.readouterr().err == f"error: --corpus {tmp_path / 'latin1.txt'} is not UTF-8 text\n"
+
+
 def test_out_must_be_a_new_directory(tmp_path, capsys):
     (tmp_path / "report.md").write_text("an earlier report\n")
     assert bench_tokenizer.main(["--dry-run", "--out", str(tmp_path)]) == 2
