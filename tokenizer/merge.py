@@ -10,9 +10,10 @@ count. We keep
 A merge rewrites only the words on the pair's postings list and adjusts the counts of the pairs next to each
 occurrence. Ties go to the lexicographically greater (bytes(a), bytes(b)), compared byte by byte in the heap.
 
-The loop reads top to bottom in merge_loop; each step it takes is one small @njit helper above it. The three that
-run per word or per occurrence are inlined (inline="always"): as calls, passing a dozen arrays each time, they made
-the merge loop a third slower (CPU time of merge_counts at vocab 20000 on 69k distinct pre-tokens).
+The loop reads top to bottom in merge_loop; each step it takes is one small @njit helper above it. A word's rewrite
+(_merge_word) only notes the pair moves it causes; _move_pairs then applies them to the pair table. The helpers run
+per word are inlined (inline="always"): as calls, each passing a dozen arrays, they made merging ~20% slower (CPU
+time of merge_counts at vocab 20000 on 69k distinct pre-tokens, measured beside the single-function loop).
 """
 
 import numba
@@ -77,7 +78,7 @@ def _heap_pop(hc, hk, size, tb, tstart, tlen):
 
 
 @numba.njit(cache=True, inline="always")
-def _add_to_pair(keys, pcount, phead, post, n_post, key, w, c):
+def _add_to_pair(keys, pcount, phead, post_word, post_next, n_post, key, w, c):
     """Add count c of word w to pair `key` (inserting the pair if new) and post w on its list.
 
     Returns (1 if the pair is new else 0, the new number of postings).
@@ -88,20 +89,20 @@ def _add_to_pair(keys, pcount, phead, post, n_post, key, w, c):
         keys[slot] = key
         new = 1
     pcount[slot] += c
-    post[0, n_post], post[1, n_post] = w, phead[slot]
+    post_word[n_post], post_next[n_post] = w, phead[slot]
     phead[slot] = n_post
     return new, n_post + 1
 
 
 @numba.njit(cache=True)
-def _count_initial_pairs(toks, wstart, wlen, wcount, keys, pcount, phead, post):
+def _count_initial_pairs(toks, wstart, wlen, wcount, keys, pcount, phead, post_word, post_next):
     """Every adjacent pair of every word, counted and posted; returns (number of pairs, number of postings)."""
     n_pairs, n_post = 0, 0
     for w in range(wstart.shape[0]):
         s = wstart[w]
         for i in range(wlen[w] - 1):
             key = (np.int64(toks[s + i]) << 32) | toks[s + i + 1]
-            new, n_post = _add_to_pair(keys, pcount, phead, post, n_post, key, w, wcount[w])
+            new, n_post = _add_to_pair(keys, pcount, phead, post_word, post_next, n_post, key, w, wcount[w])
             n_pairs += new
     return n_pairs, n_post
 
@@ -154,45 +155,42 @@ def _append_token(tb, tb_used, tstart, tlen, a, b, t):
 
 
 @numba.njit(cache=True, inline="always")
-def _move_pair(keys, pcount, phead, post, n_post, n_pairs, changed, n_changed, old_key, new_key, w, c):
-    """Word w (count c) now has pair new_key where it had old_key: move the count, post w, note the grown pair.
+def _merge_word(toks, s, n, a, b, t, old_keys, new_keys, n_moves):
+    """Replace each (a, b) in the word toks[s:s + n] by t, and note each pair beside an occurrence as a move
+    old_keys[k] -> new_keys[k] (at most two per occurrence), from k = n_moves on.
 
-    Returns (number of pairs, number of postings, number of changed pairs).
-    """
-    pcount[find_int(keys, old_key)] -= c
-    new, n_post = _add_to_pair(keys, pcount, phead, post, n_post, new_key, w, c)
-    changed[n_changed] = new_key
-    return n_pairs + new, n_post, n_changed + 1
-
-
-@numba.njit(cache=True, inline="always")
-def _merge_word(toks, s, n, a, b, t, w, c, keys, pcount, phead, post, n_post, n_pairs, changed, n_changed):
-    """Replace each (a, b) in word w (toks[s:s + n], count c) by t, moving the counts of the pairs beside each one.
-
-    `changed` has room for n more entries (at most two per occurrence). Returns (the word's new length, number of
-    pairs, number of postings, number of changed pairs).
+    Returns (the word's new length, the new number of moves).
     """
     i, o = 0, 0  # read and write positions: writes lag reads, so toks[s + i - 1] is still the original left neighbour
     while i < n:
         if i + 1 < n and toks[s + i] == a and toks[s + i + 1] == b:
             if o > 0:  # (left, a) becomes (left', t), where left' is left or a t just written
-                old_key, new_key = (np.int64(toks[s + i - 1]) << 32) | a, (np.int64(toks[s + o - 1]) << 32) | t
-                n_pairs, n_post, n_changed = _move_pair(
-                    keys, pcount, phead, post, n_post, n_pairs, changed, n_changed, old_key, new_key, w, c
-                )
+                old_keys[n_moves] = (np.int64(toks[s + i - 1]) << 32) | a
+                new_keys[n_moves] = (np.int64(toks[s + o - 1]) << 32) | t
+                n_moves += 1
             # (b, right) becomes (t, right), unless the next occurrence starts at right: it moves that pair itself
             if i + 2 < n and not (i + 3 < n and toks[s + i + 2] == a and toks[s + i + 3] == b):
-                old_key, new_key = (np.int64(b) << 32) | toks[s + i + 2], (np.int64(t) << 32) | toks[s + i + 2]
-                n_pairs, n_post, n_changed = _move_pair(
-                    keys, pcount, phead, post, n_post, n_pairs, changed, n_changed, old_key, new_key, w, c
-                )
+                old_keys[n_moves] = (np.int64(b) << 32) | toks[s + i + 2]
+                new_keys[n_moves] = (np.int64(t) << 32) | toks[s + i + 2]
+                n_moves += 1
             toks[s + o] = t
             i += 2
         else:
             toks[s + o] = toks[s + i]
             i += 1
         o += 1
-    return o, n_pairs, n_post, n_changed
+    return o, n_moves
+
+
+@numba.njit(cache=True, inline="always")
+def _move_pairs(keys, pcount, phead, post_word, post_next, n_post, n_pairs, old_keys, new_keys, start, end, w, c):
+    """Apply the moves old_keys[k] -> new_keys[k], start <= k < end, of word w (count c): the count goes from the old
+    pair to the new one, which posts w. Returns (number of pairs, number of postings)."""
+    for k in range(start, end):
+        pcount[find_int(keys, old_keys[k])] -= c
+        new, n_post = _add_to_pair(keys, pcount, phead, post_word, post_next, n_post, new_keys[k], w, c)
+        n_pairs += new
+    return n_pairs, n_post
 
 
 @numba.njit(cache=True)
@@ -221,7 +219,7 @@ def merge_loop(toks, wstart, wlen, wcount, n_merges, progress):
     keys, pcount = np.full(cap, EMPTY, np.int64), np.zeros(cap, np.int64)
     phead, pushed = np.full(cap, EMPTY, np.int64), np.full(cap, EMPTY, np.int64)
     # postings (word, next posting): each merge occurrence adds at most two, and occurrences <= initial tokens
-    post = np.empty((2, 3 * total + 1), np.int32)
+    post_word, post_next = np.empty(3 * total + 1, np.int32), np.empty(3 * total + 1, np.int32)
     # token bytes, for tie-breaks
     tstart, tlen = np.empty(256 + n_merges, np.int64), np.empty(256 + n_merges, np.int64)
     tb = np.empty(256 + 16 * n_merges, np.uint8)
@@ -229,10 +227,11 @@ def merge_loop(toks, wstart, wlen, wcount, n_merges, progress):
         tb[t], tstart[t], tlen[t] = t, t, 1
     tb_used = 256
     stamp = np.full(n_words, -1, np.int64)  # the last merge that rewrote the word (a word is posted once per pair)
-    changed = np.empty(1024, np.int64)  # pairs whose count grew during the current merge
+    # the pair moves of the current merge (at most one per token): new_keys are the pairs whose count grew
+    old_keys, new_keys = np.empty(total + 1, np.int64), np.empty(total + 1, np.int64)
     out_a, out_b = np.empty(n_merges, np.int32), np.empty(n_merges, np.int32)
 
-    n_pairs, n_post = _count_initial_pairs(toks, wstart, wlen, wcount, keys, pcount, phead, post)
+    n_pairs, n_post = _count_initial_pairs(toks, wstart, wlen, wcount, keys, pcount, phead, post_word, post_next)
     hc, hk, hsize = np.empty(n_pairs, np.int64), np.empty(n_pairs, np.int64), 0  # the heap: (count, pair)
     for slot in range(cap):
         if keys[slot] != EMPTY:
@@ -246,24 +245,25 @@ def merge_loop(toks, wstart, wlen, wcount, n_merges, progress):
         out_a[m], out_b[m] = a, b
         tb, tb_used = _append_token(tb, tb_used, tstart, tlen, a, b, t)
         # rewrite each word on the pair's postings once, rehashing first where its new pairs could crowd the table
-        n_changed = 0
+        n_moves = 0
         p = phead[find_int(keys, best)]
         while p != EMPTY:
-            w, p = post[0, p], post[1, p]
+            w, p = post_word[p], post_next[p]
             if stamp[w] == m:
                 continue
             stamp[w] = m
             if 2 * (n_pairs + 2 * wlen[w]) > keys.shape[0]:
                 keys, pcount, phead, pushed, n_pairs = _rehash(keys, pcount, phead, pushed, best)
-            changed = reserve(changed, n_changed + wlen[w])
-            wlen[w], n_pairs, n_post, n_changed = _merge_word(
-                toks, wstart[w], wlen[w], a, b, t, w, wcount[w], keys, pcount, phead, post, n_post, n_pairs,
-                changed, n_changed,
+            start = n_moves
+            wlen[w], n_moves = _merge_word(toks, wstart[w], wlen[w], a, b, t, old_keys, new_keys, n_moves)
+            n_pairs, n_post = _move_pairs(
+                keys, pcount, phead, post_word, post_next, n_post, n_pairs, old_keys, new_keys, start, n_moves, w,
+                wcount[w],
             )  # fmt: skip
         # the merged pair is gone; the pairs whose count grew go (back) on the heap
         best_slot = find_int(keys, best)
         pcount[best_slot], phead[best_slot] = 0, EMPTY
-        hc, hk, hsize = _push_changed(hc, hk, hsize, keys, pcount, pushed, changed, n_changed, m, tb, tstart, tlen)
+        hc, hk, hsize = _push_changed(hc, hk, hsize, keys, pcount, pushed, new_keys, n_moves, m, tb, tstart, tlen)
         done = m + 1
         progress[0] = done
     return out_a[:done], out_b[:done]
