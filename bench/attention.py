@@ -198,7 +198,7 @@ def run(dry_run: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    args = bench.env.parse_args(__doc__, argv, compile_flag=False, needs_cuda=True)
+    args = bench.env.parse_args("bench.attention", __doc__, argv, compile_flag=False, needs_cuda=True)
     if args is None:
         return 2
     print(run(dry_run=args.dry_run))

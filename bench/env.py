@@ -4,7 +4,6 @@ Passive OpenMP waiting, since spin-waiting threads collapse CPU throughput on sh
 Triton's interpreter, the only way its kernels run on a CPU.
 """
 
-import argparse
 import datetime
 import os
 import sys
@@ -17,6 +16,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
+
+from bench import cli  # noqa: E402
 
 
 def versions() -> str:
@@ -35,13 +36,13 @@ def card_name(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores, Triton interpreter)"
 
 
-def parse_args(doc: str, argv: list[str] | None, *, compile_flag: bool, needs_cuda: bool):
-    """The benchmarks' shared flags (--dry-run, and --no-compile where there is a compiled provider).
+def parse_args(module: str, doc: str, argv: list[str] | None, *, compile_flag: bool, needs_cuda: bool):
+    """The torch benchmarks' shared flags (--dry-run, and --no-compile where there is a compiled provider) for
+    `python -m <module>`, whose docstring is `doc`.
 
     Returns None, after printing why, when the full run needs a GPU and there is none.
     """
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (Triton on its interpreter)")
+    parser = cli.parser(module, doc, dry_run="tiny shapes on the CPU (Triton on its interpreter)")
     if compile_flag:
         parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     args = parser.parse_args(argv)

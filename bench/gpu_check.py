@@ -59,6 +59,7 @@ import triton
 import kernels
 import kernels.attention
 from bench import attention as bench_attention
+from bench import cli
 from bench import kernels as bench_kernels
 from bench import targets
 from bench import train as bench_train
@@ -382,8 +383,7 @@ def _run_section(section: Section, plan: Plan, report: Report, deadline: Callabl
 
 
 def _parse_args(argv) -> argparse.Namespace | None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU interpreter")
+    parser = cli.parser("bench.gpu_check", __doc__, dry_run="tiny shapes on the CPU interpreter")
     parser.add_argument("--out", type=Path, default=None, help="new directory for report.md and rows.jsonl "
                         f"(default {DEFAULT_OUT}/<date-time>)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall seconds for the whole run (default 420)")

@@ -306,7 +306,7 @@ def run(dry_run: bool = False, providers=PROVIDERS) -> str:
 
 
 def main(argv=None) -> int:
-    args = bench.env.parse_args(__doc__, argv, compile_flag=True, needs_cuda=True)
+    args = bench.env.parse_args("bench.kernels", __doc__, argv, compile_flag=True, needs_cuda=True)
     if args is None:
         return 2
     print(run(dry_run=args.dry_run, providers=[p for p in PROVIDERS if not (args.no_compile and p == "compile")]))

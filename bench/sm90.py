@@ -16,7 +16,6 @@ Persistent kernels size their grid from the device's SM count only on CUDA, so o
 CPU grid. Takes a few minutes from a cold Triton cache (every compile is a real ptxas run).
 """
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 import triton
+
+from bench import cli
 
 DTYPE = torch.bfloat16
 ATTENTION_T = 4096
@@ -109,7 +110,7 @@ def report(selected: list[Case]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.parser("bench.sm90", __doc__)
     parser.add_argument("--only", default="", help="comma-separated words; run the cases whose name contains one")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -224,7 +224,7 @@ def table_row(card: str, date: str, case: BenchCase, provider: str, m: dict, mea
 
 
 def main(argv=None) -> int:
-    args = bench.env.parse_args(__doc__, argv, compile_flag=True, needs_cuda=False)
+    args = bench.env.parse_args("bench.train", __doc__, argv, compile_flag=True, needs_cuda=False)
     providers = [p for p in PROVIDERS if not (args.no_compile and p == "compile")]
     print(run(dry_run=args.dry_run, providers=providers))
     return 0

@@ -18,7 +18,7 @@ from tokenizer import file_encoder
 from tokenizer.__main__ import main
 from tokenizer.pretokenize import GPT2_PATTERN
 from tokenizer.reference import encode_reference
-from tokenizer.tokenizer import _to_bytes
+from tokenizer.bytes_unicode import text_to_bytes
 
 DATA = Path(__file__).parent / "data"
 EOT, EOT2 = "<|endoftext|>", "<|endoftext|><|endoftext|>"
@@ -41,7 +41,7 @@ def gpt2(tmp_path_factory):
     """Our Tokenizer and tiktoken's Encoding, both built from GPT-2's vocab.json and merges.txt."""
     ours = Tokenizer.from_files(DATA / "gpt2_vocab.json.gz", DATA / "gpt2_merges.txt.gz", [EOT])  # gzip read as is
     vocab = json.loads(gzip.decompress((DATA / "gpt2_vocab.json.gz").read_bytes()))
-    ranks = {_to_bytes(t, "vocab.json"): i for t, i in vocab.items() if t != EOT}
+    ranks = {text_to_bytes(t, "vocab.json"): i for t, i in vocab.items() if t != EOT}
     theirs = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: vocab[EOT]})
     return ours, theirs
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from tokenizer import train_bpe
 from tokenizer import trainer as trainer_module
-from tokenizer.pretokenize import GPT2_PATTERN, chunk_bounds, pretokenize
+from tokenizer.parallel import chunk_bounds
+from tokenizer.pretokenize import GPT2_PATTERN, pretokenize
 from tokenizer.reference import split_special, train_bpe_reference
 
 DATA = Path(__file__).parent / "data"

@@ -1,6 +1,6 @@
 """Parallel, streaming encoding of a text file into a flat .npy of token ids.
 
-The file is cut into ~4 MB chunks at safe positions (pretokenize.py), workers encode chunks independently, and the
+The file is cut into ~4 MB chunks at safe positions (parallel.py), workers encode chunks independently, and the
 main process appends their ids to the .npy in file order with a bounded number of chunks in flight, so memory stays
 flat for a file larger than RAM. The .npy header is written with room to spare and patched with the final length.
 All of it goes to a temporary file beside the output, renamed over it only when complete: a failed or killed encode
@@ -14,9 +14,10 @@ import tempfile
 import numpy as np
 from tqdm.auto import tqdm
 
-from tokenizer.pretokenize import char_classes, check_input_path, chunk_bounds, read_chunk
+from tokenizer.inputs import check_input_path
+from tokenizer.parallel import chunk_bounds, process_pool, read_chunk
+from tokenizer.pretokenize import char_classes
 from tokenizer.tokenizer import Tokenizer
-from tokenizer.trainer import process_pool
 
 CHUNK_BYTES = 4 << 20
 HEADER_BYTES = 128  # fixed-size .npy v1 header, so it can be rewritten in place once the length is known

@@ -1,5 +1,6 @@
 """Pre-tokenization: the GPT-2 regex, reimplemented as a Numba scanner over UTF-8 bytes, plus special-token splitting
-and safe chunking of big files.
+and the positions where text can be cut into independent pieces. Pure functions of bytes and text: reading files in
+chunks is tokenizer/parallel.py's, checking inputs tokenizer/inputs.py's.
 
 The GPT-2 pattern
 
@@ -11,16 +12,15 @@ at ~7 MB/s per core on this machine, which would be the whole time budget of tra
 at several times that. The class table is built from `regex` itself, so both agree on every code point; the tests hold
 the scanner equal to `regex.findall` on random unicode text.
 
-Chunking: a file is cut only where the pre-tokens of the two halves are exactly those of the whole, so that N workers
+Safe cuts: text is cut only where the pre-tokens of the two halves are exactly those of the whole, so that N workers
 give the same result as one. Two kinds of cuts are safe: right before a special token (text is split on specials
 first anyway), and between a printable non-space ASCII byte and a space or newline. At the latter, the match that
 covers the non-space character can't extend into whitespace, the whitespace-run alternatives never look back, and no
 lookahead from the left half reaches past its last character, which isn't whitespace. Neither cut may fall inside a
-special-token occurrence. A file with no such position for a long stretch (e.g. unbroken CJK text) gets longer chunks.
+special-token occurrence. Text with no such position for a long stretch (e.g. unbroken CJK text) gets longer pieces.
 """
 
 import functools
-import os
 import re
 
 import numba
@@ -131,37 +131,6 @@ def special_pattern(special_tokens) -> re.Pattern | None:
     return re.compile(b"|".join(map(re.escape, ordered)))
 
 
-def check_special_tokens(special_tokens) -> list[str]:
-    special_tokens = list(special_tokens or [])
-    for s in special_tokens:
-        if not isinstance(s, str):
-            raise TypeError(f"special tokens must be str, got {type(s).__name__}")
-        if not s:
-            raise ValueError("special tokens must be non-empty strings")
-    if len(set(special_tokens)) != len(special_tokens):
-        raise ValueError(f"duplicate special tokens in {special_tokens}")
-    return special_tokens
-
-
-def check_utf8(raw: bytes, base: int = 0, name: str = "input") -> None:
-    """Raise ValueError naming the byte offset of the first byte that is not UTF-8 (we never replace silently)."""
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"{name} is not valid UTF-8: byte 0x{raw[e.start]:02x} at offset {base + e.start} ({e.reason})"
-        ) from None
-
-
-def check_input_path(path) -> str:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a directory, expected a UTF-8 text file")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    return path
-
-
 _SAFE_CUT = re.compile(rb"(?<=[\x21-\x7e])[ \n]")
 
 
@@ -181,41 +150,6 @@ def find_cut(window: bytes, target: int, specials: re.Pattern | None, max_specia
             return cut
         pos = cut + 1
     return -1
-
-
-def chunk_bounds(path: str, chunk_bytes: int, special_tokens) -> list[tuple[int, int]]:
-    """Split a file into (start, end) byte ranges of about chunk_bytes, cut only at safe positions."""
-    size = os.path.getsize(path)
-    specials = special_pattern(special_tokens)
-    max_special = max((len(s.encode("utf-8")) for s in special_tokens or []), default=1)
-    window_bytes = max(1 << 16, 4 * max_special)
-    chunk_bytes = max(chunk_bytes, max_special)  # windows start max_special bytes before the target
-    bounds, start = [], 0
-    with open(path, "rb") as f:
-        while size - start > chunk_bytes:
-            target, cut = start + chunk_bytes, -1
-            while cut < 0 and target < size:
-                f.seek(target - max_special)
-                window = f.read(window_bytes)
-                if target - max_special + len(window) >= size:  # nothing past the end can hide a special token
-                    window += b"\0" * max_special
-                cut = find_cut(window, max_special, specials, max_special)
-                cut = cut + target - max_special if cut >= 0 else -1
-                target += len(window) - 2 * max_special + 1
-            if cut < 0:
-                break
-            bounds.append((start, cut))
-            start = cut
-    bounds.append((start, size))
-    return bounds
-
-
-def read_chunk(path: str, start: int, end: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(start)
-        raw = f.read(end - start)
-    check_utf8(raw, start, path)
-    return raw
 
 
 def segments(raw: bytes, specials: re.Pattern | None) -> tuple[np.ndarray, list[bytes]]:

@@ -21,45 +21,16 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from tokenizer import hf
+from tokenizer.bytes_unicode import bytes_to_text, text_to_bytes
 from tokenizer.encoder import build_rank_table, encode_segments, new_cache
-from tokenizer.pretokenize import (
-    GPT2_PATTERN,
-    char_classes,
-    check_input_path,
-    check_special_tokens,
-    find_cut,
-    segments,
-    special_pattern,
-)
+from tokenizer.inputs import check_input_path, check_special_tokens
+from tokenizer.pretokenize import GPT2_PATTERN, char_classes, find_cut, segments, special_pattern
 
 FORMAT, VERSION, META_FILE = "smollm-bpe", 2, "tokenizer_meta.json"
 # Every file save() writes (the refusal to overwrite a tokenizer directory checks these).
 TOKENIZER_FILES = (
     "vocab.json", "merges.txt", META_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"
 )  # fmt: skip
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters: printable Latin-1 maps to itself, the rest
-    (control characters, space, ...) to U+0100 onwards, so 0x20 becomes 'Ġ' and 0x0A becomes 'Ċ'."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in keep]
-    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(shifted)}}
-
-
-_BYTE_TO_CHAR = bytes_to_unicode()
-_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
-
-
-def _to_text(token: bytes) -> str:
-    return "".join(_BYTE_TO_CHAR[b] for b in token)
-
-
-def _to_bytes(text: str, where: str) -> bytes:
-    try:
-        return bytes(_CHAR_TO_BYTE[c] for c in text)
-    except KeyError as e:
-        raise ValueError(f"{where}: {text!r} has {e.args[0]!r}, which is not in GPT-2's byte alphabet") from None
 
 
 class Tokenizer:
@@ -173,8 +144,8 @@ class Tokenizer:
         """Write our three files and Hugging Face's three (see the module docstring) into out_dir (created if
         needed), each atomically."""
         os.makedirs(out_dir, exist_ok=True)
-        vocab = {_to_text(self.vocab[i]): i for i in range(len(self.vocab))}
-        merges = [f"{_to_text(a)} {_to_text(b)}" for a, b in self.merges]
+        vocab = {bytes_to_text(self.vocab[i]): i for i in range(len(self.vocab))}
+        merges = [f"{bytes_to_text(a)} {bytes_to_text(b)}" for a, b in self.merges]
         meta = {
             "format": FORMAT, "version": VERSION, "pattern": GPT2_PATTERN,
             "special_tokens": self.special_tokens, "vocab_size": len(self.vocab), "num_merges": len(self.merges),
@@ -229,8 +200,8 @@ class Tokenizer:
         for text, i in entries:
             if i in vocab:
                 raise ValueError(f"{vocab_name}: id {i} appears twice")
-            vocab[i] = _to_bytes(text, vocab_name)
-        merges = [(_to_bytes(a, names), _to_bytes(b, names)) for a, b in merges]
+            vocab[i] = text_to_bytes(text, vocab_name)
+        merges = [(text_to_bytes(a, names), text_to_bytes(b, names)) for a, b in merges]
         try:
             return cls(vocab, merges, special_tokens)
         except ValueError as e:

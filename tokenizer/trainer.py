@@ -4,19 +4,9 @@ Step 1 (pre-tokenization, parallel): the file is cut into chunks at safe positio
 splits its chunk on special tokens, runs the GPT-2 scanner and counts distinct pre-tokens in a hash table; the main
 process adds the counts up. Memory grows with the number of distinct pre-tokens, not with the corpus.
 
-Step 2 (merging, one core): the classic incremental algorithm. Each distinct pre-token ("word") is an array of token
-ids with a count. We keep
-  - pair counts in an open-addressing hash table keyed by (a << 32) | b,
-  - for every pair a linked list of the words that contained it when it was created ("postings"; stale entries are
-    harmless: the word is rescanned and simply has no occurrence),
-  - a binary max-heap of (count, pair) with lazy invalidation: an entry whose count no longer matches is re-pushed
-    with the current count when it surfaces, so only pairs whose count grows are pushed during a merge.
-A merge rewrites only the words on the pair's postings list and adjusts the counts of the pairs next to each
-occurrence. Ties go to the lexicographically greater (bytes(a), bytes(b)), compared byte by byte in the heap.
+Step 2 (merging, one core): merge.py's incremental Numba merge loop over the counted pre-tokens.
 """
 
-import contextlib
-import multiprocessing
 import os
 import threading
 
@@ -24,37 +14,13 @@ import numba
 import numpy as np
 from tqdm.auto import tqdm
 
-from tokenizer.hashing import (
-    EMPTY,
-    HASH,
-    KEY0,
-    LEN,
-    START,
-    VAL,
-    find_bytes,
-    find_int,
-    grow_bytes_table,
-    hash_bytes,
-    log2_ceil,
-    reserve,
-)
-from tokenizer.pretokenize import (
-    char_classes,
-    check_input_path,
-    check_special_tokens,
-    chunk_bounds,
-    next_pretoken,
-    read_chunk,
-    segments,
-    special_pattern,
-)
+from tokenizer.hashing import HASH, KEY0, LEN, START, VAL, find_bytes, grow_bytes_table, hash_bytes
+from tokenizer.inputs import check_input_path, check_special_tokens
+from tokenizer.merge import merge_loop
+from tokenizer.parallel import chunk_bounds, process_pool, read_chunk
+from tokenizer.pretokenize import char_classes, next_pretoken, segments, special_pattern
 
 MIN_CHUNK_BYTES = 1 << 20  # smaller chunks cost more in process overhead than they gain in balance
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# pre-token counting
-# ---------------------------------------------------------------------------------------------------------------
 
 
 @numba.njit(cache=True, nogil=True)
@@ -112,233 +78,6 @@ def count_file(path, special_tokens, num_workers, progress=True) -> dict[bytes, 
             bar.update(nbytes)
     bar.close()
     return totals
-
-
-@contextlib.contextmanager
-def process_pool(n: int):
-    """n forked worker processes (they inherit the loaded JIT code and tables), or None to run in-process."""
-    if n <= 1:
-        yield None
-        return
-    methods = multiprocessing.get_all_start_methods()
-    pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(n)
-    try:
-        yield pool
-    except BaseException:
-        pool.terminate()
-        raise
-    # Let the workers drain and exit on their own: terminating them mid-task can leave the task queue's lock held.
-    pool.close()
-    pool.join()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# merge loop
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@numba.njit(cache=True)
-def _cmp_tokens(tb, tstart, tlen, x, y):
-    """-1, 0 or 1 as bytes(x) <, ==, > bytes(y) (Python's bytes order: a proper prefix is smaller)."""
-    lx, ly = tlen[x], tlen[y]
-    sx, sy = tstart[x], tstart[y]
-    for q in range(min(lx, ly)):
-        if tb[sx + q] != tb[sy + q]:
-            return -1 if tb[sx + q] < tb[sy + q] else 1
-    return -1 if lx < ly else (1 if lx > ly else 0)
-
-
-@numba.njit(cache=True)
-def _above(c1, k1, c2, k2, tb, tstart, tlen):
-    """Heap order: higher count first, then the lexicographically greater (bytes(a), bytes(b))."""
-    if c1 != c2:
-        return c1 > c2
-    c = _cmp_tokens(tb, tstart, tlen, k1 >> 32, k2 >> 32)
-    if c == 0:
-        c = _cmp_tokens(tb, tstart, tlen, k1 & 0xFFFFFFFF, k2 & 0xFFFFFFFF)
-    return c > 0
-
-
-@numba.njit(cache=True)
-def _heap_push(hc, hk, size, c, k, tb, tstart, tlen):
-    i = size
-    while i > 0:
-        parent = (i - 1) >> 1
-        if not _above(c, k, hc[parent], hk[parent], tb, tstart, tlen):
-            break
-        hc[i], hk[i] = hc[parent], hk[parent]
-        i = parent
-    hc[i], hk[i] = c, k
-    return size + 1
-
-
-@numba.njit(cache=True)
-def _heap_pop(hc, hk, size, tb, tstart, tlen):
-    """Remove the top entry (read it from hc[0], hk[0] first); return the new size."""
-    size -= 1
-    c, k = hc[size], hk[size]
-    i = 0
-    while True:
-        child = 2 * i + 1
-        if child >= size:
-            break
-        if child + 1 < size and _above(hc[child + 1], hk[child + 1], hc[child], hk[child], tb, tstart, tlen):
-            child += 1
-        if not _above(hc[child], hk[child], c, k, tb, tstart, tlen):
-            break
-        hc[i], hk[i] = hc[child], hk[child]
-        i = child
-    hc[i], hk[i] = c, k
-    return size
-
-
-@numba.njit(cache=True, nogil=True)
-def merge_loop(toks, wstart, wlen, wcount, n_merges, progress):
-    """Run up to n_merges BPE merges over the words (toks[wstart[w]:wstart[w] + wlen[w]], wcount[w]); tokens 0..255
-    are the single bytes and merge m creates token 256 + m. Edits toks/wlen in place, writes the number of merges done
-    so far to progress[0] and returns (left ids, right ids) of the merges in order (fewer if pairs run out).
-    """
-    n_words = wstart.shape[0]
-    total = 0
-    for w in range(n_words):
-        total += wlen[w]
-    # pair table: key, count, head of postings; sized for load <= 1/2, rehashed when it grows
-    cap = 1 << max(12, log2_ceil(4 * min(total, 1 << 16)))  # 65536 byte pairs at first; grows with new tokens
-    keys = np.full(cap, EMPTY, np.int64)
-    pcount = np.zeros(cap, np.int64)
-    phead = np.full(cap, EMPTY, np.int64)
-    pushed = np.full(cap, EMPTY, np.int64)  # the merge that last pushed this pair, to push each pair once per merge
-    n_pairs = 0
-    # postings: each merge occurrence adds at most two, and there are at most as many occurrences as initial tokens
-    post_word = np.empty(3 * total + 1, np.int32)
-    post_next = np.empty(3 * total + 1, np.int32)
-    n_post = 0
-    hc = np.empty(1024, np.int64)
-    hk = np.empty(1024, np.int64)
-    hsize = 0
-    # token bytes, for tie-breaks
-    tstart = np.empty(256 + n_merges, np.int64)
-    tlen = np.empty(256 + n_merges, np.int64)
-    tb = np.empty(256 + 16 * n_merges, np.uint8)
-    for t in range(256):
-        tb[t], tstart[t], tlen[t] = t, t, 1
-    tb_used = 256
-    stamp = np.full(n_words, -1, np.int64)
-    changed = np.empty(1024, np.int64)  # pairs whose count grew during the current merge
-    out_a = np.empty(n_merges, np.int32)
-    out_b = np.empty(n_merges, np.int32)
-
-    for w in range(n_words):
-        s = wstart[w]
-        for i in range(wlen[w] - 1):
-            key = (np.int64(toks[s + i]) << 32) | toks[s + i + 1]
-            slot = find_int(keys, key)
-            if keys[slot] == EMPTY:
-                keys[slot] = key
-                n_pairs += 1
-            pcount[slot] += wcount[w]
-            post_word[n_post], post_next[n_post] = w, phead[slot]
-            phead[slot] = n_post
-            n_post += 1
-    hc, hk = reserve(hc, n_pairs), reserve(hk, n_pairs)
-    for slot in range(cap):
-        if keys[slot] != EMPTY:
-            hsize = _heap_push(hc, hk, hsize, pcount[slot], keys[slot], tb, tstart, tlen)
-
-    done = 0
-    for m in range(n_merges):
-        # pop until an entry matches its pair's current count
-        best = EMPTY
-        while hsize > 0:
-            c, key = hc[0], hk[0]
-            hsize = _heap_pop(hc, hk, hsize, tb, tstart, tlen)
-            cur = pcount[find_int(keys, key)]
-            if cur == c:
-                best = key
-                break
-            if cur > 0:
-                hsize = _heap_push(hc, hk, hsize, cur, key, tb, tstart, tlen)
-        if best == EMPTY:
-            break
-        a, b, t = best >> 32, best & 0xFFFFFFFF, 256 + m
-        out_a[m], out_b[m] = a, b
-        need = tb_used + tlen[a] + tlen[b]
-        tb = reserve(tb, need)
-        tb[tb_used : tb_used + tlen[a]] = tb[tstart[a] : tstart[a] + tlen[a]]
-        tb[tb_used + tlen[a] : need] = tb[tstart[b] : tstart[b] + tlen[b]]
-        tstart[t], tlen[t] = tb_used, tlen[a] + tlen[b]
-        tb_used = need
-
-        n_changed = 0
-        best_slot = find_int(keys, best)
-        p = phead[best_slot]
-        while p != EMPTY:
-            w = post_word[p]
-            p = post_next[p]
-            if stamp[w] == m:
-                continue
-            stamp[w] = m
-            s, n, c = wstart[w], wlen[w], wcount[w]
-            if 2 * (n_pairs + 2 * n) > keys.shape[0]:  # rehash, dropping dead pairs
-                old_k, old_c, old_h, old_p = keys, pcount, phead, pushed
-                keys = np.full(2 * old_k.shape[0], EMPTY, np.int64)
-                pcount = np.zeros(keys.shape[0], np.int64)
-                phead = np.full(keys.shape[0], EMPTY, np.int64)
-                pushed = np.full(keys.shape[0], EMPTY, np.int64)
-                n_pairs = 0
-                for q in range(old_k.shape[0]):
-                    if old_k[q] != EMPTY and (old_c[q] > 0 or old_k[q] == best):
-                        slot = find_int(keys, old_k[q])
-                        keys[slot], pcount[slot], phead[slot], pushed[slot] = old_k[q], old_c[q], old_h[q], old_p[q]
-                        n_pairs += 1
-            i = 0
-            o = 0
-            while i < n:
-                if i + 1 < n and toks[s + i] == a and toks[s + i + 1] == b:
-                    # toks[s + i - 1] still holds the original left neighbour: writes lag reads (o <= i)
-                    for side in range(2):
-                        if side == 0:
-                            if o == 0:
-                                continue
-                            old_key = (np.int64(toks[s + i - 1]) << 32) | a
-                            new_key = (np.int64(toks[s + o - 1]) << 32) | t
-                        else:
-                            # the right pair is handled by the next occurrence if it starts right here
-                            if i + 2 >= n or (i + 3 < n and toks[s + i + 2] == a and toks[s + i + 3] == b):
-                                continue
-                            old_key = (np.int64(b) << 32) | toks[s + i + 2]
-                            new_key = (np.int64(t) << 32) | toks[s + i + 2]
-                        pcount[find_int(keys, old_key)] -= c
-                        slot = find_int(keys, new_key)
-                        if keys[slot] == EMPTY:
-                            keys[slot] = new_key
-                            n_pairs += 1
-                        pcount[slot] += c
-                        post_word[n_post], post_next[n_post] = w, phead[slot]
-                        phead[slot] = n_post
-                        n_post += 1
-                        changed = reserve(changed, n_changed + 1)
-                        changed[n_changed] = new_key
-                        n_changed += 1
-                    toks[s + o] = t
-                    i += 2
-                else:
-                    toks[s + o] = toks[s + i]
-                    i += 1
-                o += 1
-            wlen[w] = o
-        best_slot = find_int(keys, best)
-        pcount[best_slot] = 0
-        phead[best_slot] = EMPTY
-        hc, hk = reserve(hc, hsize + n_changed), reserve(hk, hsize + n_changed)
-        for q in range(n_changed):
-            slot = find_int(keys, changed[q])
-            if pushed[slot] != m:
-                pushed[slot] = m
-                hsize = _heap_push(hc, hk, hsize, pcount[slot], changed[q], tb, tstart, tlen)
-        done = m + 1
-        progress[0] = done
-    return out_a[:done], out_b[:done]
 
 
 def train_bpe(input_path, vocab_size: int, special_tokens=None, num_workers: int | None = None, progress=False):
