@@ -25,11 +25,30 @@ So the per-score work is kept to the minimum: the scale is folded into the FMA t
 Every dot must lower to Hopper's wgmma (the legacy mma.sync runs the tensor cores at a fraction of their rate):
 tests/test_sm90_gates.py checks it for every kept config.
 
+Documents: a packed window holds several documents, and doc_ids (B, S), one integer per key position (a document is
+a run of equal ids), keep each query inside its own: mask(i, j) is also -inf where key j lies outside the document of
+query position p = i + S - T. The launcher turns the ids into each position's document start and end (two (B, S)
+int32 tensors, a cummax each on the device, no host sync). Since p's document is [start(p), end(p)) and causality
+already hides j > p, a query sees exactly the keys start(p) <= j <= p, and a block's rows have nondecreasing starts:
+- forward and dQ: query block i begins at the key block holding the start of its first row's document; every key
+  before it lies in an earlier document for every row, so those blocks are never loaded. Only the blocks that some
+  row's document start cuts (up to the last row's start) and the diagonal ones are masked elementwise.
+- dK/dV: key block j still begins at the diagonal and stops after the query block holding the end of its last key's
+  document, beyond which no query sees it; the query blocks past the end of its first key's document are masked.
+With documents of length L << T a query block visits at most (L + BLOCK_M) / BLOCK_N + 2 key blocks instead of up to
+T / BLOCK_N, so the ~T^2 / 2 scores per head of causal attention become at most ~T (L + BLOCK_M + 2 BLOCK_N), and the
+K/V bytes streamed per query block and the dot FLOPs (forward and backward) shrink by the same factor, about
+(L + BLOCK_M + 2 BLOCK_N) / (T / 2): at least 4x at T = 4096 with L = 256 and 128 x 64 tiles, none at T = 256.
+The price: 8 bytes per token for the bounds, a vector of row starts or key ends per program (and per masked query
+block in dK/dV), one compare per score in the masked blocks. Without doc_ids the constexpr DOCS compiles it away
+(the PTX of the bf16 d = 64 configs was compared, instruction for instruction, with that before documents came).
+
 Precision: tiles are multiplied with ``tl.dot`` accumulating in fp32. fp16/bf16 inputs use the tensor cores directly;
 fp32 inputs use input_precision="ieee" (no tf32), because tf32's 10-bit mantissa would put the kernel far above the
 FlashAttention rule's bound of 2x eager fp32's own error. That makes fp32 correct but slow on a GPU; train in bf16.
 
-Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies of q, k, v, dO); T, S of any length.
+Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies of q, k, v, dO); T, S of any length;
+doc_ids with causal attention, also when T < S (the ids then cover all S key positions).
 """
 
 import math
@@ -38,7 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import INTERPRET, check_doc_ids, check_float, check_same_device, document_ends, document_starts, empty
+from kernels._utils import INTERPRET, check_doc_ids, check_float, check_same_device, empty
+from kernels._utils import document_ends, document_starts
 
 __all__ = ["flash_attention"]
 
@@ -535,7 +555,9 @@ def _forward(q, k, v, causal: bool, scale: float, doc_start=None) -> tuple[torch
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, doc_end=None) -> tuple[torch.Tensor, ...]:
+def _backward(
+    do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, doc_end=None
+) -> tuple[torch.Tensor, ...]:
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     delta = empty((B, H, T), torch.float32, q.device)
@@ -548,7 +570,8 @@ def _backward(do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, d
     dv = empty(v.shape, v.dtype, v.device)
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_len(S), **common,
     )
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
