@@ -70,16 +70,19 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-def _autotune(gpu: list[tuple[int, int, int, int, int]], fp32: tuple[int, int, int, int], interpreter: tuple[int, int]):
+def _autotune(gpu: list[tuple[int, ...]], fp32: tuple[int, int, int, int], interpreter: tuple[int, int]):
     """Autotune arguments for one kernel.
 
-    gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim), chosen by lowering each for
+    gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest head dim with
+    documents, if lower]), chosen by lowering each for
     sm_90a through the real launch path (kernels.sm90: bf16, causal, the argument specialization of a GPU launch)
     at head dims 32, 64 and 128: a candidate is kept for a head dim only where every tl.dot became a wgmma and
     ptxas spilled nothing (tests/test_sm90_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
     per warpgroup, so the dK/dV kernel, whose accumulators are BLOCK_N rows, takes BLOCK_N >= 64 (at BLOCK_N = 32
     every dot is a legacy mma.sync); at head dim 128 its BLOCK_M = 64 candidates spill (the two BLOCK_N x 128 fp32
-    accumulators already take 128 registers a thread), so they stop at 64. Stage variants let the tuner trade shared
+    accumulators already take 128 registers a thread), so they stop at 64; with documents (DOCS) the dQ kernel's
+    128 x 64 candidate spills at head dim 128 (24 spill instructions at 255 registers: the row starts and the third
+    loop on top of its 128 x 128 fp32 accumulator), so it stops at 64 there. Stage variants let the tuner trade shared
     memory (K/V or Q/dO tiles in flight) against occupancy. fp32 inputs take the FMA path (input_precision="ieee"),
     with twice the bytes per tile and far more registers, so they get the one small config fp32. Under the
     interpreter a single config, which also skips benchmarking; its blocks are deliberately unequal so that the
@@ -88,15 +91,15 @@ def _autotune(gpu: list[tuple[int, int, int, int, int]], fp32: tuple[int, int, i
     key = ["HEAD_DIM", "CAUSAL", "DOCS", "tuning_len"]
     if INTERPRET:
         return dict(configs=[_config(*interpreter, 1, 1)], key=key)
-    candidates = [(_config(m, n, w, s), max_head_dim) for m, n, w, s, max_head_dim in gpu]
+    candidates = [(_config(*c[:4]), c[4], c[-1]) for c in gpu]  # c[-1]: the limit with documents, c[4] if none
 
     def prune(configs, named_args, **kwargs):
         if named_args["Q"].dtype == torch.float32:
             return [_config(*fp32)]
-        head_dim = {**named_args, **kwargs}["HEAD_DIM"]
-        return [config for config, max_head_dim in candidates if head_dim <= max_head_dim]
+        args = {**named_args, **kwargs}
+        return [config for config, plain, docs in candidates if args["HEAD_DIM"] <= (docs if args["DOCS"] else plain)]
 
-    return dict(configs=[config for config, _ in candidates], key=key, prune_configs_by={"early_config_prune": prune})
+    return dict(configs=[c for c, _, _ in candidates], key=key, prune_configs_by={"early_config_prune": prune})
 
 
 def _tuning_len(n: int) -> int:
@@ -475,7 +478,7 @@ def _attn_bwd_dq_blocks(
 
 @triton.autotune(
     **_autotune(
-        gpu=[(128, 64, 8, 3, 128), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 128)],
+        gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 128)],
         fp32=(32, 32, 4, 2),
         interpreter=(32, 16),
     )
