@@ -33,7 +33,7 @@ GQA = Case(2, 2, 1, 67, 67, 16)  # GQA, ragged T
 LAYOUTS = {  # name: (case, doc_ids); the two batch rows differ so that per-row offsets are exercised
     "length-1-docs": (GQA, doc_ids([1, 1, 14, 1, 1, 16, 33], [66, 1])),
     "on-block-edges": (GQA, doc_ids([16, 16, 32, 3], [32, 32, 3], ordered=False)),
-    "one-off-block-edges": (GQA, doc_ids([15, 18, 14, 2, 18], [17, 14, 2, 33, 1])),
+    "one-off-block-edges": (GQA, doc_ids([15, 18, 14, 2, 18], [47, 2, 17, 1])),
     "one-document": (GQA, doc_ids([67], [67])),
     "decode-5-of-40": (Case(2, 4, 1, 5, 40, 32), doc_ids([30, 8, 2], [36, 4])),
     "decode-1-of-40": (Case(2, 2, 2, 1, 40, 16, scale=0.3), doc_ids([39, 1], [1, 39], ordered=False)),
@@ -63,6 +63,7 @@ def test_kernel_matches_reference(layout, dtype):
 
 
 @pytest.mark.skipif(not _utils.INTERPRET, reason="the block sizes below are the interpreter's")
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the rows that do read the NaN keys
 def test_blocks_of_earlier_documents_are_skipped_not_masked():
     """Documents [0, 40) and [40, 67). NaN in K/V of keys 0..31: query blocks starting at 48 (forward, 16 rows) and
     64 (dQ, 32 rows) begin in the second document, so they must never read that key block; a masked read would
