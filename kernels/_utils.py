@@ -81,3 +81,31 @@ def count_valid_targets(targets: torch.Tensor, ignore_index: int) -> torch.Tenso
     gradient, and the trainer checks every token id against the vocabulary once, when it opens a token file.
     """
     return (targets != ignore_index).sum()
+
+
+def check_doc_ids(doc_ids: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+    """Raise a clear error unless doc_ids are (B, S) integers beside k (B, Hkv, S, d), for causal attention."""
+    if not causal:
+        raise ValueError("doc_ids mask attention across documents for causal attention only (causal=True)")
+    if not isinstance(doc_ids, torch.Tensor) or doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex:
+        raise TypeError(f"doc_ids must be an integer tensor, got {getattr(doc_ids, 'dtype', type(doc_ids))}")
+    if doc_ids.dtype == torch.bool or doc_ids.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"doc_ids must be (B, S) = {(k.shape[0], k.shape[2])} integers, got "
+                         f"{tuple(doc_ids.shape)} {doc_ids.dtype}")
+    check_same_device(k=k, doc_ids=doc_ids)
+
+
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) int32: the first position of each position's document, a document being a run of equal consecutive
+    ids (so the ids need no particular order, and nothing is read back to the host). E.g. [7, 7, 3, 3, 3, 7] ->
+    [0, 0, 2, 2, 2, 5]."""
+    positions = torch.arange(doc_ids.shape[1], dtype=torch.int32, device=doc_ids.device)
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return torch.where(new, positions, 0).cummax(dim=1).values
+
+
+def document_ends(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) int32: one past the last position of each position's document ([7, 7, 3, 3, 3, 7] -> [2, 2, 5, 5, 5, 6]):
+    the starts of the reversed rows, mirrored."""
+    return doc_ids.shape[1] - document_starts(doc_ids.flip(1)).flip(1)

@@ -25,11 +25,30 @@ So the per-score work is kept to the minimum: the scale is folded into the FMA t
 Every dot must lower to Hopper's wgmma (the legacy mma.sync runs the tensor cores at a fraction of their rate):
 tests/test_sm90_gates.py checks it for every kept config.
 
+Documents: a packed window holds several documents, and doc_ids (B, S), one integer per key position (a document is
+a run of equal ids), keep each query inside its own: mask(i, j) is also -inf where key j lies outside the document of
+query position p = i + S - T. The launcher turns the ids into each position's document start and end (two (B, S)
+int32 tensors, a cummax each on the device, no host sync). Since p's document is [start(p), end(p)) and causality
+already hides j > p, a query sees exactly the keys start(p) <= j <= p, and a block's rows have nondecreasing starts:
+- forward and dQ: query block i begins at the key block holding the start of its first row's document; every key
+  before it lies in an earlier document for every row, so those blocks are never loaded. Only the blocks that some
+  row's document start cuts (up to the last row's start) and the diagonal ones are masked elementwise.
+- dK/dV: key block j still begins at the diagonal and stops after the query block holding the end of its last key's
+  document, beyond which no query sees it; the query blocks past the end of its first key's document are masked.
+With documents of length L << T a query block visits at most (L + BLOCK_M) / BLOCK_N + 2 key blocks instead of up to
+T / BLOCK_N, so the ~T^2 / 2 scores per head of causal attention become at most ~T (L + BLOCK_M + 2 BLOCK_N), and the
+K/V bytes streamed per query block and the dot FLOPs (forward and backward) shrink by the same factor, about
+(L + BLOCK_M + 2 BLOCK_N) / (T / 2): at least 4x at T = 4096 with L = 256 and 128 x 64 tiles, none at T = 256.
+The price: 8 bytes per token for the bounds, a vector of row starts or key ends per program (and per masked query
+block in dK/dV), one compare per score in the masked blocks. Without doc_ids the constexpr DOCS compiles it away
+(the PTX of the bf16 d = 64 configs was compared, instruction for instruction, with that before documents came).
+
 Precision: tiles are multiplied with ``tl.dot`` accumulating in fp32. fp16/bf16 inputs use the tensor cores directly;
 fp32 inputs use input_precision="ieee" (no tf32), because tf32's 10-bit mantissa would put the kernel far above the
 FlashAttention rule's bound of 2x eager fp32's own error. That makes fp32 correct but slow on a GPU; train in bf16.
 
-Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies of q, k, v, dO); T, S of any length.
+Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies of q, k, v, dO); T, S of any length;
+doc_ids with causal attention, also when T < S (the ids then cover all S key positions).
 """
 
 import math
@@ -38,7 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import INTERPRET, check_float, check_same_device, empty
+from kernels._utils import INTERPRET, check_doc_ids, check_float, check_same_device, empty
+from kernels._utils import document_ends, document_starts
 
 __all__ = ["flash_attention"]
 
@@ -50,33 +70,36 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-def _autotune(gpu: list[tuple[int, int, int, int, int]], fp32: tuple[int, int, int, int], interpreter: tuple[int, int]):
+def _autotune(gpu: list[tuple[int, ...]], fp32: tuple[int, int, int, int], interpreter: tuple[int, int]):
     """Autotune arguments for one kernel.
 
-    gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim), chosen by lowering each for
+    gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest head dim with
+    documents, if lower]), chosen by lowering each for
     sm_90a through the real launch path (kernels.sm90: bf16, causal, the argument specialization of a GPU launch)
     at head dims 32, 64 and 128: a candidate is kept for a head dim only where every tl.dot became a wgmma and
     ptxas spilled nothing (tests/test_sm90_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
     per warpgroup, so the dK/dV kernel, whose accumulators are BLOCK_N rows, takes BLOCK_N >= 64 (at BLOCK_N = 32
     every dot is a legacy mma.sync); at head dim 128 its BLOCK_M = 64 candidates spill (the two BLOCK_N x 128 fp32
-    accumulators already take 128 registers a thread), so they stop at 64. Stage variants let the tuner trade shared
+    accumulators already take 128 registers a thread), so they stop at 64; with documents (DOCS) the dQ kernel's
+    128 x 64 candidate spills at head dim 128 (24 spill instructions at 255 registers: the row starts and the third
+    loop on top of its 128 x 128 fp32 accumulator), so it stops at 64 there. Stage variants let the tuner trade shared
     memory (K/V or Q/dO tiles in flight) against occupancy. fp32 inputs take the FMA path (input_precision="ieee"),
     with twice the bytes per tile and far more registers, so they get the one small config fp32. Under the
     interpreter a single config, which also skips benchmarking; its blocks are deliberately unequal so that the
     tests cross BLOCK_M != BLOCK_N boundaries as the GPU configs do.
     """
-    key = ["HEAD_DIM", "CAUSAL", "tuning_len"]
+    key = ["HEAD_DIM", "CAUSAL", "DOCS", "tuning_len"]
     if INTERPRET:
         return dict(configs=[_config(*interpreter, 1, 1)], key=key)
-    candidates = [(_config(m, n, w, s), max_head_dim) for m, n, w, s, max_head_dim in gpu]
+    candidates = [(_config(*c[:4]), c[4], c[-1]) for c in gpu]  # c[-1]: the limit with documents, c[4] if none
 
     def prune(configs, named_args, **kwargs):
         if named_args["Q"].dtype == torch.float32:
             return [_config(*fp32)]
-        head_dim = {**named_args, **kwargs}["HEAD_DIM"]
-        return [config for config, max_head_dim in candidates if head_dim <= max_head_dim]
+        args = {**named_args, **kwargs}
+        return [config for config, plain, docs in candidates if args["HEAD_DIM"] <= (docs if args["DOCS"] else plain)]
 
-    return dict(configs=[config for config, _ in candidates], key=key, prune_configs_by={"early_config_prune": prune})
+    return dict(configs=[c for c, _, _ in candidates], key=key, prune_configs_by={"early_config_prune": prune})
 
 
 def _tuning_len(n: int) -> int:
@@ -113,10 +136,24 @@ def _key_range(start_m, offset, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _document_key_range(row_start, row_ok, unmasked_end, BLOCK_N: tl.constexpr):
+    """With documents, for a query block whose rows' documents start at row_start: the first key block to visit
+    (the one holding the start of the first row's document: every key before it is in an earlier document for every
+    row) and the first one that no row's document boundary cuts (from the last row's document start on), at most
+    unmasked_end. Document ids are runs, so row_start is nondecreasing down the block: min and max are the first and
+    last valid rows'."""
+    first = tl.min(tl.where(row_ok, row_start, 2147483647), 0)
+    last = tl.max(tl.where(row_ok, row_start, 0), 0)
+    return first // BLOCK_N * BLOCK_N, tl.minimum(tl.cdiv(last, BLOCK_N) * BLOCK_N, unmasked_end)
+
+
+@triton.jit
 def _scores_block(
     q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, cols, offs_m, offs_d, S, offset,
-    MASKED: tl.constexpr,  # key block on the diagonal or past S: load with bounds and mask the scores
+    row_start,  # DOCS: (BLOCK_M,) first key position of each row's document
+    MASKED: tl.constexpr,  # key block on the diagonal, past S or cut by a document start: load with bounds and mask
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One key block's K and V tiles and the raw scores q k^T, -inf where a key is hidden. The caller applies
@@ -136,6 +173,8 @@ def _scores_block(
         keep = cols[None, :] < S
         if CAUSAL:
             keep = keep & (offs_m[:, None] + offset >= cols[None, :])
+        if DOCS:  # with causality, "in the row's document" is "not before its start"
+            keep = keep & (cols[None, :] >= row_start[:, None])
         s = tl.where(keep, s, float("-inf"))
     return s, k, v
 
@@ -144,25 +183,32 @@ def _scores_block(
 def _attn_fwd_blocks(
     acc, l_i, m_i, q, K, V,  # running state, this block's queries, K/V base pointers for this (batch, kv head)
     stride_kt, stride_kd, stride_vt, stride_vd,
-    offs_m, offs_d, lo, hi, S, offset, qk_scale,
+    offs_m, offs_d, lo, hi, S, offset, row_start, qk_scale,
     BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,  # key blocks on the diagonal or past S: load with bounds and mask the scores
+    MASKED: tl.constexpr,  # key blocks on the diagonal, past S or cut by a document start: bounds and masks
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         s, k, v = _scores_block(
             q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n + offs_n, offs_m, offs_d, S, offset,
-            MASKED, CAUSAL, DOT_PRECISION,
+            row_start, MASKED, CAUSAL, DOCS, DOT_PRECISION,
         )
         # Every row sees at least one key in the first block it visits (key 0, or a whole unmasked block), so m_new
         # is finite from then on and exp2(m_i - m_new) never meets -inf - -inf, however large the scores.
         # The scale is positive, so max(s) * scale is the max of the scaled scores with the same rounding, and the
         # scale and the max subtraction are one FMA per score.
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        m_base = m_new
+        if MASKED:
+            if DOCS:
+                # Not so with documents: a row whose document starts past this block has no key in it yet. Its m
+                # stays -inf and the exponentials take 0 as their base, so alpha and p are exp2(-inf) = 0, not NaN.
+                m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_base)  # rescales what was accumulated under the old max
+        p = tl.math.exp2(s * qk_scale - m_base[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -180,6 +226,7 @@ def _attn_fwd_blocks(
 @triton.jit
 def _attn_fwd(
     Q, K, V, Out, LSE,  # LSE: (B, H, T) fp32, per-row log-sum-exp of the scaled scores in base 2
+    DOC_START,  # DOCS: (B, S) int32, the first position of each key position's document
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -190,6 +237,7 @@ def _attn_fwd(
     tuning_len,  # only an autotune key
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,  # mask across documents (CAUSAL only)
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -210,12 +258,19 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     offset = S - T
     unmasked_end, end = _key_range(start_m, offset, S, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, row_start = 0, 0
+    if DOCS:  # skip the blocks of earlier documents; mask those cut by a document start of this block's rows
+        row_start = tl.load(DOC_START + b * S + offs_m + offset, mask=row_ok, other=0)
+        first, lo = _document_key_range(row_start, row_ok, unmasked_end, BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                                         offs_m, offs_d, first, lo, S, offset, row_start, qk_scale,
+                                         BLOCK_N, True, CAUSAL, DOCS, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                                     offs_m, offs_d, 0, unmasked_end, S, offset, qk_scale,
-                                     BLOCK_N, False, CAUSAL, DOT_PRECISION)
+                                     offs_m, offs_d, lo, unmasked_end, S, offset, row_start, qk_scale,
+                                     BLOCK_N, False, CAUSAL, DOCS, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                                     offs_m, offs_d, unmasked_end, end, S, offset, qk_scale,
-                                     BLOCK_N, True, CAUSAL, DOT_PRECISION)
+                                     offs_m, offs_d, unmasked_end, end, S, offset, row_start, qk_scale,
+                                     BLOCK_N, True, CAUSAL, DOCS, DOT_PRECISION)
 
     o = acc / l_i[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
@@ -276,10 +331,12 @@ def _attn_bwd_delta(
 def _attn_bwd_dkdv_blocks(
     dk, dv, k, v, Q, DO, LSE, DELTA,  # accumulators, this block's keys/values, base pointers for one query head
     stride_qt, stride_qd, stride_dot, stride_dod,
+    DOC_START,  # DOCS: this batch row's (S,) document starts
     offs_n, offs_d, lo, hi, T, offset, qk_scale,
     BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr,  # query blocks on the diagonal or past T: load with bounds and mask P
+    MASKED: tl.constexpr,  # query blocks on the diagonal, past T or past a document end: bounds and masks
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
@@ -303,6 +360,9 @@ def _attn_bwd_dkdv_blocks(
             keep = offs_m[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[None, :] + offset >= offs_n[:, None])
+            if DOCS:
+                q_start = tl.load(DOC_START + offs_m + offset, mask=row_ok, other=0)
+                keep = keep & (offs_n[:, None] >= q_start[None, :])
             sT = tl.where(keep, sT, float("-inf"))
         pT = tl.math.exp2(sT * qk_scale - lse[None, :])  # one FMA per score
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -322,6 +382,7 @@ def _attn_bwd_dkdv_blocks(
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: contiguous like K
+    DOC_START, DOC_END,  # DOCS: (B, S) int32, the first and one past the last position of each key's document
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -331,6 +392,7 @@ def _attn_bwd_dkdv(
     tuning_len,  # only an autotune key
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -356,6 +418,16 @@ def _attn_bwd_dkdv(
     else:
         lo = 0
         mid = 0
+    hi = T
+    if DOCS:
+        # Queries past the end of the last key's document see none of this block, and those before the end of the
+        # first key's document see all of it (causality permitting): only the query blocks between are masked.
+        key_end = tl.load(DOC_END + b * S + offs_n, mask=col_ok, other=0)
+        first_end = tl.min(tl.where(col_ok, key_end, 2147483647), 0) - offset  # in query rows
+        hi = tl.minimum(T, tl.cdiv(tl.max(key_end, 0) - offset, BLOCK_M) * BLOCK_M)
+        mid = tl.minimum(mid, hi)
+        full_end = tl.minimum(full_end, tl.maximum(first_end // BLOCK_M * BLOCK_M, mid))
+        DOC_START += b * S
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -366,14 +438,14 @@ def _attn_bwd_dkdv(
         LSEh = LSE + (b * H + h) * T
         DELTAh = DELTA + (b * H + h) * T
         dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_qd, stride_dot,
-                                       stride_dod, offs_n, offs_d, lo, mid, T, offset, qk_scale,
-                                       BLOCK_M, True, CAUSAL, DOT_PRECISION)
+                                       stride_dod, DOC_START, offs_n, offs_d, lo, mid, T, offset, qk_scale,
+                                       BLOCK_M, True, CAUSAL, DOCS, DOT_PRECISION)
         dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_qd, stride_dot,
-                                       stride_dod, offs_n, offs_d, mid, full_end, T, offset, qk_scale,
-                                       BLOCK_M, False, CAUSAL, DOT_PRECISION)
+                                       stride_dod, DOC_START, offs_n, offs_d, mid, full_end, T, offset, qk_scale,
+                                       BLOCK_M, False, CAUSAL, DOCS, DOT_PRECISION)
         dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_qd, stride_dot,
-                                       stride_dod, offs_n, offs_d, full_end, T, T, offset, qk_scale,
-                                       BLOCK_M, True, CAUSAL, DOT_PRECISION)
+                                       stride_dod, DOC_START, offs_n, offs_d, full_end, hi, T, offset, qk_scale,
+                                       BLOCK_M, True, CAUSAL, DOCS, DOT_PRECISION)
 
     out = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -384,17 +456,18 @@ def _attn_bwd_dkdv(
 def _attn_bwd_dq_blocks(
     dq, q, do, lse, delta, K, V,  # accumulator, this block's rows, K/V base pointers for this (batch, kv head)
     stride_kt, stride_kd, stride_vt, stride_vd,
-    offs_m, offs_d, lo, hi, S, offset, qk_scale,
+    offs_m, offs_d, lo, hi, S, offset, row_start, qk_scale,
     BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,  # key blocks on the diagonal or past S: load with bounds and mask P
+    MASKED: tl.constexpr,  # key blocks on the diagonal, past S or cut by a document start: bounds and masks
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         s, k, v = _scores_block(
             q, K, V, stride_kt, stride_kd, stride_vt, stride_vd, start_n + offs_n, offs_m, offs_d, S, offset,
-            MASKED, CAUSAL, DOT_PRECISION,
+            row_start, MASKED, CAUSAL, DOCS, DOT_PRECISION,
         )
         p = tl.math.exp2(s * qk_scale - lse[:, None])  # one FMA per score
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -405,7 +478,7 @@ def _attn_bwd_dq_blocks(
 
 @triton.autotune(
     **_autotune(
-        gpu=[(128, 64, 8, 3, 128), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 128)],
+        gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 128)],
         fp32=(32, 32, 4, 2),
         interpreter=(32, 16),
     )
@@ -413,6 +486,7 @@ def _attn_bwd_dq_blocks(
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,  # DQ: contiguous like Q
+    DOC_START,  # DOCS: (B, S) int32, the first position of each key position's document
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -422,6 +496,7 @@ def _attn_bwd_dq(
     tuning_len,  # only an autotune key
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -444,12 +519,19 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     offset = S - T
     unmasked_end, end = _key_range(start_m, offset, S, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, row_start = 0, 0
+    if DOCS:  # the forward's walk over the key blocks
+        row_start = tl.load(DOC_START + b * S + offs_m + offset, mask=row_ok, other=0)
+        first, lo = _document_key_range(row_start, row_ok, unmasked_end, BLOCK_N)
+        dq = _attn_bwd_dq_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
+                                 offs_m, offs_d, first, lo, S, offset, row_start, qk_scale,
+                                 BLOCK_N, True, CAUSAL, DOCS, DOT_PRECISION)
     dq = _attn_bwd_dq_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                             offs_m, offs_d, 0, unmasked_end, S, offset, qk_scale,
-                             BLOCK_N, False, CAUSAL, DOT_PRECISION)
+                             offs_m, offs_d, lo, unmasked_end, S, offset, row_start, qk_scale,
+                             BLOCK_N, False, CAUSAL, DOCS, DOT_PRECISION)
     dq = _attn_bwd_dq_blocks(dq, q, do, lse, delta, K, V, stride_kt, stride_kd, stride_vt, stride_vd,
-                             offs_m, offs_d, unmasked_end, end, S, offset, qk_scale,
-                             BLOCK_N, True, CAUSAL, DOT_PRECISION)
+                             offs_m, offs_d, unmasked_end, end, S, offset, row_start, qk_scale,
+                             BLOCK_N, True, CAUSAL, DOCS, DOT_PRECISION)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -462,21 +544,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for 16-bit inputs
 
 
-def _forward(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, causal: bool, scale: float, doc_start=None) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, d = q.shape
     S = k.shape[2]
     o = empty(q.shape, q.dtype, q.device)
     lse = empty((B, H, T), torch.float32, q.device)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _attn_fwd[grid](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, o, lse, doc_start, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, T, S, H // k.shape[1], scale * LOG2E, _tuning_len(T),
-        HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+        HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal: bool, scale: float) -> tuple[torch.Tensor, ...]:
+def _backward(
+    do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, doc_end=None
+) -> tuple[torch.Tensor, ...]:
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     delta = empty((B, H, T), torch.float32, q.device)
@@ -487,13 +571,14 @@ def _backward(do, q, k, v, o, lse, causal: bool, scale: float) -> tuple[torch.Te
     dq = empty(q.shape, q.dtype, q.device)
     dk = empty(k.shape, k.dtype, k.device)
     dv = empty(v.shape, v.dtype, v.device)
-    common = dict(HEAD_DIM=d, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype))
+    common = dict(HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_len(S), **common,
     )
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        q, k, v, do, lse, delta, dq, doc_start, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_len(T), **common,
     )
     return dq, dk, dv
@@ -503,38 +588,39 @@ def _backward(do, q, k, v, o, lse, causal: bool, scale: float) -> tuple[torch.Te
 # traces a model through them with no graph break; the Triton launches stay opaque to it.
 @torch.library.custom_op("smollm::flash_attention", mutates_args=())
 def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.Tensor | None, doc_end: torch.Tensor | None,
+    causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, causal, scale)
+    return _forward(q, k, v, causal, scale, doc_start)
 
 
 @_attention_op.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, doc_start, doc_end, causal, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)  # contiguous, like _forward's
 
 
 @torch.library.custom_op("smollm::flash_attention_backward", mutates_args=())
 def _attention_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    causal: bool, scale: float,
+    doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, causal, scale)
+    return _backward(do, q, k, v, o, lse, causal, scale, doc_start, doc_end)
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, causal, scale):
+def _(do, q, k, v, o, lse, doc_start, doc_end, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.scale = inputs
-    ctx.save_for_backward(q, k, v, *output)
+    q, k, v, doc_start, doc_end, ctx.causal, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output, doc_start, doc_end)
 
 
 def _attention_backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, doc_start, doc_end, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
@@ -568,14 +654,21 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T) v with grouped-query heads: q (B, H, T, d), k and v (B, Hkv, S, d), H a multiple of Hkv.
 
     Query head h reads K/V head h // (H // Hkv) without repeating K/V. With causal=True and T < S the queries are the
-    last T positions (KV-cache decoding). scale defaults to 1/sqrt(d). Differentiable in q, k and v; the result is in
-    the input dtype. Same semantics as ``kernels.reference.flash_attention``.
+    last T positions (KV-cache decoding). scale defaults to 1/sqrt(d). doc_ids (B, S) integers, one per key position
+    (query i is position S - T + i), mask attention across documents: a document is a run of equal consecutive ids,
+    and a query sees only the keys of its own (causal only). Differentiable in q, k and v; the result is in the input
+    dtype. Same semantics as ``kernels.reference.flash_attention``.
     """
     _check_inputs(q, k, v, causal)
+    doc_start = doc_end = None
+    if doc_ids is not None:
+        check_doc_ids(doc_ids, k, causal)
+        doc_start, doc_end = document_starts(doc_ids), document_ends(doc_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _attention_op(q, k, v, causal, scale)[0]
+    return _attention_op(q, k, v, doc_start, doc_end, causal, scale)[0]

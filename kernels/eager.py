@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels._utils import check_doc_ids, document_starts
+
 # Logits kept per chunk of the fused loss: like the Triton kernel's CPU budget, large enough that each chunk's
 # matmuls run at full speed, small enough that a 50k vocabulary never holds all its logits (and their fp32 copy).
 CHUNK_BUDGET_BYTES = 256 * 2**20
@@ -71,21 +73,29 @@ def apply_rope_qk(
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q k^T) v with grouped-query heads: q (B, H, T, d), k and v (B, Hkv, S, d), H a multiple of Hkv.
 
     With causal=True and T < S the queries are the last T positions (KV-cache decoding). SDPA's is_causal aligns the
     mask to the top left (query i sees keys j <= i), which is right only for T == S; one query (T == 1) sees every
-    key, so needs no mask; a chunk of 1 < T < S queries gets the end-aligned mask explicitly.
+    key, so needs no mask; a chunk of 1 < T < S queries gets the end-aligned mask explicitly. doc_ids (B, S) (a
+    document is a run of equal consecutive ids, as in kernels.attention) make it block-causal: one (B, 1, T, S)
+    boolean mask per call, query p sees keys from its document's start to itself.
     """
     T, S = q.shape[-2], k.shape[-2]
     if causal and T > S:
         raise ValueError(f"causal attention needs T <= S (queries are the last T of S positions), got T={T}, S={S}")
     mask = None
-    if causal and 1 < T < S:
+    if doc_ids is not None:
+        check_doc_ids(doc_ids, k, causal)
+        keys = torch.arange(S, device=q.device)
+        start = document_starts(doc_ids)[:, S - T :, None]  # (B, T, 1): the first key each query sees
+        mask = ((keys >= start) & (keys <= keys[S - T :, None]))[:, None]  # (B, 1, T, S)
+    elif causal and 1 < T < S:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    is_causal = causal and T == S and T > 1
+    is_causal = causal and T == S and T > 1 and doc_ids is None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
 
 

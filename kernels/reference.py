@@ -84,18 +84,34 @@ def causal_mask(T: int, S: int, device: torch.device | None = None) -> torch.Ten
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
+def document_mask(doc_ids: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, 1, T, S) boolean mask, True where query i (key position S - T + i) and key j lie in one document.
+
+    doc_ids is (B, S), one integer per key position; a document is a run of equal consecutive ids, numbered here by
+    counting the changes before each position, so that a repeated id further on starts a new document.
+    """
+    changes = (doc_ids[:, 1:] != doc_ids[:, :-1]).long()
+    run = torch.cat([torch.zeros_like(changes[:, :1]), changes.cumsum(dim=1)], dim=1)  # (B, S) document numbers
+    return (run[:, -T:, None] == run[:, None, :])[:, None]
+
+
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with grouped-query heads: q (B, H, T, d), k and v (B, Hkv, S, d), H a multiple of Hkv.
 
     Query head h reads K/V head h // (H // Hkv). With causal=True and T < S the queries are the last T positions
-    (KV-cache decoding), so the mask is aligned to the end.
+    (KV-cache decoding), so the mask is aligned to the end. doc_ids (B, S) also hides every key outside the query's
+    document (document_mask).
     """
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    mask = causal_mask(q.shape[-2], k.shape[-2], q.device) if causal else None
+    T, S = q.shape[-2], k.shape[-2]
+    mask = causal_mask(T, S, q.device) if causal else None
+    if doc_ids is not None:
+        mask = document_mask(doc_ids, T) if mask is None else mask & document_mask(doc_ids, T)
     return scaled_dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 

@@ -14,13 +14,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from kernels import ops as backend_ops
+from kernels import resolve_backend
 from kernels.reference import silu
 from model.config import ModelConfig
 
 
+# The modules below keep their config's kernels choice ("auto", "triton", "eager") as `kernels`, so the package is not
+# imported under that name: a constructor's `kernels` argument would shadow it.
 def _ops(choice: str, x: torch.Tensor):
-    return kernels.ops(kernels.resolve_backend(choice, x.device))
+    return backend_ops(resolve_backend(choice, x.device))
 
 
 class Linear(nn.Module):
@@ -162,7 +165,11 @@ class CausalSelfAttention(nn.Module):
             self.rope = RotaryEmbedding(config.rope_theta, self.head_dim, config.context_length, config.kernels)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | int | None = None, kv_cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | int | None = None,
+        kv_cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
@@ -175,7 +182,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None and kv_cache.pad is not None:  # left-padded prompts: PyTorch's attention takes a mask
             y = F.scaled_dot_product_attention(q, k, v, kv_cache.attention_mask(T), enable_gqa=True)  # (B, H, T, dh)
         else:  # the kernel reads each K/V head for its group of query heads (no repeat), mask aligned to the end
-            y = _ops(self.kernels, x).flash_attention(q, k, v, causal=True)  # (B, H, T, dh)
+            y = _ops(self.kernels, x).flash_attention(q, k, v, causal=True, doc_ids=doc_ids)  # (B, H, T, dh)
         return self.output_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -227,12 +234,16 @@ class TransformerBlock(nn.Module):
         self.ffn = SwiGLU(config) if config.ffn == "swiglu" else SiLUMLP(config)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | int | None = None, kv_cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | int | None = None,
+        kv_cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.post_norm:
-            x = self.ln1(x + self.attn(x, positions, kv_cache))
+            x = self.ln1(x + self.attn(x, positions, kv_cache, doc_ids))
             return self.ln2(x + self.ffn(x))
-        x = x + self.attn(self.ln1(x), positions, kv_cache)
+        x = x + self.attn(self.ln1(x), positions, kv_cache, doc_ids)
         return x + self.ffn(self.ln2(x))
 
 
@@ -277,20 +288,27 @@ class TransformerLM(nn.Module):
         targets: torch.Tensor | None = None,
         positions: torch.Tensor | int | None = None,
         kv_caches: list[KVCache] | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, V); with targets (B, T), already shifted, the fp32 mean loss instead.
 
         positions (T,) or (B, T), or an int start, overrides the default arange(T), which starts after the cached
-        tokens when kv_caches (from make_kv_caches) are given. Targets equal to -100 are ignored.
+        tokens when kv_caches (from make_kv_caches) are given. Targets equal to -100 are ignored. doc_ids (B, T)
+        integers, a run of equal ids per document, keep attention inside each document of a packed window (the
+        caller knows where documents end; the model knows no tokenizer). Positions need no reset per document:
+        RoPE is relative, so a document attends as it would alone. Not with kv_caches: a decoded sequence is one
+        document.
         """
         T = ids.shape[-1]
         if T > self.config.context_length:
             raise ValueError(f"sequence of {T} tokens is longer than the context length {self.config.context_length}")
+        if doc_ids is not None and kv_caches is not None:
+            raise ValueError("doc_ids and kv_caches do not go together: decoding runs one document")
         if positions is None and kv_caches is not None:
             positions = kv_caches[0].length  # a start: RoPE checks it without reading the device
         x = self.token_embeddings(ids)  # (B, T, d)
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if kv_caches is None else kv_caches[i])
+            x = layer(x, positions, None if kv_caches is None else kv_caches[i], doc_ids)
         x = self.ln_final(x)
         if targets is None:
             return self.lm_head(x)  # (B, T, V)

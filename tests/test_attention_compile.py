@@ -2,9 +2,9 @@
 
 The interpreter accepts things the compiler rejects, so CI also lowers each kernel as a GPU launch would, with its
 argument specialization (kernels.sm90), on what tests/test_sm90_gates.py does not cover: fp32 (the FMA path with
-input_precision="ieee") non-causal at head dim 32, and fp16 causal grouped-query at head dim 16, both at odd
-lengths, where no length or row offset is divisible by 16. One config per kernel (the first its pruner keeps)
-keeps this quick; the gates compile every kept bf16 config.
+input_precision="ieee") non-causal at head dim 32, and fp16 causal grouped-query at head dim 16, without and with
+documents (doc_ids), all at odd lengths, where no length or row offset is divisible by 16. One config per kernel (the
+first its pruner keeps) keeps this quick; the gates compile every kept bf16 config.
 """
 
 SCRIPT = """
@@ -16,18 +16,20 @@ for tuned in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq):
         configs, named_args, **kw)[:1]
 
 
-def fwd_bwd(dtype, heads, kv_heads, T, S, d, causal):
+def fwd_bwd(dtype, heads, kv_heads, T, S, d, causal, docs=False):
     q = torch.empty(1, heads, T, d, dtype=dtype, requires_grad=True)
     k, v = (torch.empty(1, kv_heads, S, d, dtype=dtype, requires_grad=True) for _ in range(2))
+    doc_ids = (torch.arange(S) // 13)[None] if docs else None
 
     def run():
-        out = A.flash_attention(q, k, v, causal=causal)
+        out = A.flash_attention(q, k, v, causal=causal, doc_ids=doc_ids)
         out.backward(torch.empty_like(out))
     return run
 
 
 CASES = {"fp32 d32 noncausal": fwd_bwd(torch.float32, 2, 1, 45, 19, 32, False),
-         "fp16 d16 gqa causal": fwd_bwd(torch.float16, 4, 2, 67, 67, 16, True)}
+         "fp16 d16 gqa causal": fwd_bwd(torch.float16, 4, 2, 67, 67, 16, True),
+         "fp16 d16 gqa docs": fwd_bwd(torch.float16, 4, 2, 67, 67, 16, True, docs=True)}
 """
 
 

@@ -1,9 +1,13 @@
-"""Document-aligned training windows (--windows aligned) against a token-by-token reference on awkward boundaries."""
+"""Document-aligned training windows (--windows aligned) against a token-by-token reference on awkward boundaries,
+and the document ids of --doc-mask."""
 
 import numpy as np
 import pytest
+import torch
 
-from train.dataset import AlignedBatchSampler, BatchSampler, batch_sampler, piece_starts
+from model import TransformerLM
+from train.dataset import AlignedBatchSampler, BatchSampler, batch_sampler, document_ids, piece_starts
+from train.loop import run
 
 EOT, T = 0, 4  # the separator's id, and the window length
 
@@ -78,3 +82,41 @@ def test_choice_and_errors():
     assert type(batch_sampler("aligned", data, 2, T, 0, 1, EOT)) is AlignedBatchSampler
     with pytest.raises(ValueError, match="--windows aligned needs .* --tokenizer"):
         batch_sampler("aligned", data, 2, T, 0, 1, None)
+
+
+def test_document_ids_open_a_document_at_each_separator():
+    x = torch.tensor([[5, EOT, 1, 2, EOT, EOT, 3], [EOT, 1, 1, 1, 1, 1, 1]])
+    ids = document_ids(x, EOT)
+    assert ids.dtype == torch.int32
+    assert ids.tolist() == [[0, 1, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1]]
+
+
+def test_doc_mask_passes_the_ids_to_every_forward(tmp_path, monkeypatch):
+    """--doc-mask: every training and evaluation forward gets document_ids of its inputs (the model knows no
+    tokenizer, so the trainer must compute them); without --doc-mask none does."""
+    from test_train_run import tiny
+    from tokenizer import Tokenizer
+
+    tokenizer = Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
+    tokenizer.save(tmp_path / "tok")
+    eot = tokenizer.special_token_id("<|endoftext|>")
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 64, size=2000).astype(np.uint16)
+    data[rng.random(2000) < 0.1] = eot
+    for name in ("train", "val"):
+        np.save(tmp_path / f"{name}.npy", data)
+    seen, forward = [], TransformerLM.forward
+
+    def spy(self, ids, targets=None, positions=None, kv_caches=None, doc_ids=None):
+        seen.append((ids, doc_ids))
+        return forward(self, ids, targets, positions, kv_caches, doc_ids)
+
+    monkeypatch.setattr(TransformerLM, "forward", spy)
+    tokens = (str(tmp_path / "train.npy"), str(tmp_path / "val.npy"))
+    overrides = dict(tokenizer=str(tmp_path / "tok"), vocab_size=None, steps=2, eval_interval=2, windows="aligned")
+    run(tiny(tokens, tmp_path / "masked", doc_mask=True, **overrides))
+    assert len(seen) > 2 and all(torch.equal(d, document_ids(x, eot)) for x, d in seen)
+    assert any(d.max() > d.min() for _, d in seen)  # windows that really hold several documents
+    seen.clear()
+    run(tiny(tokens, tmp_path / "plain", **overrides))
+    assert seen and all(d is None for _, d in seen)

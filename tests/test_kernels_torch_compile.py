@@ -41,6 +41,7 @@ def _assert_compiled_matches(fn, inputs):
 
 positions = torch.arange(7)
 targets = torch.tensor([3, -100, 0, 30, 7, 1, 2])
+doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
 OPS = {
     "rms_norm": (lambda x, w: kernels.rms_norm(x, w), [torch.randn(2, 7, 24), torch.randn(24)]),
     "rms_norm_out_dtype": (lambda x, w: kernels.rms_norm(x, w, out_dtype=torch.float16),
@@ -54,6 +55,8 @@ OPS = {
                                    [torch.randn(7, 16), torch.randn(31, 16)]),
     "flash_attention": (kernels.flash_attention, [torch.randn(1, 4, 5, 16), torch.randn(1, 2, 9, 16),
                                                   torch.randn(1, 2, 9, 16)]),  # GQA, decoding (T < S)
+    "flash_attention_docs": (lambda q, k, v: kernels.flash_attention(q, k, v, doc_ids=doc_ids),
+                             [torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)]),
 }  # fmt: skip
 
 

@@ -39,6 +39,28 @@ CASES = {f"{name} {pass_}": make(*shape) for name, shape in SHAPES.items()
          for pass_, make in (("forward", forward), ("backward", backward))}
 """
 
+# Attention masked across documents (doc_ids): the DOCS=True variants of the same kernels at the T = 4096 shapes.
+DOC_ATTENTION_SCRIPT = """
+import torch
+from kernels import attention as A
+
+BF16 = torch.bfloat16
+
+
+def forward(B, H, T, d):
+    x, starts = torch.empty(B, H, T, d, dtype=BF16), torch.empty(B, T, dtype=torch.int32)
+    return lambda: A._forward(x, x, x, True, d ** -0.5, starts)
+
+
+def backward(B, H, T, d):
+    x, lse, bounds = torch.empty(B, H, T, d, dtype=BF16), torch.empty(B, H, T), torch.empty(B, T, dtype=torch.int32)
+    return lambda: A._backward(x, x, x, x, x, lse, True, d ** -0.5, bounds, bounds)
+
+
+CASES = {f"d{d} T4096 docs {pass_}": make(16384 // 4096, 2048 // d, 4096, d) for d in (32, 64, 128)
+         for pass_, make in (("forward", forward), ("backward", backward))}
+"""
+
 MEMORY_BOUND_SCRIPT = """
 import torch
 import triton
@@ -107,6 +129,11 @@ def attention_launches(compile_for_sm90):
 
 
 @pytest.fixture(scope="module")
+def doc_attention_launches(compile_for_sm90):
+    return compile_for_sm90(DOC_ATTENTION_SCRIPT, workers=2)
+
+
+@pytest.fixture(scope="module")
 def memory_bound_launches(compile_for_sm90):
     return compile_for_sm90(MEMORY_BOUND_SCRIPT)
 
@@ -140,6 +167,16 @@ def test_attention_dots_are_wgmma_without_spills(attention_launches):
     for label, records in attention_launches.items():
         wanted = ATTENTION_KERNELS[:1] if label.endswith("forward") else ATTENTION_KERNELS[1:]
         assert {r["name"] for r in records} >= set(wanted), label
+        problems += _problems(records, label, _wgmma_without_spills)
+    assert not problems, "\n".join(problems)
+
+
+def test_document_masked_attention_dots_are_wgmma_without_spills(doc_attention_launches):
+    problems = []
+    for label, records in doc_attention_launches.items():
+        wanted = ATTENTION_KERNELS[:1] if label.endswith("forward") else ATTENTION_KERNELS[1:]
+        assert {r["name"] for r in records} >= set(wanted), label
+        assert all(r["config"]["DOCS"] for r in records if r["name"] in wanted), label
         problems += _problems(records, label, _wgmma_without_spills)
     assert not problems, "\n".join(problems)
 

@@ -134,6 +134,7 @@ def test_loss_above_threshold_counts_as_diverged(tokens, tmp_path):
         (dict(model="huge"), ValueError, "unknown preset 'huge'"),
         (dict(tokenizer="/nonexistent/tok"), FileNotFoundError, "has no vocab.json"),
         (dict(device="cuda:3"), ValueError, "CUDA is not available"),
+        (dict(doc_mask=True), ValueError, "--doc-mask needs to know where documents end: a tokenizer"),
     ],
 )
 def test_bad_inputs_give_clear_errors(tokens, tmp_path, overrides, error, message):

@@ -70,6 +70,7 @@ class TrainConfig:
     )
     muon_momentum: float = opt(0.95, "Muon's Nesterov momentum (the AdamW part keeps --beta1, --beta2)")
     windows: Literal["uniform", "aligned"] = opt("uniform", "training windows start anywhere, or at document starts")
+    doc_mask: bool = opt(False, "attention stays inside documents: each <|endoftext|> opens one (train and eval)")
     # evaluation, logging, checkpoints
     eval_interval: int = opt(400, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(0, "validation batches (global), the same each eval, spread over the split (0: all of it)")

@@ -171,6 +171,17 @@ def batch_sampler(windows: str, data, batch_size: int, context_length: int, seed
     return AlignedBatchSampler(data, batch_size, context_length, seed, slots, eot_id)
 
 
+def document_ids(x: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """``--doc-mask``: (B, T) int32 document numbers of a batch of input windows, for the model's ``doc_ids``.
+
+    Each ``<|endoftext|>`` opens a new document: it serves as that document's beginning-of-sequence token, as in
+    AlignedBatchSampler's windows, so its target (the document's first token) is predicted from it alone, and every
+    token of the document still sees it. The tokens before the first separator are the end of an earlier document.
+    One cumsum on the device, no host sync.
+    """
+    return torch.cumsum(x == eot_id, dim=1, dtype=torch.int32)
+
+
 def eval_starts(num_tokens: int, context_length: int, num_windows: int) -> np.ndarray:
     """Starts of the fixed validation windows: ``num_windows`` spread evenly over the split, or (0) all of it.
 

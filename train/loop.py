@@ -23,7 +23,7 @@ from model import ModelConfig, TransformerLM, flops_per_token, generate, param_c
 from train.checkpoint import apply_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from train.config import TrainConfig
 from train.dataset import EOT, batch_from_starts, batch_sampler, check_length, eval_starts, open_tokens, resolve_data
-from train.dataset import tokenizer_digest
+from train.dataset import document_ids, tokenizer_digest
 from train.distributed import Dist, accumulating, init_distributed, shutdown
 from train.fsdp import check_kind, full_model, latest_sharded, load_sharded, save_sharded, shard
 from train.log import RunLogger, peak_flops, perplexity
@@ -53,6 +53,7 @@ class Data:
     tok_dir: Path | None  # the tokenizer's directory, when the run has one
     tokenizer: object | None  # its Tokenizer (for the sample at the end)
     prompt: list[int] | None  # the sample prompt's ids; None: no sample
+    eot_id: int | None  # the id of <|endoftext|>, where documents end; None: unknown (no tokenizer, or none in it)
 
 
 @dataclass
@@ -204,6 +205,12 @@ def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
         vocab_size = cfg.vocab_size or tokenizer.vocab_size  # a larger model vocabulary is fine (padding)
     train_data, val_data = open_tokens(train_path, vocab_size), open_tokens(val_path, vocab_size)
     check_length(val_data, context_length, "validation data")  # (the sampler checks the training data)
+    eot_id = tokenizer.special_token_id(EOT) if tokenizer is not None and EOT in tokenizer.special_tokens else None
+    if cfg.doc_mask and eot_id is None:
+        raise ValueError(
+            f"--doc-mask needs to know where documents end: a tokenizer with {EOT} "
+            "(with .npy data, pass the --tokenizer it was encoded with)"
+        )
     prompt = None
     if tokenizer is not None and cfg.sample_tokens > 0:
         prompt = tokenizer.encode(cfg.sample_prompt)
@@ -212,7 +219,7 @@ def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
                 f"--sample-prompt is {len(prompt)} tokens: it needs 1 to {context_length - 1} to leave room in the "
                 f"context of {context_length} (or --sample-tokens 0 for no sample)"
             )
-    return Data(train_data, val_data, vocab_size, context_length, tok_dir, tokenizer, prompt)
+    return Data(train_data, val_data, vocab_size, context_length, tok_dir, tokenizer, prompt, eot_id)
 
 
 # ---- model and optimizer --------------------------------------------------------------------------------------
@@ -316,6 +323,11 @@ def save(run_dir: RunDir, model: Model, sampler, cfg: TrainConfig, info: Dist, s
         run_dir.prune(cfg.keep_ckpts)
 
 
+def doc_ids(x: torch.Tensor, cfg: TrainConfig, data: Data) -> torch.Tensor | None:
+    """The model's doc_ids for input windows x under --doc-mask (evaluation masks as training did), else None."""
+    return document_ids(x, data.eot_id) if cfg.doc_mask else None
+
+
 def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device, autocast) -> float:
     """Mean validation loss over the fixed windows; ranks split the batches and sum."""
     model.eval()
@@ -327,7 +339,7 @@ def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device
             weight = len(chunk)  # 0 for a rank past the end: under FSDP it still joins the forward's all-gathers
             chunk = chunk if weight else starts[: cfg.batch_size]
             x, y = batch_from_starts(data.val, chunk, data.context_length, device)
-            total += model(x, y).float() * weight
+            total += model(x, y, doc_ids=doc_ids(x, cfg, data)).float() * weight
             count += weight
     model.train()
     return (info.sum(total) / info.sum(count)).item()
@@ -336,8 +348,7 @@ def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device
 def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model: Model, logger) -> Outcome:
     steps, per_step, start = total_steps(cfg, info), tokens_per_step(cfg, info), model.start
     tokenizer, slots = data.tokenizer, cfg.grad_accum * info.world_size
-    eot_id = tokenizer.special_token_id(EOT) if tokenizer is not None and EOT in tokenizer.special_tokens else None
-    sampler = batch_sampler(cfg.windows, data.train, cfg.batch_size, data.context_length, cfg.seed, slots, eot_id)
+    sampler = batch_sampler(cfg.windows, data.train, cfg.batch_size, data.context_length, cfg.seed, slots, data.eot_id)
     val_starts = eval_starts(len(data.val), data.context_length, cfg.eval_batches * cfg.batch_size * info.world_size)
     bpb_factor = None
     if tokenizer is not None:
@@ -368,7 +379,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             last = micro == cfg.grad_accum - 1
             with accumulating(model.train, last):
                 with autocast:
-                    loss = model.train(x, y)
+                    loss = model.train(x, y, doc_ids=doc_ids(x, cfg, data))
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = clip_gradients(cfg.optimizer, params, cfg.grad_clip or math.inf)

@@ -132,10 +132,10 @@ def checkpoint_blocks(model: torch.nn.Module):
         block.forward = functools.partial(_recomputed_forward, block.forward)
 
 
-def _recomputed_forward(forward, x, positions=None, kv_cache=None):
+def _recomputed_forward(forward, x, positions=None, kv_cache=None, doc_ids=None):
     if kv_cache is not None or not torch.is_grad_enabled():
-        return forward(x, positions, kv_cache)
-    return checkpoint(forward, x, positions, use_reentrant=False)
+        return forward(x, positions, kv_cache, doc_ids)
+    return checkpoint(forward, x, positions, None, doc_ids, use_reentrant=False)
 
 
 def fitting_setting(
