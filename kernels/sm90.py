@@ -36,11 +36,12 @@ Launch: name, config (constexprs, the ints the launch turned into constants such
 num_stages), grid, stats (Stats), ctas (grid size),
 resident_ctas / resident_warps (per SM, from registers, shared memory and the SM's limits), waves (grid / (132 x
 resident CTAs)). Stats: regs, spill_stores / spill_loads (STL / LDL instructions in the SASS: register spills to
-local memory), stack (stack frame bytes per thread), shared (bytes), wgmma / mma_sync (PTX tensor-core
-instructions), cp_async / tma (PTX cp.async and cp.async.bulk), loads / stores (PTX ld.global / st.global counts
-by access width in bytes, of the kernel's tensors), table_loads (the loads of constant arrays compiled into the module,
-such as libdevice sinf's 2/pi table, apart), vector_share(kind) (the share of the tensors' bytes moved by 16-byte
-vectors).
+local memory), local (the STL + LDL of local arrays the PTX itself declares, such as libdevice sinf's, counted here
+instead when ptxas reports no spill for the kernel), stack (stack frame bytes per thread), shared (bytes), wgmma /
+mma_sync (PTX tensor-core instructions), cp_async / tma (PTX cp.async and cp.async.bulk), loads / stores (PTX
+ld.global / st.global counts by access width in bytes, of the kernel's tensors), table_loads (the loads of constant
+arrays compiled into the module, such as libdevice sinf's 2/pi table, apart), vector_share(kind) (the share of the
+tensors' bytes moved by 16-byte vectors).
 A config the pruner kept but that cannot launch (too much shared memory) is a Launch with `error` set.
 
 ptxas_version() names the ptxas used. Must run with TRITON_INTERPRET unset (the interpreter replaces the JIT);
@@ -49,6 +50,7 @@ tests do it in subprocesses through the `compile_for_sm90` fixture (tests/confte
 
 import contextlib
 import dataclasses
+import os
 import re
 import subprocess
 import tempfile
@@ -89,6 +91,7 @@ class Stats:
     stack: int
     spill_stores: int
     spill_loads: int
+    local: int  # STL + LDL of the PTX's own local arrays, not spills
     shared: int
     wgmma: int
     mma_sync: int
@@ -148,6 +151,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)\s+([^;]*);", re.M)
 _OPERAND = re.compile(r"\s*(?:\{[^}]*\}|\[[^\]]*\]|[^,]+)")
 _NAME = re.compile(r"%?[A-Za-z_$][\w$]*")
 _MODULE_ARRAY = re.compile(r"^\.(?:global|const)\s+(?:\.\w+\s+(?:\d+\s+)?)*([A-Za-z_$][\w$]*)\[\d*\]\s*=", re.M)
+_LOCAL_ARRAY = re.compile(r"^\s*\.local\s", re.M)
 _ADDRESS_OPS = {"mov", "add", "sub", "cvta", "selp", "mad"}  # what carries a base address into a register
 
 
@@ -234,11 +238,27 @@ def _sass_stats(name: str, cubin: bytes) -> tuple[int, int, int, int]:
             len(re.findall(r"\bLDL\b", sass.stdout)))
 
 
-def _stats(name: str, cubin: bytes, ptx: str, shared: int) -> Stats:
+def _ptxas_spills(ptx: str, capability: int) -> bool:
+    """Whether ptxas -v, run on the PTX as Triton runs it, reports spill stores or loads."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name=sm_{capability}a", src, "-o", out],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    return any(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.stdout + log.stderr))
+
+
+def _stats(name: str, cubin: bytes, ptx: str, shared: int, capability: int) -> Stats:
     regs, stack, stl, ldl = _sass_stats(name, cubin)
+    # STL/LDL are spills, unless the PTX declares local arrays (libdevice sinf/cosf keep their Payne-Hanek digits in
+    # one) and ptxas, asked again with -v (only then: it costs a compile), counts no spill: then they are the array's.
+    local = 0
+    if (stl or ldl) and _LOCAL_ARRAY.search(ptx) and not _ptxas_spills(ptx, capability):
+        local, stl, ldl = stl + ldl, 0, 0
     loads, stores, table_loads = _access_widths(ptx)
     return Stats(
-        regs=regs, stack=stack, spill_stores=stl, spill_loads=ldl, shared=shared,
+        regs=regs, stack=stack, spill_stores=stl, spill_loads=ldl, local=local, shared=shared,
         wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
         cp_async=len(re.findall(r"\bcp\.async\.(?!bulk)", ptx)), tma=len(re.findall(r"\bcp\.async\.bulk", ptx)),
         loads=dict(loads), stores=dict(stores), table_loads=dict(table_loads),
@@ -265,7 +285,7 @@ class _Utils:
                 "warpSize": 32, "sm_clock_rate": 1_980_000, "mem_clock_rate": 2_619_000, "mem_bus_width": 5120}
 
     def load_binary(self, name, cubin, shared, _device):
-        stats = _stats(name, cubin, self.ptx_by_name.pop(name, ""), shared)
+        stats = _stats(name, cubin, self.ptx_by_name.pop(name, ""), shared, self.device.capability)
         return None, _Handle(stats), stats.regs, stats.stack // 4, 1024
 
     def unload_module(self, _module):
