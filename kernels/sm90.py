@@ -221,9 +221,16 @@ def _tool(name: str) -> str:
     return getattr(knobs.nvidia, name).path
 
 
-def ptxas_version() -> str:
-    """The version of the ptxas Triton compiles with, e.g. "12.9"."""
-    return knobs.nvidia.ptxas.version
+def _ptxas(capability: int):
+    """The ptxas Triton compiles for this capability with: Triton 3.9 takes its newer one (13.x) from sm_90 on."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(capability)
+
+
+def ptxas_version(device: Device = H100) -> str:
+    """The version of the ptxas Triton compiles for `device` with, e.g. "13.4"."""
+    return _ptxas(device.capability).version
 
 
 def _sass_stats(name: str, cubin: bytes) -> tuple[int, int, int, int]:
@@ -244,7 +251,7 @@ def _ptxas_spills(ptx: str, capability: int) -> bool:
         src, out = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name=sm_{capability}a", src, "-o", out],
+        log = subprocess.run([_ptxas(capability).path, "-v", f"--gpu-name=sm_{capability}a", src, "-o", out],
                              capture_output=True, text=True, check=True)  # fmt: skip
     return any(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.stdout + log.stderr))
 
