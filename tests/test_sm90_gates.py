@@ -14,7 +14,9 @@ GPU sees it:
   are the loads of the kernel's tensors: kernels.sm90 counts those of constant arrays compiled into the module apart
   (RoPE's libdevice sinf/cosf read the 2/pi bits of their large-argument reduction, scalar by scalar, only for
   |angle| > 105615 rad, i.e. positions past 105615), and only where their address provably starts at such an array;
-- no kernel spills registers (STL/LDL in the SASS) at these shapes.
+- no kernel spills registers (STL/LDL in the SASS) at these shapes. The STL/LDL of a local array the PTX declares
+  itself (the digits of that same reduction, which Triton 3.6's ptxas 12.8 keeps in local memory) count only if
+  `ptxas -v` on the PTX also reports a spill.
 """
 
 import pytest
