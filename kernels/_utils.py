@@ -1,6 +1,7 @@
 """Small helpers shared by the kernel launchers: input checks, output allocation and launch sizes.
 
-Everything here is plain Python around torch; the Triton kernels themselves live with their op.
+Everything here is plain Python around torch (and one fix to Triton's interpreter); the Triton kernels themselves
+live with their op.
 """
 
 import os
@@ -9,6 +10,34 @@ import torch
 
 # The interpreter runs every program in Python, so launch sizes there favour few, large programs.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _interpreter_scalars_index_as_ints() -> None:
+    """Make the interpreter turn a scalar into a Python int the way NumPy 2.4 accepts, on every Triton version.
+
+    The interpreter holds a scalar (a kernel's int argument, program_id, anything computed from them) as a 1-element
+    NumPy array. Triton 3.6 turns it into a range bound with int(array), which NumPy >= 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars", triton-lang/triton#9171), so every loop whose bound is
+    not a constexpr fails: RMSNorm's rows, RoPE's heads, attention's keys. Later Tritons take the array's one element,
+    as this does, after the interpreter's own patching of tl.tensor (undone with it when the launch ends). Skipped if
+    a Triton no longer has the hook.
+    """
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "scalar_index_fixed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor.scalar_index_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRET:
+    _interpreter_scalars_index_as_ints()
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -17,6 +17,18 @@ latency-bound load-rotate-store round trip per head. ``tl.range(num_stages=2 or 
 and shared memory, but lowered for sm_90a it made ptxas spill (32 STL / 48 LDL: libdevice sinf's local array);
 the register prefetch costs 12 registers (68 in all) and spills nothing.
 
+Sin and cos are libdevice's sinf/cosf (within 2 ulp): a Cody-Waite reduction for |a| < 105615 and, past that, a
+Payne-Hanek reduction that reads the bits of 2/pi from a 24-byte constant array in the module, one scalar load at a
+time. Since |a| <= |p|, that path never runs below position 105615, and the static 16-byte-vector gate counts only
+the kernel's tensor loads (kernels.sm90 tells a load of the module's own constants by where its address starts).
+Triton 3.6's ptxas 12.8 also keeps the reduction's 7-word array in local memory (80 STL/LDL that ptxas -v does not
+call spills, at 56 registers); the no-spill gate counts those only if ptxas reports a spill.
+Designing the path away was weighed and rejected: a reduction to [-pi, pi] ahead of tl.sin leaves libdevice's slow
+branch in the code (the compiler cannot bound the reduced angle), so it only adds instructions; sin.approx on the
+reduced angle is about 2^-21 absolute, not 2 ulp; a precomputed (position, pair) cos/sin table adds 8 bytes of fp32
+reads per pair and position (8% of apply_rope's traffic at 125M: 256 B of table per 3072 B of q) and serves integer
+positions only.
+
 Both entry points are one torch.library custom op (smollm::rope) with a fake implementation and autograd, so
 torch.compile traces through them without a graph break.
 """

@@ -36,9 +36,12 @@ Launch: name, config (constexprs, the ints the launch turned into constants such
 num_stages), grid, stats (Stats), ctas (grid size),
 resident_ctas / resident_warps (per SM, from registers, shared memory and the SM's limits), waves (grid / (132 x
 resident CTAs)). Stats: regs, spill_stores / spill_loads (STL / LDL instructions in the SASS: register spills to
-local memory), stack (stack frame bytes per thread), shared (bytes), wgmma / mma_sync (PTX tensor-core
-instructions), cp_async / tma (PTX cp.async and cp.async.bulk), loads / stores (PTX ld.global / st.global counts
-by access width in bytes), vector_share(kind) (the share of their bytes moved by 16-byte vectors).
+local memory), local (the STL + LDL of local arrays the PTX itself declares, such as libdevice sinf's, counted here
+instead when ptxas reports no spill for the kernel), stack (stack frame bytes per thread), shared (bytes), wgmma /
+mma_sync (PTX tensor-core instructions), cp_async / tma (PTX cp.async and cp.async.bulk), loads / stores (PTX
+ld.global / st.global counts by access width in bytes, of the kernel's tensors), table_loads (the loads of constant
+arrays compiled into the module, such as libdevice sinf's 2/pi table, apart), vector_share(kind) (the share of the
+tensors' bytes moved by 16-byte vectors).
 A config the pruner kept but that cannot launch (too much shared memory) is a Launch with `error` set.
 
 ptxas_version() names the ptxas used. Must run with TRITON_INTERPRET unset (the interpreter replaces the JIT);
@@ -47,6 +50,7 @@ tests do it in subprocesses through the `compile_for_sm90` fixture (tests/confte
 
 import contextlib
 import dataclasses
+import os
 import re
 import subprocess
 import tempfile
@@ -87,18 +91,21 @@ class Stats:
     stack: int
     spill_stores: int
     spill_loads: int
+    local: int  # STL + LDL of the PTX's own local arrays, not spills
     shared: int
     wgmma: int
     mma_sync: int
     cp_async: int
     tma: int
-    loads: dict  # access width in bytes -> count of ld.global in the PTX
+    loads: dict  # access width in bytes -> count of ld.global in the PTX, of the kernel's tensors
     stores: dict  # same for st.global
+    table_loads: dict  # same for the ld.global of constant arrays compiled into the module (libdevice's), not tensors
 
     def vector_share(self, kind: str) -> float:
-        """Share of the bytes that global loads ("ld") or stores ("st") move in 16-byte accesses, counting each
-        instruction of the PTX once (a loop body once): 1.0 when a kernel moves its data in full vectors and only
-        per-row scalars (a row's statistic, a target's logit) go narrower; 1.0 when there are none."""
+        """Share of the bytes that global loads ("ld") or stores ("st") of the kernel's tensors move in 16-byte
+        accesses, counting each instruction of the PTX once (a loop body once): 1.0 when a kernel moves its data in
+        full vectors and only per-row scalars (a row's statistic, a target's logit) go narrower; 1.0 when there are
+        none. Table loads are left out: they read a few bytes of the binary's own constants, not the data."""
         counts = self.loads if kind == "ld" else self.stores
         total = sum(int(width) * n for width, n in counts.items())
         return 16 * counts.get(16, 0) / total if total else 1.0
@@ -140,27 +147,90 @@ class Launch:
 
 _GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
 _WIDTH = re.compile(r"\.(?:b|u|s|f)(\d+)$")
+_INSTRUCTION = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)\s+([^;]*);", re.M)
+_OPERAND = re.compile(r"\s*(?:\{[^}]*\}|\[[^\]]*\]|[^,]+)")
+_NAME = re.compile(r"%?[A-Za-z_$][\w$]*")
+_MODULE_ARRAY = re.compile(r"^\.(?:global|const)\s+(?:\.\w+\s+(?:\d+\s+)?)*([A-Za-z_$][\w$]*)\[\d*\]\s*=", re.M)
+_LOCAL_ARRAY = re.compile(r"^\s*\.local\s", re.M)
+_ADDRESS_OPS = {"mov", "add", "sub", "cvta", "selp", "mad"}  # what carries a base address into a register
 
 
-def _access_widths(ptx: str) -> tuple[Counter, Counter]:
-    """ld.global / st.global counts by bytes per access: .v4.b32 -> 16, .v2.b32 -> 8, .b16 -> 2, ..."""
-    widths = {"ld": Counter(), "st": Counter()}
-    for op, suffixes in _GLOBAL_ACCESS.findall(ptx):
-        parts = suffixes.split(".")
-        lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
-        bits = next((int(m.group(1)) for p in parts if (m := _WIDTH.match("." + p))), None)
-        if bits is not None:
-            widths[op][lanes * bits // 8] += 1
-    return widths["ld"], widths["st"]
+def _width(suffixes: str) -> int | None:
+    """Bytes per access from an ld/st's suffixes: .v4.b32 -> 16, .v2.b32 -> 8, .b16 -> 2, ..."""
+    parts = suffixes.split(".")
+    lanes = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+    bits = next((int(m.group(1)) for p in parts if (m := _WIDTH.match("." + p))), None)
+    return None if bits is None else lanes * bits // 8
+
+
+def _address_bases(instructions: list, tables: set) -> dict:
+    """register -> where the addresses it may hold start: a module array's name, "param" or "memory".
+
+    Followed through the instructions that move or offset a base address (mov, add, sub, cvta, selp, mad), to a
+    fixpoint, since a loop's registers are reassigned below their first use. Any other instruction (a multiply, a
+    shift, a conversion) makes an offset, not a base."""
+    bases: dict[str, set] = {}
+    changed = True
+    while changed:
+        changed = False
+        for op, operands in instructions:
+            if not operands or operands[0].startswith("["):
+                continue  # a store, a branch: defines no register
+            if op.startswith("ld.param"):
+                new = {"param"}
+            elif op.startswith("ld."):
+                new = {"memory"}
+            elif op.split(".")[0] in _ADDRESS_OPS:
+                names = [n for o in operands[1:] for n in _NAME.findall(o)]
+                new = {n for n in names if n in tables} | set().union(*(bases.get(n, ()) for n in names))
+            else:
+                continue
+            for reg in _NAME.findall(operands[0]):
+                if not new <= bases.setdefault(reg, set()):
+                    bases[reg] |= new
+                    changed = True
+    return bases
+
+
+def _access_widths(ptx: str) -> tuple[Counter, Counter, Counter]:
+    """(loads, stores, table loads): ld.global / st.global counts by bytes per access, the loads of the module's own
+    constant arrays apart.
+
+    A module array is data compiled into the binary: libdevice's sinf/cosf keep the 2/pi bits of their large-argument
+    (Payne-Hanek) reduction in one (__cudart_i2opi_f, 24 bytes) and read it with scalar loads, on a path taken only
+    for |x| > 105615. A load counts as a table load only if every base its address can start from is a module array:
+    tensors reach a kernel only through its parameters, so such a load never reads a tensor. An address that may
+    also start from a parameter, from a value loaded from memory or from nowhere known stays the kernel's, so this
+    can only leave a table load among the kernel's (and fail a gate), never hide a tensor load."""
+    tables = set(_MODULE_ARRAY.findall(ptx))
+    instructions = [(op, [o.strip() for o in _OPERAND.findall(rest)]) for op, rest in _INSTRUCTION.findall(ptx)]
+    bases = _address_bases(instructions, tables) if tables else {}
+    widths = {"ld": Counter(), "st": Counter(), "table": Counter()}
+    for op, operands in instructions:
+        access = _GLOBAL_ACCESS.match(op)
+        if not access or (width := _width(access.group(2))) is None:
+            continue
+        address = next(o for o in operands if o.startswith("["))
+        starts = set().union(*({n} if n in tables else bases.get(n, {"unknown"}) for n in _NAME.findall(address)))
+        kind = "table" if access.group(1) == "ld" and starts and starts <= tables else access.group(1)
+        widths[kind][width] += 1
+    return widths["ld"], widths["st"], widths["table"]
 
 
 def _tool(name: str) -> str:
     return getattr(knobs.nvidia, name).path
 
 
-def ptxas_version() -> str:
-    """The version of the ptxas Triton compiles with, e.g. "12.9"."""
-    return knobs.nvidia.ptxas.version
+def _ptxas(capability: int):
+    """The ptxas Triton compiles for this capability with: Triton 3.9 takes its newer one (13.x) from sm_90 on."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(capability)
+
+
+def ptxas_version(device: Device = H100) -> str:
+    """The version of the ptxas Triton compiles for `device` with, e.g. "13.4"."""
+    return _ptxas(device.capability).version
 
 
 def _sass_stats(name: str, cubin: bytes) -> tuple[int, int, int, int]:
@@ -175,14 +245,30 @@ def _sass_stats(name: str, cubin: bytes) -> tuple[int, int, int, int]:
             len(re.findall(r"\bLDL\b", sass.stdout)))
 
 
-def _stats(name: str, cubin: bytes, ptx: str, shared: int) -> Stats:
+def _ptxas_spills(ptx: str, capability: int) -> bool:
+    """Whether ptxas -v, run on the PTX as Triton runs it, reports spill stores or loads."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([_ptxas(capability).path, "-v", f"--gpu-name=sm_{capability}a", src, "-o", out],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    return any(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.stdout + log.stderr))
+
+
+def _stats(name: str, cubin: bytes, ptx: str, shared: int, capability: int) -> Stats:
     regs, stack, stl, ldl = _sass_stats(name, cubin)
-    loads, stores = _access_widths(ptx)
+    # STL/LDL are spills, unless the PTX declares local arrays (libdevice sinf/cosf keep their Payne-Hanek digits in
+    # one) and ptxas, asked again with -v (only then: it costs a compile), counts no spill: then they are the array's.
+    local = 0
+    if (stl or ldl) and _LOCAL_ARRAY.search(ptx) and not _ptxas_spills(ptx, capability):
+        local, stl, ldl = stl + ldl, 0, 0
+    loads, stores, table_loads = _access_widths(ptx)
     return Stats(
-        regs=regs, stack=stack, spill_stores=stl, spill_loads=ldl, shared=shared,
+        regs=regs, stack=stack, spill_stores=stl, spill_loads=ldl, local=local, shared=shared,
         wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
         cp_async=len(re.findall(r"\bcp\.async\.(?!bulk)", ptx)), tma=len(re.findall(r"\bcp\.async\.bulk", ptx)),
-        loads=dict(loads), stores=dict(stores),
+        loads=dict(loads), stores=dict(stores), table_loads=dict(table_loads),
     )
 
 
@@ -206,7 +292,7 @@ class _Utils:
                 "warpSize": 32, "sm_clock_rate": 1_980_000, "mem_clock_rate": 2_619_000, "mem_bus_width": 5120}
 
     def load_binary(self, name, cubin, shared, _device):
-        stats = _stats(name, cubin, self.ptx_by_name.pop(name, ""), shared)
+        stats = _stats(name, cubin, self.ptx_by_name.pop(name, ""), shared, self.device.capability)
         return None, _Handle(stats), stats.regs, stats.stack // 4, 1024
 
     def unload_module(self, _module):
