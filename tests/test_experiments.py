@@ -253,3 +253,14 @@ def test_prepare_resumes_restarts_or_skips_a_run_directory(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("not a run")
     with pytest.raises(ValueError, match="not a run's"):
         prepare(make_config(RUN, out_dir=str(tmp_path / "mine")))
+
+
+def test_a_run_saved_before_a_field_existed_is_reused_only_when_that_field_is_at_its_default(tmp_path):
+    cfg = make_config(RUN, out_dir=str(tmp_path / "r"))
+    old = {k: v for k, v in cfg.to_dict().items() if k != "doc_mask"}  # written by a trainer without --doc-mask
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps(old))
+    (tmp_path / "r" / "summary.json").write_text("{}")
+    assert prepare(cfg) == "done"
+    with pytest.raises(ValueError, match="differs in doc_mask"):
+        prepare(make_config(RUN, out_dir=str(tmp_path / "r"), doc_mask=True))

@@ -77,6 +77,8 @@ def prepare(cfg: TrainConfig) -> str:
             "choose another output directory"
         )
     saved = read_json(run_dir.config)
+    if saved is not None:  # a field added since that run was saved ran as its default: no difference
+        saved = {**TrainConfig().to_dict(), **saved}
     if saved is not None and _comparable(saved) != _comparable(cfg.to_dict()):
         changed = sorted(k for k in _comparable(cfg.to_dict()) if saved.get(k) != getattr(cfg, k))
         raise ValueError(
