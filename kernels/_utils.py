@@ -20,9 +20,12 @@ def _interpreter_scalars_index_as_ints() -> None:
     0-dimensional arrays can be converted to Python scalars", triton-lang/triton#9171), so every loop whose bound is
     not a constexpr fails: RMSNorm's rows, RoPE's heads, attention's keys. Later Tritons take the array's one element,
     as this does, after the interpreter's own patching of tl.tensor (undone with it when the launch ends). Skipped if
-    a Triton no longer has the hook.
+    a Triton no longer has the hook, and where triton is not installed (nothing to interpret).
     """
-    from triton.runtime import interpreter
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
 
     patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
     if patch_tensor is None or getattr(patch_tensor, "scalar_index_fixed", False):
