@@ -22,9 +22,13 @@ import torch.nn.functional as F
 
 from kernels._utils import check_doc_ids, document_starts
 
-# Logits kept per chunk of the fused loss: like the Triton kernel's CPU budget, large enough that each chunk's
-# matmuls run at full speed, small enough that a 50k vocabulary never holds all its logits (and their fp32 copy).
+# Logits kept per chunk of the fused loss on a GPU: large enough that each chunk's matmuls run at full speed, small
+# enough that a 50k vocabulary never holds all its logits (and their fp32 copy).
 CHUNK_BUDGET_BYTES = 256 * 2**20
+# Rows per chunk on a CPU, whatever the vocabulary: fwd+bwd of 2048 rows on the 2-core CPU, 512-row chunks against
+# one chunk of all rows: 39 vs 49 ms at V = 2048, d = 128 and 646 vs 755 ms at V = 10000, d = 512; 128 and 1024 rows
+# were slower than 512 at both (bench/RESULTS.md, "The loss's chunks on a CPU").
+CPU_CHUNK_ROWS = 512
 
 
 def rms_norm(
@@ -172,13 +176,15 @@ def fused_linear_cross_entropy(
 
     hidden (..., d) and weight (V, d) may differ in dtype (bf16 activations, fp32 weight): the matmuls run in
     hidden's dtype and each gradient comes back in its input's dtype. chunk_size (rows per chunk) overrides the
-    budget-derived default; tests use it to force many chunks.
+    default (CPU_CHUNK_ROWS on a CPU, budget-derived elsewhere); tests use it to force many chunks.
     """
     if targets.shape != hidden.shape[:-1]:
         shapes = f"hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}"
         raise ValueError(f"targets must have shape hidden.shape[:-1]; got {shapes}")
     n_rows = max(1, math.prod(targets.shape))
-    if chunk_size is None:  # fp32 logits and their log-softmax: 4 bytes per logit
+    if chunk_size is None and hidden.device.type == "cpu":
+        chunk_size = CPU_CHUNK_ROWS
+    elif chunk_size is None:  # fp32 logits and their log-softmax: 4 bytes per logit
         chunk_size = max(128, CHUNK_BUDGET_BYTES // (4 * weight.shape[0]))
     with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, min(chunk_size, n_rows), with_grad)

@@ -1,6 +1,6 @@
 """A Llama-style transformer LM with the classic ablation switches, generation, accounting and HF interop."""
 
-from model.accounting import flops_per_token, param_counts
+from model.accounting import flops_per_token, hidden_matrix_params, param_counts
 from model.checkpoint import clean_state_dict, load_model
 from model.config import PRESETS, ModelConfig
 from model.generate import generate
@@ -33,6 +33,7 @@ __all__ = [
     "clean_state_dict",
     "flops_per_token",
     "generate",
+    "hidden_matrix_params",
     "load_model",
     "param_counts",
 ]

@@ -24,6 +24,11 @@ def param_counts(config: ModelConfig) -> tuple[int, int]:
     return body + vocab * (1 if config.tie_embeddings else 2), body
 
 
+def hidden_matrix_params(config: ModelConfig) -> int:
+    """Parameters in the blocks' weight matrices: what Muon updates (embeddings, lm_head and norm gains are not)."""
+    return config.num_layers * _layer_params(config)[0]
+
+
 def flops_per_token(config: ModelConfig) -> float:
     """Training (forward + backward) FLOPs per token at full context, to report MFU.
 

@@ -31,8 +31,9 @@ from train.experiments.__main__ import main as experiments_main
 from train.log import read_metrics
 from train.prepare import main as prepare_main
 
-FLAGS = as_flags(  # conftest's tiny run as command-line flags
-    {**TINY, "eval_interval": 5, "log_interval": 5, "ckpt_interval": 5, "keep_ckpts": 4, "cosine_steps": 40}
+FLAGS = as_flags(  # conftest's tiny run as command-line flags; a cosine run extends with its schedule unchanged
+    {**TINY, "eval_interval": 5, "log_interval": 5, "ckpt_interval": 5, "keep_ckpts": 4}
+    | {"schedule": "cosine", "cosine_steps": 40}
 )
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

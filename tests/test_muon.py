@@ -15,7 +15,8 @@ import model as model_pkg
 from train import run
 from train.config import load_run_config, make_config
 from train.log import read_metrics
-from train.muon import BAND, NS_COEFFICIENTS, NS_STEPS, Muon, Optimizers, orthogonalize
+from train.memory import bytes_per_gpu
+from train.muon import BAND, NS_COEFFICIENTS, NS_STEPS, Muon, Optimizers, orthogonalize, orthogonalize_all
 from train.optim import AdamW
 from train.optimizers import build_optimizer
 
@@ -58,6 +59,20 @@ def test_newton_schulz_is_the_quintic_on_each_singular_value(shape):
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=0)
     sv = torch.linalg.svdvals(got.double())
     assert BAND[0] - 1e-3 <= sv.min() and sv.max() <= BAND[1] + 1e-3  # orthogonal up to the band
+
+
+def test_matrices_batched_by_shape_are_each_orthogonalized_alone():
+    """The step stacks same-shape updates: each must still be scaled by its own norm and come back in its place.
+    Matrices of one shape at scales 1e-3..1e3 apart: a norm shared by the stack would leave the small ones near 0."""
+    shapes = [(7, 5), (5, 7), (7, 5), (4, 4), (7, 5), (5, 7)]
+    updates = [conditioned(s, seed=i).float() * 10.0 ** (3 - 2 * i) for i, s in enumerate(shapes)]
+    got = orthogonalize_all(updates)
+    for u, g in zip(updates, got, strict=True):
+        assert g.shape == u.shape
+        # The same iteration with another matmul kernel (bmm): the bound of the SVD test above, 1e-3.
+        torch.testing.assert_close(g, orthogonalize(u), atol=1e-3, rtol=0)
+        sv = torch.linalg.svdvals(g.double())
+        assert BAND[0] - 1e-3 <= sv.min() and sv.max() <= BAND[1] + 1e-3
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
@@ -111,9 +126,23 @@ def test_build_optimizer_splits_hidden_matrices_from_the_rest():
     assert isinstance(ours, AdamW)  # AdamW on everything
 
 
+@pytest.mark.parametrize("optimizer", ["torch", "muon"])
+def test_memory_estimate_counts_the_optimizer_state_it_holds(optimizer):
+    """train/memory.py's optimizer bytes are what the optimizer keeps after a step (Muon: one momentum per matrix)."""
+    config = model_pkg.ModelConfig.preset("tiny", d_model=32, num_heads=2, vocab_size=64, num_kv_heads=1)
+    model = model_pkg.TransformerLM(config)
+    opt = build_optimizer(make_config(optimizer=optimizer), model, torch.device("cpu"))
+    model(torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 9))).backward()
+    opt.step()
+    inner = opt.optimizers if isinstance(opt, Optimizers) else [opt]
+    held = sum(t.nbytes for o in inner for st in o.state.values() for t in st.values() if t.dim() > 0)
+    assert held == bytes_per_gpu(config, 2, torch.float32, optimizer=optimizer).optimizer
+
+
 def test_muon_run_resumes_bitwise(tokens, tmp_path):
-    ref = run(tiny(tokens, tmp_path / "ref", optimizer="muon", max_lr=0.02, min_lr=0.002))
-    part = tiny(tokens, tmp_path / "part", optimizer="muon", max_lr=0.02, min_lr=0.002, steps=10, cosine_steps=20)
+    muon = dict(optimizer="muon", max_lr=0.02, min_lr=0.002, schedule="cosine")  # a cosine extends unchanged
+    ref = run(tiny(tokens, tmp_path / "ref", **muon))
+    part = tiny(tokens, tmp_path / "part", **muon, steps=10, cosine_steps=20)
     run(part)
     resumed = run(make_config(load_run_config(tmp_path / "part"), resume=str(tmp_path / "part"), steps=20))
     assert ref["status"] == resumed["status"] == "finished"
@@ -135,7 +164,7 @@ def test_muon_ddp_two_gloo_processes_match_one_process(tokens, tmp_path):
     assert subprocess.run(single, env=env, check=False).returncode == 0
     assert subprocess.run(ddp, env=env, check=False, cwd=ROOT).returncode == 0
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 5, 10]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 5, 8, 10]  # 8: the decay starts
     for key in ("train_loss", "val_loss", "grad_norm"):
         got = [r[key] for r in two if r.get(key) is not None]
         want = [r[key] for r in one if r.get(key) is not None]

@@ -33,7 +33,7 @@ def test_wsd_shape():
 
 def test_extending_a_finished_cosine_run_keeps_its_floor():
     """The bug: --resume RUN --steps 3000 re-stretched the default 900-step cosine, lr 5e-4 at 900 -> 4.1e-3 at 901."""
-    cfg = make_config()  # the defaults: 900 steps, max_lr 5e-3, min_lr 5e-4
+    cfg = make_config(schedule="cosine")  # the default lrs: max_lr 5e-3, min_lr 5e-4
     old, stretched = build_schedule(cfg, 900), build_schedule(cfg, 3000)
     assert old.lr(900) == 5e-4 and stretched.lr(901) == pytest.approx(4.1e-3, abs=1e-4)  # what it used to do
     checkpoint = {"iteration": 900, "schedule": old.state_dict()}

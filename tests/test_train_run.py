@@ -39,12 +39,13 @@ def test_run_writes_metrics_plots_checkpoints_and_summary(tokens, tmp_path, caps
     assert summary["status"] == "finished" and not summary["diverged"] and summary["steps"] == 20
     assert json.loads((run_dir / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
     rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [0, 5, 10, 15, 20]
+    assert [r["step"] for r in rows] == [0, 5, 10, 15, 16, 20]  # 16: the wsd decay's start, checkpointed and logged
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.3  # it learns
     assert {"tokens", "time_s", "train_loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= rows[-1].keys()
     assert rows[-1]["mfu"] is None  # null, not left out: one set of columns whatever the device
     assert rows[-1]["tokens"] == 20 * 4 * 16 and rows[-1]["val_ppl"] == pytest.approx(math.exp(rows[-1]["val_loss"]))
     assert [p.name for p in run_dir.glob("ckpt_*.pt")] == ["ckpt_000020.pt"]  # keep_ckpts=1
+    assert [p.name for p in run_dir.glob("predecay_*.pt")] == ["predecay_000016.pt"]  # what an extension re-decays from
     assert (run_dir / "loss_steps.png").stat().st_size > 1000 and (run_dir / "loss_time.png").stat().st_size > 1000
     loaded = model_pkg.load_model(run_dir / "ckpt_000020.pt")  # the model package reads our checkpoints
     assert loaded.config.d_model == 32
@@ -61,7 +62,8 @@ def _train_cli(*args) -> list[str]:
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tokens, tmp_path):
-    data = ["--train-data", tokens[0], "--val-data", tokens[1], "--cosine-steps", "40", "--ckpt-interval", "10"]
+    data = ["--train-data", tokens[0], "--val-data", tokens[1], "--ckpt-interval", "10"]
+    data += ["--schedule", "cosine", "--cosine-steps", "40"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = subprocess.run(_train_cli(*data, "--steps", "40", "--out-dir", str(tmp_path / "ref")), env=env, check=False)
     assert ref.returncode == 0
@@ -90,7 +92,7 @@ def test_ddp_two_gloo_processes_match_one_process(tokens, tmp_path):
     assert subprocess.run(single, env=env, check=False).returncode == 0
     assert subprocess.run(ddp, env=env, check=False, cwd=ROOT).returncode == 0
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 5, 10]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 5, 8, 10]  # 8: the decay starts
     assert two[-1]["tokens"] == one[-1]["tokens"]
     for key in ("train_loss", "val_loss", "grad_norm"):
         got = [r.get(key) for r in two if r.get(key) is not None]

@@ -55,14 +55,15 @@ class TrainConfig:
     max_lr: float = opt(5e-3, "peak learning rate, reached after warmup")
     min_lr: float = opt(5e-4, "learning rate at the end of the cosine cycle and after it")
     warmup_steps: int = opt(30, "linear warmup from 0 to max_lr")
-    cosine_steps: int | None = opt(None, "step at which the cosine reaches min_lr; none: the last step")
+    cosine_steps: int | None = opt(None, "--schedule cosine: step at which it reaches min_lr; none: the last step")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     eps: float = opt(1e-8, "AdamW epsilon")
     weight_decay: float = opt(0.1, "decoupled weight decay, on matrices and embeddings only (not on norm gains)")
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this (0: off)")
     # schedule shape, optimizer choice and window placement (docs/train.md, "Recipes")
-    schedule: Literal["cosine", "wsd"] = opt("cosine", "lr schedule: cosine, or warmup-stable-decay (extends cleanly)")
+    # wsd: 3.182 against cosine's 3.230 on the default run, and it extends (bench/RESULTS.md, "Recipes").
+    schedule: Literal["cosine", "wsd"] = opt("wsd", "lr schedule: warmup-stable-decay (extends cleanly), or cosine")
     decay_fraction: float = opt(0.2, "wsd: the last fraction of the steps, decaying from max_lr to min_lr")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = opt("1-sqrt", "wsd: shape of the decay")
     optimizer: Literal["torch", "ours", "muon"] = opt(
@@ -132,6 +133,8 @@ class TrainConfig:
                 f"need 0 < decay_fraction <= 1 and 0 <= muon_momentum < 1, got {self.decay_fraction}, "
                 f"{self.muon_momentum}"
             )
+        if self.cosine_steps is not None and self.schedule != "cosine":
+            raise ValueError(f"cosine_steps ({self.cosine_steps}) shapes only --schedule cosine, not {self.schedule}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
@@ -221,6 +224,15 @@ def read_toml(path: str) -> dict:
         raise ValueError(f"{path} is not valid TOML: {e}") from None
 
 
+# Fields whose default changed, with the value a run saved before the field existed was trained with.
+EARLIER_DEFAULTS = {"schedule": "cosine"}
+
+
+def complete_saved(saved: dict) -> dict:
+    """A saved config with the fields added since it was written: each as that run had it (its default then)."""
+    return {**TrainConfig().to_dict(), **EARLIER_DEFAULTS, **saved}
+
+
 def load_run_config(run_dir: str) -> dict:
     """The TrainConfig fields saved in a run directory (what --resume starts from)."""
     run = RunDir(run_dir)
@@ -229,7 +241,7 @@ def load_run_config(run_dir: str) -> dict:
     saved = read_json(run.config)
     if saved is None:
         raise FileNotFoundError(f"cannot resume: {run.config} not found (is {run_dir!r} a run directory?)")
-    return saved
+    return complete_saved(saved)
 
 
 def make_config(base: dict | None = None, **overrides) -> TrainConfig:

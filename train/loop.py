@@ -299,7 +299,8 @@ def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device
     if model.schedule_note:
         print(model.schedule_note)
     parallel = cfg.parallel if info.enabled else "ddp"  # one process: nothing is sharded
-    print(memory_line(model.config, cfg.batch_size, dtype, parallel, info.world_size, cfg.activation_checkpointing))
+    ckpt = cfg.activation_checkpointing
+    print(memory_line(model.config, cfg.batch_size, dtype, parallel, info.world_size, ckpt, cfg.optimizer))
     return logger
 
 

@@ -2,7 +2,8 @@
 
 Per GPU, for N parameters trained with AdamW in fp32 master weights (``bytes_per_gpu``):
 
-- DDP replicates everything: parameters 4N, gradients 4N, Adam's two moments 8N: 16 bytes a parameter.
+- DDP replicates everything: parameters 4N, gradients 4N, Adam's two moments 8N: 16 bytes a parameter. Under
+  ``--optimizer muon`` the blocks' matrices keep one momentum (4 bytes) instead, the rest Adam's two.
 - FSDP2 shards all three over the W processes (16N / W) and all-gathers each block's parameters, in the compute
   dtype, just before its forward and backward. The root module (embeddings, final norm, lm_head) stays unsharded
   from its forward to its backward, and the block being computed plus the next one (prefetched) are live at once,
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from model import ModelConfig, param_counts
+from model import ModelConfig, hidden_matrix_params, param_counts
 
 PARALLEL = ("ddp", "fsdp")
 HEADROOM = 0.9  # the share of a card's memory an estimate may fill and still "fit"
@@ -39,7 +40,7 @@ GiB = 2**30
 class MemoryEstimate:
     params: int  # bytes of fp32 parameters held by one GPU
     grads: int  # their gradients
-    optimizer: int  # AdamW's exp_avg and exp_avg_sq
+    optimizer: int  # AdamW's exp_avg and exp_avg_sq (Muon's momentum for the hidden matrices)
     unsharded: int  # FSDP only: all-gathered parameters and unreduced gradients live at the peak
     activations: int  # saved for backward, at the peak of backward
 
@@ -68,13 +69,17 @@ def bytes_per_gpu(
     parallel: str = "ddp",
     world_size: int = 1,
     activation_checkpointing: bool = False,
+    optimizer: str = "torch",
 ) -> MemoryEstimate:
-    """The memory one GPU needs to train ``config`` on micro-batches of ``batch_size`` full-context sequences."""
+    """The memory one GPU needs to train ``config`` on micro-batches of ``batch_size`` full-context sequences
+    with ``optimizer`` (a TrainConfig.optimizer: AdamW's two moments, or Muon's one on the hidden matrices)."""
     if parallel not in PARALLEL:
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     n, body = param_counts(config)
     shards = world_size if parallel == "fsdp" else 1
-    params, grads, optimizer = -(-4 * n // shards), -(-4 * n // shards), -(-8 * n // shards)
+    matrices = hidden_matrix_params(config) if optimizer == "muon" else 0
+    state = 8 * (n - matrices) + 4 * matrices
+    params, grads, optimizer = -(-4 * n // shards), -(-4 * n // shards), -(-state // shards)
     unsharded = 0
     act = torch.finfo(dtype).bits // 8
     if parallel == "fsdp" and world_size > 1:
@@ -92,9 +97,10 @@ def bytes_per_gpu(
     return MemoryEstimate(params, grads, optimizer, unsharded, blocks + loss)
 
 
-def memory_line(config: ModelConfig, batch_size: int, dtype, parallel: str, world_size: int, ckpt: bool) -> str:
+def memory_line(config: ModelConfig, batch_size: int, dtype, parallel: str, world_size: int, ckpt: bool,
+                optimizer: str) -> str:  # fmt: skip
     """The estimate in one line, as the trainer prints it at the start."""
-    m = bytes_per_gpu(config, batch_size, dtype, parallel, world_size, ckpt)
+    m = bytes_per_gpu(config, batch_size, dtype, parallel, world_size, ckpt, optimizer)
     return (
         f"memory per process ({parallel} x {world_size}{', activation checkpointing' if ckpt else ''}, estimate): "
         f"{m.total / GiB:.2f} GiB = parameters {m.params / GiB:.2f} + gradients {m.grads / GiB:.2f} + optimizer "

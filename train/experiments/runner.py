@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from model import ModelConfig
-from train.config import TrainConfig
+from train.config import TrainConfig, complete_saved
 from train.dataset import resolve_data
 from train.experiments.suites import Variant, resolve_suite
 from train.loop import run
@@ -77,8 +77,8 @@ def prepare(cfg: TrainConfig) -> str:
             "choose another output directory"
         )
     saved = read_json(run_dir.config)
-    if saved is not None:  # a field added since that run was saved ran as its default: no difference
-        saved = {**TrainConfig().to_dict(), **saved}
+    if saved is not None:  # a field added since that run was saved ran as its default then: no difference
+        saved = complete_saved(saved)
     if saved is not None and _comparable(saved) != _comparable(cfg.to_dict()):
         changed = sorted(k for k in _comparable(cfg.to_dict()) if saved.get(k) != getattr(cfg, k))
         raise ValueError(
