@@ -63,6 +63,7 @@ def webtext_config(world_size: int | None = None, smoke: bool = False, **overrid
         max_lr=3e-3,
         min_lr=3e-4,
         warmup_steps=steps // 20,
+        schedule="cosine",
         beta1=0.9,
         beta2=0.95,
         weight_decay=0.1,
