@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = [  # 6 steps of the tiny model on byte-level text; checkpoints at 3 and 6; evals on every window
     *"--context-length 16 --warmup-steps 2 --eval-interval 3 --eval-batches 0 --log-interval 1 --steps 6".split(),
     *"--ckpt-interval 3 --no-progress --device cpu --d-model 32 --num-layers 2 --num-heads 2".split(),
-    *"--sample-prompt Once --sample-tokens 4".split(),
+    *"--sample-prompt Once --sample-tokens 4 --schedule cosine".split(),  # cosine: no pre-decay checkpoint at 5
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
