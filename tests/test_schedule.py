@@ -1,5 +1,6 @@
 """Learning-rate schedules: their shapes, and an extended run's lr history being one schedule (never a jump)."""
 
+import json
 import math
 
 import pytest
@@ -40,6 +41,19 @@ def test_extending_a_finished_cosine_run_keeps_its_floor():
     schedule, same, note = resume_schedule(stretched, checkpoint, None, main=True)
     assert schedule == old and same is checkpoint and "floor" in note
     assert schedule.lr(901) == schedule.lr(3000) == 5e-4
+
+
+def test_wsd_is_the_default_and_cosine_steps_needs_cosine(tmp_path):
+    assert make_config().schedule == "wsd"
+    assert build_schedule(make_config(schedule="cosine", cosine_steps=10), 20).decay_end == 10
+    with pytest.raises(ValueError, match="only --schedule cosine"):  # silently ignored under wsd, before
+        make_config(cosine_steps=10)
+    # A run saved before the schedule field existed was trained with cosine, the only schedule then: it resumes so.
+    run_dir = RunDir(tmp_path / "old")
+    run_dir.path.mkdir()
+    saved = {k: v for k, v in make_config(cosine_steps=40, schedule="cosine").to_dict().items() if k != "schedule"}
+    run_dir.config.write_text(json.dumps(saved))
+    assert make_config(load_run_config(str(run_dir.path))).schedule == "cosine"
 
 
 def test_a_schedule_unchanged_so_far_is_taken_as_given(tmp_path):
