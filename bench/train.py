@@ -182,7 +182,7 @@ def run(dry_run: bool = False, providers=PROVIDERS) -> str:
     elif cuda:
         cases, providers, steps = GPU_CASES, [p for p in providers if p != "naive"], 60
     else:  # the interpreter is far too slow for these shapes: Triton is a GPU provider
-        cases, providers, steps = CPU_CASES, [p for p in providers if p != "triton"], 8
+        cases, providers, steps = CPU_CASES, [p for p in providers if p != "triton"], 20
     card = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     dtype = "bfloat16 autocast" if cuda else "float32"
     date = datetime.date.today().isoformat()
