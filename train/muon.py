@@ -88,8 +88,9 @@ def orthogonalize_all(updates: list[torch.Tensor]) -> list[torch.Tensor]:
     """``orthogonalize`` of each update; the plain tensors of one shape go through one batched iteration.
 
     A model has few distinct matrix shapes (the tiny preset: 28 matrices, 3 shapes), and on a CPU the iteration of
-    a small matrix is dominated by each op's fixed cost: stacking them made Muon's step 1.7-2x faster there
-    (bench/RESULTS.md). Each matrix is scaled by its own norm, so the batch changes nothing but the matmul kernel.
+    a small matrix is dominated by each op's fixed cost: the tiny preset's 28 updates orthogonalized 1.5-2x faster
+    stacked than one by one (bench/RESULTS.md). Each matrix is scaled by its own norm, so the batch changes
+    nothing but the matmul kernel.
     """
     out: list = [orthogonalize_sharded(u) if isinstance(u, DTensor) else None for u in updates]
     groups: dict[tuple, list[int]] = {}
