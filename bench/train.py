@@ -10,9 +10,10 @@ the first two (on a GPU over 10-step intervals after the first), which hold torc
 Providers: ``eager`` (kernels.eager), ``triton`` (our kernels), ``compile`` (the eager model under torch.compile),
 and, on a CPU, ``naive`` (bench/naive_train.py: the loop a student writes first, the same model in textbook
 PyTorch), timed step by step on the same batches in turns with ``eager step`` (the trainer's step from its own
-pieces, without its loop). Both are profiled for a few steps: the share of the step spent in matmuls (self time of
-aten::mm/addmm/bmm/matmul/linear), the part no implementation can remove, and in SDPA's fused attention kernel
-(whose matmuls happen inside it).
+pieces, without its loop) and ``eager step, torch BLAS`` (the same on torch's BLAS: what kernels.cpu_blas's choice
+of OpenBLAS is worth; nothing where it keeps torch's). Each is profiled for a few steps: the share of the step spent
+in matmuls (self time of aten::mm/addmm/bmm/matmul/linear and of kernels.cpu_blas's OpenBLAS products), the part no
+implementation can remove, and in SDPA's fused attention kernel (whose matmuls happen inside it).
 """
 
 import datetime
@@ -29,6 +30,7 @@ import torch
 import numpy as np
 
 from bench.naive_train import naive_step_fn
+from kernels import cpu_blas
 from model import ModelConfig, TransformerLM
 from train import run as train_run
 from train.config import make_config
@@ -51,7 +53,7 @@ DRY_RUN_CASES = (BenchCase("tiny", 2, 16, dict(d_model=32, num_layers=1, num_hea
 PROVIDERS = ("eager", "triton", "compile", "naive")
 VOCAB = 2048  # random tokens below this; the presets' own vocabularies (the 17M's 10000) are kept
 WARMUP_STEPS = 2  # left out of the statistics: the first steps hold compilation and the allocator's growth
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "cpu_blas::mm")
 
 
 def random_tokens(workdir: str) -> str:
@@ -108,10 +110,11 @@ def measure_trainer(case: BenchCase, provider: str, steps: int, device: str, wor
     return {**stats([r["tokens_per_s"] for r in rows]), "mfu": statistics.median(mfu) if mfu else None}
 
 
-def ours_step_fn(config: ModelConfig):
+def ours_step_fn(config: ModelConfig, blas: str = "auto"):
     """The trainer's step from its own pieces (model, fused loss, clip_gradients, make_adamw), for the profiler.
 
-    Its row ("eager step") is timed in turns with the naive loop: the ratio the trainer row is checked by.
+    Its row ("eager step") is timed in turns with the naive loop: the ratio the trainer row is checked by. ``blas``
+    is kernels.cpu_blas's route; "torch" gives the same step on torch's BLAS, to show what the choice of BLAS is worth.
     """
     model = TransformerLM(config)
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
@@ -120,8 +123,9 @@ def ours_step_fn(config: ModelConfig):
     params = list(model.parameters())
 
     def step(ids, targets):
-        loss = model(ids, targets)
-        loss.backward()
+        with cpu_blas.route(blas):
+            loss = model(ids, targets)
+            loss.backward()
         clip_gradients("torch", params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -167,6 +171,7 @@ def cpu_rows(case: BenchCase, providers, steps: int, workdir: str) -> dict:
     measured = {p: measure_trainer(case, p, steps, "cpu", workdir) for p in providers if p != "naive"}
     if "naive" in providers:
         step_fns = {"eager step": ours_step_fn(model_config(case)),
+                    "eager step, torch BLAS": ours_step_fn(model_config(case), blas="torch"),
                     "naive": naive_step_fn(model_config(case))}  # fmt: skip
         for name, m in time_steps(step_fns, case, steps, workdir).items():
             measured[name] = {**m, **profile_shares(step_fns[name], case, 3, workdir)}

@@ -4,7 +4,8 @@ Every op exists three times under the same name and signature: in the Triton mod
 backward kernels), in ``kernels.eager`` (PyTorch's best built-in ops: what the model runs without Triton) and in
 ``kernels.reference`` (the obviously-correct fp32/fp64 oracle of the tests, the preflight and the benchmarks'
 correctness checks). Model code asks ``ops(backend)`` once and calls ``ops.rms_norm(...)`` and friends, so it never
-branches on the device itself.
+branches on the device itself. The one product outside that scheme, ``linear`` (x W^T), has no Triton kernel: it is
+the vendor's BLAS on every device, with ``kernels.cpu_blas`` choosing between two on a CPU.
 
 Triton is imported only if it is installed, so the eager path, and everything built on it, works where triton has
 no wheels (macOS, Windows); asking for the Triton backend there raises a RuntimeError that says so. On a CPU the
@@ -18,6 +19,7 @@ import types
 import torch
 
 from kernels import eager, reference
+from kernels.cpu_blas import linear
 
 __all__ = [
     "apply_rope",
@@ -26,6 +28,7 @@ __all__ = [
     "eager",
     "flash_attention",
     "fused_linear_cross_entropy",
+    "linear",
     "ops",
     "reference",
     "resolve_backend",

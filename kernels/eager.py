@@ -12,7 +12,8 @@ Where the time goes on a CPU, and what each op does about it (17M preset, 8 x 25
 - RoPE: one complex multiply on a view of the adjacent pairs (no unflatten/stack/flatten copies);
 - the loss: lm_head and cross-entropy fused in chunks of rows, the logits' gradient computed in the forward pass
   (softmax - one-hot) so backward only scales it; each chunk is upcast to fp32 on its own, never the whole
-  (tokens, V) logits, and the logits never live beyond their chunk.
+  (tokens, V) logits, and the logits never live beyond their chunk; its products, like the model's linear layers,
+  go through ``kernels.cpu_blas`` (OpenBLAS rather than MKL for large products on AMD CPUs).
 """
 
 import math
@@ -21,14 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from kernels._utils import check_doc_ids, document_starts
+from kernels.cpu_blas import mm
 
 # Logits kept per chunk of the fused loss on a GPU: large enough that each chunk's matmuls run at full speed, small
 # enough that a 50k vocabulary never holds all its logits (and their fp32 copy).
 CHUNK_BUDGET_BYTES = 256 * 2**20
-# Rows per chunk on a CPU, whatever the vocabulary: fwd+bwd of 2048 rows on the 2-core CPU, 512-row chunks against
-# one chunk of all rows: 39 vs 49 ms at V = 2048, d = 128 and 646 vs 755 ms at V = 10000, d = 512; 128 and 1024 rows
-# were slower than 512 at both (bench/RESULTS.md, "The loss's chunks on a CPU").
-CPU_CHUNK_ROWS = 512
+# Rows per chunk on a CPU, whatever the vocabulary. Fwd+bwd of 2048 rows on the 2-core AMD CPU (bench.cpu_blas):
+# at V = 10000, d = 512 (OpenBLAS) 256 rows took 670 ms and 512-2048 rows 605-642, within the machine's noise; at
+# V = 2048, d = 128 (MKL) 53 ms at 256 rows, 48 at 512, 44-45 at 1024-2048. 1024 rows: as fast as any, and half the
+# memory of 2048 (at V = 50257 a chunk's fp32 logits are 206 MB). See bench/RESULTS.md, "Matrix products on the CPU".
+CPU_CHUNK_ROWS = 1024
 
 
 def rms_norm(
@@ -121,7 +124,7 @@ def _loss_and_grads(h, w, t, ignore_index: int, with_grad: bool):
     softmax, and subtracting the one-hot gives the gradient of the summed loss with respect to the logits. Ignored
     rows are zeroed in h and in dh, (n, d), rather than in that gradient, (n, V).
     """
-    logp = torch.log_softmax(h @ w.t(), dim=-1, dtype=torch.float32)  # (n, V); a fp32 chunk, never the whole
+    logp = torch.log_softmax(mm(h, w.t()), dim=-1, dtype=torch.float32)  # (n, V); a fp32 chunk, never the whole
     keep = (t != ignore_index)[:, None]
     rows = torch.where(keep, t[:, None], 0)
     loss = -(logp.gather(1, rows) * keep).sum()
@@ -130,7 +133,7 @@ def _loss_and_grads(h, w, t, ignore_index: int, with_grad: bool):
     grad = logp.exp_()
     grad.scatter_add_(1, rows, torch.full_like(rows, -1, dtype=grad.dtype))
     grad = grad.to(h.dtype)
-    return loss, (grad @ w) * keep, grad.t() @ (h * keep)
+    return loss, mm(grad, w) * keep, mm(grad.t(), h * keep)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

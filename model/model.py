@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import ops as backend_ops
-from kernels import resolve_backend
+from kernels import linear, resolve_backend
 from kernels.reference import silu
 from model.config import ModelConfig
 
@@ -40,7 +40,7 @@ class Linear(nn.Module):
         nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)  # F.linear, or OpenBLAS where it is faster (kernels/cpu_blas.py)
 
 
 class Embedding(nn.Module):

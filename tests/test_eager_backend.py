@@ -17,7 +17,7 @@ import torch
 
 import kernels
 from conftest import UNIT
-from kernels import eager, reference
+from kernels import cpu_blas, eager, reference
 
 U32 = UNIT[torch.float32]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -173,19 +173,24 @@ def test_cross_entropy_all_ignored_is_zero():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk_size", [16, None])
-def test_fused_linear_cross_entropy(dtype, chunk_size):
-    """Chunks of 16 rows over 74 (the last one ragged), or the default single chunk; the weight stays fp32."""
+@pytest.mark.parametrize("blas", ["torch", "openblas"])
+def test_fused_linear_cross_entropy(dtype, chunk_size, blas):
+    """Chunks of 16 rows over 74 (the last one ragged), or the default single chunk; the weight stays fp32. Its
+    products through torch's BLAS and through OpenBLAS (kernels.cpu_blas: fp32 only)."""
+    if blas == "openblas" and (dtype != torch.float32 or not cpu_blas._openblas()):
+        pytest.skip("OpenBLAS multiplies fp32 only, and needs numpy built with it")
     V, dm = 101, 24
     hidden = torch.randn(2, 37, dm).to(dtype)
     weight = torch.randn(V, dm) * 0.3
     targets = _with_ignored(torch.randint(0, V, (2, 37)))
     if not half_supported(dtype, lambda: eager.fused_linear_cross_entropy(hidden, weight, targets)):
         pytest.skip(f"no CPU matmul for {dtype}")
-    (loss, gold), grads = run_both(
-        lambda h, w, t: eager.fused_linear_cross_entropy(h, w, t, chunk_size=chunk_size),
-        lambda h, w, t: reference.fused_linear_cross_entropy(h, w.to(h.dtype), t),  # the matmul in hidden's dtype
-        [hidden, weight, targets],
-    )
+    with cpu_blas.route(blas):
+        (loss, gold), grads = run_both(
+            lambda h, w, t: eager.fused_linear_cross_entropy(h, w, t, chunk_size=chunk_size),
+            lambda h, w, t: reference.fused_linear_cross_entropy(h, w.to(h.dtype), t),  # the matmul in hidden's dtype
+            [hidden, weight, targets],
+        )
     assert loss.dtype == torch.float32
     # Logits: d terms, rounded to the dtype; log-softmax: V terms; the mean: 74 rows.
     assert_near(loss, gold, dtype, n=dm + V + 74, r=2)
