@@ -33,7 +33,7 @@ from bench.naive_train import naive_step_fn
 from kernels import cpu_blas
 from model import ModelConfig, TransformerLM
 from train import run as train_run
-from train.config import make_config
+from train.config import TrainConfig, make_config
 from train.dataset import BatchSampler
 from train.log import read_metrics
 from train.optim import clip_gradients, make_adamw
@@ -117,7 +117,8 @@ def ours_step_fn(config: ModelConfig, blas: str = "auto"):
     is kernels.cpu_blas's route; "torch" gives the same step on torch's BLAS, to show what the choice of BLAS is worth.
     """
     model = TransformerLM(config)
-    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+    decay = TrainConfig().weight_decay
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": decay},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
     optimizer = make_adamw("torch", groups, torch.device("cpu"), lr=1e-3, betas=(0.9, 0.95))
     params = list(model.parameters())

@@ -125,7 +125,7 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _Linear(torch.autograd.Function):
-    """y = x W^T; backward dx = dy W and dW = dy^T x, every product through ``mm``."""
+    """y = x W^T in OpenBLAS (``linear`` chose it); backward dx = dy W and dW = dy^T x, each through ``mm``."""
 
     @staticmethod
     def forward(ctx, x, weight):

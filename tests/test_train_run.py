@@ -16,6 +16,7 @@ import torch
 import model as model_pkg
 import train.loop
 from conftest import TINY, as_flags
+from kernels import cpu_blas
 from train import TrainConfig, run
 from train.__main__ import main
 from train.config import make_config
@@ -62,9 +63,12 @@ def _train_cli(*args) -> list[str]:
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tokens, tmp_path):
+    """On the OpenBLAS route where numpy has it (kernels.cpu_blas; test_faults resumes on torch's BLAS)."""
     data = ["--train-data", tokens[0], "--val-data", tokens[1], "--ckpt-interval", "10"]
     data += ["--schedule", "cosine", "--cosine-steps", "40"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    if cpu_blas._openblas():
+        env["SMOLLM_CPU_BLAS"] = "openblas"
     ref = subprocess.run(_train_cli(*data, "--steps", "40", "--out-dir", str(tmp_path / "ref")), env=env, check=False)
     assert ref.returncode == 0
     # The same run, set to go on far longer (the schedule is the same: flat after --cosine-steps), killed mid-way.
