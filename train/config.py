@@ -47,8 +47,9 @@ class TrainConfig:
     # batch and length
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
-    # 1200 steps (2.46M tokens, ~4.3 passes): about 6 minutes from a fresh clone on 2 cores (5:54 measured); in that
-    # time more tokens beat a wider model (d_model 192: 0.54x the tokens/s) and a shallower one ties (bench/RESULTS.md).
+    # 1200 steps (2.46M tokens, ~4.3 passes): about 6 minutes from a fresh clone on 2 cores (5:54 measured on a quiet
+    # day, 7:05 on a slow one); in that time more tokens beat a wider model (d_model 192: 0.54x the tokens/s) and a
+    # shallower one ties (bench/RESULTS.md).
     steps: int = opt(1200, "optimizer steps")
     tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
     # optimizer and schedule

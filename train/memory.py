@@ -79,7 +79,7 @@ def bytes_per_gpu(
     shards = world_size if parallel == "fsdp" else 1
     matrices = hidden_matrix_params(config) if optimizer == "muon" else 0
     state = 8 * (n - matrices) + 4 * matrices
-    params, grads, optimizer = -(-4 * n // shards), -(-4 * n // shards), -(-state // shards)
+    params, grads, state = -(-4 * n // shards), -(-4 * n // shards), -(-state // shards)
     unsharded = 0
     act = torch.finfo(dtype).bits // 8
     if parallel == "fsdp" and world_size > 1:
@@ -94,7 +94,7 @@ def bytes_per_gpu(
     else:
         blocks = config.num_layers * per_block
     loss = tokens * act * 2 * config.d_model + 4 * config.vocab_size * config.d_model  # ln_final's input, dh; dw
-    return MemoryEstimate(params, grads, optimizer, unsharded, blocks + loss)
+    return MemoryEstimate(params, grads, state, unsharded, blocks + loss)
 
 
 def memory_line(config: ModelConfig, batch_size: int, dtype, parallel: str, world_size: int, ckpt: bool,
