@@ -99,6 +99,7 @@ def measure_trainer(case: BenchCase, provider: str, steps: int, device: str, wor
         keep_ckpts=1,
         sample_tokens=0,
         compile=provider == "compile",
+        optimizer="torch",  # AdamW, as in the step and naive rows: the rows race the same update
         device=device,
         progress=False,
         out_dir=out_dir,

@@ -67,6 +67,7 @@ TINY = dict(
     context_length=16,
     batch_size=4,
     warmup_steps=2,
+    decay_fraction=0.2,  # where the step counts of the tests' checkpoints and logged rows were worked out
     eval_batches=2,
     sample_tokens=0,
     progress=False,

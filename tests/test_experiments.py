@@ -248,7 +248,7 @@ def test_prepare_resumes_restarts_or_skips_a_run_directory(tmp_path):
     (tmp_path / "r" / "summary.json").write_text("{}")
     assert prepare(cfg) == "done"
     with pytest.raises(ValueError, match="differs in max_lr"):
-        prepare(make_config(RUN, out_dir=str(tmp_path / "r"), max_lr=1e-2))
+        prepare(make_config(RUN, out_dir=str(tmp_path / "r"), max_lr=2e-2))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a run")
     with pytest.raises(ValueError, match="not a run's"):

@@ -31,6 +31,7 @@ FLAGS = [  # 6 steps of the tiny model on byte-level text; checkpoints at 3 and 
     *"--context-length 16 --warmup-steps 2 --eval-interval 3 --eval-batches 0 --log-interval 1 --steps 6".split(),
     *"--ckpt-interval 3 --no-progress --device cpu --d-model 32 --num-layers 2 --num-heads 2".split(),
     *"--sample-prompt Once --sample-tokens 4 --schedule cosine".split(),  # cosine: no pre-decay checkpoint at 5
+    *"--optimizer torch".split(),  # AdamW's state here; tests/test_fsdp_muon.py runs Muon's
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 

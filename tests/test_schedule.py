@@ -34,7 +34,7 @@ def test_wsd_shape():
 
 def test_extending_a_finished_cosine_run_keeps_its_floor():
     """The bug: --resume RUN --steps 3000 re-stretched the default 900-step cosine, lr 5e-4 at 900 -> 4.1e-3 at 901."""
-    cfg = make_config(schedule="cosine")  # the default lrs: max_lr 5e-3, min_lr 5e-4
+    cfg = make_config(schedule="cosine", max_lr=5e-3, min_lr=5e-4)  # the default lrs of the time
     old, stretched = build_schedule(cfg, 900), build_schedule(cfg, 3000)
     assert old.lr(900) == 5e-4 and stretched.lr(901) == pytest.approx(4.1e-3, abs=1e-4)  # what it used to do
     checkpoint = {"iteration": 900, "schedule": old.state_dict()}
@@ -69,7 +69,7 @@ def test_a_schedule_unchanged_so_far_is_taken_as_given(tmp_path):
 def test_wsd_without_a_predecay_checkpoint_is_refused(tmp_path):
     cfg = make_config(schedule="wsd")
     old = build_schedule(cfg, 900)
-    with pytest.raises(ValueError, match="no pre-decay checkpoint predecay_000720.pt"):
+    with pytest.raises(ValueError, match=f"no pre-decay checkpoint predecay_{old.predecay_step:06d}.pt"):
         saved = {"iteration": 900, "schedule": old.state_dict()}
         resume_schedule(build_schedule(cfg, 3000), saved, RunDir(tmp_path), True)
 
@@ -80,10 +80,11 @@ def test_every_schedule_extends_without_a_jump(tmp_path, fields):
     cfg = make_config(**fields)
     old = build_schedule(cfg, 900)
     if old.predecay_step is not None:
-        torch.save({"model": {}, "optimizer": {}, "iteration": old.predecay_step}, RunDir(tmp_path).predecay(720))
+        predecay = RunDir(tmp_path).predecay(old.predecay_step)
+        torch.save({"model": {}, "optimizer": {}, "iteration": old.predecay_step}, predecay)
     checkpoint = {"iteration": 900, "schedule": old.state_dict()}
     schedule, resumed, _ = resume_schedule(build_schedule(cfg, 3000), checkpoint, RunDir(tmp_path), main=True)
-    start = resumed["iteration"]  # 900, or 720 where a wsd run re-decays
+    start = resumed["iteration"]  # 900, or the pre-decay step where a wsd run re-decays
     assert schedule.same_until(old, start)
     steps = [schedule.lr(t) for t in range(start, 3001)]
     biggest = max(abs(b - a) for a, b in zip(steps, steps[1:]))
@@ -125,7 +126,8 @@ def test_schedule_suite_extensions_are_what_an_extending_resume_runs(tmp_path):
         short, extended = configs[kind], configs[f"{kind}-extended"]
         old = build_schedule(short, short.steps)
         if old.predecay_step is not None:
-            torch.save({"model": {}, "optimizer": {}, "iteration": old.predecay_step}, RunDir(tmp_path).predecay(240))
+            predecay = RunDir(tmp_path).predecay(old.predecay_step)
+            torch.save({"model": {}, "optimizer": {}, "iteration": old.predecay_step}, predecay)
         checkpoint = {"iteration": short.steps, "schedule": old.state_dict()}
         asked = build_schedule(make_config(short.to_dict(), steps=600), 600)  # what --resume RUN --steps 600 asks for
         resumed, _, _ = resume_schedule(asked, checkpoint, RunDir(tmp_path), main=False)

@@ -47,14 +47,14 @@ class TrainConfig:
     # batch and length
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
-    # 1200 steps (2.46M tokens, ~4.3 passes): about 6 minutes from a fresh clone on 2 cores (5:54 measured on a quiet
-    # day, 7:05 on a slow one); in that time more tokens beat a wider model (d_model 192: 0.54x the tokens/s) and a
-    # shallower one ties (bench/RESULTS.md).
-    steps: int = opt(1200, "optimizer steps")
+    # 1060 Muon steps (2.17M tokens, ~3.8 passes) take the wall time of the 1200 AdamW steps before them (a Muon step
+    # costs 1.13x), about 6 minutes from a fresh clone on 2 cores; in that time more tokens beat a wider model
+    # (d_model 192: 0.54x the tokens/s) and a shallower one ties (bench/RESULTS.md).
+    steps: int = opt(1060, "optimizer steps")
     tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
-    # optimizer and schedule
-    max_lr: float = opt(5e-3, "peak learning rate, reached after warmup")
-    min_lr: float = opt(5e-4, "learning rate at the end of the cosine cycle and after it")
+    # optimizer and schedule: the default run's best at equal wall time (bench/RESULTS.md, "Recipes, fourth round")
+    max_lr: float = opt(1e-2, "peak learning rate, reached after warmup")
+    min_lr: float = opt(1e-4, "learning rate at the end of the cosine cycle and after it")
     warmup_steps: int = opt(30, "linear warmup from 0 to max_lr")
     cosine_steps: int | None = opt(None, "--schedule cosine: step at which it reaches min_lr; none: the last step")
     beta1: float = opt(0.9, "AdamW beta1")
@@ -65,12 +65,14 @@ class TrainConfig:
     weight_decay: float = opt(0.3, "decoupled weight decay, on matrices and embeddings only (not on norm gains)")
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this (0: off)")
     # schedule shape, optimizer choice and window placement (docs/train.md, "Recipes")
-    # wsd: 3.182 against cosine's 3.230 on the default run, and it extends (bench/RESULTS.md, "Recipes").
+    # wsd: 3.182 against cosine's 3.230 on the default run, and it extends; decaying over the last 0.4 of the steps
+    # rather than 0.2: Muon 3.128 -> 3.105 (0.6: 3.114), AdamW 3.160 -> 3.151. Muon at lr 1e-2: 3.105 against AdamW's
+    # 3.151 at equal wall time (lr 8e-3: 3.120, 1.3e-2: 3.117); bench/RESULTS.md, "Recipes".
     schedule: Literal["cosine", "wsd"] = opt("wsd", "lr schedule: warmup-stable-decay (extends cleanly), or cosine")
-    decay_fraction: float = opt(0.2, "wsd: the last fraction of the steps, decaying from max_lr to min_lr")
+    decay_fraction: float = opt(0.4, "wsd: the last fraction of the steps, decaying from max_lr to min_lr")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = opt("1-sqrt", "wsd: shape of the decay")
     optimizer: Literal["torch", "ours", "muon"] = opt(
-        "torch", "torch: torch's fused AdamW and clipping; ours: train/optim.py's; muon: Muon on hidden matrices"
+        "muon", "torch: torch's fused AdamW and clipping; ours: train/optim.py's; muon: Muon on hidden matrices"
     )
     muon_momentum: float = opt(0.95, "Muon's Nesterov momentum (the AdamW part keeps --beta1, --beta2)")
     windows: Literal["uniform", "aligned"] = opt("uniform", "training windows start anywhere, or at document starts")
