@@ -47,10 +47,11 @@ class TrainConfig:
     # batch and length
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
-    # 1060 Muon steps (2.17M tokens, ~3.8 passes) take the wall time of the 1200 AdamW steps before them (a Muon step
-    # costs 1.13x), about 6 minutes from a fresh clone on 2 cores; in that time more tokens beat a wider model
-    # (d_model 192: 0.54x the tokens/s) and a shallower one ties (bench/RESULTS.md).
-    steps: int = opt(1060, "optimizer steps")
+    # 960 Muon steps (1.97M tokens, ~3.4 passes), evaluated at 0, 480 and 960, fit in the wall time of the 1200
+    # AdamW steps with 4 evaluations before them (a Muon step costs 1.13-1.3x at 2 threads), about 6 minutes from a
+    # fresh clone on 2 cores; more tokens beat a wider model (d_model 192: 0.54x the tokens/s) and a shallower one
+    # ties (bench/RESULTS.md).
+    steps: int = opt(960, "optimizer steps")
     tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
     # optimizer and schedule: the default run's best at equal wall time (bench/RESULTS.md, "Recipes, fourth round")
     max_lr: float = opt(1e-2, "peak learning rate, reached after warmup")
@@ -78,7 +79,7 @@ class TrainConfig:
     windows: Literal["uniform", "aligned"] = opt("uniform", "training windows start anywhere, or at document starts")
     doc_mask: bool = opt(False, "attention stays inside documents: each <|endoftext|> opens one (train and eval)")
     # evaluation, logging, checkpoints
-    eval_interval: int = opt(400, "evaluate every N steps (and at the start and the end)")
+    eval_interval: int = opt(480, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(0, "validation batches (global), the same each eval, spread over the split (0: all of it)")
     log_interval: int = opt(10, "metrics row and console line every N steps")
     ckpt_interval: int = opt(200, "checkpoint every N steps (and at the end)")
