@@ -67,8 +67,8 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this (0: off)")
     # schedule shape, optimizer choice and window placement (docs/train.md, "Recipes")
     # wsd: 3.182 against cosine's 3.230 on the default run, and it extends; decaying over the last 0.4 of the steps
-    # rather than 0.2: Muon 3.128 -> 3.105 (0.6: 3.114), AdamW 3.160 -> 3.151. Muon at lr 1e-2: 3.105 against AdamW's
-    # 3.151 at equal wall time (lr 8e-3: 3.120, 1.3e-2: 3.117); bench/RESULTS.md, "Recipes".
+    # rather than 0.2: Muon 3.128 -> 3.105 (0.6: 3.114), AdamW 3.160 -> 3.151, at 1060 Muon or 1200 AdamW steps. Muon's
+    # lr 1e-2 beat 8e-3 (3.120) and 1.3e-2 (3.117); at the default's 960 steps it ends at 3.143 (bench/RESULTS.md).
     schedule: Literal["cosine", "wsd"] = opt("wsd", "lr schedule: warmup-stable-decay (extends cleanly), or cosine")
     decay_fraction: float = opt(0.4, "wsd: the last fraction of the steps, decaying from max_lr to min_lr")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = opt("1-sqrt", "wsd: shape of the decay")
