@@ -169,6 +169,7 @@ def test_webtext_preset_is_the_recipe_and_runs_at_toy_scale(tokens, tmp_path, ca
     assert 90e6 < total < 130e6
     assert cfg.batch_size * cfg.grad_accum * cfg.context_length == TOKENS_PER_STEP == 2**20
     assert cfg.steps * TOKENS_PER_STEP == pytest.approx(20 * total, rel=0.01)  # Chinchilla's 20 tokens / parameter
+    assert cfg.optimizer == "torch"  # AdamW, whatever the trainer's default optimizer
     assert (cfg.max_lr, cfg.min_lr, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.dtype) == (
         3e-3,
         3e-4,

@@ -64,6 +64,7 @@ def webtext_config(world_size: int | None = None, smoke: bool = False, **overrid
         min_lr=3e-4,
         warmup_steps=steps // 20,
         schedule="cosine",
+        optimizer="torch",  # AdamW, as the recipe was sized for; the default's Muon is tuned on the tiny preset only
         beta1=0.9,
         beta2=0.95,
         weight_decay=0.1,
