@@ -2,9 +2,10 @@
 beyond what ``torch.optim.Optimizer`` keeps (so they checkpoint through ``optimizer.state_dict()``).
 
 Two implementations of the optimizer step (AdamW and the clipping before it), chosen by ``TrainConfig.optimizer``:
-"torch" (the default) is PyTorch's fastest for the device, its fused AdamW where it has one (a single kernel per
-parameter for the whole update: on the 2-core CPU 5x faster than the foreach version for the 17M preset) and
-``clip_grad_norm_``; "ours" is the readable version below, the same update, kept and tested equal to torch's.
+"torch" (also the AdamW half of the default, Muon) is PyTorch's fastest for the device, its fused AdamW where it
+has one (a single kernel per parameter for the whole update: on the 2-core CPU 5x faster than the foreach version
+for the 17M preset) and ``clip_grad_norm_``; "ours" is the readable version below, the same update, kept and
+tested equal to torch's.
 """
 
 import math
