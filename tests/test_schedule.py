@@ -48,12 +48,14 @@ def test_wsd_is_the_default_and_cosine_steps_needs_cosine(tmp_path):
     assert build_schedule(make_config(schedule="cosine", cosine_steps=10), 20).decay_end == 10
     with pytest.raises(ValueError, match="only --schedule cosine"):  # silently ignored under wsd, before
         make_config(cosine_steps=10)
-    # A run saved before the schedule field existed was trained with cosine, the only schedule then: it resumes so.
+    # A run saved before the schedule and optimizer fields existed was trained with cosine and AdamW, the only ones
+    # then: it resumes so (Muon's state would not load its checkpoints).
     run_dir = RunDir(tmp_path / "old")
     run_dir.path.mkdir()
-    saved = {k: v for k, v in make_config(cosine_steps=40, schedule="cosine").to_dict().items() if k != "schedule"}
-    run_dir.config.write_text(json.dumps(saved))
-    assert make_config(load_run_config(str(run_dir.path))).schedule == "cosine"
+    saved = make_config(cosine_steps=40, schedule="cosine").to_dict()
+    run_dir.config.write_text(json.dumps({k: v for k, v in saved.items() if k not in ("schedule", "optimizer")}))
+    resumed = make_config(load_run_config(str(run_dir.path)))
+    assert (resumed.schedule, resumed.optimizer) == ("cosine", "torch")
 
 
 def test_a_schedule_unchanged_so_far_is_taken_as_given(tmp_path):

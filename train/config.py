@@ -53,7 +53,7 @@ class TrainConfig:
     # ties (bench/RESULTS.md).
     steps: int = opt(960, "optimizer steps")
     tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
-    # optimizer and schedule: the default run's best at equal wall time (bench/RESULTS.md, "Recipes, fourth round")
+    # optimizer and schedule: the default run's best recipe found (bench/RESULTS.md, "Recipes, fourth round")
     max_lr: float = opt(1e-2, "peak learning rate, reached after warmup")
     min_lr: float = opt(1e-4, "learning rate at the end of the cosine cycle and after it")
     warmup_steps: int = opt(30, "linear warmup from 0 to max_lr")
@@ -231,7 +231,7 @@ def read_toml(path: str) -> dict:
 
 
 # Fields whose default changed, with the value a run saved before the field existed was trained with.
-EARLIER_DEFAULTS = {"schedule": "cosine"}
+EARLIER_DEFAULTS = {"schedule": "cosine", "optimizer": "torch"}
 
 
 def complete_saved(saved: dict) -> dict:
