@@ -15,13 +15,14 @@ def _layer_params(config: ModelConfig) -> tuple[int, int]:
 def param_counts(config: ModelConfig) -> tuple[int, int]:
     """(total, non_embedding) parameters.
 
-    non_embedding leaves out the vocab-sized matrices (token_embeddings and an untied lm_head), as in Kaplan et
-    al.'s scaling laws; total counts a tied matrix once.
+    non_embedding leaves out the vocab-sized matrices (token_embeddings, an untied lm_head, the value embeddings), as
+    in Kaplan et al.'s scaling laws; total counts a tied matrix once.
     """
     matmul, norms = _layer_params(config)
     body = config.num_layers * (matmul + norms) + (0 if config.norm == "none" else config.d_model)  # + ln_final
-    vocab = config.vocab_size * config.d_model
-    return body + vocab * (1 if config.tie_embeddings else 2), body
+    vocab = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
+    values = config.value_embeddings * config.num_layers * config.vocab_size * config.num_kv_heads * config.head_dim
+    return body + vocab + values, body
 
 
 def hidden_matrix_params(config: ModelConfig) -> int:

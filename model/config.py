@@ -24,6 +24,12 @@ class ModelConfig:
     position: Literal["rope", "nope"] = "rope"  # nope: no positional signal but the causal mask
     ffn: Literal["swiglu", "silu"] = "swiglu"  # swiglu: W2(SiLU(W1 x) * W3 x); silu: W2 SiLU(W1 x)
     tie_embeddings: bool = False  # share one (V, d) matrix between token_embeddings and lm_head
+    # Start output_proj and w2 at zero, so every block begins as the identity and the residual stream as the
+    # embeddings; the presets turn it on (it trained better, bench/RESULTS.md), a bare config keeps the Xavier init.
+    zero_init_residual: bool = False
+    # Each block adds a learned embedding of the input tokens, (V, num_kv_heads * head_dim) per block, to its
+    # attention values (modded-nanogpt's value embeddings): lookups, no FLOPs, but V x kv width parameters a block.
+    value_embeddings: bool = False
     kernels: Literal["auto", "triton", "eager"] = "auto"  # auto: Triton on CUDA, eager PyTorch elsewhere
 
     def __post_init__(self):
@@ -79,13 +85,19 @@ def default_d_ff(d_model: int, ffn: str) -> int:
 
 PRESETS = {
     # Small enough to train for a few hundred steps on a laptop CPU; the trainer overrides vocab_size.
-    "tiny": dict(vocab_size=2048, context_length=128, d_model=128, num_layers=4, num_heads=4),
+    # Its value embeddings (one per block, 1.05M parameters, no FLOPs) took the default run 0.03-0.06 nats lower.
+    "tiny": dict(
+        vocab_size=2048, context_length=128, d_model=128, num_layers=4, num_heads=4, zero_init_residual=True,
+        value_embeddings=True,
+    ),
     # The TinyStories model of the Stanford CS336 course: 22.7M parameters, 12.5M of them outside the embeddings.
     "tinystories-17m": dict(
-        vocab_size=10000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344, rope_theta=10000.0
+        vocab_size=10000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344, rope_theta=10000.0,
+        zero_init_residual=True,
     ),
     # GPT-2 small's shape with a Llama block; tied embeddings as in GPT-2 bring it to 124M parameters.
     "125m": dict(
-        vocab_size=50257, context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=2048, tie_embeddings=True
+        vocab_size=50257, context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=2048, tie_embeddings=True,
+        zero_init_residual=True,
     ),
 }

@@ -55,8 +55,10 @@ def export_hf(model: TransformerLM, out_dir: str | os.PathLike, token_ids: dict[
     Returns the directory.
     """
     c = model.config
-    if (c.norm, c.position, c.ffn) != ("pre", "rope", "swiglu"):
-        raise ValueError(f"only Llama blocks export: need norm='pre', position='rope', ffn='swiglu', got {c}")
+    if (c.norm, c.position, c.ffn, c.value_embeddings) != ("pre", "rope", "swiglu", False):
+        raise ValueError(
+            f"only Llama blocks export: need norm='pre', position='rope', ffn='swiglu', no value_embeddings, got {c}"
+        )
     state = model.state_dict()
     tensors = {}
     for ours, theirs in _hf_names(c).items():

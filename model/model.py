@@ -170,11 +170,16 @@ class CausalSelfAttention(nn.Module):
         positions: torch.Tensor | int | None = None,
         kv_cache: KVCache | None = None,
         doc_ids: torch.Tensor | None = None,
+        value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """value_embedding (B, T, Hkv * dh), if given, is added to the values (TransformerLM's value embeddings)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
+        v = self.v_proj(x)
+        if value_embedding is not None:
+            v = v + value_embedding
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
         if self.rope is not None:
             q, k = self.rope.pair(q, k, positions)
         if kv_cache is not None:
@@ -239,11 +244,12 @@ class TransformerBlock(nn.Module):
         positions: torch.Tensor | int | None = None,
         kv_cache: KVCache | None = None,
         doc_ids: torch.Tensor | None = None,
+        value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.post_norm:
-            x = self.ln1(x + self.attn(x, positions, kv_cache, doc_ids))
+            x = self.ln1(x + self.attn(x, positions, kv_cache, doc_ids, value_embedding))
             return self.ln2(x + self.ffn(x))
-        x = x + self.attn(self.ln1(x), positions, kv_cache, doc_ids)
+        x = x + self.attn(self.ln1(x), positions, kv_cache, doc_ids, value_embedding)
         return x + self.ffn(self.ln2(x))
 
 
@@ -256,6 +262,12 @@ class TransformerLM(nn.Module):
         # norm="none" drops every norm, the final one too; post-norm keeps it as a learned output gain.
         self.ln_final = make_norm(config, cast_output=True)  # feeds only lm_head
         self.lm_head = Linear(config.d_model, config.vocab_size)
+        # Value embeddings: block i adds value_embeddings[i](ids) to its attention values, a per-token shortcut into
+        # every position that attends to it (modded-nanogpt's). Outside the blocks, so the optimizer treats them as
+        # the embeddings they are (AdamW, not Muon).
+        kv_width = config.num_kv_heads * config.head_dim
+        tables = config.num_layers if config.value_embeddings else 0
+        self.value_embeddings = nn.ModuleList(Embedding(config.vocab_size, kv_width) for _ in range(tables))
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embeddings.weight
         self.init_weights()
@@ -266,14 +278,21 @@ class TransformerLM(nn.Module):
 
         - Linear weights (q/k/v/output_proj, w1/w2/w3, lm_head): truncated normal, std sqrt(2 / (in + out)),
           cut at 3 std.
-        - token_embeddings: truncated normal, std 1, cut at +-3.
+        - token_embeddings and value_embeddings: truncated normal, std 1, cut at +-3.
         - RMSNorm gains: 1.
         - Tied embeddings: the shared matrix takes lm_head's init, since std-1 output weights would start the
           logits at std sqrt(d_model); the first RMSNorm rescales the small embeddings anyway.
+        - zero_init_residual: each block's last matrices (attention's output_proj, the FFN's w2) start at zero, so
+          every block adds nothing at first and the first steps shape the logits of the embeddings alone; the other
+          matrices get gradients from the second step on, once the zeros have moved.
         """
-        for module in self.modules():  # lm_head comes last, so a tied matrix ends with its init
+        for module in self.modules():  # lm_head comes after token_embeddings, so a tied matrix ends with its init
             if isinstance(module, (Linear, Embedding, RMSNorm)):
                 module.reset_parameters()
+        if self.config.zero_init_residual:
+            for layer in self.layers:
+                layer.attn.output_proj.weight.zero_()
+                layer.ffn.w2.weight.zero_()
 
     def make_kv_caches(self, batch_size: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
         """One empty KVCache per layer for decoding up to max_len tokens (at most context_length)."""
@@ -307,8 +326,9 @@ class TransformerLM(nn.Module):
         if positions is None and kv_caches is not None:
             positions = kv_caches[0].length  # a start: RoPE checks it without reading the device
         x = self.token_embeddings(ids)  # (B, T, d)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, None if kv_caches is None else kv_caches[i], doc_ids)
+        values = [table(ids) for table in self.value_embeddings] or [None] * len(self.layers)  # (B, T, Hkv * dh)
+        for i, (layer, value) in enumerate(zip(self.layers, values)):
+            x = layer(x, positions, None if kv_caches is None else kv_caches[i], doc_ids, value)
         x = self.ln_final(x)
         if targets is None:
             return self.lm_head(x)  # (B, T, V)

@@ -42,12 +42,12 @@ def ref_rope(x, positions, theta):
     return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
 
 
-def ref_attention(x, sd, prefix, cfg, positions):
+def ref_attention(x, sd, prefix, cfg, positions, value_embedding=0.0):
     B, T, _ = x.shape
     H, Hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = (x @ sd[prefix + "q_proj.weight"].T).view(B, T, H, dh).transpose(1, 2)
     k = (x @ sd[prefix + "k_proj.weight"].T).view(B, T, Hkv, dh).transpose(1, 2)
-    v = (x @ sd[prefix + "v_proj.weight"].T).view(B, T, Hkv, dh).transpose(1, 2)
+    v = (x @ sd[prefix + "v_proj.weight"].T + value_embedding).view(B, T, Hkv, dh).transpose(1, 2)
     if cfg.position == "rope":
         q, k = ref_rope(q, positions, cfg.rope_theta), ref_rope(k, positions, cfg.rope_theta)
     k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
@@ -71,11 +71,12 @@ def ref_forward(model, ids, positions=None):
     x = sd["token_embeddings.weight"][ids]
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
+        ve = sd[f"value_embeddings.{i}.weight"][ids] if cfg.value_embeddings else 0.0
         if cfg.norm == "post":
-            x = norm(x + ref_attention(x, sd, p + "attn.", cfg, positions), p + "ln1.weight")
+            x = norm(x + ref_attention(x, sd, p + "attn.", cfg, positions, ve), p + "ln1.weight")
             x = norm(x + ref_ffn(x, sd, p + "ffn.", cfg), p + "ln2.weight")
         else:
-            x = x + ref_attention(norm(x, p + "ln1.weight"), sd, p + "attn.", cfg, positions)
+            x = x + ref_attention(norm(x, p + "ln1.weight"), sd, p + "attn.", cfg, positions, ve)
             x = x + ref_ffn(norm(x, p + "ln2.weight"), sd, p + "ffn.", cfg)
     return norm(x, "ln_final.weight") @ sd["lm_head.weight"].T
 
@@ -175,6 +176,7 @@ VARIANTS = {
     "silu": dict(ffn="silu"),
     "gqa": dict(num_kv_heads=2),
     "tied": dict(tie_embeddings=True),
+    "value-embeddings": dict(value_embeddings=True, num_kv_heads=2),  # a kv width of half d_model
 }
 
 
@@ -281,6 +283,19 @@ def test_init_weights():
     assert tied.lm_head.weight.std() < 0.1  # lm_head's init, not the embedding's std 1
 
 
+@pytest.mark.parametrize("ffn", M.config.FFNS)
+def test_zero_init_residual(ffn):
+    model = make_model(zero_init_residual=True, ffn=ffn)
+    zero = {name for name, p in model.named_parameters() if not p.any()}
+    assert zero == {f"layers.{i}.{m}.weight" for i in range(2) for m in ("attn.output_proj", "ffn.w2")}
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():  # every block starts as the identity: the logits are the embeddings' alone
+        alone = model.lm_head(model.ln_final(model.token_embeddings(ids)))
+    torch.testing.assert_close(model(ids), alone, atol=0, rtol=0)
+    assert all(ModelConfig.preset(name).zero_init_residual for name in M.config.PRESETS)
+    assert not small_config().zero_init_residual  # a bare config keeps the Xavier init
+
+
 # ---- Accounting, presets, checkpoints, validation ----
 
 
@@ -290,6 +305,7 @@ def test_param_counts_match_the_module(variant):
     total, non_embedding = M.param_counts(model.config)
     assert total == sum(p.numel() for p in model.parameters())
     vocab = sum(p.numel() for p in {model.token_embeddings.weight, model.lm_head.weight})
+    vocab += sum(p.numel() for p in model.value_embeddings.parameters())
     assert non_embedding == total - vocab
 
 

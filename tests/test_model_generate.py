@@ -14,7 +14,10 @@ def make_model(**overrides) -> TransformerLM:
     return TransformerLM(ModelConfig(**{**kwargs, **overrides}))
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(num_kv_heads=2), dict(norm="post"), dict(position="nope")])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(num_kv_heads=2), dict(norm="post"), dict(position="nope"), dict(value_embeddings=True, num_kv_heads=2)],
+)
 def test_kv_cache_decoding_equals_full_forward(overrides):
     model = make_model(**overrides)
     ids = torch.randint(0, 61, (2, 20))

@@ -71,5 +71,7 @@ def test_import_of_a_transformers_model(tmp_path):
 def test_bad_exports_and_imports_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="only Llama blocks export"):
         export_hf(make_model(norm="post"), tmp_path)
+    with pytest.raises(ValueError, match="no value_embeddings"):  # Llama has no such tables
+        export_hf(make_model(value_embeddings=True), tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         import_hf(tmp_path)

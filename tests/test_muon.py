@@ -120,7 +120,8 @@ def test_build_optimizer_splits_hidden_matrices_from_the_rest():
     in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
     shapes = dict(model.named_parameters())
     assert in_muon == {n for n, p in shapes.items() if n.startswith("layers.") and p.dim() == 2}
-    assert {"token_embeddings.weight", "lm_head.weight"} | {n for n, p in shapes.items() if p.dim() == 1} == in_adamw
+    embeddings = {"token_embeddings.weight", "lm_head.weight"} | {f"value_embeddings.{i}.weight" for i in range(4)}
+    assert embeddings | {n for n, p in shapes.items() if p.dim() == 1} == in_adamw
     assert in_muon.isdisjoint(in_adamw) and len(in_muon | in_adamw) == len(names)
     ours = build_optimizer(make_config(optimizer="ours"), model, torch.device("cpu"))
     assert isinstance(ours, AdamW)  # AdamW on everything

@@ -1,5 +1,6 @@
 """The trainer's building blocks against direct computations: AdamW, cosine_lr, clip_grad_norm, batches, checkpoints."""
 
+import dataclasses
 import io
 import math
 import os
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import train.checkpoint
+from model import ModelConfig
 from train import AdamW, clip_grad_norm, cosine_lr, get_batch, load_checkpoint, save_checkpoint
 from train.checkpoint import read_checkpoint, set_rng_state
 from train.rundir import RunDir
@@ -233,3 +235,13 @@ def test_config_errors(tmp_path):
         parse_args(["--resume", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit):
         parse_args(["--norm", "sideways"])
+
+
+def test_a_checkpoint_saved_before_zero_init_residual_resumes():
+    from train.loop import check_same_model
+
+    config = ModelConfig.preset("tiny")
+    saved = {k: v for k, v in dataclasses.asdict(config).items() if k != "zero_init_residual"}
+    check_same_model(saved, config)  # an init: the checkpoint's weights replace it
+    with pytest.raises(ValueError, match="cannot resume: the model differs from the checkpoint's in d_model"):
+        check_same_model({**saved, "d_model": 64}, config)

@@ -51,7 +51,7 @@ class TrainConfig:
     # AdamW steps with 4 evaluations before them (a Muon step costs 1.13-1.3x at 2 threads), about 6 minutes from a
     # fresh clone on 2 cores; more tokens beat a wider model (d_model 192: 0.54x the tokens/s) and a shallower one
     # ties (bench/RESULTS.md).
-    steps: int = opt(960, "optimizer steps")
+    steps: int = opt(1000, "optimizer steps")
     tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
     # optimizer and schedule: the default run's best recipe found (bench/RESULTS.md, "Recipes, fourth round")
     max_lr: float = opt(1e-2, "peak learning rate, reached after warmup")
@@ -70,7 +70,7 @@ class TrainConfig:
     # rather than 0.2: Muon 3.128 -> 3.105 (0.6: 3.114), AdamW 3.160 -> 3.151, at 1060 Muon or 1200 AdamW steps. Muon's
     # lr 1e-2 beat 8e-3 (3.120) and 1.3e-2 (3.117); at the default's 960 steps it ends at 3.143 (bench/RESULTS.md).
     schedule: Literal["cosine", "wsd"] = opt("wsd", "lr schedule: warmup-stable-decay (extends cleanly), or cosine")
-    decay_fraction: float = opt(0.4, "wsd: the last fraction of the steps, decaying from max_lr to min_lr")
+    decay_fraction: float = opt(0.5, "wsd: the last fraction of the steps, decaying from max_lr to min_lr")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = opt("1-sqrt", "wsd: shape of the decay")
     optimizer: Literal["torch", "ours", "muon"] = opt(
         "muon", "torch: torch's fused AdamW and clipping; ours: train/optim.py's; muon: Muon on hidden matrices"
@@ -79,7 +79,7 @@ class TrainConfig:
     windows: Literal["uniform", "aligned"] = opt("uniform", "training windows start anywhere, or at document starts")
     doc_mask: bool = opt(False, "attention stays inside documents: each <|endoftext|> opens one (train and eval)")
     # evaluation, logging, checkpoints
-    eval_interval: int = opt(480, "evaluate every N steps (and at the start and the end)")
+    eval_interval: int = opt(1000, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(0, "validation batches (global), the same each eval, spread over the split (0: all of it)")
     log_interval: int = opt(10, "metrics row and console line every N steps")
     ckpt_interval: int = opt(200, "checkpoint every N steps (and at the end)")

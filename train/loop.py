@@ -34,8 +34,8 @@ from train.optimizers import build_optimizer
 from train.rundir import RunDir, open_run, read_json, write_json
 from train.schedule import Schedule, build_schedule, resume_schedule
 
-# ModelConfig fields that choose how the same model is computed, not what it is: a resumed run may change them.
-RUNTIME_MODEL_FIELDS = ("kernels",)
+# ModelConfig fields a resumed run may change: which kernels compute the model, and an init its weights replace.
+FREE_ON_RESUME = ("kernels", "zero_init_residual")
 
 
 class PreflightError(RuntimeError):
@@ -263,12 +263,12 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
 
 
 def check_same_model(saved: dict, config: ModelConfig):
-    """A resumed run trains the checkpoint's model: every field but the runtime ones must match, else say which."""
+    """A resumed run trains the checkpoint's model: every field but FREE_ON_RESUME must match, else say which."""
     current = asdict(config)
     changed = [
         f"{k} ({saved.get(k)!r} in the checkpoint, {v!r} now)"
         for k, v in current.items()
-        if k not in RUNTIME_MODEL_FIELDS and saved.get(k) != v
+        if k not in FREE_ON_RESUME and saved.get(k) != v
     ]
     if changed:
         raise ValueError(f"cannot resume: the model differs from the checkpoint's in {', '.join(changed)}")
