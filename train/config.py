@@ -47,10 +47,10 @@ class TrainConfig:
     # batch and length
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
-    # 960 Muon steps (1.97M tokens, ~3.4 passes), evaluated at 0, 480 and 960, fit in the wall time of the 1200
-    # AdamW steps with 4 evaluations before them (a Muon step costs 1.13-1.3x at 2 threads), about 6 minutes from a
-    # fresh clone on 2 cores; more tokens beat a wider model (d_model 192: 0.54x the tokens/s) and a shallower one
-    # ties (bench/RESULTS.md).
+    # 1000 Muon steps (2.05M tokens, ~3.6 passes), evaluated at the start and the end only, took the wall time of the
+    # previous default's 960 steps with 3 evaluations (6:30 and 6:29 from fresh clones, back to back; an evaluation
+    # costs 10-12 s), about 6-7 minutes on 2 cores; more tokens beat a wider model (d_model 192: 0.54x the
+    # tokens/s) and a shallower one ties (bench/RESULTS.md).
     steps: int = opt(1000, "optimizer steps")
     tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
     # optimizer and schedule: the default run's best recipe found (bench/RESULTS.md, "Recipes, fourth round")
@@ -67,8 +67,8 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this (0: off)")
     # schedule shape, optimizer choice and window placement (docs/train.md, "Recipes")
     # wsd: 3.182 against cosine's 3.230 on the default run, and it extends; decaying over the last 0.4 of the steps
-    # rather than 0.2: Muon 3.128 -> 3.105 (0.6: 3.114), AdamW 3.160 -> 3.151, at 1060 Muon or 1200 AdamW steps. Muon's
-    # lr 1e-2 beat 8e-3 (3.120) and 1.3e-2 (3.117); at the default's 960 steps it ends at 3.143 (bench/RESULTS.md).
+    # rather than 0.2: Muon 3.128 -> 3.105 (0.6: 3.114), AdamW 3.160 -> 3.151, at 1060 Muon or 1200 AdamW steps; 0.5
+    # and 0.4 tie within one seed's spread (0.02). Muon's lr 1e-2 beat 8e-3 and 1.3e-2 by 0.015-0.04 in two rounds.
     schedule: Literal["cosine", "wsd"] = opt("wsd", "lr schedule: warmup-stable-decay (extends cleanly), or cosine")
     decay_fraction: float = opt(0.5, "wsd: the last fraction of the steps, decaying from max_lr to min_lr")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = opt("1-sqrt", "wsd: shape of the decay")
