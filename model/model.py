@@ -1,6 +1,7 @@
 """A Llama-style decoder-only transformer, readable top to bottom.
 
 token_embeddings -> num_layers x TransformerBlock -> ln_final (RMSNorm) -> lm_head -> logits
+                    (with value_embeddings, block i also adds value_embeddings[i](ids) to its attention values)
 
 Every module with an op that has a Triton kernel (RMSNorm, SwiGLU, RoPE, attention, the loss) asks
 ``kernels.ops(kernels.resolve_backend(choice, x.device))`` on each call, so the same model runs Triton on CUDA

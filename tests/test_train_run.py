@@ -34,7 +34,7 @@ def tiny(tokens, out_dir, **overrides) -> TrainConfig:
 def test_run_writes_metrics_plots_checkpoints_and_summary(tokens, tmp_path, capsys):
     summary = run(tiny(tokens, tmp_path / "r", keep_ckpts=1))
     out = capsys.readouterr().out
-    assert "tiny preset (d_model=32, num_layers=2, num_heads=2), 0.02M parameters" in out  # the model that runs
+    assert "tiny preset (d_model=32, num_layers=2, num_heads=2), 0.03M parameters" in out  # the model that runs
     assert " tok/s " in out and "mfu" not in out  # a CPU has no peak to compare to: no mfu column
     run_dir = tmp_path / "r"
     assert summary["status"] == "finished" and not summary["diverged"] and summary["steps"] == 20
