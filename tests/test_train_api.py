@@ -237,11 +237,19 @@ def test_config_errors(tmp_path):
         parse_args(["--norm", "sideways"])
 
 
-def test_a_checkpoint_saved_before_zero_init_residual_resumes():
-    from train.loop import check_same_model
+def test_a_checkpoint_saved_before_the_init_and_value_embedding_fields_resumes_as_it_trained():
+    from train.loop import resumed_model_config
 
-    config = ModelConfig.preset("tiny")
-    saved = {k: v for k, v in dataclasses.asdict(config).items() if k != "zero_init_residual"}
-    check_same_model(saved, config)  # an init: the checkpoint's weights replace it
+    config = ModelConfig.preset("tiny")  # zero_init_residual and value_embeddings on
+    new = {"zero_init_residual", "value_embeddings"}
+    saved = {k: v for k, v in dataclasses.asdict(config).items() if k not in new}
+    resumed = resumed_model_config(saved, config)  # the fields' defaults: the model before they existed
+    assert (resumed.zero_init_residual, resumed.value_embeddings) == (False, False)
+    assert resumed == dataclasses.replace(config, zero_init_residual=False, value_embeddings=False)
+    assert resumed_model_config(dataclasses.asdict(config), config) == config
+    plain_init = dataclasses.replace(config, zero_init_residual=False)  # an init: the checkpoint's weights replace it
+    assert resumed_model_config(dataclasses.asdict(config), plain_init) == plain_init
     with pytest.raises(ValueError, match="cannot resume: the model differs from the checkpoint's in d_model"):
-        check_same_model({**saved, "d_model": 64}, config)
+        resumed_model_config({**saved, "d_model": 64}, config)
+    with pytest.raises(ValueError, match="in value_embeddings"):  # saved with the tables, resumed without
+        resumed_model_config(dataclasses.asdict(config), dataclasses.replace(config, value_embeddings=False))

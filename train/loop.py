@@ -11,6 +11,7 @@ lays out; ``summary.json`` is written last, so its presence marks a finished run
 import math
 import time
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -229,7 +230,7 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
     sizes = dict(vocab_size=data.vocab_size, context_length=data.context_length)
     config = ModelConfig.preset(cfg.model, **cfg.model_args, **sizes)
     if checkpoint is not None:
-        check_same_model(checkpoint["model_config"], config)
+        config = resumed_model_config(checkpoint["model_config"], config)
     try:
         backend = kernels.resolve_backend(config.kernels, device)
     except RuntimeError as e:
@@ -262,8 +263,13 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
     return Model(config, raw, wrapped, compiled, optimizer, schedule, schedule_note, backend, start, elapsed_s)
 
 
-def check_same_model(saved: dict, config: ModelConfig):
-    """A resumed run trains the checkpoint's model: every field but FREE_ON_RESUME must match, else say which."""
+def resumed_model_config(saved: dict, config: ModelConfig) -> ModelConfig:
+    """The model a resumed run trains: the checkpoint's. A field the checkpoint lacks is ModelConfig's default, the
+    model it trained before the field existed (say, a tiny-preset run from before value embeddings); every other field
+    but FREE_ON_RESUME must match ``config``, else say which."""
+    fields = dataclasses.fields(ModelConfig)
+    missing = {f.name: f.default for f in fields if f.name not in saved and f.default is not dataclasses.MISSING}
+    config, saved = dataclasses.replace(config, **missing), {**saved, **missing}
     current = asdict(config)
     changed = [
         f"{k} ({saved.get(k)!r} in the checkpoint, {v!r} now)"
@@ -272,6 +278,7 @@ def check_same_model(saved: dict, config: ModelConfig):
     ]
     if changed:
         raise ValueError(f"cannot resume: the model differs from the checkpoint's in {', '.join(changed)}")
+    return config
 
 
 # ---- train ------------------------------------------------------------------------------------------------------
