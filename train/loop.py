@@ -8,10 +8,10 @@ steps ahead in between. Everything a run writes lands in its run directory, whic
 lays out; ``summary.json`` is written last, so its presence marks a finished run (or a diverged one: its "status").
 """
 
+import dataclasses
 import math
 import time
 from contextlib import nullcontext
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
