@@ -53,7 +53,7 @@ class TrainConfig:
     # tokens/s) and a shallower one ties (bench/RESULTS.md).
     steps: int = opt(1000, "optimizer steps")
     tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
-    # optimizer and schedule: the default run's best recipe found (bench/RESULTS.md, "Recipes, fourth round")
+    # optimizer and schedule: the default run's best recipe found (bench/RESULTS.md, "Recipes", rounds four and five)
     max_lr: float = opt(1e-2, "peak learning rate, reached after warmup")
     min_lr: float = opt(1e-4, "learning rate at the end of the cosine cycle and after it")
     warmup_steps: int = opt(30, "linear warmup from 0 to max_lr")
