@@ -47,11 +47,11 @@ class TrainConfig:
     # batch and length
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
-    # 1250 Muon steps (2.56M tokens, ~4.5 passes), evaluated at the start and the end only: 3:4x from a fresh clone
-    # against 4:08 for the 900 AdamW steps of the 2026-11-28 default, back to back (bench/RESULTS.md); 1000 / 1200 /
-    # 1350 steps reach 3.052 / 2.998 / 2.988. More tokens beat a wider model (d_model 192: 0.54x the tokens/s) and a
-    # shallower one ties.
-    steps: int = opt(1250, "optimizer steps")
+    # 1200 Muon steps (2.46M tokens, ~4.3 passes), evaluated at the start and the end only, in less wall time than
+    # the 900 AdamW steps of the 2026-11-28 default (bench/RESULTS.md: fresh clones, back to back); 1000 / 1250 /
+    # 1350 steps reach 3.052 / 2.995 / 2.988. More tokens beat a wider model (d_model 192: 0.54x the tokens/s) and
+    # a shallower one ties.
+    steps: int = opt(1200, "optimizer steps")
     tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
     # optimizer and schedule: the default run's best recipe found (bench/RESULTS.md, "Recipes", rounds four and five)
     max_lr: float = opt(1e-2, "peak learning rate, reached after warmup")
@@ -79,7 +79,7 @@ class TrainConfig:
     windows: Literal["uniform", "aligned"] = opt("uniform", "training windows start anywhere, or at document starts")
     doc_mask: bool = opt(False, "attention stays inside documents: each <|endoftext|> opens one (train and eval)")
     # evaluation, logging, checkpoints
-    eval_interval: int = opt(1250, "evaluate every N steps (and at the start and the end)")
+    eval_interval: int = opt(1200, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(0, "validation batches (global), the same each eval, spread over the split (0: all of it)")
     log_interval: int = opt(10, "metrics row and console line every N steps")
     ckpt_interval: int = opt(200, "checkpoint every N steps (and at the end)")
