@@ -33,7 +33,8 @@ def opt(default, help: str):
 @dataclass
 class TrainConfig:
     """Everything a run needs. The defaults are the embedded default run (``python -m train``): the tiny preset on
-    the shipped TinyStories excerpt, sized to about 4 minutes on a 2-core CPU (within 10 under load)."""
+    the shipped TinyStories excerpt, sized to about 4 minutes on a quiet 2-core Intel Xeon (longer on slower CPUs:
+    bench/RESULTS.md)."""
 
     # data
     train_data: str | None = opt(None, "training text file (.txt) or pre-encoded tokens (.npy); none: embedded corpus")
