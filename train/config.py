@@ -49,9 +49,9 @@ class TrainConfig:
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
     # 1200 Muon steps (2.46M tokens, ~4.3 passes), evaluated at the start and the end only, in less wall time than
-    # the 900 AdamW steps of the 2026-11-28 default (bench/RESULTS.md: fresh clones, back to back); 1000 / 1250 /
-    # 1350 steps reach 3.052 / 2.995 / 2.988. More tokens beat a wider model (d_model 192: 0.54x the tokens/s) and
-    # a shallower one ties.
+    # the 900 AdamW steps of the 2026-11-28 default on a 2-core Intel Xeon (fresh clones, back to back; not measured
+    # on the AMD EPYC); 1000 / 1250 / 1350 steps reach 3.052 / 2.995 / 2.988 (bench/RESULTS.md, recipes round six).
+    # More tokens beat a wider model (d_model 192: 0.54x the tokens/s) and a shallower one ties.
     steps: int = opt(1200, "optimizer steps")
     tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
     # optimizer and schedule: the default run's best recipe found (bench/RESULTS.md, "Recipes", rounds four and five)
