@@ -54,7 +54,7 @@ def poison_outputs(monkeypatch):
     """Every kernel output buffer starts as NaN, so an element a kernel never writes fails the comparison.
 
     Kernel test modules switch it on for all their tests with ``pytestmark = pytest.mark.usefixtures(...)``."""
-    from kernels import _utils
+    from smollm_stack.kernels import _utils
 
     monkeypatch.setattr(_utils, "POISON", True)
 
@@ -78,7 +78,7 @@ TINY = dict(
 
 
 def as_flags(fields: dict) -> list[str]:
-    """TrainConfig fields as `python -m train` flags: model_args as model flags, booleans as --x / --no-x."""
+    """TrainConfig fields as `smollm train` flags: model_args as model flags, booleans as --x / --no-x."""
     fields = {**fields, **fields.get("model_args", {})}
     fields.pop("model_args", None)
     flags = []
@@ -92,7 +92,7 @@ def as_flags(fields: dict) -> list[str]:
 # share) each under its own sm90.compile_only() and prints the launches as one JSON line.
 _SM90_RUNNER = """
 import json as _json, os as _os
-from kernels import sm90 as _sm90
+from smollm_stack.kernels import sm90 as _sm90
 _worker, _workers = map(int, _os.environ["SM90_WORKER"].split("/"))
 _out = {}
 for _label in sorted(CASES)[_worker::_workers]:

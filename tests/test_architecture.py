@@ -1,16 +1,19 @@
-"""The dependency rules between the packages, read from the source: every import statement of every .py file, at
-module level or inside a function, and every importlib.import_module("...") with a literal name.
+"""The dependency rules between the subpackages of smollm_stack, read from the source: every import statement of every
+.py file, at module level or inside a function, and every importlib.import_module("...") with a literal name.
 
     kernels    know no model, trainer or tokenizer
     tokenizer  stands alone: no kernels, model or trainer
     model      knows no trainer or tokenizer
     bench      is imported by nobody (but the benchmarks themselves and the tests)
+
+and none of them imports a subpackage by its bare name (`import kernels` finds Hugging Face's `kernels` package).
 """
 
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+TOP = "smollm_stack"
 PACKAGES = ("kernels", "model", "tokenizer", "train", "bench")
 # package -> the packages it must not import, and the rule's wording for the failure message
 FORBIDDEN = {
@@ -19,16 +22,29 @@ FORBIDDEN = {
     "model": ({"train", "tokenizer"}, "the model knows no trainer or tokenizer"),
 }
 NO_BENCH = "nothing outside bench and tests imports bench"
+BARE = f"our subpackages are imported as {TOP}.<name>"
+
+
+def subpackage(name: str) -> str:
+    """The subpackage a dotted import names: `smollm_stack.model.hf` -> `model`; a bare `model.hf` -> `bare model`."""
+    parts = name.split(".")
+    if parts[0] == TOP:
+        return parts[1] if len(parts) > 1 else TOP
+    return f"bare {parts[0]}" if parts[0] in PACKAGES else parts[0]
 
 
 def imported_packages(source: str, package: str) -> list[tuple[int, str]]:
-    """(line, top-level package) of every import in `source`, a module of `package` (relative imports stay in it)."""
+    """(line, subpackage) of every import in `source`, a module of `package` (relative imports stay in it)."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+            found += [(node.lineno, subpackage(alias.name)) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            found.append((node.lineno, package))
+        elif isinstance(node, ast.ImportFrom) and node.module == TOP:  # from smollm_stack import kernels, model
+            found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            found.append((node.lineno, package if node.level else node.module.split(".")[0]))
+            found.append((node.lineno, subpackage(node.module)))
         elif (
             isinstance(node, ast.Call)
             and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
@@ -36,7 +52,7 @@ def imported_packages(source: str, package: str) -> list[tuple[int, str]]:
             and isinstance(node.args[0], ast.Constant)
             and isinstance(node.args[0].value, str)
         ):
-            found.append((node.lineno, node.args[0].value.split(".")[0]))
+            found.append((node.lineno, subpackage(node.args[0].value)))
     return sorted(found)
 
 
@@ -50,11 +66,14 @@ def violations(path: Path, package: str) -> list[str]:
             broken.append(f"{name}:{line}: {package} imports {imported} (rule: {rule})")
         elif imported == "bench" and package != "bench":
             broken.append(f"{name}:{line}: {package} imports bench (rule: {NO_BENCH})")
+        elif imported.startswith("bare "):
+            broken.append(f"{name}:{line}: {package} imports {imported} (rule: {BARE})")
     return broken
 
 
 def test_packages_keep_the_dependency_rules():
-    files = {package: sorted((REPO / package).rglob("*.py")) for package in PACKAGES}
+    files = {package: sorted((REPO / TOP / package).rglob("*.py")) for package in PACKAGES}
+    files[TOP] = sorted((REPO / TOP).glob("*.py"))  # the command dispatcher: bound by the bench rule
     assert all(files.values()), f"a package has no .py files: {[p for p, f in files.items() if not f]}"
     broken = [v for package, paths in files.items() for path in paths for v in violations(path, package)]
     assert not broken, "dependency rules broken:\n" + "\n".join(broken)
@@ -64,12 +83,15 @@ def test_the_check_sees_every_kind_of_import(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text(
         "import os\n"
-        "import model.config\n"
+        "import smollm_stack.model.config\n"
         "from . import eager\n"
         "def f():\n"
-        "    from tokenizer.hashing import EMPTY\n"
-        "    importlib.import_module('train.loop')\n"
-        "    return __import__('bench.env')\n"
+        "    from smollm_stack.tokenizer.hashing import EMPTY\n"
+        "    importlib.import_module('smollm_stack.train.loop')\n"
+        "    return __import__('smollm_stack.bench.env')\n"
+        "from smollm_stack import reference, train\n"
+        "import kernels\n"
+        "from model.config import ModelConfig\n"
     )
     rule = FORBIDDEN["kernels"][1]
     assert violations(source, "kernels") == [
@@ -77,5 +99,11 @@ def test_the_check_sees_every_kind_of_import(tmp_path):
         f"{source}:5: kernels imports tokenizer (rule: {rule})",
         f"{source}:6: kernels imports train (rule: {rule})",
         f"{source}:7: kernels imports bench (rule: {NO_BENCH})",
+        f"{source}:8: kernels imports train (rule: {rule})",
+        f"{source}:9: kernels imports bare kernels (rule: {BARE})",
+        f"{source}:10: kernels imports bare model (rule: {BARE})",
     ]
-    assert violations(source, "bench") == []  # the benchmarks may import anything
+    assert violations(source, "bench") == [  # the benchmarks may import anything of ours, by its full name
+        f"{source}:9: bench imports bare kernels (rule: {BARE})",
+        f"{source}:10: bench imports bare model (rule: {BARE})",
+    ]

@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-import kernels
+from smollm_stack import kernels
 from conftest import assert_close, tolerance
-from kernels import reference as ref
-from kernels.check import native_attention
+from smollm_stack.kernels import reference as ref
+from smollm_stack.kernels.check import native_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]

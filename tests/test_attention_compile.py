@@ -9,7 +9,7 @@ first its pruner keeps) keeps this quick; the gates compile every kept bf16 conf
 
 SCRIPT = """
 import torch
-from kernels import attention as A
+from smollm_stack.kernels import attention as A
 
 for tuned in (A._attn_fwd, A._attn_bwd_dkdv, A._attn_bwd_dq):
     tuned.early_config_prune = lambda configs, named_args, prune=tuned.early_config_prune, **kw: prune(

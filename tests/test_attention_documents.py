@@ -14,9 +14,9 @@ import torch
 from test_attention import DEVICE, Case, assert_all_close, make_inputs, run_with_grads
 from test_eager_backend import DTYPES, assert_near, half_supported, run_both
 
-import kernels
-from kernels import _utils, eager
-from kernels import reference as ref
+from smollm_stack import kernels
+from smollm_stack.kernels import _utils, eager
+from smollm_stack.kernels import reference as ref
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 
@@ -112,7 +112,7 @@ def test_model_with_doc_ids_equals_each_document_alone(backend):
     """The strongest semantic check: logits of a packed window with doc_ids are those of each document run on its
     own from position 0. RoPE is relative, so a document's shift in position cancels in q.k up to the rounding of
     the angles (positions < 32: a few fp32 ulps), inside the fp32 model tolerance of tests/test_model.py."""
-    from model import ModelConfig, TransformerLM
+    from smollm_stack.model import ModelConfig, TransformerLM
 
     config = ModelConfig(vocab_size=61, context_length=32, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                          kernels=backend)

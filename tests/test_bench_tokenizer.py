@@ -1,15 +1,16 @@
-"""bench.tokenizer's command line (its measurements are what `python -m bench.tokenizer --dry-run` smoke-tests)."""
+"""bench.tokenizer's command line (its measurements are what `python -m smollm_stack.bench.tokenizer --dry-run`
+smoke-tests)."""
 
 import argparse
 
 import pytest
 
-from bench import tokenizer as bench_tokenizer
+from smollm_stack.bench import tokenizer as bench_tokenizer
 
 
 def test_every_flag_is_described(capsys):
     parser = bench_tokenizer.build_parser()
-    assert parser.format_usage().startswith("usage: python -m bench.tokenizer")
+    assert parser.format_usage().startswith("usage: python -m smollm_stack.bench.tokenizer")
     undescribed = [a.option_strings for a in parser._actions if not a.help or a.help == argparse.SUPPRESS]
     assert not undescribed
 

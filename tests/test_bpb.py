@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from model import ModelConfig, TransformerLM
-from tokenizer import Tokenizer
-from train.dataset import EOT, batch_from_starts, eval_starts
-from train.log import format_row
-from train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
+from smollm_stack.model import ModelConfig, TransformerLM
+from smollm_stack.tokenizer import Tokenizer
+from smollm_stack.train.dataset import EOT, batch_from_starts, eval_starts
+from smollm_stack.train.log import format_row
+from smollm_stack.train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
 
 TEXT = "héllo wörld, 你好 🙂<|endoftext|>he said"  # 1-, 2-, 3- and 4-byte characters and a special token
 

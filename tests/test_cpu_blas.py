@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import UNIT
-from kernels import cpu_blas
+from smollm_stack.kernels import cpu_blas
 
 U32 = UNIT[torch.float32]
 pytestmark = pytest.mark.skipif(not cpu_blas._openblas(), reason="numpy is not built with OpenBLAS")
@@ -89,7 +89,7 @@ def test_bad_route_and_shapes_are_refused():
 
 
 def test_bench_dry_run(capsys):
-    from bench import cpu_blas as bench_cpu_blas
+    from smollm_stack.bench import cpu_blas as bench_cpu_blas
 
     assert bench_cpu_blas.main(["--dry-run"]) == 0
     report = capsys.readouterr().out

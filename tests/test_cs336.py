@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from train import cs336
+from smollm_stack.train import cs336
 
 g = torch.Generator().manual_seed(0)
 # fp32 against fp64: each output is a few chained dot products of length <= 24 over O(1) values, so its error is

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import TransformerLM
-from train.dataset import AlignedBatchSampler, BatchSampler, batch_sampler, document_ids, piece_starts
-from train.loop import run
+from smollm_stack.model import TransformerLM
+from smollm_stack.train.dataset import AlignedBatchSampler, BatchSampler, batch_sampler, document_ids, piece_starts
+from smollm_stack.train.loop import run
 
 EOT, T = 0, 4  # the separator's id, and the window length
 
@@ -95,7 +95,7 @@ def test_doc_mask_passes_the_ids_to_every_forward(tmp_path, monkeypatch):
     """--doc-mask: every training and evaluation forward gets document_ids of its inputs (the model knows no
     tokenizer, so the trainer must compute them); without --doc-mask none does."""
     from test_train_run import tiny
-    from tokenizer import Tokenizer
+    from smollm_stack.tokenizer import Tokenizer
 
     tokenizer = Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
     tokenizer.save(tmp_path / "tok")

@@ -15,9 +15,9 @@ largest gold element, because softmax-backward and RoPE outputs have components 
 import pytest
 import torch
 
-import kernels
+from smollm_stack import kernels
 from conftest import UNIT
-from kernels import cpu_blas, eager, reference
+from smollm_stack.kernels import cpu_blas, eager, reference
 
 U32 = UNIT[torch.float32]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -9,15 +9,16 @@ import tomllib
 import pytest
 
 from conftest import TINY
-from model import ModelConfig, flops_per_token, param_counts
-from train import run
-from train.config import make_config
-from train.experiments import SUITES, build_report, load_spec, propose, resolve_suite, run_suite, webtext_config
-from train.experiments.__main__ import main
-from train.experiments.runner import prepare
-from train.experiments.budget import measured_flops_per_s, optimal_run_flops, shape
-from train.experiments.webtext import TOKENS_PER_STEP, plan, webtext_model_config
-from train.log import read_metrics
+from smollm_stack.model import ModelConfig, flops_per_token, param_counts
+from smollm_stack.train import run
+from smollm_stack.train.config import make_config
+from smollm_stack.train.experiments import SUITES, build_report, load_spec, propose, resolve_suite, run_suite
+from smollm_stack.train.experiments import webtext_config
+from smollm_stack.train.experiments.__main__ import main
+from smollm_stack.train.experiments.runner import prepare
+from smollm_stack.train.experiments.budget import measured_flops_per_s, optimal_run_flops, shape
+from smollm_stack.train.experiments.webtext import TOKENS_PER_STEP, plan, webtext_model_config
+from smollm_stack.train.log import read_metrics
 
 RUN = {**TINY, "steps": 12, "eval_interval": 4, "log_interval": 2, "ckpt_interval": 4, "keep_ckpts": 3}
 

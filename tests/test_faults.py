@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-import model as model_pkg
+from smollm_stack import model as model_pkg
 from conftest import TINY, as_flags
-from tokenizer import Tokenizer
-from tokenizer.__main__ import main as tokenizer_main
-from train.__main__ import main as train_main
-from train.experiments.__main__ import main as experiments_main
-from train.log import read_metrics
-from train.prepare import main as prepare_main
+from smollm_stack.tokenizer import Tokenizer
+from smollm_stack.tokenizer.__main__ import main as tokenizer_main
+from smollm_stack.train.__main__ import main as train_main
+from smollm_stack.train.experiments.__main__ import main as experiments_main
+from smollm_stack.train.log import read_metrics
+from smollm_stack.train.prepare import main as prepare_main
 
 FLAGS = as_flags(  # conftest's tiny run as command-line flags; a cosine run extends with its schedule unchanged
     {**TINY, "eval_interval": 5, "log_interval": 5, "ckpt_interval": 5, "keep_ckpts": 4}
@@ -47,7 +47,7 @@ def train(tokens, out_dir, *flags) -> int:
 
 
 def train_cli(tokens, out_dir, *flags) -> list[str]:
-    return [sys.executable, "-m", "train", *FLAGS, *data_flags(tokens), "--out-dir", str(out_dir), *flags]
+    return [sys.executable, "-m", "smollm_stack.train", *FLAGS, *data_flags(tokens), "--out-dir", str(out_dir), *flags]
 
 
 def one_error(capsys, *needles) -> str:
@@ -205,7 +205,7 @@ def test_5_sigkill_during_encode_leaves_no_output(byte_tokenizers, tmp_path):
     big.write_text("a tiny corpus line, repeated until it fills a few chunks.\n" * 300_000)  # 17 MB: 5 chunks
     out = tmp_path / "out" / "big.npy"
     out.parent.mkdir()
-    cmd = [sys.executable, "-m", "tokenizer", "encode", str(big), "--tokenizer", byte_tokenizers[0],
+    cmd = [sys.executable, "-m", "smollm_stack.tokenizer", "encode", str(big), "--tokenizer", byte_tokenizers[0],
            "--out", str(out), "--workers", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: any(p.stat().st_size > 1 << 20 for p in out.parent.iterdir()), proc)  # mid-write

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from model import ModelConfig, TransformerLM, load_model, param_counts
-from model.hf import export_hf
-from train.distributed import Dist
-from train.consolidate import main as consolidate_main
-from train.fsdp import MANIFEST_FILE, check_kind, damage
-from train.log import read_metrics
-from train.rundir import RunDir
-from train.memory import GiB, block_activation_elements, bytes_per_gpu, checkpoint_blocks, memory_table
+from smollm_stack.model import ModelConfig, TransformerLM, load_model, param_counts
+from smollm_stack.model.hf import export_hf
+from smollm_stack.train.distributed import Dist
+from smollm_stack.train.consolidate import main as consolidate_main
+from smollm_stack.train.fsdp import MANIFEST_FILE, check_kind, damage
+from smollm_stack.train.log import read_metrics
+from smollm_stack.train.rundir import RunDir
+from smollm_stack.train.memory import GiB, block_activation_elements, bytes_per_gpu, checkpoint_blocks, memory_table
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = [  # 6 steps of the tiny model on byte-level text; checkpoints at 3 and 6; evals on every window
@@ -43,12 +43,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 def _train(*args, cache: Path, nodes: int = 0, port: int = 0) -> list[subprocess.Popen]:
     """Start the trainer: one process, or ``nodes`` torchrun "nodes" of one process each, each with its cache."""
     if not nodes:
-        cmds = [[sys.executable, "-m", "train", *FLAGS, *args]]
+        cmds = [[sys.executable, "-m", "smollm_stack.train", *FLAGS, *args]]
     else:
         rdzv = f"--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{port} --rdzv-id fsdp-test --nproc-per-node 1"
         cmds = [
             [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node-rank={n}", *rdzv.split()]
-            + ["-m", "train", *FLAGS, *args]
+            + ["-m", "smollm_stack.train", *FLAGS, *args]
             for n in range(nodes)
         ]
     return [
@@ -75,7 +75,7 @@ def _free_port() -> int:
 
 def _byte_tokenizer(out: Path) -> Path:
     """A tokenizer with no merges (257 ids): text data without the cost of training BPE in every test process."""
-    from tokenizer import Tokenizer
+    from smollm_stack.tokenizer import Tokenizer
 
     Tokenizer({0: b"<|endoftext|>", **{i + 1: bytes([i]) for i in range(256)}}, [], ["<|endoftext|>"]).save(out)
     return out
@@ -278,7 +278,7 @@ def test_memory_per_gpu_shards_with_fsdp_and_fits_the_card():
 
 
 def test_budget_says_which_setting_fits_the_card(capsys):
-    from train.experiments.__main__ import main as experiments_main
+    from smollm_stack.train.experiments.__main__ import main as experiments_main
 
     flags = "budget --flops 3e20 --gpus 8 --batch-size 16".split()
     assert experiments_main([*flags, "--gpu-mem-gb", "24"]) == 0

@@ -13,8 +13,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from test_fsdp import _data, _free_port, _losses, _train, _wait
 
-from train.fsdp import consolidate
-from train.log import read_metrics
+from smollm_stack.train.fsdp import consolidate
+from smollm_stack.train.log import read_metrics
 
 MUON = "--optimizer muon --d-ff 45 --num-kv-heads 1 --sample-tokens 0 --eval-batches 4".split()
 

@@ -10,12 +10,12 @@ import importlib
 import pytest
 import torch
 
-import kernels
+from smollm_stack import kernels
 from conftest import assert_close
-from kernels import reference
-from kernels.linear_cross_entropy import CPU_CHUNK_BUDGET_BYTES, chunk_rows
-from kernels.rope import apply_rope_qk
-from model import ModelConfig, TransformerLM
+from smollm_stack.kernels import reference
+from smollm_stack.kernels.linear_cross_entropy import CPU_CHUNK_BUDGET_BYTES, chunk_rows
+from smollm_stack.kernels.rope import apply_rope_qk
+from smollm_stack.model import ModelConfig, TransformerLM
 
 cross_entropy_module = importlib.import_module("kernels.cross_entropy")  # the name kernels.cross_entropy is the op
 

@@ -8,7 +8,7 @@ aligned, and once at odd sizes, where the launch specializes differently (no div
 
 SCRIPT = """
 import torch
-import kernels
+from smollm_stack import kernels
 
 BF16 = torch.bfloat16
 

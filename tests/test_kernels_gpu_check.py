@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-import kernels
-from bench.gpu_check import SECTIONS, main
+from smollm_stack import kernels
+from smollm_stack.bench.gpu_check import SECTIONS, main
 
 OPS = ("rms_norm", "swiglu", "apply_rope", "cross_entropy", "fused_linear_cross_entropy", "flash_attention")
 
@@ -65,7 +65,8 @@ def test_gpu_check_budget_skips_and_bad_flags(tmp_path, capsys):
 
 def test_gpu_check_killed_run_keeps_finished_sections(tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(out), "--only", "env,check,kernels"]
+    command = [sys.executable, "-m", "smollm_stack.bench.gpu_check", "--dry-run", "--out", str(out)]
+    command += ["--only", "env,check,kernels"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -94,7 +95,7 @@ def test_gpu_check_attention_that_fails_its_check_is_not_timed(tmp_path, monkeyp
 
 
 def test_gpu_check_targets_screen_judges_each_row():
-    from bench import targets
+    from smollm_stack.bench import targets
 
     kernel = dict(section="kernels", provider="triton", shape="125m", dtype="bf16", mode="fwd+bwd")
     rows = [

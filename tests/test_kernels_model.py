@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_close
-from model import ModelConfig, TransformerLM
+from smollm_stack.model import ModelConfig, TransformerLM
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
 

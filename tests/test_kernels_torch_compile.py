@@ -10,9 +10,9 @@ builds on. Compiled and uncompiled runs launch the same kernels on the same data
 import pytest
 import torch
 
-import kernels
-from kernels.rope import apply_rope_qk
-from model import ModelConfig, TransformerLM
+from smollm_stack import kernels
+from smollm_stack.kernels.rope import apply_rope_qk
+from smollm_stack.model import ModelConfig, TransformerLM
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")  # an element never written is NaN in both runs: not equal
 

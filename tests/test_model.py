@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as M
-from kernels import reference
-from model import ModelConfig, TransformerLM
+from smollm_stack import model as M
+from smollm_stack.kernels import reference
+from smollm_stack.model import ModelConfig, TransformerLM
 
 FP32 = dict(atol=1e-5, rtol=1e-5)
 

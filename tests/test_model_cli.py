@@ -1,4 +1,4 @@
-"""`python -m train.lm`: sampling (streamed and batched), Hugging Face export with the tokenizer and import back,
+"""`smollm lm`: sampling (streamed and batched), Hugging Face export with the tokenizer and import back,
 refusals to overwrite, one-line errors on foreign files; and the model package importing no tokenizer."""
 
 import dataclasses
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from model import ModelConfig, TransformerLM, generate, load_model
-from train.lm import main
+from smollm_stack.model import ModelConfig, TransformerLM, generate, load_model
+from smollm_stack.train.lm import main
 
 EOT = "<|endoftext|>"
 
@@ -26,7 +26,7 @@ def save_checkpoint(path, **overrides) -> TransformerLM:
 
 
 def make_tokenizer(out_dir):
-    from tokenizer import Tokenizer
+    from smollm_stack.tokenizer import Tokenizer
 
     vocab = {i: bytes([i]) for i in range(256)} | {256: b"th", 257: b"the", 258: b" the", 259: EOT.encode()}
     merges = [(b"t", b"h"), (b"th", b"e"), (b" ", b"the")]
@@ -52,7 +52,7 @@ def error_of(argv, capsys) -> str:
 
 
 def test_export_then_import_gives_the_same_model_and_tokenizer(run_dir, tmp_path, capsys):
-    from tokenizer import Tokenizer
+    from smollm_stack.tokenizer import Tokenizer
 
     assert main(["export-hf", "--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
     assert main(["import-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "back/ckpt.pt")]) == 0
@@ -66,7 +66,7 @@ def test_export_then_import_gives_the_same_model_and_tokenizer(run_dir, tmp_path
 def test_the_export_runs_in_transformers_alone(run_dir, tmp_path):
     """AutoModelForCausalLM + AutoTokenizer load it; HF's greedy generate() equals our greedy sample."""
     transformers = pytest.importorskip("transformers")
-    from tokenizer import Tokenizer
+    from smollm_stack.tokenizer import Tokenizer
 
     assert main(["export-hf", "--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -86,12 +86,12 @@ def test_the_export_runs_in_transformers_alone(run_dir, tmp_path):
 
 
 def test_sample_streams_the_greedy_continuation_and_reports_tokens_per_second(run_dir):
-    from tokenizer import Tokenizer
+    from smollm_stack.tokenizer import Tokenizer
 
     tokenizer, model = Tokenizer.load(run_dir / "tokenizer"), load_model(run_dir / "ckpt_000002.pt")
     prompt = "the cat and the dog"
     new_ids = generate(model, tokenizer.encode(prompt), 6, temperature=0, eos_id=tokenizer.special_token_id(EOT))
-    cli = [sys.executable, "-m", "train.lm", "sample", "--run", str(run_dir), "--prompt", prompt]
+    cli = [sys.executable, "-m", "smollm_stack.train.lm", "sample", "--run", str(run_dir), "--prompt", prompt]
     cli += ["--max-new-tokens", "6", "--temperature", "0", "--threads", "1"]
     result = subprocess.run(cli, capture_output=True, text=True, check=True)
     assert result.stdout == prompt + tokenizer.decode(new_ids) + "\n"
@@ -99,8 +99,8 @@ def test_sample_streams_the_greedy_continuation_and_reports_tokens_per_second(ru
 
 
 def test_streamed_text_holds_back_half_characters(run_dir):
-    from tokenizer import Tokenizer
-    from train.lm import texts
+    from smollm_stack.tokenizer import Tokenizer
+    from smollm_stack.train.lm import texts
 
     tokenizer = Tokenizer.load(run_dir / "tokenizer")
     ids = tokenizer.encode("thé 日本 the") + [0xE6, 0xFF]  # then half a character and a byte that starts none
@@ -109,7 +109,7 @@ def test_streamed_text_holds_back_half_characters(run_dir):
 
 
 def test_sample_of_a_batch_and_its_errors(run_dir, capsys):
-    from tokenizer import Tokenizer
+    from smollm_stack.tokenizer import Tokenizer
 
     tokenizer, model = Tokenizer.load(run_dir / "tokenizer"), load_model(run_dir / "ckpt_000002.pt")
     prompts, args = ["the cat", "a dog and the bird"], ["sample", "--run", str(run_dir), "--temperature", "0"]
@@ -178,7 +178,7 @@ def test_import_of_broken_directories_gives_one_error_line(run_dir, tmp_path, ca
 
 
 def test_the_model_package_imports_no_tokenizer():
-    code = "import sys, model, model.hf, model.generate; from model.__main__ import main; "
-    code += "code = main(['sample', '--x']); print('tokenizer' in sys.modules, code)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.stdout == "False 2\n" and "moved: run `python -m train.lm sample ...`" in result.stderr
+    code = "import sys; import smollm_stack.model, smollm_stack.model.hf, smollm_stack.model.generate; "
+    code += "print(sorted(m for m in sys.modules if m.startswith('smollm_stack.')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "smollm_stack.model.hf" in result.stdout and "smollm_stack.tokenizer" not in result.stdout

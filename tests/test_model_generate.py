@@ -4,8 +4,8 @@ of unequal prompts, streaming, host syncs and errors."""
 import pytest
 import torch
 
-from model import ModelConfig, TransformerLM, generate
-from model.generate import generate_batch, sample_next, stream, top_k_filter, top_p_filter
+from smollm_stack.model import ModelConfig, TransformerLM, generate
+from smollm_stack.model.generate import generate_batch, sample_next, stream, top_k_filter, top_p_filter
 
 
 def make_model(**overrides) -> TransformerLM:

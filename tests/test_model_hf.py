@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from model import ModelConfig, TransformerLM
-from model.hf import export_hf, import_hf
+from smollm_stack.model import ModelConfig, TransformerLM
+from smollm_stack.model.hf import export_hf, import_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from test_train_run import ROOT, TINY_FLAGS, tiny
 
-import model as model_pkg
-from train import run
-from train.config import load_run_config, make_config
-from train.log import read_metrics
-from train.memory import bytes_per_gpu
-from train.muon import BAND, NS_COEFFICIENTS, NS_STEPS, Muon, Optimizers, orthogonalize, orthogonalize_all
-from train.optim import AdamW
-from train.optimizers import build_optimizer
+from smollm_stack import model as model_pkg
+from smollm_stack.train import run
+from smollm_stack.train.config import load_run_config, make_config
+from smollm_stack.train.log import read_metrics
+from smollm_stack.train.memory import bytes_per_gpu
+from smollm_stack.train.muon import BAND, NS_COEFFICIENTS, NS_STEPS, Muon, Optimizers, orthogonalize, orthogonalize_all
+from smollm_stack.train.optim import AdamW
+from smollm_stack.train.optimizers import build_optimizer
 
 SHAPES = [(6, 6), (7, 5), (5, 7), (1, 9), (33, 17), (17, 33)]  # square, tall, wide, a row, ragged
 
@@ -159,8 +159,9 @@ def test_muon_run_resumes_bitwise(tokens, tmp_path):
 def test_muon_ddp_two_gloo_processes_match_one_process(tokens, tmp_path):
     flags = [*TINY_FLAGS, "--train-data", tokens[0], "--val-data", tokens[1], "--steps", "10", "--optimizer", "muon"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = [sys.executable, "-m", "train", *flags, "--batch-size", "8", "--out-dir", str(tmp_path / "one")]
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", *flags]
+    train = [sys.executable, "-m", "smollm_stack.train"]
+    single = [*train, *flags, "--batch-size", "8", "--out-dir", str(tmp_path / "one")]
+    ddp = [*train[:2], "torch.distributed.run", "--standalone", "--nproc_per_node=2", *train[1:], *flags]
     ddp += ["--batch-size", "4", "--out-dir", str(tmp_path / "two")]
     assert subprocess.run(single, env=env, check=False).returncode == 0
     assert subprocess.run(ddp, env=env, check=False, cwd=ROOT).returncode == 0

@@ -21,8 +21,8 @@ SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, NoTriton())
 
-    import kernels, model, tokenizer, train  # noqa: F401
-    from train.config import make_config
+    from smollm_stack import kernels, model, tokenizer, train  # noqa: F401
+    from smollm_stack.train.config import make_config
 
     assert "triton" not in sys.modules and not kernels.triton_available()
     assert kernels.resolve_backend("auto", "cpu") == "eager" and kernels.resolve_backend("auto", "cuda") == "eager"

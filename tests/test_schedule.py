@@ -7,12 +7,12 @@ import pytest
 import torch
 from test_train_run import tiny
 
-from train import run
-from train.checkpoint import read_checkpoint
-from train.config import load_run_config, make_config
-from train.log import read_metrics
-from train.rundir import RunDir
-from train.schedule import Schedule, build_schedule, resume_schedule
+from smollm_stack.train import run
+from smollm_stack.train.checkpoint import read_checkpoint
+from smollm_stack.train.config import load_run_config, make_config
+from smollm_stack.train.log import read_metrics
+from smollm_stack.train.rundir import RunDir
+from smollm_stack.train.schedule import Schedule, build_schedule, resume_schedule
 
 SCHEDULES = [dict(schedule="cosine")] + [dict(schedule="wsd", decay_shape=s) for s in ("linear", "cosine", "1-sqrt")]
 
@@ -119,7 +119,7 @@ def test_extending_a_finished_run_never_jumps(tokens, tmp_path, fields):
 
 
 def test_schedule_suite_extensions_are_what_an_extending_resume_runs(tmp_path):
-    from train.experiments.suites import resolve_suite
+    from smollm_stack.train.experiments.suites import resolve_suite
 
     base = make_config(steps=300)
     _, variants = resolve_suite("schedule", base)

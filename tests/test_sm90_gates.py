@@ -4,8 +4,8 @@ Each op is launched through its own launcher on CPU stand-in tensors at the shap
 and 125M presets at bench.kernels' batches; attention at bench.attention's T = 4096 for head dims 32, 64 and 128,
 and the 17M preset), with the argument specialization a GPU launch gets, and every autotune config its pruner keeps
 is compiled. (The 125M preset's attention differs from the d = 64 case only in its head count, 12, not a multiple
-of 16; `python -m bench.sm90` reports it.) A change that regresses one of these properties fails here, before any
-GPU sees it:
+of 16; `python -m smollm_stack.bench.sm90` reports it.) A change that regresses one of these properties fails here,
+before any GPU sees it:
 
 - attention: every tl.dot of the forward, dK/dV and dQ kernels is a wgmma (none falls back to mma.sync, which runs
   Hopper's tensor cores at a fraction of their rate), at head dims 32, 64 and 128;
@@ -23,7 +23,7 @@ import pytest
 
 ATTENTION_SCRIPT = """
 import torch
-from kernels import attention as A
+from smollm_stack.kernels import attention as A
 
 BF16 = torch.bfloat16
 
@@ -47,7 +47,7 @@ CASES = {f"{name} {pass_}": make(*shape) for name, shape in SHAPES.items()
 # Attention masked across documents (doc_ids): the DOCS=True variants of the same kernels at the T = 4096 shapes.
 DOC_ATTENTION_SCRIPT = """
 import torch
-from kernels import attention as A
+from smollm_stack.kernels import attention as A
 
 BF16 = torch.bfloat16
 
@@ -69,9 +69,9 @@ CASES = {f"d{d} T4096 docs {pass_}": make(16384 // 4096, 2048 // d, 4096, d) for
 MEMORY_BOUND_SCRIPT = """
 import torch
 import triton
-import kernels
-from kernels.linear_cross_entropy import cross_entropy_forward
-from kernels.rope import apply_rope_qk
+from smollm_stack import kernels
+from smollm_stack.kernels.linear_cross_entropy import cross_entropy_forward
+from smollm_stack.kernels.rope import apply_rope_qk
 
 BF16 = torch.bfloat16
 PRESETS = {"tinystories-17m": dict(tokens=128 * 256, d_model=512, d_ff=1344, heads=16, vocab=10000, seq=256),
@@ -224,7 +224,7 @@ $L__BB0_1:
 
 
 def test_table_loads_are_told_apart_only_when_their_address_starts_at_a_module_array():
-    from kernels import sm90
+    from smollm_stack.kernels import sm90
 
     loads, stores, table_loads = sm90._access_widths(TABLE_PTX)
     assert (dict(loads), dict(stores), dict(table_loads)) == ({16: 1, 4: 1, 2: 1}, {16: 1}, {4: 1})

@@ -13,12 +13,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenizer import Tokenizer, encode_file, train_bpe
-from tokenizer import file_encoder
-from tokenizer.__main__ import main
-from tokenizer.pretokenize import GPT2_PATTERN
-from tokenizer.reference import encode_reference
-from tokenizer.bytes_unicode import text_to_bytes
+from smollm_stack.tokenizer import Tokenizer, encode_file, train_bpe
+from smollm_stack.tokenizer import file_encoder
+from smollm_stack.tokenizer.__main__ import main
+from smollm_stack.tokenizer.pretokenize import GPT2_PATTERN
+from smollm_stack.tokenizer.reference import encode_reference
+from smollm_stack.tokenizer.bytes_unicode import text_to_bytes
 
 DATA = Path(__file__).parent / "data"
 EOT, EOT2 = "<|endoftext|>", "<|endoftext|><|endoftext|>"

@@ -10,11 +10,11 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenizer import train_bpe
-from tokenizer import trainer as trainer_module
-from tokenizer.parallel import chunk_bounds
-from tokenizer.pretokenize import GPT2_PATTERN, pretokenize
-from tokenizer.reference import split_special, train_bpe_reference
+from smollm_stack.tokenizer import train_bpe
+from smollm_stack.tokenizer import trainer as trainer_module
+from smollm_stack.tokenizer.parallel import chunk_bounds
+from smollm_stack.tokenizer.pretokenize import GPT2_PATTERN, pretokenize
+from smollm_stack.tokenizer.reference import split_special, train_bpe_reference
 
 DATA = Path(__file__).parent / "data"
 EOT = "<|endoftext|>"

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import train.checkpoint
-from model import ModelConfig
-from train import AdamW, clip_grad_norm, cosine_lr, get_batch, load_checkpoint, save_checkpoint
-from train.checkpoint import read_checkpoint, set_rng_state
-from train.rundir import RunDir
-from train.config import make_config, parse_args, read_toml
-from train.dataset import BatchSampler, eval_starts, open_tokens
+import smollm_stack.train.checkpoint
+from smollm_stack.model import ModelConfig
+from smollm_stack.train import AdamW, clip_grad_norm, cosine_lr, get_batch, load_checkpoint, save_checkpoint
+from smollm_stack.train.checkpoint import read_checkpoint, set_rng_state
+from smollm_stack.train.rundir import RunDir
+from smollm_stack.train.config import make_config, parse_args, read_toml
+from smollm_stack.train.dataset import BatchSampler, eval_starts, open_tokens
 
 
 def _params(seed=0):
@@ -158,7 +158,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # as if killed mid-save
 
-    monkeypatch.setattr(train.checkpoint.torch, "save", crash_mid_write)
+    monkeypatch.setattr(smollm_stack.train.checkpoint.torch, "save", crash_mid_write)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(model, optimizer, 2, path)
     monkeypatch.undo()
@@ -238,7 +238,7 @@ def test_config_errors(tmp_path):
 
 
 def test_a_checkpoint_saved_before_the_init_and_value_embedding_fields_resumes_as_it_trained():
-    from train.loop import resumed_model_config
+    from smollm_stack.train.loop import resumed_model_config
 
     config = ModelConfig.preset("tiny")  # zero_init_residual and value_embeddings on
     new = {"zero_init_residual", "value_embeddings"}

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-import train.loop
-from train.config import make_config
-from train.optim import AdamW, clip_gradients, make_adamw
+import smollm_stack.train.loop
+from smollm_stack.train.config import make_config
+from smollm_stack.train.optim import AdamW, clip_gradients, make_adamw
 
 
 def _groups(seed=0):
@@ -61,7 +61,7 @@ def test_runs_with_either_optimizer_agree(tokens, tmp_path):
                   model_args=dict(d_model=32, num_layers=1, num_heads=2))  # fmt: skip
     losses = []
     for name in ("torch", "ours"):
-        summary = train.loop.run(make_config(common, optimizer=name, out_dir=str(tmp_path / name)))
+        summary = smollm_stack.train.loop.run(make_config(common, optimizer=name, out_dir=str(tmp_path / name)))
         losses.append(summary["final_val_loss"])
     assert math.isclose(losses[0], losses[1], rel_tol=1e-4), losses
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import model as model_pkg
-import train.loop
+from smollm_stack import model as model_pkg
+import smollm_stack.train.loop
 from conftest import TINY, as_flags
-from kernels import cpu_blas
-from train import TrainConfig, run
-from train.__main__ import main
-from train.config import make_config
-from train.log import read_metrics
+from smollm_stack.kernels import cpu_blas
+from smollm_stack.train import TrainConfig, run
+from smollm_stack.train.__main__ import main
+from smollm_stack.train.config import make_config
+from smollm_stack.train.log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = {**TINY, "steps": 20, "eval_interval": 10, "log_interval": 5, "ckpt_interval": 10}
@@ -59,7 +59,7 @@ def _losses(run_dir) -> list[tuple]:
 
 
 def _train_cli(*args) -> list[str]:
-    return [sys.executable, "-m", "train", *TINY_FLAGS, *args]
+    return [sys.executable, "-m", "smollm_stack.train", *TINY_FLAGS, *args]
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tokens, tmp_path):
@@ -91,7 +91,8 @@ def test_ddp_two_gloo_processes_match_one_process(tokens, tmp_path):
     data = ["--train-data", tokens[0], "--val-data", tokens[1], "--steps", "10", "--ckpt-interval", "10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = _train_cli(*data, "--batch-size", "8", "--out-dir", str(tmp_path / "one"))
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train"]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp += ["-m", "smollm_stack.train"]
     ddp += [*TINY_FLAGS, *data, "--batch-size", "4", "--out-dir", str(tmp_path / "two")]
     assert subprocess.run(single, env=env, check=False).returncode == 0
     assert subprocess.run(ddp, env=env, check=False, cwd=ROOT).returncode == 0
@@ -176,17 +177,18 @@ def test_kernel_preflight_aborts_with_a_table(monkeypatch):
     fake = SimpleNamespace(check_kernels=lambda **shapes: rows, format_check_table=lambda results: table)
     monkeypatch.setitem(sys.modules, "kernels.check", fake)
     config = model_pkg.ModelConfig.preset("tiny")
-    with pytest.raises(train.loop.PreflightError, match=r"(?s)kernel preflight failed.*\| rms_norm \| dx \| FAIL \|"):
-        train.loop.preflight(config, 128, torch.bfloat16, torch.device("cpu"), seed=0)
+    failed = r"(?s)kernel preflight failed.*\| rms_norm \| dx \| FAIL \|"
+    with pytest.raises(smollm_stack.train.loop.PreflightError, match=failed):
+        smollm_stack.train.loop.preflight(config, 128, torch.bfloat16, torch.device("cpu"), seed=0)
     rows[0].ok = True
-    train.loop.preflight(config, 128, torch.bfloat16, torch.device("cpu"), seed=0)  # all ok: no error
+    smollm_stack.train.loop.preflight(config, 128, torch.bfloat16, torch.device("cpu"), seed=0)  # all ok: no error
 
 
 def test_default_run_shortened(tmp_path, monkeypatch, capsys):
-    """`python -m train` as shipped, shortened: the embedded corpus (an excerpt), a small vocab, 30 steps."""
-    import train.dataset
+    """`smollm train` as shipped, shortened: the embedded corpus (an excerpt), a small vocab, 30 steps."""
+    import smollm_stack.train.dataset
 
-    train_txt, valid_txt = train.dataset.default_corpus()
+    train_txt, valid_txt = smollm_stack.train.dataset.default_corpus()
     assert train_txt.stat().st_size > 2_000_000 and valid_txt.stat().st_size > 700_000
     assert "CDLA-Sharing-1.0" in (train_txt.parent / "LICENSE.md").read_text()
     excerpt = []
@@ -194,7 +196,7 @@ def test_default_run_shortened(tmp_path, monkeypatch, capsys):
         text = path.read_text()[:size]
         (tmp_path / path.name).write_text(text)
         excerpt.append(tmp_path / path.name)
-    monkeypatch.setattr(train.dataset, "default_corpus", lambda: tuple(excerpt))
+    monkeypatch.setattr(smollm_stack.train.dataset, "default_corpus", lambda: tuple(excerpt))
     monkeypatch.setenv("SMOLLM_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     flags = "--vocab-size 300 --steps 30 --eval-interval 15 --eval-batches 2 --batch-size 8 --context-length 64"
@@ -220,4 +222,4 @@ def test_kernel_preflight_passes_on_our_kernels():
     """The real check (Triton on its interpreter here, fp32) accepts our kernels on a small run's shapes."""
     shapes = dict(vocab_size=96, context_length=16, d_model=32, num_layers=1, num_heads=2)
     config = model_pkg.ModelConfig.preset("tiny", **shapes)
-    train.loop.preflight(config, 16, torch.float32, torch.device("cpu"), seed=0)
+    smollm_stack.train.loop.preflight(config, 16, torch.float32, torch.device("cpu"), seed=0)

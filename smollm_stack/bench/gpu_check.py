@@ -1,0 +1,468 @@
+"""One command for a lent GPU: kernel correctness, then every benchmark, within a time budget, never empty-handed.
+
+    python -m smollm_stack.bench.gpu_check --out $OUT/gpu_check    # a GPU: every section that fits --budget-s (420 s)
+    python -m smollm_stack.bench.gpu_check --no-compile            # nothing under torch.compile (saves about 2 minutes)
+    python -m smollm_stack.bench.gpu_check --only check,attention  # some sections (names below)
+    python -m smollm_stack.bench.gpu_check --dry-run               # tiny shapes on the CPU interpreter (CI runs this)
+
+Sections, in order of what a short slot must bring back first:
+
+    env        card, versions, device-to-device copy bandwidth, bf16 matmul rate (the two ceilings)
+    check      the six ops (and rms_norm fp32 -> bf16) against an fp64 gold run, bf16, at bench.kernels' timed shapes
+    kernels    bench.kernels: memory-bound ops vs kernels.ops("eager") and torch.compile, CUDA-graph timed
+    attention  bench.attention: each shape checked (head dims 32/64/128), then timed vs SDPA flash
+    train      bench.train: whole training steps per provider
+    dtypes     the correctness check in fp16 and fp32 at the TinyStories-17M shape
+
+Output, in the ``--out`` directory (default ``runs/gpu_check/<date-time>/``, never inside the package):
+``rows.jsonl``, one JSON object per measured row, appended and flushed as each is measured, and ``report.md``,
+rewritten atomically after every section; a run killed at any point keeps everything it finished. The report ends
+with one screen of ratios against issue 10's targets, pass or miss per row, also printed to stdout.
+
+Budget: before each section its cost is estimated from how many Triton compiles, autotune trials, torch.compile
+compiles and timed rows it needs (``UnitCosts``; later estimates are scaled by how the finished sections compared
+with theirs); a section that no longer fits runs without torch.compile if that fits, else it is skipped, and the
+report says so. A section that overruns stops after the row that crossed the budget.
+
+Estimated run time, one H100 from a cold Triton and inductor cache (``GPU_COSTS`` times the counts, with today's
+11 attention autotune configs; each section's estimate and actual seconds go to rows.jsonl, to correct them):
+
+    start-up   import torch and triton, CUDA context                                      ~15 s
+    env        1 GiB copy, 8192^3 matmul                                                   ~5 s
+    check      20 kernel compiles, 22 attention configs (d 32, 64), 22 autotune trials     ~75 s
+    kernels    72 timed rows, 12 torch.compile compiles                                    ~110 s (~25 s --no-compile)
+    attention  11 attention configs (d 128), 121 autotune trials, 84 timed rows, 14 checks ~90 s
+    train      2 cases x 3 providers, 2 whole-model compiles                               ~240 s (~80 s --no-compile)
+    dtypes     fp16 and fp32 at 17M: 20 kernel compiles, 22 attention configs              ~75 s
+
+so the default 420 s budget runs env to attention in about 5 minutes (~290 s), then train without torch.compile
+(~80 s), and skips dtypes; ``--no-compile`` runs every section in about 6 minutes (~360 s). Exit status 1 when any
+correctness check or any section fails, 2 on bad flags or no GPU.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smollm_stack.bench import env  # first: it sets what torch and triton read when they load
+import torch
+
+import triton
+
+from smollm_stack import kernels
+from smollm_stack.bench import attention as bench_attention
+from smollm_stack.bench import cli
+from smollm_stack.bench import kernels as bench_kernels
+from smollm_stack.bench import targets
+from smollm_stack.bench import train as bench_train
+from smollm_stack.kernels import attention, check, reference
+
+DEFAULT_OUT = Path("runs") / "gpu_check"
+SECTIONS = ("env", "check", "kernels", "attention", "train", "dtypes")
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Seconds per unit of work, from which each section's cost is estimated before it starts."""
+
+    env: float  # the two ceilings
+    kernel_compile: float  # one memory-bound Triton kernel (a few hundred lines of PTX)
+    attention_compile: float  # one attention autotune config (forward or one of the two backward kernels)
+    autotune_trial: float  # do_bench of one config: 25 ms warm-up + 100 ms of repeats, plus launch overhead
+    op_check: float  # one op's fp64 gold, eager and kernel runs, forward and backward
+    inductor_compile: float  # torch.compile of one op, forward and backward graphs (cold inductor cache)
+    timed_row: float  # one timed row: warm-up, sync probe, graph capture, 10 replays of 20 ms, peak-memory run
+    train_row: float  # one bench.train row (60 steps, eval, checkpoint), beyond compiles
+    model_compile: float  # torch.compile of one whole model
+
+
+GPU_COSTS = UnitCosts(env=5, kernel_compile=1.0, attention_compile=2.0, autotune_trial=0.15, op_check=0.5,
+                      inductor_compile=6.0, timed_row=0.5, train_row=20, model_compile=60)  # fmt: skip
+DRY_RUN_COSTS = UnitCosts(env=0.1, kernel_compile=0.0, attention_compile=0.0, autotune_trial=0.0, op_check=0.6,
+                          inductor_compile=0.0, timed_row=0.1, train_row=5, model_compile=0)  # fmt: skip
+KERNELS_PER_SHAPE = 10  # Triton kernels the memory-bound ops compile per shape and dtype (fwd, bwd, CE's variants)
+
+
+@dataclass
+class Plan:
+    """What every section needs to know about the run."""
+
+    dry_run: bool
+    device: torch.device
+    compile: bool  # whether torch.compile providers run
+    costs: UnitCosts
+    done: set[str] = field(default_factory=set)  # sections already run (their compiles are cached)
+    copy_gbs: float | None = None  # measured by env
+
+
+def _check_dtypes(plan: Plan) -> tuple[torch.dtype, tuple[torch.dtype, ...]]:
+    """(dtype of the check section, dtypes of the dtypes section): the interpreter's bf16 is unreliable."""
+    return (torch.float32, (torch.float16,)) if plan.dry_run else (torch.bfloat16, (torch.float16, torch.float32))
+
+
+def _attention_configs() -> int:
+    """Autotune configs of all attention kernels, an upper bound on compiles per head dim and trials per key."""
+    autotuners = [v for v in vars(attention).values() if isinstance(v, triton.runtime.Autotuner)]
+    return sum(len(a.configs) for a in autotuners)
+
+
+def _kernel_shapes(plan: Plan):
+    return bench_kernels.setup(plan.dry_run, bench_kernels.PROVIDERS)[1]
+
+
+def _attention_head_dims(shapes) -> set[int]:
+    return {s.d_model // s.heads for s in shapes}
+
+
+# Sections: each yields JSON rows as it measures them, and renders them as markdown at the end. -----------------------
+
+
+def env_rows(plan: Plan) -> Iterable[dict]:
+    row = dict(section="env", card=env.card_name(plan.device), torch=torch.__version__,
+               triton=triton.__version__, python=platform.python_version(), cuda=torch.version.cuda)  # fmt: skip
+    if plan.device.type == "cuda":
+        props = torch.cuda.get_device_properties(plan.device)
+        row.update(sms=props.multi_processor_count, memory_gib=props.total_memory / 2**30)
+        row["copy_gbs"] = plan.copy_gbs = bench_kernels.copy_bandwidth_gbs(plan.device)
+        a, b = (torch.randn(8192, 8192, device=plan.device, dtype=torch.bfloat16) for _ in range(2))
+        ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
+        row["matmul_tflops"] = 2 * 8192**3 / ms / 1e9
+    yield row
+
+
+def env_render(plan: Plan, rows: list[dict]) -> str:
+    r = rows[0]
+    lines = [f"{r['card']}; {env.versions()}, Python {r['python']}, CUDA {r['cuda']}"]
+    if "copy_gbs" in r:
+        lines.append(f"{r['sms']} SMs, {r['memory_gib']:.0f} GiB; device-to-device copy {r['copy_gbs']:.0f} GB/s "
+                     f"(read + write); bf16 8192^3 matmul {r['matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
+    return "\n\n".join(lines)
+
+
+def _check_rows(label: str, results: list[check.CheckResult]) -> Iterable[dict]:
+    for r in results:
+        yield dict(section="check", shape=label, op=r.op, quantity=r.quantity, dtype=r.dtype, err=r.err,
+                   eager_err=r.eager_err, limit=r.limit, ok=r.ok)  # fmt: skip
+
+
+def _narrowing_check(s, dtype: torch.dtype, device: torch.device) -> list[check.CheckResult]:
+    """rms_norm with the fp32 residual stream in and the compute dtype out, against eager in fp32 then rounded."""
+    out, eager = bench_kernels.narrow_dtype(dtype), kernels.ops("eager")
+    g = torch.Generator(device).manual_seed(2)
+    x = torch.randn(s.batch, s.seq, s.d_model, generator=g, device=device)
+    weight = torch.randn(s.d_model, generator=g, device=device) * 0.2 + 1
+    upstream = torch.randn(x.shape, generator=g, device=device).to(out)
+    ours = lambda x, weight: kernels.rms_norm(x, weight, out_dtype=out)
+    rounded = lambda x, weight: eager.rms_norm(x, weight).to(out)
+    name = f"rms_norm (out {str(out).removeprefix('torch.')})"
+    return check._compare(name, torch.float32, ours, reference.rms_norm, rounded, {"x": x, "weight": weight}, upstream)
+
+
+def _check_at(plan: Plan, shapes, dtypes, narrowing: bool) -> Iterable[dict]:
+    for s in shapes:
+        label = f"{s.name}, {s.batch} x {s.seq} tokens"
+        for dtype in dtypes:
+            results = check.check_kernels(batch_size=s.batch, seq_len=s.seq, d_model=s.d_model, d_ff=s.d_ff,
+                                          num_heads=s.heads, num_kv_heads=s.heads, vocab_size=s.vocab, dtype=dtype,
+                                          device=plan.device)  # fmt: skip
+            if narrowing and bench_kernels.rms_norm_out_dtype_supported():
+                results += _narrowing_check(s, dtype, plan.device)
+            yield from _check_rows(label, results)
+            if plan.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def check_rows(plan: Plan) -> Iterable[dict]:
+    return _check_at(plan, _kernel_shapes(plan), _check_dtypes(plan)[:1], narrowing=True)
+
+
+def dtypes_rows(plan: Plan) -> Iterable[dict]:
+    return _check_at(plan, _kernel_shapes(plan)[:1], _check_dtypes(plan)[1], narrowing=False)
+
+
+def check_render(plan: Plan, rows: list[dict]) -> str:
+    parts = []
+    for label in dict.fromkeys(r["shape"] for r in rows):
+        fields = ("op", "quantity", "dtype", "err", "eager_err", "limit", "ok")
+        results = [check.CheckResult(**{k: r[k] for k in fields}) for r in rows if r["shape"] == label]
+        parts.append(f"#### {label}\n\n{check.format_check_table(results)}")
+    return "Kernel error <= 2x eager's own error vs an fp64 gold run (`kernels.check`).\n\n" + "\n\n".join(parts)
+
+
+def _kernel_providers(plan: Plan) -> list[str]:
+    return [p for p in bench_kernels.PROVIDERS if plan.compile or p != "compile"]
+
+
+def kernels_rows(plan: Plan) -> Iterable[dict]:
+    device, shapes, providers, dtype = bench_kernels.setup(plan.dry_run, _kernel_providers(plan))
+    if plan.copy_gbs is None:
+        plan.copy_gbs = bench_kernels.copy_bandwidth_gbs(device)
+    return bench_kernels.measure(shapes, providers, dtype, device, plan.dry_run, plan.copy_gbs)
+
+
+def kernels_render(plan: Plan, rows: list[dict]) -> str:
+    device, _, _, dtype = bench_kernels.setup(plan.dry_run, ())
+    table = bench_kernels.format_table(rows, env.card_name(device), env.today())
+    return "\n\n".join([*bench_kernels.notes(device, dtype, plan.copy_gbs), table])
+
+
+def attention_rows(plan: Plan) -> Iterable[dict]:
+    device, dtype = bench_attention.setup(plan.dry_run)
+    return bench_attention.measure(plan.dry_run, dtype, device)
+
+
+def attention_render(plan: Plan, rows: list[dict]) -> str:
+    device, dtype = bench_attention.setup(plan.dry_run)
+    table = bench_attention.format_table(rows, env.card_name(device), env.today())
+    return f"dtype {str(dtype).removeprefix('torch.')}; {bench_attention.NOTE}\n\n{table}"
+
+
+def _train_providers(plan: Plan) -> list[str]:
+    return [p for p in bench_train.PROVIDERS if plan.compile or p != "compile"]
+
+
+def train_rows(plan: Plan) -> Iterable[dict]:
+    yield dict(section="train", providers=_train_providers(plan),
+               table=bench_train.run(dry_run=plan.dry_run, providers=_train_providers(plan)))  # fmt: skip
+
+
+def train_render(plan: Plan, rows: list[dict]) -> str:
+    return rows[0]["table"] if rows else ""
+
+
+# Estimates: seconds of each section, from its counts of compiles, trials and timed rows. -----------------------------
+
+
+def env_estimate(plan: Plan) -> float:
+    return plan.costs.env
+
+
+def _check_estimate(plan: Plan, shapes, n_dtypes: int) -> float:
+    c, configs = plan.costs, _attention_configs()
+    compiles = n_dtypes * (KERNELS_PER_SHAPE * len(shapes) * c.kernel_compile
+                           + configs * len(_attention_head_dims(shapes)) * c.attention_compile)  # fmt: skip
+    return compiles + n_dtypes * len(shapes) * (configs * c.autotune_trial + bench_kernels.OPS_PER_SHAPE * c.op_check)
+
+
+def check_estimate(plan: Plan) -> float:
+    return _check_estimate(plan, _kernel_shapes(plan), 1)
+
+
+def dtypes_estimate(plan: Plan) -> float:
+    return _check_estimate(plan, _kernel_shapes(plan)[:1], len(_check_dtypes(plan)[1]))
+
+
+def kernels_estimate(plan: Plan) -> float:
+    c, shapes = plan.costs, _kernel_shapes(plan)
+    providers = bench_kernels.setup(plan.dry_run, _kernel_providers(plan))[2]
+    ops = bench_kernels.OPS_PER_SHAPE * len(shapes)
+    seconds = ops * 2 * len(providers) * c.timed_row
+    seconds += ops * c.inductor_compile if "compile" in providers else 0.0
+    return seconds + (0.0 if "check" in plan.done else KERNELS_PER_SHAPE * len(shapes) * c.kernel_compile)
+
+
+def attention_estimate(plan: Plan) -> float:
+    c, configs, shapes = plan.costs, _attention_configs(), bench_attention.shapes(plan.dry_run)
+    compiled = _attention_head_dims(_kernel_shapes(plan)) if "check" in plan.done else set()
+    new_dims = {s.head_dim for s in shapes} - compiled
+    keys = {(s.head_dim, min(triton.next_power_of_2(s.seq_len), 4096)) for s in shapes}  # as kernels.attention keys
+    return (len(new_dims) * configs * c.attention_compile + len(keys) * configs * c.autotune_trial
+            + len(shapes) * (2 * len(bench_attention.PROVIDERS) * c.timed_row + c.op_check))  # fmt: skip
+
+
+def train_estimate(plan: Plan) -> float:
+    cases = bench_train.DRY_RUN_CASES if plan.dry_run else bench_train.GPU_CASES
+    providers = [p for p in _train_providers(plan) if not (plan.dry_run and p == "compile")]
+    compiles = plan.costs.model_compile if "compile" in providers else 0.0
+    return len(cases) * (len(providers) * plan.costs.train_row + compiles)
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    title: str
+    estimate: Callable[[Plan], float]
+    rows: Callable[[Plan], Iterable[dict]]
+    render: Callable[[Plan, list[dict]], str]
+    uses_compile: bool = False  # whether dropping torch.compile makes it cheaper
+
+
+ALL_SECTIONS = {
+    s.name: s
+    for s in (
+        Section("env", "Environment", env_estimate, env_rows, env_render),
+        Section("check", "Correctness at the timed shapes", check_estimate, check_rows, check_render),
+        Section("kernels", "Memory-bound kernels", kernels_estimate, kernels_rows, kernels_render, True),
+        Section("attention", "Causal attention", attention_estimate, attention_rows, attention_render),
+        Section("train", "Training steps", train_estimate, train_rows, train_render, True),
+        Section("dtypes", "Correctness in fp16 and fp32", dtypes_estimate, dtypes_rows, check_render),
+    )
+}
+assert tuple(ALL_SECTIONS) == SECTIONS
+
+
+# The run: sections within the budget, each written out as it finishes. ------------------------------------------------
+
+
+def seconds_since_process_start() -> float:
+    """Wall time since this process started, imports included (0 where /proc cannot say)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Report:
+    """The --out directory: rows.jsonl appended and flushed row by row, report.md rewritten whole (atomically)."""
+
+    def __init__(self, out: Path, header: str):
+        out.mkdir(parents=True, exist_ok=True)
+        self.markdown, self.rows = out / "report.md", out / "rows.jsonl"
+        self.rows_fd = os.open(self.rows, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.parts = [header]
+        self.write()
+
+    def row(self, row: dict) -> None:
+        """One line, unbuffered, in one write as a rule: a kill leaves whole lines, at most a torn last one."""
+        line = (json.dumps(row) + "\n").encode()
+        while line:
+            line = line[os.write(self.rows_fd, line) :]
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.markdown.with_name(self.markdown.name + ".tmp")
+        tmp.write_text("\n\n".join(self.parts) + "\n")
+        os.replace(tmp, self.markdown)
+
+
+def _fit(section: Section, plan: Plan, scale: float, left: float) -> tuple[float, str | None]:
+    """(estimate, note) of running the section: as planned, or without torch.compile to fit; note None: skip it."""
+    estimate = section.estimate(plan) * scale
+    if estimate <= left:
+        return estimate, ""
+    if section.uses_compile and plan.compile:
+        plan.compile = False
+        cheaper = section.estimate(plan) * scale
+        if cheaper <= left:
+            return cheaper, f"; without torch.compile, since with it it needs ~{estimate:.0f} s"
+        plan.compile = True
+    return estimate, None
+
+
+def _run_section(section: Section, plan: Plan, report: Report, deadline: Callable[[], bool]) -> tuple[list, str]:
+    """Run one section, every row written as it comes; (rows, "done" or why it stopped)."""
+    rows, ended = [], "done"
+    try:
+        for row in section.rows(plan):
+            report.row(row)
+            rows.append(row)
+            if deadline():
+                ended = "stopped after this row: over the budget"
+                break
+    except Exception as e:  # a broken section must not lose the others
+        import traceback
+
+        traceback.print_exc()
+        ended = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, ended
+
+
+def _parse_args(argv) -> argparse.Namespace | None:
+    parser = cli.parser("bench.gpu_check", __doc__, dry_run="tiny shapes on the CPU interpreter")
+    parser.add_argument("--out", type=Path, default=None, help="new directory for report.md and rows.jsonl "
+                        f"(default {DEFAULT_OUT}/<date-time>)")  # fmt: skip
+    parser.add_argument("--budget-s", type=float, default=420.0, help="wall seconds for the whole run (default 420)")
+    parser.add_argument("--no-compile", action="store_true", help="no torch.compile anywhere (saves minutes)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in args.only if name not in SECTIONS]
+    out = args.out or DEFAULT_OUT / datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    if unknown or not args.only:
+        error = f"--only: unknown section {unknown[0]!r}" if unknown else "--only: no section named"
+        error += f" (choose from {', '.join(SECTIONS)})"
+    elif not args.budget_s >= 0:
+        error = f"--budget-s must be a number of seconds >= 0, got {args.budget_s}"
+    elif out.exists() and not out.is_dir():
+        error = f"--out {out} is a file, not a directory"
+    elif (out / "report.md").exists() or (out / "rows.jsonl").exists():
+        error = f"--out {out} already holds a gpu_check report; name a new directory"
+    elif not args.dry_run and not torch.cuda.is_available():
+        error = "no CUDA device; run with --dry-run on a CPU"
+    else:
+        args.out = out
+        return args
+    print(f"error: {error}", file=sys.stderr)
+    return None
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    if args is None:
+        return 2
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    plan = Plan(args.dry_run, device, not args.no_compile, DRY_RUN_COSTS if args.dry_run else GPU_COSTS)
+    command = "python -m smollm_stack.bench.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = Report(args.out, f"## GPU check: {env.card_name(device)}, {env.today()}\n\n"
+                    f"{env.versions()}; `{command}`; budget {args.budget_s:.0f} s")  # fmt: skip
+    # From the command line (argv None) the budget holds the process's start-up too; a caller's time is its own.
+    started = time.monotonic() - (seconds_since_process_start() if argv is None else 0.0)
+    elapsed = lambda: time.monotonic() - started
+    all_rows, outcomes, spent_total, estimated_total = [], {}, 0.0, 0.0
+    for name in (n for n in SECTIONS if n in args.only):
+        section = ALL_SECTIONS[name]
+        # Later estimates follow how the finished sections compared with theirs (env is one-off CUDA start-up).
+        scale = min(2.0, max(0.5, spent_total / estimated_total)) if estimated_total >= 30 else 1.0
+        left = args.budget_s - elapsed()
+        estimate, note = _fit(section, plan, scale, left)
+        if note is None:
+            why = f"skipped: needs ~{estimate:.0f} s, {max(0.0, left):.0f} s of the {args.budget_s:.0f} s budget left"
+            print(f"gpu_check: {name} {why}", file=sys.stderr)
+            report.row(dict(section="gpu_check", name=name, status="skipped", estimate_s=estimate, left_s=left))
+            report.add(f"### {section.title}\n\n_{why}_")
+            outcomes[name] = "skipped"
+            continue
+        print(f"gpu_check: {name} (estimate {estimate:.0f} s, {left:.0f} s left) ...", file=sys.stderr)
+        start = time.monotonic()
+        rows, ended = _run_section(section, plan, report, lambda: elapsed() > args.budget_s)
+        spent = time.monotonic() - start
+        plan.compile = not args.no_compile
+        outcomes[name] = ended
+        if ended == "done":
+            plan.done.add(name)
+        if name != "env":
+            spent_total, estimated_total = spent_total + spent, estimated_total + estimate
+        report.row(dict(section="gpu_check", name=name, status=ended, estimate_s=estimate, spent_s=spent))
+        body = section.render(plan, rows) if rows else "(no rows)"
+        how = "" if ended == "done" else f"; **{ended}**"
+        report.add(f"### {section.title}\n\n_{spent:.0f} s (estimate {estimate:.0f} s){note}{how}_\n\n{body}")
+        all_rows += rows
+        print(f"gpu_check: {name} {ended} in {spent:.0f} s", file=sys.stderr)
+    not_done = ", ".join(f"{name} {status.split(':')[0]}" for name, status in outcomes.items() if status != "done")
+    summary = targets.render(all_rows, judged=not args.dry_run)
+    summary = (f"sections not done: {not_done}\n\n" if not_done else "") + summary
+    report.add(f"### Targets (issue 10)\n\nTotal wall time {elapsed():.0f} s of the {args.budget_s:.0f} s budget.\n\n"
+               + summary)  # fmt: skip
+    print(summary)
+    print(f"wrote {report.markdown} and {report.rows}", file=sys.stderr)
+    os.close(report.rows_fd)
+    failed = [r for r in all_rows if r.get("ok") is False or r.get("check_ok") is False]
+    return 1 if failed or any(status.startswith("failed") for status in outcomes.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Triton kernels with autograd, their fast eager twins, and the switch between them.
+
+Every op exists three times under the same name and signature: in the Triton modules of this package (forward and
+backward kernels), in ``kernels.eager`` (PyTorch's best built-in ops: what the model runs without Triton) and in
+``kernels.reference`` (the obviously-correct fp32/fp64 oracle of the tests, the preflight and the benchmarks'
+correctness checks). Model code asks ``ops(backend)`` once and calls ``ops.rms_norm(...)`` and friends, so it never
+branches on the device itself. The one product outside that scheme, ``linear`` (x W^T), has no Triton kernel: it is
+the vendor's BLAS on every device, with ``kernels.cpu_blas`` choosing between two on a CPU.
+
+Triton is imported only if it is installed, so the eager path, and everything built on it, works where triton has
+no wheels (macOS, Windows); asking for the Triton backend there raises a RuntimeError that says so. On a CPU the
+Triton kernels run only under Triton's interpreter, which must be switched on with ``TRITON_INTERPRET=1`` before
+triton is first imported.
+"""
+
+import os
+import types
+
+import torch
+
+from smollm_stack.kernels import eager, reference
+from smollm_stack.kernels.cpu_blas import linear
+
+__all__ = [
+    "apply_rope",
+    "apply_rope_qk",
+    "cross_entropy",
+    "eager",
+    "flash_attention",
+    "fused_linear_cross_entropy",
+    "linear",
+    "ops",
+    "reference",
+    "resolve_backend",
+    "rms_norm",
+    "swiglu",
+    "triton_available",
+]
+
+BACKENDS = ("auto", "triton", "eager")
+
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # off Linux there are no triton wheels: the eager backend is all there is
+    triton = None
+
+_TRITON_OPS = None
+if triton is not None:
+    from smollm_stack.kernels.attention import flash_attention
+    from smollm_stack.kernels.cross_entropy import cross_entropy
+    from smollm_stack.kernels.linear_cross_entropy import fused_linear_cross_entropy
+    from smollm_stack.kernels.rms_norm import rms_norm
+    from smollm_stack.kernels.rope import apply_rope, apply_rope_qk
+    from smollm_stack.kernels.swiglu import swiglu
+
+    _TRITON_OPS = types.SimpleNamespace(
+        rms_norm=rms_norm,
+        swiglu=swiglu,
+        apply_rope=apply_rope,
+        apply_rope_qk=apply_rope_qk,
+        cross_entropy=cross_entropy,
+        fused_linear_cross_entropy=fused_linear_cross_entropy,
+        flash_attention=flash_attention,
+    )
+
+
+def triton_available() -> bool:
+    return _TRITON_OPS is not None
+
+
+def _require_triton():
+    if _TRITON_OPS is None:
+        raise RuntimeError(
+            "kernels='triton' needs the triton package, which is not installed (it has wheels for Linux only): "
+            "`pip install triton` on Linux, or use kernels='eager'"
+        )
+
+
+def resolve_backend(choice: str, device: torch.device | str) -> str:
+    """Map a config's kernels choice to "triton" or "eager": "auto" means Triton on CUDA (if installed), else eager."""
+    if choice not in BACKENDS:
+        raise ValueError(f"kernels must be one of {BACKENDS}, got {choice!r}")
+    device = torch.device(device)
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "eager"
+    if choice == "triton":
+        _require_triton()
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"kernels='triton' on a {device.type} device needs Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before importing triton, or use kernels='eager'"
+        )
+    return choice
+
+
+def ops(backend: str):
+    """The namespace of ops for a resolved backend ("triton" or "eager"), all with the same names and signatures."""
+    if backend == "triton":
+        _require_triton()
+        return _TRITON_OPS
+    if backend == "eager":
+        return eager
+    raise ValueError(f"backend must be 'triton' or 'eager', got {backend!r}")

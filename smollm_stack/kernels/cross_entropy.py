@@ -1,0 +1,250 @@
+"""Cross-entropy over the last dim with the gradient produced in the forward pass.
+
+For a row x of width V with target c (n rows not ignored), loss = mean over rows of lse(x) - x[c], and
+    dloss/dx = (softmax(x) - onehot(c)) / n,   zero for ignored rows.
+One program per row, two ways, chosen by V:
+- Single tile (V <= SINGLE_TILE_MAX = 16K): the whole row sits in registers (BLOCK_V = next power of two >= V, at
+  most 32 fp32 values a thread at 16 warps), so the row is read once, exp() runs once per element and the gradient
+  is written once: 2V bytes in and 2V out for bf16, the minimum. At V = 10000 that is one 16384-lane tile (16384 exps)
+  instead of two sweeps of 2 x 8192 lanes (32768 exps and two reads); the masked lanes cost only ALU, and 40 KB
+  moved per 16K exps keeps the SFUs an order of magnitude below the memory time.
+- Loop (larger V): a first sweep keeps a running max m and sum s of exp(x - m) (the online log-sum-exp, fp32
+  whatever the input dtype), a second sweep writes the gradient (its reads mostly hit L2: a 100 KB row). Each sweep
+  is an unmasked main loop over full BLOCK_V blocks that start on a 16-byte boundary (row starts are unaligned when
+  V is odd, e.g. 50257, so the first few elements are skipped to the boundary), then a narrow masked loop, one
+  element a thread, over the rest: the ragged tail, then the skipped head. So the main loads and stores are 16-byte
+  vectors at any V, standalone or in FLCE's padded buffer, where the masked loop of before was all scalar 2-byte
+  accesses. BLOCK_V is the size in LOOP_BLOCKS that leaves the shortest rest (V = 50257: 1024, 81 + head elements,
+  three narrow steps), with one warp per 1024 lanes: four 16-byte vectors a thread per block.
+
+Because the gradient is complete after the forward, the backward only scales it by the upstream gradient in place;
+the scale kernel is grid-stride (a few programs per SM) and returns after one scalar load when the upstream gradient
+is exactly 1 (the usual case: the loss is the root of the graph), instead of launching N*V/2048 idle programs.
+
+Targets are not range-checked on the host (that would be a host sync per step): a target outside [0, V) that is not
+ignore_index is read at a safe index and turns its row's loss and gradient into NaN, so the mean loss is NaN and the
+trainer's divergence check stops the run. Token files are range-checked once when the trainer opens them.
+
+Eager PyTorch upcasts the logits to fp32, materializes log-softmax, gathers, and in the backward builds softmax and
+the one-hot difference again: several passes over an (N, V) fp32 tensor.
+
+The launchers are registered as torch.library custom ops (smollm_stack::cross_entropy, smollm_stack::scale_) with fake
+implementations and autograd, so torch.compile traces through them without a graph break.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from smollm_stack.kernels import _utils
+
+SINGLE_TILE_MAX = 16384  # widest row kept whole in registers; tests lower it to reach the loop on small shapes
+LOOP_BLOCKS = (1024, 2048, 4096, 8192)  # BLOCK_V candidates of the loop path
+
+
+@triton.jit
+def _lse_step(m, s, x):
+    """One block of the online log-sum-exp: returns the new running max and sum of exp(x - max)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    logits_ptr,  # (N, V) logits, row stride stride_logits, contiguous columns
+    grad_ptr,  # (N, V) gradient out, row stride stride_grad; may be logits_ptr itself (in-place, per element)
+    targets_ptr,  # (N,) integer targets
+    loss_ptr,  # (N,) fp32 per-row loss, already divided by n_valid
+    n_valid_ptr,  # () number of non-ignored targets, read on the device so the host never waits for it
+    stride_logits,
+    stride_grad,
+    V,
+    ignore_index,
+    WRITE_GRAD: tl.constexpr,  # False for a loss without backward (evaluation): skips the gradient
+    SINGLE_TILE: tl.constexpr,  # BLOCK_V >= V: the row in registers, one read
+    GRAD_ALIGNED: tl.constexpr,  # stride_grad = stride_logits mod VEC, so grad rows share the logits' alignment
+    BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,  # elements in 16 bytes
+    REST_BLOCK: tl.constexpr,  # lanes of the loop path's ragged remainder: one element a thread
+):
+    row = tl.program_id(0).to(tl.int64)  # row * V may pass 2^31
+    row_off = row * stride_logits
+    grad_off = row * stride_grad
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    ignored = target == ignore_index
+    bad = (target < 0) | (target >= V)
+    inv_n = 1.0 / tl.maximum(tl.load(n_valid_ptr).to(tl.float32), 1.0)
+    scale = tl.where(ignored, 0.0, tl.where(bad, float("nan"), inv_n))  # NaN marks an out-of-range target
+    cols = tl.arange(0, BLOCK_V)
+
+    if SINGLE_TILE:
+        mask = cols < V
+        x = tl.load(logits_ptr + row_off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        e = tl.exp(x - m)
+        s = tl.sum(e, axis=0)
+        target_logit = tl.sum(tl.where(cols == target, x, 0.0), axis=0)
+        tl.store(loss_ptr + row, (m + tl.log(s) - target_logit) * scale)
+        if WRITE_GRAD:
+            grad = e * (scale / s) - tl.where(cols == target, scale, 0.0)
+            tl.store(grad_ptr + grad_off + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Elements [head, tail) are full BLOCK_V blocks that start 16-byte aligned, loaded without masks; the rest of
+        # the row, [tail, V) then [0, head), goes through a narrow masked loop of REST_BLOCK (one element a thread).
+        head = (VEC - row_off % VEC) % VEC
+        tail = head + (V - head) // BLOCK_V * BLOCK_V
+        n_rest = V - tail + head
+        body = tl.multiple_of(row_off + head, VEC)
+        rest = tl.arange(0, REST_BLOCK)
+        m = float("-inf")
+        s = 0.0
+        for start in tl.range(0, tail - head, BLOCK_V):  # from 0, so the compiler knows start % BLOCK_V == 0
+            m, s = _lse_step(m, s, tl.load(logits_ptr + body + start + cols).to(tl.float32))
+        for start in tl.range(0, n_rest, REST_BLOCK):
+            idx = tail + start + rest
+            idx = tl.where(idx < V, idx, idx - V)
+            x = tl.load(logits_ptr + row_off + idx, mask=start + rest < n_rest, other=float("-inf"))
+            m, s = _lse_step(m, s, x.to(tl.float32))
+        lse = m + tl.log(s)
+        target_logit = tl.load(logits_ptr + row_off + tl.where(bad, 0, target)).to(tl.float32)
+        tl.store(loss_ptr + row, (lse - target_logit) * scale)
+
+        if WRITE_GRAD:
+            if GRAD_ALIGNED:
+                grad_body = tl.multiple_of(grad_off + head, VEC)
+            else:
+                grad_body = grad_off + head
+            for start in tl.range(0, tail - head, BLOCK_V):
+                x = tl.load(logits_ptr + body + start + cols).to(tl.float32)
+                grad = tl.exp(x - lse) * scale - tl.where(head + start + cols == target, scale, 0.0)
+                tl.store(grad_ptr + grad_body + start + cols, grad.to(grad_ptr.dtype.element_ty))
+            for start in tl.range(0, n_rest, REST_BLOCK):
+                idx = tail + start + rest
+                idx = tl.where(idx < V, idx, idx - V)
+                mask = start + rest < n_rest
+                x = tl.load(logits_ptr + row_off + idx, mask=mask, other=0.0).to(tl.float32)
+                grad = tl.exp(x - lse) * scale - tl.where(idx == target, scale, 0.0)
+                tl.store(grad_ptr + grad_off + idx, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_kernel(
+    x_ptr,  # contiguous tensor scaled in place
+    scale_ptr,  # () the scale, read on the device
+    n_elements,
+    BLOCK: tl.constexpr,
+):
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:  # the common case (loss.backward()) costs one scalar load per program, no traffic
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in tl.range(tl.program_id(0).to(tl.int64) * BLOCK, n_elements, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n_elements
+            x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+            tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+SCALE_BLOCK = 2048  # 4 KiB of bf16 per program and step: 16-byte vectors on every thread of 4 warps
+
+
+@torch.library.custom_op("smollm_stack::scale_", mutates_args={"x"})
+def scale_(x: torch.Tensor, scale: torch.Tensor) -> None:
+    """x *= scale in place for a contiguous x we own and a one-element tensor scale, without a host sync."""
+    programs = _utils.persistent_programs(x.device, triton.cdiv(x.numel(), SCALE_BLOCK))
+    _scale_kernel[(programs,)](x, scale, x.numel(), BLOCK=SCALE_BLOCK, num_warps=4)
+
+
+@scale_.register_fake
+def _(x, scale):
+    return None
+
+
+def _tiling(V: int) -> tuple[bool, int, int]:
+    """(single_tile, BLOCK_V, num_warps) for rows of width V.
+
+    The loop's BLOCK_V leaves the shortest remainder (V = 50257: 1024, 81 elements, against 1105 for 2048-8192), and
+    its warps give each thread four 16-byte vectors of bf16 per block.
+    """
+    if V <= SINGLE_TILE_MAX:
+        block = triton.next_power_of_2(V)
+        return True, block, _utils.num_warps_for(block)
+    fits = [b for b in LOOP_BLOCKS if V >= b + 16] or [min(LOOP_BLOCKS)]  # a full block after the unaligned head
+    block = min(fits, key=lambda b: (V % b, -b))
+    return False, block, max(1, min(16, block // 1024))
+
+
+def cross_entropy_forward(
+    logits2: torch.Tensor,
+    targets: torch.Tensor,
+    n_valid: torch.Tensor,
+    ignore_index: int,
+    grad: torch.Tensor | None,
+) -> torch.Tensor:
+    """Launch on a (N, V) view: write the gradient of the mean loss into grad (may be logits2, or None for no
+    gradient); return the per-row losses, already divided by n_valid.
+
+    The caller counted n_valid, so a chunked caller can pass the whole batch's count.
+    """
+    N, V = logits2.shape
+    losses = _utils.empty((N,), torch.float32, logits2.device)
+    single_tile, block_v, warps = _tiling(V)
+    vec = 16 // logits2.element_size()
+    _cross_entropy_kernel[(N,)](
+        logits2, logits2 if grad is None else grad, targets, losses, n_valid, logits2.stride(0),
+        0 if grad is None else grad.stride(0), V, ignore_index,
+        WRITE_GRAD=grad is not None, SINGLE_TILE=single_tile,
+        GRAD_ALIGNED=grad is None or (grad.stride(0) - logits2.stride(0)) % vec == 0,
+        BLOCK_V=block_v, VEC=vec, REST_BLOCK=32 * warps, num_warps=warps,
+    )  # fmt: skip
+    return losses
+
+
+@torch.library.custom_op("smollm_stack::cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    logits2: torch.Tensor, targets: torch.Tensor, ignore_index: int, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, its gradient) for (N, V) logits2 and (N,) contiguous targets; the gradient is empty without
+    with_grad."""
+    n_valid = _utils.count_valid_targets(targets, ignore_index)
+    grad = _utils.empty(logits2.shape, logits2.dtype, logits2.device) if with_grad else logits2.new_empty(0)
+    return cross_entropy_forward(logits2, targets, n_valid, ignore_index, grad if with_grad else None).sum(), grad
+
+
+@_cross_entropy_op.register_fake
+def _(logits2, targets, ignore_index, with_grad):
+    return logits2.new_empty((), dtype=torch.float32), logits2.new_empty(logits2.shape if with_grad else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dloss, _):
+    # Scaled in place: a second backward through the same graph fails autograd's saved-tensor version check.
+    (grad,) = ctx.saved_tensors
+    scale_(grad, dloss)
+    return grad, None, None, None
+
+
+_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean -log softmax(logits)[target] over non-ignored targets of any leading dims; a fp32 scalar (0 if none).
+
+    A target outside [0, V) that is not ignore_index makes the loss NaN (checked on the device, no host sync).
+    """
+    _utils.check_float("logits", logits)
+    _utils.check_targets(targets)
+    _utils.check_same_device(logits=logits, targets=targets)
+    if logits.dim() == 0 or targets.shape != logits.shape[:-1] or logits.numel() == 0:
+        raise ValueError(
+            f"targets must have shape logits.shape[:-1]; "
+            f"got logits {tuple(logits.shape)}, targets {tuple(targets.shape)}"
+        )
+    # Without a backward to come (evaluation, no_grad) the kernel skips writing the gradient.
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    # The kernel reads targets[row] with unit stride.
+    loss, _ = _cross_entropy_op(_utils.rows_of(logits), targets.reshape(-1).contiguous(), ignore_index, with_grad)
+    return loss

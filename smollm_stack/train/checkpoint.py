@@ -1,0 +1,148 @@
+"""Checkpoints: plain dicts written atomically with a checksum beside them, read back with ``weights_only=True``.
+
+A checkpoint holds everything a resumed run needs to continue as if never stopped:
+``{"model", "model_config", "optimizer", "iteration", "train_config", "rng", "sampler", "elapsed_s"}``.
+RNG states are stored as tensors and lists (never pickled objects), so ``torch.load(weights_only=True)`` reads them.
+``X.pt.sha256`` holds the SHA-256 of ``X.pt``: a file damaged after its write (a flipped bit, a truncating copy)
+fails it and is reported as damaged instead of training on from garbage. A checkpoint without one (written before
+checksums existed, or copied alone) is read unverified. Where the checkpoints of a run live is train.rundir's.
+"""
+
+import hashlib
+import os
+import pickle
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+
+from smollm_stack.model import clean_state_dict
+
+REQUIRED_KEYS = ("model", "optimizer", "iteration")
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside torch.compile and DDP wrappers (either may wrap the other)."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
+
+
+def rng_state() -> dict:
+    """The torch, CUDA, numpy and Python RNG states, as types weights_only loading accepts."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": list(random.getstate()),
+    }
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    iteration: int,
+    out: str | os.PathLike | IO[bytes],
+    **extra,
+):
+    """Write model, optimizer, iteration, RNG states and any ``extra`` entries to a path or a binary file object.
+
+    A path is written atomically: to a temporary file in the same directory, flushed to disk, its checksum written
+    beside it, then renamed over the target, so a crash mid-save leaves the previous file intact and never a
+    truncated one. A failed write (a full disk) is a ValueError naming the file; nothing is left behind.
+    """
+    checkpoint = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "rng": rng_state(),
+        **extra,
+    }
+    if not isinstance(out, (str, os.PathLike)):
+        torch.save(checkpoint, out)
+        return
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        from smollm_stack.train.rundir import atomic_write
+
+        atomic_write(checksum_path(out), f"{sha256_file(tmp)}  {out.name}\n".encode())
+        os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as "enforce fail at inline_container.cc"
+        Path(tmp).unlink(missing_ok=True)
+        free = shutil.disk_usage(out.parent).free / 2**20
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[-1].strip()
+        raise ValueError(
+            f"cannot write checkpoint {out} ({free:.0f} MiB free on its disk): {reason}; "
+            "the previous checkpoint is intact"
+        ) from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(src: str | os.PathLike | IO[bytes], map_location="cpu") -> dict:
+    """The checkpoint dict, its checksum verified when it has one, loaded with weights_only=True (no code runs).
+
+    Anything that is not an intact checkpoint (damaged, truncated, empty, another kind of file, a pickle with code
+    in it) is a ValueError naming the file.
+    """
+    if isinstance(src, (str, os.PathLike)):
+        if not Path(src).is_file():
+            raise FileNotFoundError(f"no checkpoint file at {src}")
+        checksum = checksum_path(Path(src))
+        if checksum.is_file() and checksum.read_text().split()[:1] != [sha256_file(src)]:
+            raise ValueError(f"{src} is damaged: its SHA-256 differs from the one saved with it in {checksum.name}")
+    try:
+        checkpoint = torch.load(src, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{src} is not a training checkpoint: it holds objects other than tensors") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise ValueError(f"{src} is not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or not set(REQUIRED_KEYS) <= checkpoint.keys():
+        raise ValueError(f"{src} is not a training checkpoint (needs {', '.join(map(repr, REQUIRED_KEYS))})")
+    return checkpoint
+
+
+def apply_checkpoint(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Load a checkpoint dict's weights (torch.compile / DDP prefixes stripped) and optimizer state; the iteration."""
+    unwrap(model).load_state_dict(clean_state_dict(checkpoint["model"]))
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint["iteration"]
+
+
+def load_checkpoint(
+    src: str | os.PathLike | IO[bytes], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> int:
+    """Restore model and optimizer from a checkpoint path or file object; return the iteration it was saved at."""
+    device = next(model.parameters()).device
+    return apply_checkpoint(read_checkpoint(src, map_location=device), model, optimizer)

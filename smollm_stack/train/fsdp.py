@@ -1,0 +1,225 @@
+"""Fully sharded data parallelism (FSDP2, ``--parallel fsdp``) and its sharded checkpoints.
+
+``shard`` applies ``torch.distributed.fsdp.fully_shard`` to each transformer block, then to the root: every rank
+keeps 1/W of each parameter, its gradient and its AdamW moments (DTensors, ``Shard(0)``), all-gathers a block's
+parameters in the compute dtype just before the block runs (forward, and again in backward), and reduce-scatters
+its gradients in fp32 right after. The root unit (embeddings, final norm, lm_head) is gathered for the whole
+forward, which matters because the fused loss reads ``lm_head.weight`` itself rather than calling ``lm_head``.
+Our Triton kernels run inside unchanged: they see ordinary tensors. AdamW and gradient clipping need nothing
+special either: their ``torch._foreach_*`` ops run on the local shards, and the norm's sum of squares, a
+``Partial`` DTensor, is all-reduced by DTensor itself, so clipping uses the global norm. Muon keeps its momentum
+sharded too and gathers each whole matrix only to orthogonalize it (train/muon.py says how, and what it costs).
+
+A sharded checkpoint is a step directory, written by every rank with ``torch.distributed.checkpoint`` (DCP)::
+
+    ckpt_XXXXXX.dcp/
+        .metadata, __R_0.distcp     DCP's: the global shapes, and rank R's shards of model and optimizer
+        meta.pt                     rank 0: iteration, model and train config, RNG, sampler state, elapsed_s
+        manifest.json               rank 0, last: the SHA-256 of every other file
+
+It is written as ``ckpt_XXXXXX.dcp.tmp`` and renamed when complete, so a crash leaves the previous one intact.
+Each rank hashes (and on load verifies) its share of the files, in parallel. DCP stores each tensor with its global
+shape, so any number of processes can load it: W ranks reshard it, one process (``--parallel fsdp`` without
+torchrun, or ``consolidate``) reads whole tensors. RNG state is rank 0's: every rank seeds alike and the trainer
+draws nothing per rank (its batches are a function of (seed, step)).
+
+    smollm consolidate runs/x/ckpt_000200.dcp --out ckpt.pt   # one file, for smollm lm
+"""
+
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from smollm_stack.model import ModelConfig, TransformerLM
+from smollm_stack.train.checkpoint import save_checkpoint, set_rng_state, sha256_file
+from smollm_stack.train.distributed import Dist
+from smollm_stack.train.muon import Optimizers
+from smollm_stack.train.rundir import CORRUPT_SUFFIX
+
+META_FILE = "meta.pt"
+MANIFEST_FILE = "manifest.json"
+
+
+def shard(model: TransformerLM, device: torch.device, dtype: torch.dtype, world_size: int) -> TransformerLM:
+    """Shard ``model`` in place over the ``world_size`` ranks: per block, then the root. Build the optimizer after.
+
+    Mixed precision: fp32 master parameters, computed in ``dtype`` (bf16 on CUDA), gradients reduced in fp32.
+    """
+    mesh = init_device_mesh(device.type, (world_size,))
+    compute = None if dtype == torch.float32 else dtype
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def full_model(model: TransformerLM, info: Dist) -> TransformerLM | None:
+    """A plain, unsharded copy of a sharded model on rank 0 (to sample from); None elsewhere. Every rank calls it."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only, in CPU memory
+    state = get_model_state_dict(model, options=options)
+    if not info.main:
+        return None
+    device = next(iter(model.parameters())).device
+    with torch.device(device):
+        plain = TransformerLM(model.config)
+    plain.load_state_dict(state)
+    return plain
+
+
+# ---- sharded checkpoints ----------------------------------------------------------------------------------------
+
+
+def save_sharded(path: Path, model, optimizer, meta: dict, info: Dist):
+    """Every rank: write its shards of ``model`` and ``optimizer`` into the step directory ``path`` (see above)."""
+    tmp = path.with_name(path.name + ".tmp")
+    if info.main and tmp.exists():
+        shutil.rmtree(tmp)  # a killed save's leftovers
+    info.barrier()
+    model_state, optimizer_state = get_state_dict(model, torch_optimizers(optimizer))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp, no_dist=not info.enabled)
+    mine = sorted(tmp.glob(f"__{info.rank}_*.distcp"))  # DCP names rank R's files __R_<n>.distcp
+    digests = {}
+    for part in info.gather({p.name: sha256_file(p) for p in mine}):
+        digests.update(part)
+    if info.main:
+        torch.save(meta, tmp / META_FILE)
+        for name in (".metadata", META_FILE):
+            digests[name] = sha256_file(tmp / name)
+        _write_synced(tmp / MANIFEST_FILE, json.dumps({"files": digests}, indent=2, sort_keys=True) + "\n")
+        if path.exists():
+            shutil.rmtree(path)  # an older save of this very step, from before a resume
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    info.barrier()  # nobody reads or prunes checkpoints before the rename
+
+
+def damage(path: Path, info: Dist) -> str | None:
+    """Why the step directory ``path`` is not an intact sharded checkpoint, or None. Every rank calls it.
+
+    Rank r verifies the checksums of files r, r + W, ...; all ranks return the same answer.
+    """
+    problem = None
+    try:
+        files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = f"{path} has no readable {MANIFEST_FILE} ({e.__class__.__name__})"
+        files = {}
+    if not problem and not {".metadata", META_FILE} <= files.keys():
+        problem = f"{path}/{MANIFEST_FILE} does not list .metadata and {META_FILE}"
+    for name in sorted(files)[info.rank :: info.world_size]:
+        if problem:
+            break
+        if not (path / name).is_file():
+            problem = f"{path} is incomplete: {name} is missing"
+        elif sha256_file(path / name) != files[name]:
+            problem = f"{path} is damaged: the SHA-256 of {name} differs from its manifest's"
+    return next((p for p in info.gather(problem) if p), None)
+
+
+def read_meta(path: Path) -> dict:
+    return torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+
+
+def latest_sharded(paths: list[Path], info: Dist) -> tuple[Path, dict] | tuple[None, None]:
+    """The newest intact sharded checkpoint among ``paths`` (oldest first) and its meta, or (None, None).
+
+    The same rules as single-file checkpoints: a damaged newer one is set aside as ``*.corrupt`` (never deleted)
+    with a warning and the next older one tried; none intact is an error listing each one's damage.
+    """
+    damaged = []
+    for path in reversed(paths):
+        reason = damage(path, info)
+        if reason is not None:
+            damaged.append((path, reason))
+            continue
+        for bad, why in damaged if info.main else ():
+            aside = bad.with_name(bad.name + CORRUPT_SUFFIX)
+            os.replace(bad, aside)
+            print(f"warning: {why}; set aside as {aside.name}, resuming from {path.name}", file=sys.stderr)
+        info.barrier()
+        return path, read_meta(path)
+    if damaged:
+        raise ValueError(f"cannot resume: no intact sharded checkpoint ({'; '.join(r for _, r in damaged)})")
+    return None, None
+
+
+def check_kind(run_dir, parallel: str):
+    """A run's checkpoints are of its parallelism's kind; resuming under the other would silently start over."""
+    if parallel == "ddp" and run_dir.sharded_checkpoints():
+        raise ValueError(
+            f"cannot resume: {run_dir} holds sharded checkpoints: resume with --parallel fsdp (on any number of "
+            "processes), or turn one into a file with smollm consolidate"
+        )
+    if parallel == "fsdp" and run_dir.checkpoints():
+        raise ValueError(f"cannot resume: {run_dir} holds single-file checkpoints: resume with --parallel ddp")
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: Dist):
+    """Load the step directory's model and optimizer state into ``model`` (sharded or not) and ``optimizer``."""
+    optimizers = torch_optimizers(optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizers)  # the layout to fill (optimizer state created)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    with warnings.catch_warnings():  # DCP warns that one process reads alone: here that is the intent
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=path, no_dist=not info.enabled)
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def torch_optimizers(optimizer) -> tuple[torch.optim.Optimizer, ...]:
+    """The torch optimizers DCP's state-dict helpers take: Muon's and AdamW's of an ``Optimizers``, or the one.
+
+    Their states are saved as one dict keyed by parameter name (Muon's ``momentum`` and AdamW's moments side by
+    side), which is why a checkpoint reshards to any number of processes whichever optimizer wrote it.
+    """
+    return optimizer.optimizers if isinstance(optimizer, Optimizers) else (optimizer,)
+
+
+def consolidate(step_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the sharded checkpoint ``step_dir`` as one train.checkpoint file (what ``smollm lm`` reads)."""
+    from smollm_stack.train.config import make_config
+    from smollm_stack.train.optimizers import build_optimizer  # the trainer's own: the optimizer state's layout
+
+    path, out = Path(step_dir), Path(out)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no sharded checkpoint directory at {path}")
+    reason = damage(path, Dist())
+    if reason is not None:
+        raise ValueError(reason)
+    meta = read_meta(path)
+    model = TransformerLM(ModelConfig(**meta["model_config"]))
+    optimizer = build_optimizer(make_config(meta["train_config"]), model, torch.device("cpu"))
+    load_sharded(path, model, optimizer, Dist())
+    set_rng_state(meta["rng"])  # save_checkpoint records the current RNG state: make it the saved one
+    extra = {k: v for k, v in meta.items() if k not in ("iteration", "rng")}
+    save_checkpoint(model, optimizer, meta["iteration"], out, **extra)
+    return out
+
+
+def _write_synced(path: Path, text: str):
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
