@@ -367,7 +367,7 @@ def test_13_sigkill_during_a_checkpoint_write_then_resume_cleans_up(tokens, tmp_
         "        f.write(b'half a checkpoint' * 1000); f.flush(); time.sleep(600)\n"
         "    save(obj, f)\n"
         "torch.save = stalled\n"
-        "from train.__main__ import main\n"
+        "from smollm_stack.train.__main__ import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     cmd = [sys.executable, "-c", stall_at_ten, *train_cli(tokens, run_dir, "--steps", "15")[3:]]

@@ -21,6 +21,7 @@ from smollm_stack.model import ModelConfig, TransformerLM, load_model, param_cou
 from smollm_stack.model.hf import export_hf
 from smollm_stack.train.distributed import Dist
 from smollm_stack.train.consolidate import main as consolidate_main
+from smollm_stack.train.dataset import default_corpus
 from smollm_stack.train.fsdp import MANIFEST_FILE, check_kind, damage
 from smollm_stack.train.log import read_metrics
 from smollm_stack.train.rundir import RunDir
@@ -83,10 +84,11 @@ def _byte_tokenizer(out: Path) -> Path:
 
 def _data(root: Path) -> list[str]:
     """Text files and the byte tokenizer in ``root``, as trainer flags."""
-    (root / "train.txt").write_text((ROOT / "train/data/train.txt").read_text()[:20_000])
+    train_txt, valid_txt = default_corpus()
+    (root / "train.txt").write_text(train_txt.read_text()[:20_000])
     # 5921 ASCII bytes, one token each: 370 validation windows of 16 (+1), 46 rounds of 8 and 2 left over, which
     # only rank 0 has: rank 1 must still join that last forward under FSDP.
-    valid = (ROOT / "train/data/valid.txt").read_text().replace("<|endoftext|>", "\n").encode("ascii", "ignore")
+    valid = valid_txt.read_text().replace("<|endoftext|>", "\n").encode("ascii", "ignore")
     (root / "valid.txt").write_bytes(valid[:5921])
     data = ["--train-data", str(root / "train.txt"), "--val-data", str(root / "valid.txt")]
     return data + ["--tokenizer", str(_byte_tokenizer(root / "tok"))]

@@ -17,7 +17,7 @@ from smollm_stack.kernels.linear_cross_entropy import CPU_CHUNK_BUDGET_BYTES, ch
 from smollm_stack.kernels.rope import apply_rope_qk
 from smollm_stack.model import ModelConfig, TransformerLM
 
-cross_entropy_module = importlib.import_module("kernels.cross_entropy")  # the name kernels.cross_entropy is the op
+cross_entropy_module = importlib.import_module("smollm_stack.kernels.cross_entropy")  # kernels.cross_entropy is the op
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 and large shapes)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -175,7 +175,7 @@ def test_kernel_preflight_aborts_with_a_table(monkeypatch):
     ]
     table = "| op | ... |\n| rms_norm | dx | FAIL |"
     fake = SimpleNamespace(check_kernels=lambda **shapes: rows, format_check_table=lambda results: table)
-    monkeypatch.setitem(sys.modules, "kernels.check", fake)
+    monkeypatch.setitem(sys.modules, "smollm_stack.kernels.check", fake)
     config = model_pkg.ModelConfig.preset("tiny")
     failed = r"(?s)kernel preflight failed.*\| rms_norm \| dx \| FAIL \|"
     with pytest.raises(smollm_stack.train.loop.PreflightError, match=failed):

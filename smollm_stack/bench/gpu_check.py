@@ -382,7 +382,7 @@ def _run_section(section: Section, plan: Plan, report: Report, deadline: Callabl
 
 
 def _parse_args(argv) -> argparse.Namespace | None:
-    parser = cli.parser("bench.gpu_check", __doc__, dry_run="tiny shapes on the CPU interpreter")
+    parser = cli.parser("smollm_stack.bench.gpu_check", __doc__, dry_run="tiny shapes on the CPU interpreter")
     parser.add_argument("--out", type=Path, default=None, help="new directory for report.md and rows.jsonl "
                         f"(default {DEFAULT_OUT}/<date-time>)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall seconds for the whole run (default 420)")

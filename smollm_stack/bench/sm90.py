@@ -110,7 +110,7 @@ def report(selected: list[Case]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = cli.parser("bench.sm90", __doc__)
+    parser = cli.parser("smollm_stack.bench.sm90", __doc__)
     parser.add_argument("--only", default="", help="comma-separated words; run the cases whose name contains one")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from smollm_stack.bench import cli
 
-REPO = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parents[1]
+REPO = PACKAGE.parent  # a clone: its tests/data
 EOT = "<|endoftext|>"
 DATA = REPO / "tests/data"
 EXCERPT = DATA / "tinystories_excerpt.txt"
@@ -117,7 +118,7 @@ def measure_in_this_process(request: str):
 
 def measure(kind: str, *args, repeats: int = 1) -> dict:
     """Median time (and its other fields from the median run) of `repeats` fresh processes, plus peak RSS."""
-    code = "import sys; from bench.tokenizer import measure_in_this_process; measure_in_this_process(sys.argv[1])"
+    code = "import sys; from smollm_stack.bench.tokenizer import measure_in_this_process as m; m(sys.argv[1])"
     request = json.dumps([kind, *(str(a) if isinstance(a, Path) else a for a in args)])
     runs = []
     for _ in range(repeats):
@@ -146,7 +147,7 @@ def corpus_prefix(corpus: Path, nbytes: int, out: Path) -> Path:
 
 def concatenated_corpus(corpus: Path, target_mb: float, out: Path) -> Path:
     """A file of >= target_mb MB at out: the corpus, then train/data's TinyStories, then standard-library sources."""
-    sources = [corpus, *sorted((REPO / "train/data").glob("*.txt")), *sorted(Path(os.__file__).parent.rglob("*.py"))]
+    sources = [corpus, *sorted((PACKAGE / "train/data").glob("*.txt")), *sorted(Path(os.__file__).parent.rglob("*.py"))]
     with open(out, "wb") as f:
         for path in sources:
             if f.tell() >= target_mb * 1e6:
@@ -245,7 +246,8 @@ def run(args, command: str) -> str:
 
 
 def build_parser():
-    parser = cli.parser("bench.tokenizer", __doc__, dry_run="train and encode the small files in tests/data")
+    dry_run = "train and encode the small files in tests/data"
+    parser = cli.parser("smollm_stack.bench.tokenizer", __doc__, dry_run=dry_run)
     add = parser.add_argument
     add("--corpus", type=Path, metavar="PATH", help="UTF-8 text to train on and encode (needed without --dry-run)")
     add("--small-corpus", type=Path, metavar="PATH",
