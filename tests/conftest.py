@@ -88,47 +88,56 @@ def as_flags(fields: dict) -> list[str]:
     return flags
 
 
-# Appended to a compile_for_sm90 script: lowers its CASES (a dict of label -> callable, every case or one worker's
-# share) each under its own sm90.compile_only() and prints the launches as one JSON line.
+# Appended to a compile_for_sm90 script: each worker takes the next case no other worker has claimed (a file made
+# with O_EXCL in SM90_CLAIMS), lowers it under its own sm90.compile_only(), and prints its launches as one JSON line.
+# Taking cases as they come keeps both cores busy when cases differ in cost (a backward compiles twice the kernels).
 _SM90_RUNNER = """
 import json as _json, os as _os
 from smollm_stack.kernels import sm90 as _sm90
-_worker, _workers = map(int, _os.environ["SM90_WORKER"].split("/"))
 _out = {}
-for _label in sorted(CASES)[_worker::_workers]:
+for _i, _label in enumerate(sorted(CASES)):
+    try:
+        _os.close(_os.open(_os.path.join(_os.environ["SM90_CLAIMS"], str(_i)), _os.O_CREAT | _os.O_EXCL))
+    except FileExistsError:
+        continue
     with _sm90.compile_only() as _launches:
         CASES[_label]()
     _out[_label] = [_sm90.record(_launch) for _launch in _launches]
 print(_json.dumps(_out))
 """
+SM90_WORKERS = min(os.cpu_count() or 1, 4)  # compiles are single-threaded: one process a core
 
 
 @pytest.fixture(scope="session")
-def compile_for_sm90():
+def compile_for_sm90(tmp_path_factory):
     """Lowers kernels for an H100 (sm_90a) through Triton's real JIT launch path and ptxas, no GPU needed.
 
-    run(script, workers=1) runs `script`, which must define CASES = {label: callable}, in `workers` parallel
-    subprocesses with the interpreter off; each callable launches kernels normally (e.g. an op's forward and
-    backward on CPU stand-in tensors) under kernels.sm90.compile_only(), so arguments are specialized exactly as on
-    a GPU and nothing runs. Returns {label: [sm90.record(launch), ...]}. Subprocesses, because the interpreter,
-    switched on for the other tests, patches triton.language at import.
+    run(script) runs `script` (a file's text: it may define kernels), which must define CASES = {label: callable},
+    in SM90_WORKERS parallel subprocesses with the interpreter off; each callable launches kernels normally (e.g. an
+    op's forward and backward on CPU stand-in tensors) under kernels.sm90.compile_only(), so arguments are
+    specialized exactly as on a GPU and nothing runs. Returns {label: [sm90.record(launch), ...]}. Subprocesses,
+    because the interpreter, switched on for the other tests, patches triton.language at import.
     """
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError:
         pytest.skip("this triton build has no NVIDIA backend")
 
-    def run(script: str, workers: int = 1) -> dict[str, list[dict]]:
+    def run(script: str) -> dict[str, list[dict]]:
+        work = tmp_path_factory.mktemp("sm90")
+        (work / "claims").mkdir()
+        (work / "cases.py").write_text(script + _SM90_RUNNER)  # a file: @triton.jit reads its kernels' source
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default today, set to silence the warning of newer tritons
-        source = script + _SM90_RUNNER
-        procs = [subprocess.Popen([sys.executable, "-c", source], env={**env, "SM90_WORKER": f"{i}/{workers}"},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(workers)]
+        env["SM90_CLAIMS"] = str(work / "claims")
+        procs = [subprocess.Popen([sys.executable, work / "cases.py"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(SM90_WORKERS)]  # fmt: skip
         out = {}
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=1200)
             assert proc.returncode == 0, stderr[-4000:]
             out.update(json.loads(stdout.strip().splitlines()[-1]))
+        assert len(out) == len(list((work / "claims").iterdir())), "a claimed case came back from no worker"
         return out
 
     return run

@@ -126,12 +126,12 @@ def _describe(r: dict) -> str:
 
 @pytest.fixture(scope="module")
 def attention_launches(compile_for_sm90):
-    return compile_for_sm90(ATTENTION_SCRIPT, workers=2)
+    return compile_for_sm90(ATTENTION_SCRIPT)
 
 
 @pytest.fixture(scope="module")
 def doc_attention_launches(compile_for_sm90):
-    return compile_for_sm90(DOC_ATTENTION_SCRIPT, workers=2)
+    return compile_for_sm90(DOC_ATTENTION_SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +197,36 @@ def test_memory_bound_kernels_do_not_spill(memory_bound_launches):
     for label, records in memory_bound_launches.items():
         problems += _problems(records, label, _no_spills)
     assert not problems, "\n".join(problems)
+
+
+# A kernel made to spill: one warp holds a 128 x 128 fp32 tile (512 values a thread, over the 255-register limit)
+# live until its column sums are known.
+SPILL_SCRIPT = """
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def centre_columns(X, Y, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(X + offs[:, None] * BLOCK + offs[None, :])
+    tl.store(Y + offs[:, None] * BLOCK + offs[None, :], x - tl.sum(x, axis=0)[None, :] / BLOCK)
+
+
+x = torch.empty(128, 128)
+CASES = {"spill": lambda: centre_columns[(1,)](x, x, BLOCK=128, num_warps=1),
+         "no spill": lambda: centre_columns[(1,)](x, x, BLOCK=16, num_warps=1)}
+"""
+
+
+def test_the_gates_see_a_spill(compile_for_sm90):
+    """The spill counts the gates read are real: STL/LDL in a kernel that must spill, none in one that fits."""
+    launches = compile_for_sm90(SPILL_SCRIPT)
+    (spilled,), (fits,) = launches["spill"], launches["no spill"]
+    assert spilled["stack"] > 0 and spilled["spill_stores"] > 0 and spilled["spill_loads"] > 0, spilled
+    assert "spill stores" in _no_spills(spilled)
+    assert fits["stack"] == fits["spill_stores"] == fits["spill_loads"] == 0 and _no_spills(fits) is None, fits
 
 
 # A kernel's PTX in miniature: a libdevice-style table walked by a scalar loop, a tensor, and two loads that must stay

@@ -234,15 +234,20 @@ def ptxas_version(device: Device = H100) -> str:
 
 
 def _sass_stats(name: str, cubin: bytes) -> tuple[int, int, int, int]:
-    """(registers, stack bytes, STL count, LDL count) of the cubin, from cuobjdump."""
+    """(registers, stack bytes, STL count, LDL count) of the cubin, from cuobjdump.
+
+    STL/LDL address local memory, which a kernel has only with a stack frame or local bytes in its resource usage;
+    without either there is none to count, and the disassembly, the slow part, is skipped.
+    """
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
+        regs, stack, local = map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage.stdout).groups())
+        if not stack and not local:
+            return regs, stack, 0, 0
         sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True)
-    line = re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout)
-    return (int(line.group(1)), int(line.group(2)), len(re.findall(r"\bSTL\b", sass.stdout)),
-            len(re.findall(r"\bLDL\b", sass.stdout)))
+    return regs, stack, len(re.findall(r"\bSTL\b", sass.stdout)), len(re.findall(r"\bLDL\b", sass.stdout))
 
 
 def _ptxas_spills(ptx: str, capability: int) -> bool:
