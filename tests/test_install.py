@@ -95,12 +95,8 @@ def test_the_distribution_installs_one_top_level_name_nobody_else_owns():
     assert owners["kernels"] == "kernels"  # Hugging Face's, which transformers requires, beside ours
 
 
-def scripts_dir() -> Path:
-    return Path(sysconfig.get_path("scripts"))
-
-
 def test_the_installed_command_trains_from_an_empty_directory(tokens, tmp_path):
-    command = scripts_dir() / ("smollm.exe" if os.name == "nt" else "smollm")
+    command = Path(sysconfig.get_path("scripts")) / ("smollm.exe" if os.name == "nt" else "smollm")
     assert command.is_file(), f"{command} is missing: install the project (README: pip install -e '.[dev]')"
     empty = tmp_path / "empty"
     empty.mkdir()
