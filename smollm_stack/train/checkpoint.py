@@ -109,6 +109,15 @@ def save_checkpoint(
         raise
 
 
+def verify(path: str | os.PathLike):
+    """Raise unless ``path`` is a file whose SHA-256 matches its ``.sha256`` sidecar (when it has one)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    checksum = checksum_path(Path(path))
+    if checksum.is_file() and checksum.read_text(errors="replace").split()[:1] != [sha256_file(path)]:
+        raise ValueError(f"{path} is damaged: its SHA-256 differs from the one saved with it in {checksum.name}")
+
+
 def read_checkpoint(src: str | os.PathLike | IO[bytes], map_location="cpu") -> dict:
     """The checkpoint dict, its checksum verified when it has one, loaded with weights_only=True (no code runs).
 
@@ -116,11 +125,7 @@ def read_checkpoint(src: str | os.PathLike | IO[bytes], map_location="cpu") -> d
     in it) is a ValueError naming the file.
     """
     if isinstance(src, (str, os.PathLike)):
-        if not Path(src).is_file():
-            raise FileNotFoundError(f"no checkpoint file at {src}")
-        checksum = checksum_path(Path(src))
-        if checksum.is_file() and checksum.read_text().split()[:1] != [sha256_file(src)]:
-            raise ValueError(f"{src} is damaged: its SHA-256 differs from the one saved with it in {checksum.name}")
+        verify(src)
     try:
         checkpoint = torch.load(src, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
