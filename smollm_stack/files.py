@@ -27,6 +27,14 @@ from pathlib import Path
 TMP_MARK = ".tmp-"  # a temporary file of NAME is NAME.tmp-XXXXXXXX, in NAME's folder
 
 
+class WriteError(ValueError):
+    """A write failed (a full or read-only disk): ``path`` is left as it was, ``reason`` says why."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
 def refuse_link(path: str | os.PathLike):
     """Raise if ``path`` is a symbolic link: nothing of ours is written through (or over) one."""
     if os.path.islink(path):
@@ -82,10 +90,10 @@ def atomic_file(path: str | os.PathLike, exclusive: bool = False):
     try:
         fd = os.open(tmp, _NEW, 0o666 & ~_umask())
     except OSError as e:
-        raise ValueError(f"cannot write {path}: {e.strerror}") from None
+        raise WriteError(path, e.strerror or str(e)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # marks it live for remove_stale, until closed
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "w+b") as f:  # readable too: a checkpoint hashes what it wrote
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -94,7 +102,7 @@ def atomic_file(path: str | os.PathLike, exclusive: bool = False):
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, FileExistsError):
             raise
-        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
+        raise WriteError(path, e.strerror or str(e)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -146,4 +154,4 @@ def make_dir(path: str | os.PathLike, exist_ok: bool = False) -> Path:
     return path
 
 
-_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -233,8 +233,14 @@ def test_6_train_out_dir_over_other_files_needs_force(tokens, tmp_path, capsys):
     assert (folder / "metrics.jsonl").read_text() == '{"mine": 1}\n'
     assert (folder / "sample.txt").read_text() == "my story\n"
     assert sorted(os.listdir(folder)) == ["metrics.jsonl", "sample.txt"]
-    assert train(tokens, folder, "--steps", "2", "--force") == 0
-    assert (folder / "sample.txt").read_text() == "my story\n"  # --force writes the run; what it does not write stays
+    assert train(tokens, folder, "--steps", "2", "--force") == 2  # issue 28: --force never writes over them either
+    one_error(capsys, "metrics.jsonl, sample.txt", "never over them")
+    assert (folder / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+    (folder / "metrics.jsonl").rename(folder / "my_metrics.jsonl")
+    (folder / "sample.txt").rename(folder / "my_story.txt")
+    assert train(tokens, folder, "--steps", "2", "--force") == 0  # among other names: written, theirs untouched
+    assert (folder / "my_metrics.jsonl").read_text() == '{"mine": 1}\n'
+    assert (folder / "my_story.txt").read_text() == "my story\n"
 
 
 # ---- silent wrong results ---------------------------------------------------------------------------------------
@@ -351,9 +357,7 @@ def test_13_a_run_that_died_before_its_first_checkpoint_starts_over(tokens, tmp_
         train(tokens, run_dir, "--steps", "10")
     monkeypatch.undo()
     assert (run_dir / "config.json").is_file() and not list(run_dir.glob("ckpt_*"))
-    assert train(tokens, run_dir, "--steps", "10") == 2  # a plain start says what to do
-    one_error(capsys, "already holds a run (dead)", "--resume")
-    assert train_main(["--resume", str(run_dir)]) == 0
+    assert train(tokens, run_dir, "--steps", "10") == 0  # issue 28: the same command starts it over
     assert [r["step"] for r in read_metrics(run_dir)] == [0, 5, 10]
 
 

@@ -167,11 +167,15 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     assert read_checkpoint(path)["iteration"] == 1
 
 
-def test_prune_keeps_last_k(tmp_path):
+def test_prune_keeps_the_last_k_of_its_own_and_nothing_else(tmp_path):
+    run = RunDir(tmp_path)
+    (tmp_path / "ckpt_000001.pt").touch()  # the user's, never recorded: pruning leaves it
     for it in (5, 10, 100, 1000):
         (tmp_path / f"ckpt_{it:06d}.pt").touch()
-    RunDir(tmp_path).prune(2)
-    assert [p.name for p in RunDir(tmp_path).checkpoints()] == ["ckpt_000100.pt", "ckpt_001000.pt"]
+        run.record(tmp_path / f"ckpt_{it:06d}.pt")
+    run.prune(2)
+    assert [p.name for p in run.checkpoints()] == ["ckpt_000001.pt", "ckpt_000100.pt", "ckpt_001000.pt"]
+    assert run.written_checkpoints() == ["ckpt_000100.pt", "ckpt_001000.pt"]
 
 
 def test_open_tokens_errors(tmp_path):

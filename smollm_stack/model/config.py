@@ -1,5 +1,6 @@
 """The model's configuration: one dataclass, its validation, and named presets."""
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,8 +57,8 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE rotates pairs, so the head dim must be even, got {self.head_dim}")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ValueError(f"rope_theta and norm_eps must be positive, got {self.rope_theta} and {self.norm_eps}")
+        if not (0 < self.rope_theta < math.inf and 0 < self.norm_eps < math.inf):  # (NaN fails both)
+            raise ValueError(f"rope_theta, norm_eps must be finite and positive: {self.rope_theta}, {self.norm_eps}")
 
     @property
     def head_dim(self) -> int:

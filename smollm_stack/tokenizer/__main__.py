@@ -13,7 +13,7 @@ import sys
 import time
 
 from smollm_stack.tokenizer import Tokenizer, encode_file, train_bpe
-from smollm_stack.tokenizer.tokenizer import TOKENIZER_FILES
+from smollm_stack.tokenizer.tokenizer import META_FILE, TOKENIZER_FILES
 
 
 def peak_rss_mb() -> float:
@@ -24,10 +24,13 @@ def peak_rss_mb() -> float:
 
 
 def check_output(out: str, names: tuple[str, ...], force: bool):
-    """Refuse to overwrite ``out`` (a file, or the ``names`` in a directory) unless ``force``."""
-    existing = [p for p in ([os.path.join(out, n) for n in names] if names else [out]) if os.path.exists(p)]
+    """Refuse to overwrite ``out`` (a file, or the ``names`` in a directory) unless ``force``; even then a tokenizer
+    directory is replaced only when it is one of ours (it has our metadata file), never a foreign one."""
+    existing = [p for p in ([os.path.join(out, n) for n in names] if names else [out]) if os.path.lexists(p)]
     if existing and not force:
         raise FileExistsError(f"{', '.join(existing)} already exists: choose another --out, or --force to replace it")
+    if existing and names and not os.path.isfile(os.path.join(out, META_FILE)):
+        raise ValueError(f"--out {out} holds files of another tokenizer ({', '.join(existing)}): not replacing them")
 
 
 def main(argv=None) -> int:
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
             print(f"longest token: {longest!r} ({len(longest)} bytes)")
         else:
             check_output(args.out, (), args.force)
-            ids = encode_file(args.corpus, Tokenizer.load(args.tokenizer), args.out, args.workers)
+            ids = encode_file(args.corpus, Tokenizer.load(args.tokenizer), args.out, args.workers, replace=args.force)
             print(f"encoded {len(ids):,} tokens ({ids.dtype}) -> {args.out}")
     except (OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,11 +9,11 @@ leaves the output as it was (absent, or the previous good file), never an empty 
 
 import collections
 import os
-import tempfile
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from smollm_stack.files import atomic_file
 from smollm_stack.tokenizer.inputs import check_input_path
 from smollm_stack.tokenizer.parallel import chunk_bounds, process_pool, read_chunk
 from smollm_stack.tokenizer.pretokenize import char_classes
@@ -41,10 +41,15 @@ def _npy_header(dtype, length: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + (HEADER_BYTES - 10).to_bytes(2, "little") + header + b" " * pad + b"\n"
 
 
-def encode_file(input_path, tokenizer: Tokenizer, out_path, num_workers=None, progress=True) -> np.memmap:
+def encode_file(
+    input_path, tokenizer: Tokenizer, out_path, num_workers=None, progress=True, replace=False
+) -> np.memmap:
     """Encode a UTF-8 text file to a flat .npy (uint16 if the vocabulary fits, else uint32); return it memory-mapped.
 
-    The ids are identical to tokenizer.encode(whole file) for any number of workers.
+    The ids are identical to tokenizer.encode(whole file) for any number of workers. The output is created
+    exclusively (FileExistsError if it exists, even when another encode creates it meanwhile) unless ``replace``;
+    it is written through smollm_stack.files (never through a link; a killed encode's temporary file is removed by
+    the next writer of the same name).
     """
     path = check_input_path(input_path)
     out_path = os.fspath(out_path)
@@ -58,25 +63,16 @@ def encode_file(input_path, tokenizer: Tokenizer, out_path, num_workers=None, pr
     char_classes()  # built here once, inherited by forked workers
     _set_tokenizer(tokenizer)
     tokenizer.encode("warm up the jit before forking")
-    out_dir, name = os.path.split(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=name + ".tmp-")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make the output private
-    try:
-        _write_npy(fd, tasks, dtype, num_workers, os.path.getsize(path), progress)
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_file(out_path, exclusive=not replace) as out:
+        _write_npy(out, tasks, dtype, num_workers, os.path.getsize(path), progress)
     return np.load(out_path, mmap_mode="r")
 
 
-def _write_npy(fd: int, tasks: list, dtype, num_workers: int, size: int, progress: bool):
-    """Encode ``tasks`` in order into the open file ``fd`` as a .npy, fsync'ed (``size``: input bytes, for the bar)."""
+def _write_npy(out, tasks: list, dtype, num_workers: int, size: int, progress: bool):
+    """Encode ``tasks`` in order into the open binary file ``out`` as a .npy (``size``: input bytes, for the bar)."""
     total = 0
     bar = tqdm(total=size, unit="B", unit_scale=True, desc="encode", disable=not progress)
-    with bar, os.fdopen(fd, "wb") as out, process_pool(min(num_workers, len(tasks))) as pool:
+    with bar, process_pool(min(num_workers, len(tasks))) as pool:
         out.write(_npy_header(dtype, 0))
 
         def write(ids, nbytes):
@@ -98,5 +94,4 @@ def _write_npy(fd: int, tasks: list, dtype, num_workers: int, size: int, progres
                 write(*in_flight.popleft().get())
         out.seek(0)
         out.write(_npy_header(dtype, total))
-        out.flush()
-        os.fsync(out.fileno())
+        out.seek(0, os.SEEK_END)

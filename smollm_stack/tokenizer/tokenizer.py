@@ -14,12 +14,12 @@ Version 1 named the metadata file tokenizer.json, which is Hugging Face's name; 
 import gzip
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from smollm_stack.files import write_atomic
 from smollm_stack.tokenizer import hf
 from smollm_stack.tokenizer.bytes_unicode import bytes_to_text, text_to_bytes
 from smollm_stack.tokenizer.encoder import build_rank_table, encode_segments, new_cache
@@ -159,7 +159,7 @@ class Tokenizer:
             "special_tokens_map.json": json.dumps(hf.special_tokens_map(self.special_tokens), ensure_ascii=False),
         }
         for name, text in files.items():
-            _write_atomic(os.path.join(out_dir, name), text)
+            write_atomic(os.path.join(out_dir, name), text)  # never through a link planted at one of our names
 
     @classmethod
     def from_files(cls, vocab_path, merges_path, special_tokens=None) -> "Tokenizer":
@@ -240,18 +240,6 @@ class Tokenizer:
 
 def _open_text(path):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def _write_atomic(path: str, text: str):
-    """Write text to path through a temporary file in the same directory, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _utf8(text: str) -> bytes:

@@ -13,13 +13,13 @@ import os
 import pickle
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 import torch
 
+from smollm_stack.files import WriteError, atomic_file, write_atomic
 from smollm_stack.model import clean_state_dict
 
 REQUIRED_KEYS = ("model", "optimizer", "iteration")
@@ -67,13 +67,15 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     iteration: int,
     out: str | os.PathLike | IO[bytes],
+    exclusive: bool = False,
     **extra,
 ):
     """Write model, optimizer, iteration, RNG states and any ``extra`` entries to a path or a binary file object.
 
-    A path is written atomically: to a temporary file in the same directory, flushed to disk, its checksum written
-    beside it, then renamed over the target, so a crash mid-save leaves the previous file intact and never a
-    truncated one. A failed write (a full disk) is a ValueError naming the file; nothing is left behind.
+    A path is written atomically (smollm_stack.files: a temporary file in the same directory, flushed to disk, its
+    checksum written beside it, then renamed over the target, never through a link), so a crash mid-save leaves the
+    previous file intact and never a truncated one; ``exclusive`` refuses an existing target. A failed write (a full
+    disk) is a ValueError naming the file; nothing is left behind.
     """
     checkpoint = {
         "model": unwrap(model).state_dict(),
@@ -86,27 +88,20 @@ def save_checkpoint(
         torch.save(checkpoint, out)
         return
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".tmp-")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(out, exclusive) as f:
             torch.save(checkpoint, f)
             f.flush()
-            os.fsync(f.fileno())
-        from smollm_stack.train.rundir import atomic_write
-
-        atomic_write(checksum_path(out), f"{sha256_file(tmp)}  {out.name}\n".encode())
-        os.replace(tmp, out)
-    except (OSError, RuntimeError) as e:  # torch reports a full disk as "enforce fail at inline_container.cc"
-        Path(tmp).unlink(missing_ok=True)
+            f.seek(0)
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            write_atomic(checksum_path(out), f"{digest}  {out.name}\n")  # before the rename: never unverifiable
+    except (RuntimeError, WriteError) as e:  # torch says "enforce fail at inline_container.cc" for a full disk
         free = shutil.disk_usage(out.parent).free / 2**20
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[-1].strip()
+        reason = e.reason if isinstance(e, WriteError) else str(e).splitlines()[-1].strip()
         raise ValueError(
             f"cannot write checkpoint {out} ({free:.0f} MiB free on its disk): {reason}; "
             "the previous checkpoint is intact"
         ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def verify(path: str | os.PathLike):

@@ -9,6 +9,7 @@ same with the run in ``--out-dir`` if there is one.
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import tomllib
@@ -113,6 +114,16 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self)
+        for f in dataclasses.fields(self):  # NaN and inf pass every comparison below the wrong way, or train garbage
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        for name in ("context_length", "tokens", "vocab_size", "cosine_steps"):  # None: the default; 0 is not
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive int (or left out for the default), got {value!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         positive = ("batch_size", "grad_accum", "steps", "eval_interval", "log_interval", "ckpt_interval", "keep_ckpts")
         for name in positive:
             value = getattr(self, name)
@@ -150,6 +161,10 @@ class TrainConfig:
         unknown = set(self.model_args) - model_arg_names()
         if unknown:
             raise ValueError(f"unknown model args {sorted(unknown)}; ModelConfig's are {sorted(model_arg_names())}")
+        try:  # the model's own checks, now rather than after the run directory is claimed
+            ModelConfig.preset(self.model, **self.model_args)
+        except TypeError as e:
+            raise ValueError(f"model args: {e}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -270,11 +285,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         base = load_run_config(given["resume"])
         base["out_dir"] = given["resume"]
     if config_file is not None:
-        base = _overlay(base, read_toml(config_file), f"{config_file}: steps and tokens")
+        toml = read_toml(config_file)
+        if "force" in toml:
+            raise ValueError(f"{config_file}: force cannot be set in a config file, only as --force on a command line")
+        base = _overlay(base, toml, f"{config_file}: steps and tokens")
         try:
             make_config(base)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{config_file}: {e}") from None
+    base.pop("force", None)  # only the command line can let a run write among other files, never a file
     return make_config(_overlay(base, given, "--steps and --tokens"), model_args=model_args)
 
 

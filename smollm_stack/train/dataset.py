@@ -257,13 +257,14 @@ def train_tokenizer(train_text: Path, vocab_size: int, out_dir: Path, progress: 
     _atomic_dir(Path(out_dir), Tokenizer(vocab, merges, [EOT]).save, replace)
 
 
-def encode_text(text: Path, tok_dir: Path, out: Path, progress: bool = True):
-    """Encode a text file with the tokenizer saved in ``tok_dir`` to a flat ``.npy`` (encode_file writes atomically)."""
+def encode_text(text: Path, tok_dir: Path, out: Path, progress: bool = True, replace: bool = False):
+    """Encode a text file with the tokenizer saved in ``tok_dir`` to a flat ``.npy`` (encode_file writes atomically,
+    exclusively unless ``replace``)."""
     from smollm_stack.tokenizer import Tokenizer, encode_file
 
     print(f"encoding {text} -> {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    encode_file(text, Tokenizer.load(tok_dir), out, progress=progress)
+    encode_file(text, Tokenizer.load(tok_dir), out, progress=progress, replace=replace)
 
 
 def cached_tokenizer(train_text: Path, vocab_size: int, progress: bool = True) -> Path:
@@ -276,7 +277,10 @@ def cached_tokenizer(train_text: Path, vocab_size: int, progress: bool = True) -
 def cached_encoding(text: Path, tok_dir: Path, progress: bool = True) -> Path:
     out = cache_dir() / f"{file_digest(text)}-{tokenizer_digest(tok_dir)}.npy"
     if not out.is_file():
-        encode_text(text, tok_dir, out, progress)
+        try:
+            encode_text(text, tok_dir, out, progress)
+        except FileExistsError:
+            pass  # another process finished it first: the same ids
     return out
 
 

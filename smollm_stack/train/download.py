@@ -13,14 +13,14 @@ interrupted download is simply started again.
 
 import argparse
 import gzip
-import os
 import shutil
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
+
+from smollm_stack.files import atomic_file
 
 HF = "https://huggingface.co/datasets"
 CORPORA = {
@@ -41,16 +41,11 @@ def download(url: str, out: Path, progress: bool = True) -> Path:
         print(f"{out} exists, skipping")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".part-")
-    try:
-        with urllib.request.urlopen(url) as response, os.fdopen(fd, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=out.name, disable=not progress) as bar:
-                source = _Counting(response, bar)
-                shutil.copyfileobj(gzip.GzipFile(fileobj=source) if url.endswith(".gz") else source, f, 1 << 20)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with urllib.request.urlopen(url) as response, atomic_file(out, exclusive=True) as f:  # never through a link
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=out.name, disable=not progress) as bar:
+            source = _Counting(response, bar)
+            shutil.copyfileobj(gzip.GzipFile(fileobj=source) if url.endswith(".gz") else source, f, 1 << 20)
     return out
 
 

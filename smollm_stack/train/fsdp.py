@@ -17,6 +17,13 @@ A sharded checkpoint is a step directory, written by every rank with ``torch.dis
         meta.pt                     rank 0: iteration, model and train config, RNG, sampler state, elapsed_s
         manifest.json               rank 0, last: the SHA-256 of every other file
 
+Loading one runs no code, whoever wrote it: DCP's own reader unpickles ``.metadata`` and its planner unpickles the
+non-tensor entries with ``weights_only=False``, and the manifest beside them proves integrity, not authorship. So we
+read through ``SafeReader``, whose unpickler builds only DCP's metadata dataclasses, ``torch.Size``, dtypes and
+paths (any other global, a ``__reduce__`` payload among them, is refused before it is called) and which accepts only
+the manifest's own ``__R_N.distcp`` files as storage, and ``SafePlanner``, which loads every non-tensor entry with
+``weights_only=True`` first. Tensors DCP already loads with ``weights_only=True``.
+
 It is written as ``ckpt_XXXXXX.dcp.tmp`` and renamed when complete, so a crash leaves the previous one intact.
 Each rank hashes (and on load verifies) its share of the files, in parallel. DCP stores each tensor with its global
 shape, so any number of processes can load it: W ranks reshard it, one process (``--parallel fsdp`` without
@@ -28,6 +35,8 @@ draws nothing per rank (its batches are a function of (seed, step)).
 
 import json
 import os
+import pickle
+import re
 import shutil
 import sys
 import warnings
@@ -35,6 +44,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -44,8 +55,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from smollm_stack.files import atomic_file, make_dir, refuse_link, write_atomic
 from smollm_stack.model import ModelConfig, TransformerLM
-from smollm_stack.train.checkpoint import save_checkpoint, set_rng_state, sha256_file
+from smollm_stack.train.checkpoint import checksum_path, save_checkpoint, set_rng_state, sha256_file
 from smollm_stack.train.distributed import Dist
 from smollm_stack.train.muon import Optimizers
 from smollm_stack.train.rundir import CORRUPT_SUFFIX
@@ -87,8 +99,12 @@ def full_model(model: TransformerLM, info: Dist) -> TransformerLM | None:
 def save_sharded(path: Path, model, optimizer, meta: dict, info: Dist):
     """Every rank: write its shards of ``model`` and ``optimizer`` into the step directory ``path`` (see above)."""
     tmp = path.with_name(path.name + ".tmp")
-    if info.main and tmp.exists():
-        shutil.rmtree(tmp)  # a killed save's leftovers
+    if info.main:
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink()  # not ours to follow (the run's own name, under its lock)
+        elif tmp.exists():
+            shutil.rmtree(tmp)  # a killed save's leftovers
+        make_dir(tmp)  # a real folder: DCP's writers then never write through a planted link
     info.barrier()
     model_state, optimizer_state = get_state_dict(model, torch_optimizers(optimizer))
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp, no_dist=not info.enabled)
@@ -97,10 +113,12 @@ def save_sharded(path: Path, model, optimizer, meta: dict, info: Dist):
     for part in info.gather({p.name: sha256_file(p) for p in mine}):
         digests.update(part)
     if info.main:
-        torch.save(meta, tmp / META_FILE)
+        with atomic_file(tmp / META_FILE) as f:
+            torch.save(meta, f)
         for name in (".metadata", META_FILE):
             digests[name] = sha256_file(tmp / name)
-        _write_synced(tmp / MANIFEST_FILE, json.dumps({"files": digests}, indent=2, sort_keys=True) + "\n")
+        write_atomic(tmp / MANIFEST_FILE, json.dumps({"files": digests}, indent=2, sort_keys=True) + "\n")
+        refuse_link(path)
         if path.exists():
             shutil.rmtree(path)  # an older save of this very step, from before a resume
         os.replace(tmp, path)
@@ -174,10 +192,73 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     optimizers = torch_optimizers(optimizer)
     model_state, optimizer_state = get_state_dict(model, optimizers)  # the layout to fill (optimizer state created)
     state = {"model": model_state, "optimizer": optimizer_state}
+    SafeReader(path).read_metadata()  # refuse a hostile .metadata here, before DCP logs our error as a traceback
     with warnings.catch_warnings():  # DCP warns that one process reads alone: here that is the intent
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(state, checkpoint_id=path, no_dist=not info.enabled)
+        try:
+            dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner(), no_dist=not info.enabled)
+        except dcp.CheckpointException as e:  # a rank's ValueError, wrapped
+            reasons = {str(err) for err, _ in e.failures.values()}
+            raise ValueError(f"cannot load {path}: {'; '.join(sorted(reasons))}") from None
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+# ---- loading without running code -------------------------------------------------------------------------------
+
+# What DCP's .metadata pickles (torch 2.4-2.13), module -> names; torch dtypes are allowed besides.
+METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+}  # fmt: skip
+SHARD_FILE = re.compile(r"__\d+_\d+\.distcp")  # DCP's name for a rank's data file
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = name in METADATA_GLOBALS.get(module, ())
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no checkpoint's metadata holds")
+        return super().find_class(module, name)
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader, with ``.metadata`` read by an unpickler that can only build metadata (see above)."""
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+            raise ValueError(f"{path} is not a checkpoint's metadata: {e}") from None
+        if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict):
+            raise ValueError(f"{path} is not a checkpoint's metadata")
+        for info in metadata.storage_data.values():
+            if not SHARD_FILE.fullmatch(str(getattr(info, "relative_path", ""))) or info.transform_descriptors:
+                raise ValueError(f"{path} points at {getattr(info, 'relative_path', '?')!r}, not a shard of its own")
+        metadata.storage_meta = dcp_metadata.StorageMeta(load_id=self.load_id)
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """DCP's load planner, unpickling non-tensor entries (optimizer hyperparameters) only once a weights_only load
+    of the same bytes has shown they hold nothing else."""
+
+    def load_bytes(self, read_item, value):
+        try:
+            torch.load(value, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError):
+            raise ValueError(f"entry {read_item.dest_index.fqn} holds objects other than data: refused") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def torch_optimizers(optimizer) -> tuple[torch.optim.Optimizer, ...]:
@@ -189,14 +270,23 @@ def torch_optimizers(optimizer) -> tuple[torch.optim.Optimizer, ...]:
     return optimizer.optimizers if isinstance(optimizer, Optimizers) else (optimizer,)
 
 
-def consolidate(step_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the sharded checkpoint ``step_dir`` as one train.checkpoint file (what ``smollm lm`` reads)."""
+def consolidate(step_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
+    """Write the sharded checkpoint ``step_dir`` as one train.checkpoint file (what ``smollm lm`` reads).
+
+    ``out`` is created exclusively; ``force`` lets it replace a checkpoint of ours (one with a ``.sha256`` beside
+    it), never another file.
+    """
     from smollm_stack.train.config import make_config
     from smollm_stack.train.optimizers import build_optimizer  # the trainer's own: the optimizer state's layout
 
     path, out = Path(step_dir), Path(out)
     if not path.is_dir():
         raise FileNotFoundError(f"no sharded checkpoint directory at {path}")
+    refuse_link(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"--out {out} exists: choose another name, or --force to replace it")
+    if out.exists() and not checksum_path(out).is_file():
+        raise ValueError(f"--out {out} is not a checkpoint we wrote (no {checksum_path(out).name}): not replacing it")
     reason = damage(path, Dist())
     if reason is not None:
         raise ValueError(reason)
@@ -206,15 +296,8 @@ def consolidate(step_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     load_sharded(path, model, optimizer, Dist())
     set_rng_state(meta["rng"])  # save_checkpoint records the current RNG state: make it the saved one
     extra = {k: v for k, v in meta.items() if k not in ("iteration", "rng")}
-    save_checkpoint(model, optimizer, meta["iteration"], out, **extra)
+    save_checkpoint(model, optimizer, meta["iteration"], out, exclusive=not force, **extra)
     return out
-
-
-def _write_synced(path: Path, text: str):
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path):

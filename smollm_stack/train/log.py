@@ -1,5 +1,6 @@
 """What a run reports: ``metrics.jsonl`` rows, a console line per interval, loss plots, optional wandb, and MFU."""
 
+import io
 import json
 import math
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from smollm_stack.files import open_append, write_atomic
 from smollm_stack.train.rundir import RunDir
 
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(), most specific first.
@@ -62,7 +64,7 @@ class RunLogger:
         self.run = run
         self.path = run.metrics
         self.rows = [r for r in read_metrics(run.path) if r["step"] <= resume_step] if resume_step is not None else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.wandb = None
         if wandb_project is not None:
             try:
@@ -74,7 +76,7 @@ class RunLogger:
 
     def log(self, row: dict):
         self.rows.append(row)
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
@@ -104,8 +106,10 @@ class RunLogger:
             ax.grid(alpha=0.3)
             ax.legend()
             fig.tight_layout()
-            fig.savefig(self.run.plot(x_key), dpi=100)
+            png = io.BytesIO()
+            fig.savefig(png, format="png", dpi=100)
             plt.close(fig)
+            write_atomic(self.run.plot(x_key), png.getvalue())
 
     def close(self):
         if self.wandb is not None:

@@ -10,8 +10,11 @@ lays out; ``summary.json`` is written last, so its presence marks a finished run
 
 import dataclasses
 import math
+import signal
+import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from smollm_stack.train.metrics import bits_per_byte, bits_per_byte_factor, toke
 from smollm_stack.train.memory import checkpoint_blocks, memory_line
 from smollm_stack.train.optim import clip_gradients
 from smollm_stack.train.optimizers import build_optimizer
+from smollm_stack.files import write_atomic
 from smollm_stack.train.rundir import RunDir, open_run, read_json, write_json
 from smollm_stack.train.schedule import Schedule, build_schedule, resume_schedule
 
@@ -41,6 +45,42 @@ FREE_ON_RESUME = ("kernels", "zero_init_residual")
 
 class PreflightError(RuntimeError):
     """A Triton kernel disagrees with eager PyTorch on the run's shapes: training on it would be silently wrong."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM ended the run; ``str()`` says what was saved and how to resume. Exit status 128 + signum."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequest:
+    """The signal handler of a run. Inside the training loop (``armed``) the first SIGINT/SIGTERM is noted and the
+    loop finishes its step, saves a checkpoint and raises Interrupted; before the loop, or a second signal, raises
+    Interrupted at once (writes in flight are abandoned whole: smollm_stack.files)."""
+
+    def __init__(self):
+        self.signum, self.armed = None, False
+
+    def __call__(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.armed or self.signum is not None:
+            raise Interrupted(signum, f"stopped by {name}: the run's last checkpoint is the one to resume from")
+        self.signum = signum
+        tqdm.write(f"{name}: finishing this step and saving a checkpoint (again to stop at once)", file=sys.stderr)
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 @dataclass
@@ -55,6 +95,7 @@ class Data:
     tokenizer: object | None  # its Tokenizer (for the sample at the end)
     prompt: list[int] | None  # the sample prompt's ids; None: no sample
     eot_id: int | None  # the id of <|endoftext|>, where documents end; None: unknown (no tokenizer, or none in it)
+    sampler: object  # the training batches (dataset.batch_sampler), built here so its checks run before training
 
 
 @dataclass
@@ -94,7 +135,8 @@ def run(cfg: TrainConfig) -> dict:
     """
     info, device = init_distributed(cfg.device)
     try:
-        return _run(cfg, info, device)
+        with StopRequest().installed() as stop:
+            return _run(cfg, info, device, stop)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
         if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e):
             raise ValueError(
@@ -106,7 +148,7 @@ def run(cfg: TrainConfig) -> dict:
         shutdown(info)
 
 
-def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
+def _run(cfg: TrainConfig, info: Dist, device: torch.device, stop: StopRequest) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.dtype == "auto":
@@ -122,7 +164,7 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device) -> dict:
         model = build_model(cfg, run_dir, data, checkpoint, info, device, dtype)
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         logger = start_log(cfg, info, run_dir, data, model, device, dtype)
-        outcome = train(cfg, info, device, autocast, run_dir, data, model, logger)
+        outcome = train(cfg, info, device, autocast, run_dir, data, model, logger, stop)
         return finish(cfg, info, run_dir, data, model, outcome, logger)
     finally:
         if info.main:
@@ -205,7 +247,7 @@ def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
             )
         vocab_size = cfg.vocab_size or tokenizer.vocab_size  # a larger model vocabulary is fine (padding)
     train_data, val_data = open_tokens(train_path, vocab_size), open_tokens(val_path, vocab_size)
-    check_length(val_data, context_length, "validation data")  # (the sampler checks the training data)
+    check_length(val_data, context_length, "validation data")  # (the sampler, below, checks the training data)
     eot_id = tokenizer.special_token_id(EOT) if tokenizer is not None and EOT in tokenizer.special_tokens else None
     if cfg.doc_mask and eot_id is None:
         raise ValueError(
@@ -220,7 +262,9 @@ def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
                 f"--sample-prompt is {len(prompt)} tokens: it needs 1 to {context_length - 1} to leave room in the "
                 f"context of {context_length} (or --sample-tokens 0 for no sample)"
             )
-    return Data(train_data, val_data, vocab_size, context_length, tok_dir, tokenizer, prompt, eot_id)
+    slots = cfg.grad_accum * info.world_size
+    sampler = batch_sampler(cfg.windows, train_data, cfg.batch_size, context_length, cfg.seed, slots, eot_id)
+    return Data(train_data, val_data, vocab_size, context_length, tok_dir, tokenizer, prompt, eot_id, sampler)
 
 
 # ---- model and optimizer --------------------------------------------------------------------------------------
@@ -324,10 +368,12 @@ def save(run_dir: RunDir, model: Model, sampler, cfg: TrainConfig, info: Dist, s
         meta = dict(iteration=step, rng=rng_state(), **extra)
         save_sharded(run_dir.sharded_checkpoint(step), model.raw, model.optimizer, meta, info)
     elif info.main:
+        run_dir.check_alive()
         save_checkpoint(model.raw, model.optimizer, step, run_dir.checkpoint(step), **extra)
         if step == model.schedule.predecay_step:  # what a longer run re-decays from (the pruner keeps it)
             save_checkpoint(model.raw, model.optimizer, step, run_dir.predecay(step), **extra)
     if info.main:
+        run_dir.record(run_dir.sharded_checkpoint(step) if cfg.parallel == "fsdp" else run_dir.checkpoint(step))
         run_dir.prune(cfg.keep_ckpts)
 
 
@@ -353,10 +399,9 @@ def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device
     return (info.sum(total) / info.sum(count)).item()
 
 
-def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model: Model, logger) -> Outcome:
+def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model: Model, logger, stop) -> Outcome:
     steps, per_step, start = total_steps(cfg, info), tokens_per_step(cfg, info), model.start
-    tokenizer, slots = data.tokenizer, cfg.grad_accum * info.world_size
-    sampler = batch_sampler(cfg.windows, data.train, cfg.batch_size, data.context_length, cfg.seed, slots, data.eot_id)
+    tokenizer, sampler = data.tokenizer, data.sampler
     val_starts = eval_starts(len(data.val), data.context_length, cfg.eval_batches * cfg.batch_size * info.world_size)
     bpb_factor = None
     if tokenizer is not None:
@@ -376,6 +421,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             row = {"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
             logger.log({**row, "val_bpb": bits_per_byte(val_loss, bpb_factor)})
     t_report, step_report = time.perf_counter(), start
+    stop.armed = True
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
     for step in range(start + 1, steps + 1):
         lr = model.schedule.lr(step)
@@ -398,6 +444,9 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
         is_eval = step % cfg.eval_interval == 0 or step == steps
         is_ckpt = step % cfg.ckpt_interval == 0 or step == steps or step == model.schedule.predecay_step
         if not (is_eval or is_ckpt or step % cfg.log_interval == 0):
+            if stop.signum is not None and not info.enabled:  # (several ranks agree on report steps only)
+                elapsed_s = model.elapsed_s + time.perf_counter() - t0
+                stop_run(run_dir, model, sampler, cfg, info, step, elapsed_s, stop, bar)
             continue
         # A report step: sync, check for divergence before anything is saved, then log.
         train_loss = info.mean(loss_sum / cfg.grad_accum).item()
@@ -430,12 +479,28 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
                 logger.plot()
         if is_ckpt:
             save(run_dir, model, sampler, cfg, info, step, model.elapsed_s + time.perf_counter() - t0)
+        if any(info.gather(stop.signum is not None)):
+            elapsed_s = model.elapsed_s + time.perf_counter() - t0
+            stop_run(run_dir, model, sampler, cfg, info, step, None if is_ckpt else elapsed_s, stop, bar)
         t_report, step_report = time.perf_counter(), step
     bar.close()
     if val_loss is None:  # resumed a run that had already reached its steps
         val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
     wall_s = model.elapsed_s + time.perf_counter() - t0
     return Outcome(status, message, step_report, train_loss, val_loss, min(best_val, val_loss), wall_s, bpb_factor)
+
+
+def stop_run(run_dir: RunDir, model: Model, sampler, cfg, info: Dist, step: int, elapsed_s: float | None, stop, bar):
+    """Save ``step`` (unless ``elapsed_s`` is None: it was just saved) and raise Interrupted saying how to resume."""
+    bar.close()
+    if elapsed_s is not None:
+        save(run_dir, model, sampler, cfg, info, step, elapsed_s)
+    signum = stop.signum or signal.SIGTERM  # (another rank was signalled)
+    raise Interrupted(
+        signum,
+        f"stopped by {signal.Signals(signum).name} after step {step}, checkpoint saved: "
+        f"continue with smollm train --resume {run_dir}",
+    )
 
 
 def diverged_message(step: int, train_loss: float, norm: float, limit: float, run_dir: RunDir) -> str:
@@ -472,6 +537,7 @@ def finish(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, out: Outc
     sampling = out.status == "finished" and data.prompt is not None
     whole = full_model(model.raw, info) if sampling and cfg.parallel == "fsdp" and info.enabled else model.raw
     if logger:
+        run_dir.check_alive()  # never "done" for a run whose files went with its folder
         logger.plot()
         logger.close()
         if sampling:
@@ -491,7 +557,7 @@ def sample_story(model, data: Data, cfg: TrainConfig, run_dir: RunDir) -> str:
     ids = generate(model, data.prompt, max_new, temperature=0.8, top_p=0.95, eos_id=eos, seed=cfg.seed)
     ids = [i for i in ids if i < tokenizer.vocab_size]  # padding rows of a larger model vocabulary have no text
     story = cfg.sample_prompt + tokenizer.decode(ids)
-    run_dir.sample.write_text(story + "\n")
+    write_atomic(run_dir.sample, story + "\n")
     tqdm.write(f"--- sample ---\n{story}\n--------------")
     return story
 

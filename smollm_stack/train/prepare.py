@@ -7,13 +7,15 @@
 writes ``OUT/tokenizer/`` (trained on the training text, or the one given with ``--tokenizer``), ``OUT/train.npy``
 and ``OUT/val.npy`` (uint16 when the vocabulary fits). ``smollm train`` does the same by itself when given text
 files, caching the results; this command is for corpora you want to prepare once, in a place you choose. An OUT
-that already holds any of the three is refused unless ``--force`` (which replaces them).
+that already holds any of the three is refused unless ``--force``, which replaces them only where they are what
+prepare writes (a tokenizer directory of ours, ``.npy`` files), never another file.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from smollm_stack.tokenizer.tokenizer import META_FILE
 from smollm_stack.train.dataset import encode_text, train_tokenizer
 
 
@@ -30,13 +32,25 @@ def prepare(
     existing = [str(p) for name, p in paths.items() if p.exists() and not (name == "tokenizer" and tokenizer)]
     if existing and not force:
         raise ValueError(f"{', '.join(existing)} already exist: choose another --out, or --force to replace them")
+    for path in map(Path, existing):
+        if not _made_by_prepare(path):
+            raise ValueError(f"{path} is not a tokenizer directory or .npy file of ours: --force does not replace it")
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = paths["tokenizer"]
     if tokenizer is None:
         train_tokenizer(train, vocab_size, tok_dir, progress, replace=True)
-    encode_text(train, tok_dir, paths["train"], progress)
-    encode_text(val, tok_dir, paths["val"], progress)
+    encode_text(train, tok_dir, paths["train"], progress, replace=force)
+    encode_text(val, tok_dir, paths["val"], progress, replace=force)
     return paths
+
+
+def _made_by_prepare(path: Path) -> bool:
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        return (path / META_FILE).is_file()
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
 
 
 def main(argv=None) -> int:
@@ -50,7 +64,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = prepare(args.train, args.val, args.out, args.vocab_size, args.tokenizer, force=args.force)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a full or read-only disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"train with: smollm train --train-data {paths['train']} --val-data {paths['val']} "

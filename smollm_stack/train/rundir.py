@@ -12,6 +12,7 @@ A run directory holds (each name is defined here and nowhere else)::
     ckpt_XXXXXX.dcp/               or, under --parallel fsdp, sharded ones (train.fsdp's format)
     tokenizer/                     a copy of the tokenizer the run trains with
     sample.txt                     the story sampled at the end
+    checkpoints.json               the checkpoints this run wrote: the only files pruning may delete
     summary.json                   written last
 
 and is in one of five states:
@@ -19,8 +20,14 @@ and is in one of five states:
 - "new": absent, or empty (a stale ``.lock`` aside);
 - "finished": it has ``summary.json`` (the run finished or diverged); ``--resume`` with more steps extends it;
 - "resumable": ``config.json`` and at least one checkpoint, no summary: killed or crashed mid-run;
-- "dead": ``config.json`` but no checkpoint: it died before its first one, so it starts over from step 0;
-- "foreign": files but no ``config.json``: not a run's, never written into without ``--force``.
+- "dead": ``config.json`` but no checkpoint: it died before its first one, so it starts over from step 0 (under
+  ``--resume``, or the command that started it);
+- "foreign": files but no ``config.json``: not a run's, never written into without ``--force``, and with it never
+  over them: a foreign file at any name above is refused, so everything of the run's names is the run's.
+
+Every file is written through ``smollm_stack.files`` (a temporary file renamed into place, never through a link; the
+lock and the metrics are opened with ``O_NOFOLLOW``). Nothing is ever deleted but the run's own temporary files and
+the checkpoints ``checkpoints.json`` lists.
 
 The lock is ``fcntl.flock`` on ``.lock``: the kernel drops it when its process exits, however it exits, so a lock
 left by a killed run is never "held" and needs no cleaning. Everything that writes files of a run (the trainer, the
@@ -31,12 +38,14 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
+from smollm_stack.files import TMP_MARK, make_dir, open_lock, refuse_link, write_atomic
 from smollm_stack.train.checkpoint import checksum_path, read_checkpoint
 
 LOCK_FILE = ".lock"
@@ -49,6 +58,12 @@ PLOT_FILES = {"step": "loss_steps.png", "time_s": "loss_time.png"}  # x axis -> 
 CKPT_GLOB = "ckpt_*.pt"
 PREDECAY_PREFIX = "predecay_"
 SHARDED_GLOB = "ckpt_*.dcp"
+WRITTEN_FILE = "checkpoints.json"
+# Every name a run writes: a forced run refuses a foreign directory holding any of them (see "foreign" above).
+RUN_NAMES = re.compile(
+    r"(config\.json|metrics\.jsonl|summary\.json|sample\.txt|checkpoints\.json|tokenizer|loss_\w+\.png"
+    r"|(ckpt|predecay|decayed)_\d+.*)"
+)
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint is set aside under this suffix, never deleted
 
 
@@ -61,24 +76,8 @@ def sharded_ckpt_name(iteration: int) -> str:
 
 
 def write_json(path: Path, value: dict | list):
-    """Write ``value`` to ``path`` atomically (a temporary file in the same folder, fsync'ed, renamed over it)."""
-    atomic_write(Path(path), (json.dumps(value, indent=2) + "\n").encode())
-
-
-def atomic_write(path: Path, data: bytes):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``value`` to ``path`` atomically (smollm_stack.files: never through a link)."""
+    write_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def read_json(path: Path) -> dict | None:
@@ -124,6 +123,7 @@ class RunDir:
         self.summary = self.path / SUMMARY_FILE
         self.sample = self.path / SAMPLE_FILE
         self.tokenizer = self.path / TOKENIZER_DIR
+        self.written = self.path / WRITTEN_FILE
         self._lock = None  # the open .lock file while we hold it
         self._created = False  # whether this process made the folder (then it removes it if it wrote nothing)
 
@@ -162,7 +162,7 @@ class RunDir:
             self._created = True
         except FileExistsError:  # (perhaps by a racing run: the lock decides)
             pass
-        f = open(self.path / LOCK_FILE, "a+")
+        f = open_lock(self.path / LOCK_FILE)  # never through a planted link
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -176,6 +176,15 @@ class RunDir:
         f.write(f"{os.getpid()}\n")
         f.flush()
         self._lock = f
+
+    def check_alive(self):
+        """Raise unless the folder we locked is still there (not deleted, moved or replaced under the run)."""
+        try:
+            alive = os.stat(self.path / LOCK_FILE).st_ino == os.fstat(self._lock.fileno()).st_ino
+        except OSError:
+            alive = False
+        if not alive:
+            raise ValueError(f"the run directory {self.path} was deleted or moved while the run wrote it: stopped")
 
     def close(self):
         """Release the lock; a folder this process created and left empty is removed again."""
@@ -202,16 +211,16 @@ class RunDir:
     def archive_decay(self, step: int, end: int) -> Path:
         """Move the checkpoints after ``step`` aside, with copies of the metrics and summary of the decay ending at
         ``end`` (the resumed run then truncates its own copies)."""
-        archive = self.path / f"decayed_{end:06d}"
-        archive.mkdir(exist_ok=True)
+        archive = make_dir(self.path / f"decayed_{end:06d}", exist_ok=True)
         for path in self.checkpoints():
             if int(path.stem.removeprefix("ckpt_")) > step:
                 for f in (path, checksum_path(path)):
                     if f.is_file():
+                        refuse_link(archive / f.name)
                         os.replace(f, archive / f.name)
         for f in (self.metrics, self.summary):
             if f.is_file():
-                shutil.copy2(f, archive / f.name)
+                write_atomic(archive / f.name, f.read_bytes())
         return archive
 
     def sharded_checkpoint(self, iteration: int) -> Path:
@@ -221,24 +230,47 @@ class RunDir:
         """The run's sharded checkpoint directories, oldest first."""
         return sorted(p for p in self.path.glob(SHARDED_GLOB) if p.is_dir())
 
+    def written_checkpoints(self) -> list[str]:
+        """The names of the checkpoints this run wrote (``checkpoints.json``), oldest first."""
+        names = (read_json(self.written) or {}).get("written", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and RUN_NAMES.fullmatch(n) for n in names):
+            raise ValueError(f"{self.written} is damaged: expected a list of checkpoint names under 'written'")
+        return sorted(set(names))
+
+    def record(self, path: Path):
+        """Note a checkpoint this run just wrote: the pruner may delete it later."""
+        write_json(self.written, {"written": sorted({*self.written_checkpoints(), path.name})})
+
     def prune(self, keep: int):
-        for path in self.checkpoints()[:-keep]:
-            path.unlink()
-            checksum_path(path).unlink(missing_ok=True)
-        for path in self.sharded_checkpoints()[:-keep]:
-            shutil.rmtree(path)
+        """Delete all but the newest ``keep`` of the checkpoints this run wrote; never another file."""
+        names = [n for n in self.written_checkpoints() if (self.path / n).exists() or (self.path / n).is_symlink()]
+        for name in names[:-keep]:
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+                checksum_path(path).unlink(missing_ok=True)
+        write_json(self.written, {"written": names[-keep:]})
+
+    def adopt_checkpoints(self):
+        """A run from before ``checkpoints.json`` existed: its checkpoints are its own (its config.json says so)."""
+        if not self.written.exists() and self.config.is_file():
+            mine = [p.name for p in (*self.checkpoints(), *self.sharded_checkpoints())]
+            write_json(self.written, {"written": mine})
 
     def clean_tmp(self):
         """Remove what killed writers left: temporary checkpoint and JSON files, checksums of no checkpoint.
 
         Only called under the lock, so no live writer of this run owns them.
         """
-        for tmp in [*self.path.glob("ckpt_*.pt.tmp-*"), *self.path.glob("ckpt_*.pt.sha256.tmp-*")]:
-            tmp.unlink(missing_ok=True)
-        for tmp in self.path.glob("*.json.tmp-*"):
-            tmp.unlink(missing_ok=True)
-        for tmp in self.path.glob(SHARDED_GLOB + ".tmp"):
-            shutil.rmtree(tmp)
+        for tmp in [*self.path.glob("*" + TMP_MARK + "*"), *self.path.glob(SHARDED_GLOB + ".tmp")]:
+            if not RUN_NAMES.fullmatch(tmp.name.split(TMP_MARK)[0]):
+                continue  # a foreign file's, in a directory shared under --force
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
         for checksum in self.path.glob("ckpt_*.pt.sha256"):
             if not checksum.with_suffix("").is_file():
                 checksum.unlink()
@@ -269,8 +301,9 @@ class RunDir:
 
     def copy_tokenizer(self, tok_dir: Path):
         """Copy the tokenizer into the run (the run dir alone is then enough to sample), once."""
+        refuse_link(self.tokenizer)
         if not self.tokenizer.exists():
-            tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=TOKENIZER_DIR + ".tmp-"))
+            tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=TOKENIZER_DIR + TMP_MARK))
             shutil.copytree(tok_dir, tmp, dirs_exist_ok=True)
             os.replace(tmp, self.tokenizer)
 
@@ -296,6 +329,7 @@ def open_run(out_dir: str | None, resume: str | None, preset: str, force: bool =
         run.close()
         raise
     run.clean_tmp()
+    run.adopt_checkpoints()
     return run
 
 
@@ -309,7 +343,13 @@ def _check_state(run: RunDir, resume: str | None, force: bool):
             f"--out-dir {run.path} holds files that are not a run's ({shown}): choose another --out-dir, "
             "or --force to write the run among them"
         )
-    if state in ("finished", "resumable", "dead") and resume is None:
+    ours = [name for name in run.entries() if RUN_NAMES.fullmatch(name)]
+    if state == "foreign" and ours:
+        raise ValueError(
+            f"--out-dir {run.path} holds files with the names a run writes ({', '.join(ours[:4])}): --force writes "
+            "a run among other files, never over them: move those, or choose another --out-dir"
+        )
+    if state in ("finished", "resumable") and resume is None:
         raise ValueError(
             f"{run.path} already holds a run ({state}): --resume {run.path} (or --resume auto) to continue it, "
             "or pick another --out-dir"
