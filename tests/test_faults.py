@@ -6,6 +6,8 @@ process must die or race.
 """
 
 import errno
+import fcntl
+import hashlib
 import json
 import os
 import pickle
@@ -24,11 +26,14 @@ import torch
 
 from smollm_stack import model as model_pkg
 from conftest import TINY, as_flags
+from smollm_stack.files import TMP_MARK, atomic_file, open_append, write_atomic
 from smollm_stack.tokenizer import Tokenizer
 from smollm_stack.tokenizer.__main__ import main as tokenizer_main
 from smollm_stack.train.__main__ import main as train_main
+from smollm_stack.train.consolidate import main as consolidate_main
 from smollm_stack.train.experiments.__main__ import main as experiments_main
-from smollm_stack.train.log import read_metrics
+from smollm_stack.train.log import RunLogger, read_metrics
+from smollm_stack.train.loop import Interrupted, StopRequest
 from smollm_stack.train.prepare import main as prepare_main
 
 FLAGS = as_flags(  # conftest's tiny run as command-line flags; a cosine run extends with its schedule unchanged
@@ -516,3 +521,232 @@ def test_3_13_sigkill_at_random_points_then_auto_resume_reproduces_the_uninterru
     assert losses(run_dir) == losses(tmp_path / "ref")  # bitwise: floats compared with ==
     assert not list(run_dir.glob("*.tmp-*"))
     assert sorted(p.name for p in run_dir.glob("ckpt_*.pt")) == ["ckpt_000035.pt", "ckpt_000040.pt"]
+
+
+# ---- issue 28: untrusted run directories ------------------------------------------------------------------------
+# Each test names the class of issue 28 it guards: [exec] code execution, [link] writes through links, [force] what
+# --force may touch, [excl] exclusive outputs, [exit] clean exits and checks before the run directory is claimed.
+
+
+@pytest.fixture(scope="module")
+def sharded(tokens, tmp_path_factory) -> Path:
+    """A 5-step run with sharded checkpoints (--parallel fsdp in one process: DCP's format, no torchrun)."""
+    run_dir = tmp_path_factory.mktemp("sharded") / "run"
+    assert train(tokens, run_dir, "--steps", "5", "--parallel", "fsdp") == 0
+    return run_dir
+
+
+def _reseal(step_dir: Path):
+    """Rewrite the manifest to match the files, as whoever planted a payload can: it proves integrity, not origin."""
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"] = {name: hashlib.sha256((step_dir / name).read_bytes()).hexdigest() for name in manifest["files"]}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _plant_in_shards(step_dir: Path):
+    """Rewrite the shards with a payload as one non-tensor entry (an optimizer hyperparameter), DCP's own way."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from smollm_stack.model import ModelConfig, TransformerLM
+    from smollm_stack.train.config import make_config
+    from smollm_stack.train.fsdp import read_meta, torch_optimizers
+    from smollm_stack.train.optimizers import build_optimizer
+
+    meta = read_meta(step_dir)
+    model = TransformerLM(ModelConfig(**meta["model_config"]))
+    optimizer = build_optimizer(make_config(meta["train_config"]), model, torch.device("cpu"))
+    model_state, optimizer_state = get_state_dict(model, torch_optimizers(optimizer))
+    optimizer_state["param_groups"][0]["lr"] = _Payload()
+    for shard in step_dir.glob("*.distcp"):
+        shard.unlink()
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=step_dir, no_dist=True)
+
+
+@pytest.mark.parametrize("where", [".metadata", "shards"])
+def test_28_exec_a_planted_sharded_checkpoint_runs_nothing(sharded, where, tmp_path, monkeypatch, capsys):
+    """[exec] DCP unpickles .metadata and non-tensor entries; ours reads both without running what they name."""
+    payload = tmp_path / "pwned"
+    monkeypatch.setenv("PYTEST_PAYLOAD", str(payload))
+    run_dir = tmp_path / "run"
+    shutil.copytree(sharded, run_dir)
+    (run_dir / "summary.json").unlink()  # resumable
+    step_dir = run_dir / "ckpt_000005.dcp"
+    if where == ".metadata":
+        (step_dir / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    else:
+        _plant_in_shards(step_dir)
+    _reseal(step_dir)
+    assert consolidate_main([str(step_dir), "--out", str(tmp_path / "x.pt")]) == 2
+    one_error(capsys, "posix.system" if where == ".metadata" else "objects other than data")
+    assert train_main(["--resume", str(run_dir), "--parallel", "fsdp"]) == 2
+    one_error(capsys, str(step_dir))
+    assert not payload.exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_28_excl_consolidate_never_overwrites_what_it_did_not_write(sharded, tmp_path, capsys):
+    """[excl][force] consolidate's --out is created exclusively; --force replaces only a checkpoint of ours."""
+    step_dir, out = str(sharded / "ckpt_000005.dcp"), tmp_path / "mine.pt"
+    out.write_text("the user's file")
+    for extra in ([], ["--force"]):
+        assert consolidate_main([step_dir, "--out", str(out), *extra]) == 2
+        one_error(capsys, str(out))
+        assert out.read_text() == "the user's file"
+    out.unlink()
+    assert consolidate_main([step_dir, "--out", str(out)]) == 0
+    assert consolidate_main([step_dir, "--out", str(out)]) == 2  # exists now: needs --force
+    one_error(capsys, "exists", "--force")
+    assert consolidate_main([step_dir, "--out", str(out), "--force"]) == 0  # ours: replaced
+
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "loss_steps.png", "sample.txt", "checkpoints.json"])
+def test_28_link_a_planted_link_is_refused_and_its_target_untouched(copy_of, tmp_path, name, capsys):
+    """[link] A link at any name the run writes, in a run that is resumed, is refused before anything is written."""
+    run_dir = copy_of(drop=["summary.json"])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (run_dir / name).unlink(missing_ok=True)
+    (run_dir / name).symlink_to(victim)
+    assert train_main(["--resume", str(run_dir), "--steps", "25", "--sample-tokens", "4"]) == 2
+    one_error(capsys, str(run_dir / name), "symbolic link")
+    assert victim.read_text() == "precious\n"
+
+
+def test_28_link_a_lock_link_in_a_new_out_dir_and_a_hard_linked_metrics_file(tokens, tmp_path, capsys):
+    """[link] The issue's first reproduction (ln -s VICTIM RUN/.lock), and hard links, which O_NOFOLLOW misses."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / ".lock").symlink_to(victim)
+    assert train(tokens, run_dir, "--steps", "2") == 2
+    one_error(capsys, ".lock", "symbolic link")
+    (run_dir / ".lock").unlink()
+    assert train(tokens, run_dir, "--steps", "5") == 0
+    (run_dir / "metrics.jsonl").unlink()
+    os.link(victim, run_dir / "metrics.jsonl")
+    assert train_main(["--resume", str(run_dir), "--steps", "10"]) == 0  # rewritten beside the link, not into it
+    assert victim.read_text() == "precious\n" and (run_dir / "metrics.jsonl").stat().st_nlink == 1
+    os.link(run_dir / "metrics.jsonl", tmp_path / "twin")
+    with pytest.raises(ValueError, match="hard link"):  # what appends to it refuses the twin it would write too
+        open_append(run_dir / "metrics.jsonl")
+
+
+def test_28_force_keeps_the_users_checkpoints_and_a_config_file_cannot_force(tokens, tmp_path, capsys):
+    """[force] The issue's reproduction: a folder of the user's ckpt_*.pt, and force = true in a TOML config."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i in (1, 2, 3):
+        (folder / f"ckpt_{i:06d}.pt").write_text(f"user checkpoint {i}")
+    assert train(tokens, folder, "--steps", "10", "--force") == 2
+    one_error(capsys, "ckpt_000001.pt", "never over them")
+    toml = tmp_path / "c.toml"
+    toml.write_text("force = true\n")
+    assert train(tokens, folder, "--steps", "10", "--config", str(toml)) == 2
+    one_error(capsys, "c.toml", "force cannot be set in a config file")
+    assert sorted(p.read_text() for p in folder.iterdir()) == [f"user checkpoint {i}" for i in (1, 2, 3)]
+
+
+def test_28_force_prunes_only_the_runs_own_checkpoints(tokens, tmp_path):
+    """[force] A checkpoint that is not in checkpoints.json survives pruning, whatever its name."""
+    run_dir = tmp_path / "r"
+    assert train(tokens, run_dir, "--steps", "5") == 0
+    (run_dir / "ckpt_000001.pt").write_text("dropped in by hand")
+    assert train_main(["--resume", str(run_dir), "--steps", "20", "--keep-ckpts", "1"]) == 0
+    assert sorted(p.name for p in run_dir.glob("ckpt_*.pt")) == ["ckpt_000001.pt", "ckpt_000020.pt"]
+    assert json.loads((run_dir / "checkpoints.json").read_text()) == {"written": ["ckpt_000020.pt"]}
+
+
+def test_28_excl_two_writers_of_one_name_never_both_succeed_and_stale_temporaries_go(tmp_path):
+    """[excl] The publish is a link(2): the loser of a race gets FileExistsError, not a silent replacement (two
+    encodes to one --out both reported success before). A killed writer's temporary file (unlocked) is removed by
+    the next writer of the name; a live writer's (locked) is kept."""
+    out = tmp_path / "ids.npy"
+    with pytest.raises(FileExistsError, match="already exists"):
+        with atomic_file(out, exclusive=True) as first:
+            first.write(b"first")
+            with atomic_file(out, exclusive=True) as second:  # starts later, finishes first
+                second.write(b"second")
+    assert out.read_bytes() == b"second" and sorted(os.listdir(tmp_path)) == ["ids.npy"]
+    stale, live = tmp_path / f"ids.npy{TMP_MARK}dead", tmp_path / f"ids.npy{TMP_MARK}live"
+    stale.write_bytes(b"40 MB of a killed encode")
+    fd = os.open(live, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        write_atomic(out, b"third")
+    finally:
+        os.close(fd)
+    assert not stale.exists() and live.exists() and out.read_bytes() == b"third"
+
+
+def test_28_exit_bad_numbers_and_impossible_runs_fail_before_the_run_directory_is_claimed(tokens, tmp_path, capsys):
+    """[exit] NaN/inf, values silently replaced today, and checks that used to run after the claim."""
+    cases = [
+        (["--eps", "inf"], "eps"), (["--max-lr", "nan"], "max_lr"), (["--norm-eps", "inf"], "norm_eps"),
+        (["--rope-theta", "nan"], "rope_theta"), (["--context-length", "0"], "context_length"),
+        (["--tokens", "-5"], "tokens"), (["--seed", "-1"], "seed"),
+        (["--windows", "aligned"], "--windows aligned"), (["--context-length", "5000"], "too few"),
+    ]  # fmt: skip
+    for flags, needle in cases:
+        run_dir = tmp_path / "r"
+        assert train(tokens, run_dir, "--steps", "3", *flags) == 2, flags
+        one_error(capsys, needle)
+        assert not run_dir.exists(), flags
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_28_exit_a_signal_finishes_the_step_saves_and_says_how_to_resume(tokens, tmp_path, sig):
+    """[exit] Ctrl-C or SIGTERM mid-run: no traceback, a checkpoint of the step it was on, exit 128 + signum, one
+    line saying how to go on; the resumed run continues from that step."""
+    run_dir = tmp_path / "r"
+    far = ["--steps", "100000", "--ckpt-interval", "100000", "--eval-interval", "100000", "--cosine-steps", "100000"]
+    proc = subprocess.Popen(train_cli(tokens, run_dir, *far), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)  # past step 10
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert last.startswith(f"stopped by {sig.name} after step ") and f"--resume {run_dir}" in last, last
+    step = int(last.split("after step ")[1].split(",")[0])
+    assert step > 10 and (run_dir / f"ckpt_{step:06d}.pt").is_file() and not (run_dir / "summary.json").exists()
+    assert train_main(["--resume", str(run_dir), "--steps", str(step + 3), "--cosine-steps", "100000"]) == 0
+
+
+def test_28_exit_a_second_signal_stops_at_once():
+    """[exit] The first signal inside the loop is noted; a second (or one before the loop) raises at once."""
+    stop = StopRequest()
+    with pytest.raises(Interrupted, match="stopped by SIGINT"):
+        stop(signal.SIGINT, None)  # before the loop: nothing to save yet
+    stop.armed = True
+    stop(signal.SIGTERM, None)
+    assert stop.signum == signal.SIGTERM
+    with pytest.raises(Interrupted):
+        stop(signal.SIGINT, None)
+
+
+def test_28_exit_a_run_whose_directory_is_replaced_stops_with_an_error(tokens, tmp_path, monkeypatch, capsys):
+    """[exit] The folder deleted and made again mid-run: the run stops with an error instead of writing a run with
+    half its files into the new folder and saying "done"."""
+    run_dir = tmp_path / "r"
+    log = RunLogger.log
+
+    def replace_the_folder(self, row):
+        log(self, row)
+        if row["step"] == 5:
+            shutil.rmtree(run_dir)
+            run_dir.mkdir()
+
+    monkeypatch.setattr(RunLogger, "log", replace_the_folder)
+    assert train(tokens, run_dir, "--steps", "10", "--eval-interval", "10") == 2
+    one_error(capsys, str(run_dir), "deleted or moved")
+
+
+def test_28_exit_a_foreign_file_named_like_a_checkpoint_is_set_aside(copy_of, capsys):
+    """[exit] A text file called ckpt_000099.pt used to end resume in a KeyError from torch.load's unpickler."""
+    run_dir = copy_of(drop=["summary.json"])
+    (run_dir / "ckpt_000099.pt").write_text("hello\n")
+    assert train_main(["--resume", str(run_dir), "--steps", "25"]) == 0
+    assert "ckpt_000099.pt is not a readable checkpoint" in capsys.readouterr().err
+    assert (run_dir / "ckpt_000099.pt.corrupt").is_file()

@@ -125,8 +125,9 @@ def read_checkpoint(src: str | os.PathLike | IO[bytes], map_location="cpu") -> d
         checkpoint = torch.load(src, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError(f"{src} is not a training checkpoint: it holds objects other than tensors") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise ValueError(f"{src} is not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # KeyError, EOFError, RuntimeError, ...: whatever torch.load meets in a foreign file
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{src} is not a readable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(checkpoint, dict) or not set(REQUIRED_KEYS) <= checkpoint.keys():
         raise ValueError(f"{src} is not a training checkpoint (needs {', '.join(map(repr, REQUIRED_KEYS))})")
     return checkpoint

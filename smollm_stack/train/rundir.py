@@ -344,6 +344,8 @@ def _check_state(run: RunDir, resume: str | None, force: bool):
             "or --force to write the run among them"
         )
     ours = [name for name in run.entries() if RUN_NAMES.fullmatch(name)]
+    for name in ours:  # refused now, not when the run comes to write it (smollm_stack.files refuses it then too)
+        refuse_link(run.path / name)
     if state == "foreign" and ours:
         raise ValueError(
             f"--out-dir {run.path} holds files with the names a run writes ({', '.join(ours[:4])}): --force writes "
