@@ -100,3 +100,33 @@ def test_sample_with_a_vocabulary_padded_beyond_the_tokenizer(tmp_path, capsys):
     assert main([*argv, "--prompt", "the", "--max-new-tokens", "5", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == "the" + "\x00" * 5 + "\n"  # argmax over the real ids: the first, byte 0
     assert main([*argv, "--prompt", "the", "--prompt", "a", "--max-new-tokens", "8", "--seed", "1"]) == 0
+
+
+def test_an_output_another_writer_creates_meanwhile_is_never_replaced(run_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Without --force the outputs are created exclusively: one that appears after the early check (another
+    writer racing us) makes us fail, and what it wrote stays."""
+    from smollm_stack.train import lm
+
+    assert main(["export-hf", "--run", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    hf_out, ckpt_out = tmp_path / "theirs", tmp_path / "theirs.pt"
+
+    def racing(load):  # the other writer creates both outputs while we load
+        def load_then_race(*args):
+            loaded = load(*args)
+            hf_out.mkdir()
+            (hf_out / "config.json").write_text("theirs")
+            ckpt_out.write_text("theirs")
+            return loaded
+
+        return load_then_race
+
+    monkeypatch.setattr(lm, "load_pair", racing(lm.load_pair))
+    assert f"{hf_out} already exists" in error_of(["export-hf", "--run", str(run_dir), "--out", str(hf_out)], capsys)
+    assert [p.name for p in hf_out.iterdir()] == ["config.json"] and (hf_out / "config.json").read_text() == "theirs"
+    (hf_out / "config.json").unlink()
+    hf_out.rmdir()
+    ckpt_out.unlink()
+    monkeypatch.setattr(lm, "import_hf", racing(lm.import_hf))
+    argv = ["import-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(ckpt_out), "--tokenizer-out", str(hf_out)]
+    assert f"{ckpt_out} already exists" in error_of(argv, capsys)
+    assert ckpt_out.read_text() == "theirs"
