@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from smollm_stack.train import cs336
@@ -91,3 +92,17 @@ def test_tokenizer_training_and_the_optimizer(tmp_path):
     assert tokenizer.decode(tokenizer.encode(text)) == text and len(vocab) == 300
     assert cs336.run_get_lr_cosine_schedule(0, 1.0, 0.1, 10, 100) == 0.0
     assert issubclass(cs336.get_adamw_cls(), torch.optim.Optimizer)
+
+
+def test_the_checkpoint_loader_round_trips_and_refuses_a_damaged_file(tmp_path):
+    model = torch.nn.Linear(64, 64)
+    optimizer = cs336.get_adamw_cls()(model.parameters(), lr=1e-3)
+    cs336.run_save_checkpoint(model, optimizer, 7, tmp_path / "ckpt.pt")
+    twin = torch.nn.Linear(64, 64)
+    assert cs336.run_load_checkpoint(tmp_path / "ckpt.pt", twin, cs336.get_adamw_cls()(twin.parameters())) == 7
+    torch.testing.assert_close(twin.weight, model.weight, atol=0, rtol=0)
+    data = bytearray((tmp_path / "ckpt.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the weights: torch.load would read it, only the checksum tells
+    (tmp_path / "ckpt.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"ckpt\.pt is damaged: its SHA-256 differs"):
+        cs336.run_load_checkpoint(tmp_path / "ckpt.pt", twin, None)

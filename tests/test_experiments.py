@@ -160,6 +160,17 @@ def test_report_has_figures_the_results_table_and_the_divergence(second_run, tmp
     assert table[1]["best_val_loss"] is None  # a diverged run's pre-divergence loss is not reported as its result
 
 
+@pytest.mark.parametrize("name", ["loss_vs_steps.png", "report.md"])
+def test_a_report_never_writes_through_a_link(second_run, tmp_path, name):
+    victim, out = tmp_path / "victim", tmp_path / "report"
+    victim.write_text("mine")
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    with pytest.raises(ValueError, match=f"{name} is a symbolic link"):
+        build_report(second_run["suite_dir"], out)
+    assert victim.read_text() == "mine" and (out / name).is_symlink()
+
+
 def test_budget_reads_a_measured_throughput_from_a_run(second_run):
     assert measured_flops_per_s(str(second_run["suite_dir"] / "a")) > 0
 

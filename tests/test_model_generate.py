@@ -81,6 +81,25 @@ def test_generate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="7 prompt \\+ 20 new tokens"):
         generate_batch(model, [[1], [2] * 7], 20)
     assert generate(model, [1] * 24, 0) == []
+    for limit in (0, 62):
+        with pytest.raises(ValueError, match=f"vocab_limit must be in \\[1, vocab_size 61\\], got {limit}"):
+            generate(model, [1], 5, vocab_limit=limit)
+
+
+def test_a_padded_vocabulary_is_never_sampled_beyond_the_limit():
+    """Ids from vocab_limit up (a model vocabulary padded beyond its tokenizer's) are never drawn, even where they
+    are the likeliest; below it, the draws are those of a model without the padded ids."""
+    model = make_model()
+    with torch.no_grad():
+        model.lm_head.weight[40:] *= 50  # the padded ids dominate
+    assert max(generate(model, [1, 2], 12, temperature=0)) >= 40  # without the limit, padded ids come
+    for sampling in (dict(temperature=0), dict(top_k=5, seed=0), dict(top_p=0.9, seed=1), dict(seed=2)):
+        ids = generate_batch(model, [[1, 2], [3]], 12, vocab_limit=40, **sampling)
+        assert max(max(row) for row in ids) < 40, sampling
+    cut = make_model(vocab_size=40)
+    with torch.no_grad():  # the same weights without the padded rows
+        cut.load_state_dict({k: v[:40] if v.shape[0] == 61 else v for k, v in model.state_dict().items()})
+    assert generate(model, [1, 2], 12, vocab_limit=40, seed=3) == generate(cut, [1, 2], 12, seed=3)
 
 
 def test_top_k_keeps_exactly_k_candidates():

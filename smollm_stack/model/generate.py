@@ -4,6 +4,8 @@ A batch of prompts of unequal lengths is left-padded, so every row's last prompt
 each step appends one column. The cache's `pad` hides the padding from attention; positions need no per-row shift,
 since RoPE scores depend only on the distance between query and key. Each step reads its new tokens back to the
 host once (`tolist`), after queueing the next forward, so the device runs ahead while the host looks for eos.
+A model's vocabulary may be padded beyond its tokenizer's (to a multiple of 64, say): `vocab_limit` masks the ids no
+token has, so they are never drawn, whatever the weights say.
 """
 
 from collections.abc import Iterator, Sequence
@@ -51,7 +53,7 @@ def sample_next(
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
 
 
-def _check(model, prompts, max_new_tokens, temperature, top_p, top_k) -> list[torch.Tensor]:
+def _check(model, prompts, max_new_tokens, temperature, top_p, top_k, vocab_limit) -> list[torch.Tensor]:
     prompts = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
     context = model.config.context_length
     if not prompts or min(p.numel() for p in prompts) == 0:
@@ -61,6 +63,8 @@ def _check(model, prompts, max_new_tokens, temperature, top_p, top_k) -> list[to
         raise ValueError(f"{longest} prompt + {max_new_tokens} new tokens must fit the context length {context}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0, got {temperature}, {top_p}, {top_k}")
+    if vocab_limit is not None and not 0 < vocab_limit <= model.config.vocab_size:
+        raise ValueError(f"vocab_limit must be in [1, vocab_size {model.config.vocab_size}], got {vocab_limit}")
     return prompts
 
 
@@ -75,13 +79,15 @@ def stream(
     eos_id: int | None = None,
     seed: int | None = None,
     top_k: int = 0,
+    vocab_limit: int | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, step by step, each row's new token id, or None for a row that has ended at eos_id (not yielded).
 
     Stops after max_new_tokens steps or once every row has ended. The longest prompt plus max_new_tokens must fit
-    the context length; seed makes the draws repeatable (one generator for the whole batch).
+    the context length; seed makes the draws repeatable (one generator for the whole batch); only ids below
+    vocab_limit (the tokenizer's size; default: the model's vocab_size) are drawn.
     """
-    prompts = _check(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    prompts = _check(model, prompts, max_new_tokens, temperature, top_p, top_k, vocab_limit)
     weight = model.lm_head.weight
     generator = torch.Generator(device=weight.device)
     if seed is None:
@@ -100,7 +106,7 @@ def stream(
     logits = model(ids, kv_caches=caches)[:, -1]  # prefill: (B, V) for the next tokens
     running = [True] * len(prompts)
     for step in range(max_new_tokens):
-        tokens = sample_next(logits, temperature, top_p, generator, top_k)  # (B,)
+        tokens = sample_next(logits[:, :vocab_limit], temperature, top_p, generator, top_k)  # (B,)
         if step + 1 < max_new_tokens:
             logits = model(tokens[:, None], kv_caches=caches)[:, -1]
         new = tokens.tolist()  # the step's one host sync
@@ -123,7 +129,7 @@ def generate_batch(model: TransformerLM, prompts: Sequence[list[int] | torch.Ten
 def generate(model: TransformerLM, prompt_ids: list[int] | torch.Tensor, max_new_tokens: int, **sampling) -> list[int]:
     """The ids of up to max_new_tokens tokens sampled after prompt_ids; stops early after eos_id (not returned).
 
-    sampling: stream's keywords (temperature=1.0, top_k=0, top_p=1.0, eos_id=None, seed=None). The prompt plus the
-    new tokens must fit in the model's context length. seed makes the draw repeatable.
+    sampling: stream's keywords (temperature=1.0, top_k=0, top_p=1.0, eos_id=None, seed=None, vocab_limit=None).
+    The prompt plus the new tokens must fit in the model's context length. seed makes the draw repeatable.
     """
     return generate_batch(model, [prompt_ids], max_new_tokens, **sampling)[0]

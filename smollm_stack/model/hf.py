@@ -2,6 +2,7 @@
 
 Only files are written and read (config.json, generation_config.json, model.safetensors), so `transformers` is not
 needed here; the tokenizer's files are written by the caller (train/lm.py), since the model knows no tokenizer.
+Each file is written whole or not at all and never through a symbolic link (smollm_stack.files).
 Two conventions differ from ours:
 - names: `layers.0.attn.q_proj` is `model.layers.0.self_attn.q_proj`, and so on (see `_hf_names`);
 - RoPE: Hugging Face rotates the halves (x[i], x[i + d/2]) of each head where we rotate adjacent pairs
@@ -14,8 +15,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from smollm_stack.files import make_dir, write_atomic
 from smollm_stack.model.config import ModelConfig
 from smollm_stack.model.model import TransformerLM
 
@@ -88,11 +90,11 @@ def export_hf(model: TransformerLM, out_dir: str | os.PathLike, token_ids: dict[
         **(token_ids or {}),
     }
     generation = dict(token_ids or {})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    out_dir = make_dir(out_dir, exist_ok=True)
+    write_atomic(out_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    write_atomic(out_dir / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    # save_file would open the path itself (through a link): the bytes in memory once more, for the model's size
+    write_atomic(out_dir / "model.safetensors", save(tensors, metadata={"format": "pt"}))
     return out_dir
 
 

@@ -6,14 +6,15 @@
     smollm lm import-hf --hf-dir hf_model --out runs/imported/ckpt.pt
 
 They live here, beside the trainer, because they join the model and the tokenizer, and the model package knows no
-tokenizer. A run directory (--run) holds both: its newest ckpt_*.pt and tokenizer/.
+tokenizer. A run directory (--run) holds both: its newest ckpt_*.pt and tokenizer/. Like the trainer, they refuse a
+checkpoint whose .sha256 sidecar does not match, and never write into the run they read. Outputs are created
+exclusively (--force lets them replace our own file names) and never through a symbolic link (smollm_stack.files).
 """
 
 import argparse
 import codecs
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -22,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from smollm_stack.files import _publish, atomic_file, make_dir, refuse_link, write_atomic
 from smollm_stack.model import load_model
 from smollm_stack.model.generate import generate_batch, stream
 from smollm_stack.model.hf import export_hf, import_hf
+from smollm_stack.train.checkpoint import verify
 from smollm_stack.train.rundir import RunDir
 
 
@@ -41,27 +44,61 @@ def checkpoint_and_tokenizer(args) -> tuple[Path, Path]:
     return Path(args.checkpoint or checkpoints[-1]), Path(args.tokenizer or run / "tokenizer")
 
 
+def newest_intact(run: Path) -> Path | None:
+    """The newest checkpoint of a run that its checksum vouches for (only read: readers never write into a run)."""
+    for path in reversed(RunDir(run).checkpoints()):
+        try:
+            verify(path)
+            return path
+        except ValueError:
+            continue
+    return None
+
+
+def verified(checkpoint: Path, run: str | None) -> Path:
+    """The checkpoint, once its .sha256 sidecar matches; refusing a damaged one names the run's newest intact one."""
+    try:
+        verify(checkpoint)
+    except ValueError as e:
+        if run is None:
+            raise
+        intact = newest_intact(Path(run))
+        offer = f"add --checkpoint {intact} to use its newest intact one" if intact else "it has no intact one"
+        raise ValueError(f"{e}; --run {run}: {offer}") from None
+    return checkpoint
+
+
 def load_tokenizer(path: Path):
     from smollm_stack.tokenizer import Tokenizer  # compiles Numba code on import: only the commands that need it pay
 
     return Tokenizer.load(path)
 
 
+def load_pair(args, device="cpu"):
+    """The verified checkpoint's model and the tokenizer of --run, or of --checkpoint and --tokenizer."""
+    checkpoint, tok_dir = checkpoint_and_tokenizer(args)
+    model, tokenizer = load_model(verified(checkpoint, args.run), device), load_tokenizer(tok_dir)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"{tok_dir} has {len(tokenizer)} tokens, more than the model's vocab_size")
+    return model, tokenizer
+
+
 def refuse_existing(path: Path, force: bool, flag: str):
-    """Never overwrite what we may not have made: an existing output needs --force."""
+    """Never write through a link, nor over what we may not have made: an existing output needs --force."""
+    refuse_link(path)
     if path.exists() and not force:
         raise FileExistsError(f"{flag} {path} exists: choose another name, or add --force to overwrite it")
 
 
 def sample(args):
-    checkpoint, tok_dir = checkpoint_and_tokenizer(args)
-    model, tokenizer = load_model(checkpoint, args.device), load_tokenizer(tok_dir)
+    model, tokenizer = load_pair(args, args.device)
     eos_id = tokenizer.special_token_id(args.eos) if args.eos in tokenizer.special_tokens else None
     prompts = [tokenizer.encode(p) for p in args.prompt]
     max_new = args.max_new_tokens
     if max_new is None:
         max_new = max(model.config.context_length - max(map(len, prompts)), 0)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos_id, seed=args.seed)
+    sampling["vocab_limit"] = len(tokenizer)  # a padded model vocabulary has ids no token has: never draw them
     start = time.perf_counter()
     if len(prompts) == 1:  # print the tokens as they come
         print(args.prompt[0], end="", flush=True)
@@ -90,28 +127,26 @@ def texts(tokenizer, tokens):
 
 
 def export(args):
-    checkpoint, tok_dir = checkpoint_and_tokenizer(args)
     out = Path(args.out)
     refuse_existing(out, args.force, "--out")
-    model, tokenizer = load_model(checkpoint), load_tokenizer(tok_dir)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"{tok_dir} has {len(tokenizer)} tokens, more than the model's vocab_size")
+    model, tokenizer = load_pair(args)
     from smollm_stack.tokenizer.hf import special_roles, tokenizer_config  # lazily, as load_tokenizer
 
     special_ids = {s: tokenizer.special_token_id(s) for s in tokenizer.special_tokens}
     token_ids = {f"{role}_id": special_ids[s] for role, s in special_roles(tokenizer.special_tokens).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
-    try:  # build the whole directory aside, then move it in: a failure leaves no half export
+    make_dir(out.parent, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))  # ours alone (mode 0700)
+    try:  # build the whole directory aside, then move its files in: a failure leaves no half export
         export_hf(model, staging, token_ids)
         tokenizer.save(staging)
         config = tokenizer_config(special_ids, model_max_length=model.config.context_length)
-        (staging / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        if out.exists():  # --force: replace our files one by one, leave anything else in it alone
-            for file in staging.iterdir():
-                os.replace(file, out / file.name)
-        else:
-            os.rename(staging, out)
+        write_atomic(staging / "tokenizer_config.json", json.dumps(config, indent=2))
+        make_dir(out, exist_ok=args.force)  # without --force, created here or refused: no check-then-write race
+        files = sorted(staging.iterdir())
+        for file in files:  # a link planted at one of our names refuses the export before any file moves in
+            refuse_link(out / file.name)
+        for file in files:  # --force replaces our file names only, leaves anything else alone
+            _publish(str(file), out / file.name, exclusive=not args.force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(out)
@@ -128,17 +163,12 @@ def import_(args):
     tokenizer = load_tokenizer(hf_dir) if has_tokenizer else None
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"{hf_dir}: the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, f)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    make_dir(out.parent, exist_ok=True)
+    with atomic_file(out, exclusive=not args.force) as f:  # the checks above were early; this one is exact
+        torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, f)
     print(out)
     if tokenizer is not None:
-        tokenizer.save(tok_out)
+        tokenizer.save(make_dir(tok_out, exist_ok=args.force))
         print(tok_out)
     else:
         print(f"{hf_dir} has no tokenizer: wrote the weights only", file=sys.stderr)

@@ -1,12 +1,15 @@
 """A suite's report: overlaid loss curves (PNG), a results table, and ``report.md`` stating the measured ranking.
 
 Everything is read back from the suite directory (``suite.json`` and each variant's ``metrics.jsonl`` and
-``summary.json``), so a report can be rebuilt at any time, also of a suite still running or partly failed.
+``summary.json``), so a report can be rebuilt at any time, also of a suite still running or partly failed. No
+checkpoint is read. Each file is written whole or not at all and never through a symbolic link (smollm_stack.files).
 """
 
+import io
 import math
 from pathlib import Path
 
+from smollm_stack.files import make_dir, write_atomic
 from smollm_stack.model import ModelConfig
 from smollm_stack.train.experiments.runner import SUITE_FILE
 from smollm_stack.train.log import read_metrics
@@ -79,10 +82,12 @@ def plot_suite(name: str, rows: list[dict], out_dir: Path) -> list[str]:
                 ax.grid(alpha=0.3)
         axes[0, 0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / file_name, dpi=72)
+        drawn, small = io.BytesIO(), io.BytesIO()
+        fig.savefig(drawn, format="png", dpi=72)
         plt.close(fig)
         # A 128-colour palette loses nothing visible in a line plot and keeps the committed figures small (~3x).
-        Image.open(out_dir / file_name).convert("RGB").quantize(colors=128).save(out_dir / file_name, optimize=True)
+        Image.open(drawn).convert("RGB").quantize(colors=128).save(small, format="png", optimize=True)
+        write_atomic(out_dir / file_name, small.getvalue())
         names.append(file_name)
     return names
 
@@ -199,8 +204,7 @@ def build_report(suite_dir: str | Path, out_dir: str | Path | None = None, notes
     """
     suite_dir = Path(suite_dir)
     meta, rows = load_suite(suite_dir)
-    out = Path(out_dir) if out_dir is not None else suite_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(Path(out_dir) if out_dir is not None else suite_dir / "report", exist_ok=True)
     figures = plot_suite(meta["name"], rows, out)
     table = table_rows(rows)
     write_json(out / "results.json", table)
@@ -229,5 +233,5 @@ def build_report(suite_dir: str | Path, out_dir: str | Path | None = None, notes
         parts += ["## What the curves show", notes.strip()]
     parts.append("## Curves")
     parts += [f"![{f.removesuffix('.png').replace('_', ' ')}]({f})" for f in figures]
-    (out / "report.md").write_text("\n\n".join(parts) + "\n")
+    write_atomic(out / "report.md", "\n\n".join(parts) + "\n")
     return out / "report.md"
