@@ -65,7 +65,9 @@ def remove_stale(path: str | os.PathLike):
             os.close(fd)
 
 
-def _publish(tmp: str, path: Path, exclusive: bool):
+def publish(tmp: str | os.PathLike, path: str | os.PathLike, exclusive: bool):
+    """Rename the finished file ``tmp`` (in ``path``'s folder) to ``path``: over it, or with ``exclusive`` only if
+    ``path`` does not exist (``link(2)``, then the temporary name is removed); never onto a link."""
     refuse_link(path)
     if not exclusive:
         os.replace(tmp, path)
@@ -97,7 +99,7 @@ def atomic_file(path: str | os.PathLike, exclusive: bool = False):
             yield f
             f.flush()
             os.fsync(f.fileno())
-            _publish(tmp, path, exclusive)
+            publish(tmp, path, exclusive)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, FileExistsError):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from smollm_stack.files import _publish, atomic_file, make_dir, refuse_link, write_atomic
+from smollm_stack.files import publish, atomic_file, make_dir, refuse_link, write_atomic
 from smollm_stack.model import load_model
 from smollm_stack.model.generate import generate_batch, stream
 from smollm_stack.model.hf import export_hf, import_hf
@@ -146,7 +146,7 @@ def export(args):
         for file in files:  # a link planted at one of our names refuses the export before any file moves in
             refuse_link(out / file.name)
         for file in files:  # --force replaces our file names only, leaves anything else alone
-            _publish(str(file), out / file.name, exclusive=not args.force)
+            publish(str(file), out / file.name, exclusive=not args.force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(out)

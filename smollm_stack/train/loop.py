@@ -554,8 +554,8 @@ def sample_story(model, data: Data, cfg: TrainConfig, run_dir: RunDir) -> str:
     max_new = min(cfg.sample_tokens, data.context_length - len(data.prompt))
     eos = tokenizer.special_token_id(EOT) if EOT in tokenizer.special_tokens else None
     model.eval()
-    ids = generate(model, data.prompt, max_new, temperature=0.8, top_p=0.95, eos_id=eos, seed=cfg.seed)
-    ids = [i for i in ids if i < tokenizer.vocab_size]  # padding rows of a larger model vocabulary have no text
+    sampling = dict(temperature=0.8, top_p=0.95, eos_id=eos, seed=cfg.seed)
+    ids = generate(model, data.prompt, max_new, **sampling, vocab_limit=tokenizer.vocab_size)  # no padding rows
     story = cfg.sample_prompt + tokenizer.decode(ids)
     write_atomic(run_dir.sample, story + "\n")
     tqdm.write(f"--- sample ---\n{story}\n--------------")
