@@ -31,6 +31,8 @@ from smollm_stack.tokenizer import Tokenizer
 from smollm_stack.tokenizer.__main__ import main as tokenizer_main
 from smollm_stack.train.__main__ import main as train_main
 from smollm_stack.train.consolidate import main as consolidate_main
+from smollm_stack.train.cs336 import run_load_checkpoint
+from smollm_stack.train.lm import main as lm_main
 from smollm_stack.train.experiments.__main__ import main as experiments_main
 from smollm_stack.train.log import RunLogger, read_metrics
 from smollm_stack.train.loop import Interrupted, StopRequest
@@ -750,3 +752,42 @@ def test_28_exit_a_foreign_file_named_like_a_checkpoint_is_set_aside(copy_of, ca
     assert train_main(["--resume", str(run_dir), "--steps", "25"]) == 0
     assert "ckpt_000099.pt is not a readable checkpoint" in capsys.readouterr().err
     assert (run_dir / "ckpt_000099.pt.corrupt").is_file()
+
+
+def _pickle_payload(path: Path):
+    path.write_bytes(pickle.dumps({"model": _Payload(), "optimizer": {}, "iteration": 1}))
+
+
+@pytest.mark.parametrize("command", ["sample", "export-hf", "cs336", "meta.pt", "train-data"])
+def test_28_exec_a_payload_in_any_file_we_read_never_runs(command, sharded, tokens, byte_tokenizers, tmp_path,
+                                                           monkeypatch, capsys):  # fmt: skip
+    """[exec] A pickle that runs a command, in each kind of file a command loads with pickle's help: checkpoints
+    (sample, export-hf, the CS336 loader; the trainer's resume is test_7_14), a sharded checkpoint's meta.pt, token
+    .npy files. (JSON files, config.json, metrics.jsonl, manifests and tokenizers, cannot name code at all.)"""
+    payload = tmp_path / "pwned"
+    monkeypatch.setenv("PYTEST_PAYLOAD", str(payload))
+    evil = tmp_path / "evil.pt"
+    _pickle_payload(evil)
+    if command in ("sample", "export-hf"):
+        argv = [command, "--checkpoint", str(evil), "--tokenizer", byte_tokenizers[0]]
+        argv += ["--prompt", "Once"] if command == "sample" else ["--out", str(tmp_path / "hf")]
+        assert lm_main(argv) == 2
+        one_error(capsys, str(evil))
+    elif command == "cs336":
+        model = model_pkg.TransformerLM(model_pkg.ModelConfig(vocab_size=64, context_length=16, d_model=32,
+                                                              num_layers=1, num_heads=2))  # fmt: skip
+        with pytest.raises(ValueError, match="evil.pt"):
+            run_load_checkpoint(evil, model, torch.optim.AdamW(model.parameters()))
+    elif command == "meta.pt":
+        step_dir = tmp_path / "ckpt_000005.dcp"
+        shutil.copytree(sharded / "ckpt_000005.dcp", step_dir)
+        _pickle_payload(step_dir / "meta.pt")
+        _reseal(step_dir)
+        assert consolidate_main([str(step_dir), "--out", str(tmp_path / "x.pt")]) == 2
+        one_error(capsys, "meta.pt")
+    else:
+        np.save(tmp_path / "evil.npy", np.array([_Payload()], dtype=object), allow_pickle=True)
+        argv = [*FLAGS, "--train-data", str(tmp_path / "evil.npy"), "--val-data", tokens[1]]
+        assert train_main([*argv, "--out-dir", str(tmp_path / "r"), "--steps", "2"]) == 2
+        one_error(capsys, "evil.npy")
+    assert not payload.exists()

@@ -150,7 +150,16 @@ def damage(path: Path, info: Dist) -> str | None:
 
 
 def read_meta(path: Path) -> dict:
-    return torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+    """The step directory's meta.pt, loaded with weights_only=True; anything else is a ValueError naming it."""
+    try:
+        meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path / META_FILE} holds objects other than data: refused") from None
+    except Exception as e:  # whatever torch.load meets in a damaged or foreign file
+        raise ValueError(f"{path / META_FILE} is not readable ({type(e).__name__})") from None
+    if not isinstance(meta, dict) or not {"iteration", "model_config", "train_config", "rng"} <= meta.keys():
+        raise ValueError(f"{path / META_FILE} is not a sharded checkpoint's meta.pt")
+    return meta
 
 
 def latest_sharded(paths: list[Path], info: Dist) -> tuple[Path, dict] | tuple[None, None]:

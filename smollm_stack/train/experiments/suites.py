@@ -192,6 +192,8 @@ def load_spec(path: str) -> tuple[str, list[Variant]]:
     for v in raw:
         v = dict(v)
         name, note = str(v.pop("name")), str(v.pop("note", ""))
+        if "force" in v:  # only a command line may let a run write among other files
+            raise ValueError(f"{path}: variant {name} sets force, which a spec file cannot: pass --force instead")
         if "model" in v and isinstance(v["model"], dict):
             v["model_args"] = v.pop("model")
         variants.append(Variant(name, v, note))
