@@ -220,6 +220,10 @@ def test_5_sigkill_during_encode_leaves_no_output(byte_tokenizers, tmp_path):
     proc.wait()
     assert not out.exists()  # only a temporary file, never a short or empty big.npy that np.load would accept
     assert [p.name.startswith("big.npy.tmp-") for p in out.parent.iterdir()] == [True]
+    small = tmp_path / "small.txt"
+    small.write_text("the next encode to the same name removes the killed one's temporary file\n")
+    assert tokenizer_main(["encode", str(small), *cmd[5:]]) == 0  # issue 28 [exit]
+    assert [p.name for p in out.parent.iterdir()] == ["big.npy"]
 
 
 def test_6_tokenizer_train_does_not_overwrite_a_tokenizer(byte_tokenizers, text_file, capsys):
@@ -791,3 +795,12 @@ def test_28_exec_a_payload_in_any_file_we_read_never_runs(command, sharded, toke
         assert train_main([*argv, "--out-dir", str(tmp_path / "r"), "--steps", "2"]) == 2
         one_error(capsys, "evil.npy")
     assert not payload.exists()
+
+
+def test_28_exit_prepare_on_an_unusable_out_is_one_error_line(text_file, tmp_path, capsys):
+    """[exit] An --out that cannot be made (here under a file; a read-only or full disk alike) used to traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = ["--train", str(text_file), "--val", str(text_file), "--out", str(blocker / "out"), "--vocab-size", "260"]
+    assert prepare_main(argv) == 2
+    one_error(capsys, str(blocker))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from smollm_stack.files import publish, atomic_file, make_dir, refuse_link, write_atomic
+from smollm_stack.files import atomic_file, make_dir, publish, refuse_link, write_atomic
 from smollm_stack.model import load_model
 from smollm_stack.model.generate import generate_batch, stream
 from smollm_stack.model.hf import export_hf, import_hf
