@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         if args.command == "train":
             check_output(args.out, TOKENIZER_FILES, args.force)
             vocab, merges = train_bpe(args.corpus, args.vocab_size, args.special_token, args.workers, progress=True)
-            Tokenizer(vocab, merges, args.special_token).save(args.out)
+            Tokenizer(vocab, merges, args.special_token).save(args.out, exclusive=not args.force)
             longest = max(vocab.values(), key=len) if not merges else max((a + b for a, b in merges), key=len)
             print(f"trained {len(vocab)} tokens ({len(merges)} merges) -> {args.out}")
             print(f"longest token: {longest!r} ({len(longest)} bytes)")

@@ -140,9 +140,10 @@ class Tokenizer:
 
     # ---- files ----------------------------------------------------------------------------------------------
 
-    def save(self, out_dir) -> None:
+    def save(self, out_dir, exclusive: bool = False) -> None:
         """Write our three files and Hugging Face's three (see the module docstring) into out_dir (created if
-        needed), each atomically."""
+        needed), each atomically and never through a link; ``exclusive``: none may exist yet (FileExistsError, even
+        when another writer creates one meanwhile)."""
         os.makedirs(out_dir, exist_ok=True)
         vocab = {bytes_to_text(self.vocab[i]): i for i in range(len(self.vocab))}
         merges = [f"{bytes_to_text(a)} {bytes_to_text(b)}" for a, b in self.merges]
@@ -159,7 +160,7 @@ class Tokenizer:
             "special_tokens_map.json": json.dumps(hf.special_tokens_map(self.special_tokens), ensure_ascii=False),
         }
         for name, text in files.items():
-            write_atomic(os.path.join(out_dir, name), text)  # never through a link planted at one of our names
+            write_atomic(os.path.join(out_dir, name), text, exclusive)
 
     @classmethod
     def from_files(cls, vocab_path, merges_path, special_tokens=None) -> "Tokenizer":
