@@ -63,6 +63,7 @@ class Case:
     fwd_bytes: int  # minimum bytes the forward must move
     bwd_bytes: int  # minimum bytes the backward must move
     fwd_flops: float = 0.0  # matmul FLOPs of the forward (the backward does twice as many)
+    reference: Callable | None = None  # kernels.reference's op on the same inputs: the textbook baseline
 
 
 def rms_norm_out_dtype_supported() -> bool:
@@ -97,7 +98,7 @@ def _cases(s: BenchShape, dtype: torch.dtype, device: torch.device) -> list[Case
     es, name = dtype.itemsize, _short(dtype)
     N = s.batch * s.seq  # tokens
     hd = s.d_model // s.heads
-    eager = kernels.ops("eager")
+    eager, ref = kernels.ops("eager"), kernels.reference
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, device=device) * scale).to(dtype)
@@ -108,22 +109,24 @@ def _cases(s: BenchShape, dtype: torch.dtype, device: torch.device) -> list[Case
     cases = [
         # read x, write y | read x and dy, write dx (the weight and per-row statistics are negligible)
         Case("rms_norm", name, kernels.rms_norm, eager.rms_norm, [randn(N, s.d_model), randn(s.d_model)],
-             2 * N * s.d_model * es, 3 * N * s.d_model * es),
+             2 * N * s.d_model * es, 3 * N * s.d_model * es, reference=ref.rms_norm),
         # read gate and up, write y | read dy, gate and up, write dgate and dup
         Case("swiglu", name, kernels.swiglu, eager.swiglu, [randn(N, s.d_ff), randn(N, s.d_ff)],
-             3 * N * s.d_ff * es, 5 * N * s.d_ff * es),
+             3 * N * s.d_ff * es, 5 * N * s.d_ff * es, reference=ref.swiglu),
         # read x, write y | read dy, write dx (one of q or k)
         Case("apply_rope", name, lambda x: kernels.apply_rope(x, positions), lambda x: eager.apply_rope(x, positions),
-             [rope_x], 2 * rope_x.numel() * es, 2 * rope_x.numel() * es),
+             [rope_x], 2 * rope_x.numel() * es, 2 * rope_x.numel() * es,
+             reference=lambda x: ref.apply_rope(x, positions)),
         # read the logits | write dlogits (ours writes it during the forward, so its forward moves both)
         Case("cross_entropy", name, lambda x: kernels.cross_entropy(x, targets),
              lambda x: eager.cross_entropy(x, targets), [randn(N, s.vocab, scale=2.0)],
-             N * s.vocab * es, N * s.vocab * es),
+             N * s.vocab * es, N * s.vocab * es, reference=lambda x: ref.cross_entropy(x, targets)),
         # matmul-bound: 2 N d V FLOPs forward; bytes are not the measure
         Case("fused_linear_cross_entropy", name, lambda h, w: kernels.fused_linear_cross_entropy(h, w, targets),
              lambda h, w: eager.fused_linear_cross_entropy(h, w, targets),
              [randn(N, s.d_model), randn(s.vocab, s.d_model, scale=s.d_model**-0.5)], 0, 0,
-             fwd_flops=2.0 * N * s.d_model * s.vocab),
+             fwd_flops=2.0 * N * s.d_model * s.vocab,
+             reference=lambda h, w: ref.fused_linear_cross_entropy(h, w, targets)),
     ]  # fmt: skip
     if rms_norm_out_dtype_supported():
         cases.insert(1, _rms_norm_narrowing_case(s, dtype, device))

@@ -1,0 +1,36 @@
+"""Tokenizer races on the shipped corpus (smollm_stack/train/data/train.txt, 2.1 MB of TinyStories), one worker:
+BPE training, ours vs Hugging Face ``tokenizers``; encoding with GPT-2's vocabulary, ours vs tiktoken. The
+providers are bench.tokenizer's (the report's own), so both time the same calls."""
+
+import pytest
+from conftest import check_ratio
+
+from smollm_stack.bench import tokenizer as bench
+from smollm_stack.train.dataset import default_corpus
+
+CORPUS = default_corpus()[0]
+VOCAB = 2000
+GPT2 = (str(bench.GPT2_VOCAB), str(bench.GPT2_MERGES))
+
+
+@pytest.mark.parametrize("provider", ["train_ours", "train_hf"])
+def test_train(race, provider):
+    run = bench.MEASURES[provider](CORPUS, VOCAB, 1)
+    race("tokenizer-train", provider, run, rounds=3, bytes=CORPUS.stat().st_size, vocab=VOCAB)
+
+
+@pytest.mark.parametrize("provider", ["encode_ours", "encode_tt"])
+def test_encode(race, provider):
+    run = bench.MEASURES[provider](str(CORPUS), *GPT2, 1)
+    tokens = race("tokenizer-encode", provider, run, bytes=CORPUS.stat().st_size)["tokens"]
+    assert tokens > 0
+
+
+# Floors well under what a loaded 2-core AMD EPYC measured (bench/RESULTS.md, "Benchmark suites"): a regression, not
+# noise, goes under them. Training: ours 8.1x HF's speed there; encoding: 2.4x tiktoken's.
+FLOORS = {"train": 4.0, "encode": 1.5}
+
+
+def test_ratios():
+    check_ratio("tokenizer-train", "train_ours", "train_hf", floor=FLOORS["train"])
+    check_ratio("tokenizer-encode", "encode_ours", "encode_tt", floor=FLOORS["encode"])
