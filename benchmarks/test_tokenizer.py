@@ -31,6 +31,9 @@ def test_encode(race, provider):
 FLOORS = {"train": 4.0, "encode": 1.5}
 
 
-def test_ratios():
+def test_train_ratio():
     check_ratio("tokenizer-train", "train_ours", "train_hf", floor=FLOORS["train"])
+
+
+def test_encode_ratio():
     check_ratio("tokenizer-encode", "encode_ours", "encode_tt", floor=FLOORS["encode"])
