@@ -130,3 +130,16 @@ def test_bad_flags_are_one_error_line(capsys):
     assert bench_step.main(["--preset", "tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("error:" in line for line in err)
+
+
+def test_muon_step_counted_by_hand():
+    step = bench_step.count_step(CASE, "muon")
+    optimizer = [r for r in step.records if r.phase == "optimizer"]
+    # every momentum, every decay: one launch each; per shape (q k v o 64 x 64, w1 w3 192 x 64, w2 64 x 192): stack,
+    # Nesterov, largest entry, clamp, divide, norm, clamp, divide, 5 x 3 matmuls, cast back, update; then AdamW's
+    # two groups (step counts, fused update)
+    assert sum(r.launches for r in optimizer) == 2 + 3 * (8 + 15 + 2) + 2 * 2
+    # Newton-Schulz: 4 k^2 K + 2 k^3 per matrix and iteration (k = min(m, n), K = max) in bf16, as on CUDA
+    ns = 5 * (4 * (4 * D * D * D + 2 * D**3) + 3 * (4 * D * D * FF + 2 * D**3))
+    assert sum(r.flops for r in optimizer) == ns
+    assert {r.op for r in optimizer if r.matmul} == {"bmm", "baddbmm"}
