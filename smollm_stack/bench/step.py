@@ -45,7 +45,7 @@ The fused minimum: the bytes a step must move if every elementwise op (norms, Ro
 the loss over the logits, gradient sums) rode inside a GEMM's or attention kernel's prologue or epilogue: the
 matmul launches' own bytes as counted, the embedding's gather and scatter as counted, and an optimizer that reads
 each gradient once for the clipping norm and then once more with the parameter and its state, writing both back and
-a bf16 copy of each matmul weight (AdamW: 4 + 28 + 2 bytes a parameter; Muon: 4 + 20 + 2).
+a bf16 copy of each matrix (AdamW: 4 + 28 + 2 bytes a parameter; Muon: 4 + 20 + 2).
 """
 
 import argparse
@@ -55,7 +55,7 @@ import inspect
 import math
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from smollm_stack.bench import env  # first: it sets what torch and triton read when they load
 import torch
@@ -71,6 +71,7 @@ from smollm_stack.bench.train import GPU_CASES, BenchCase
 from smollm_stack.kernels import linear_cross_entropy as flce
 from smollm_stack.model import ModelConfig, TransformerLM
 from smollm_stack.model.accounting import flops_per_token
+from smollm_stack.model.config import PRESETS
 from smollm_stack.train import muon
 from smollm_stack.train.config import TrainConfig
 from smollm_stack.train.optim import clip_gradients
@@ -327,10 +328,10 @@ class Step:
     config: ModelConfig
     records: list[Record]
     optimizer_min_bytes: int = 0
-    tokens: int = field(init=False)
 
-    def __post_init__(self):
-        self.tokens = self.case.batch * self.case.context
+    @property
+    def tokens(self) -> int:
+        return self.case.batch * self.case.context
 
 
 def count_step(case: BenchCase, optimizer: str) -> Step:
@@ -494,8 +495,8 @@ def main(argv=None) -> int:
     if args.preset is not None:
         if args.batch is None or args.context is None or min(args.batch, args.context) < 1:
             return usage_error(parser, "--preset needs --batch and --context, positive")
-        if args.preset not in model_presets():
-            return usage_error(parser, f"--preset must be one of {model_presets()}, got {args.preset!r}")
+        if args.preset not in PRESETS:
+            return usage_error(parser, f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
     cases = [DRY_RUN_CASE] if args.dry_run else [BenchCase(args.preset, args.batch, args.context)] if args.preset \
         else GPU_CASES  # fmt: skip
     optimizers = [args.optimizer] if args.optimizer else ["muon", "torch"]
@@ -504,12 +505,6 @@ def main(argv=None) -> int:
     print("\n".join([*SUMMARY_HEAD, *map(summary_row, steps)]) + "\n")
     print("\n\n".join(map(report, steps)))
     return 0
-
-
-def model_presets() -> list[str]:
-    from smollm_stack.model.config import PRESETS
-
-    return sorted(PRESETS)
 
 
 def usage_error(parser: argparse.ArgumentParser, message: str) -> int:
