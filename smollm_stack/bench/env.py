@@ -36,15 +36,17 @@ def card_name(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores, Triton interpreter)"
 
 
-def parse_args(module: str, doc: str, argv: list[str] | None, *, compile_flag: bool, needs_cuda: bool):
+def parse_args(module: str, doc: str, argv: list[str] | None, *, compile_flag: bool, needs_cuda: bool, more=None):
     """The torch benchmarks' shared flags (--dry-run, and --no-compile where there is a compiled provider) for
-    `python -m <module>`, whose docstring is `doc`.
+    `python -m <module>`, whose docstring is `doc`; ``more(parser)``, if given, adds the benchmark's own.
 
     Returns None, after printing why, when the full run needs a GPU and there is none.
     """
     parser = cli.parser(module, doc, dry_run="tiny shapes on the CPU (Triton on its interpreter)")
     if compile_flag:
         parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    if more is not None:
+        more(parser)
     args = parser.parse_args(argv)
     if needs_cuda and not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device; use --dry-run on a CPU", file=sys.stderr)

@@ -3,6 +3,7 @@
     python -m smollm_stack.bench.train            # a GPU: bf16, the 17M preset at 128 x 256 and 125M at 16 x 1024
     python -m smollm_stack.bench.train            # a CPU: 17M at 8 x 256 and tiny at 16 x 128, vs the naive loop
     python -m smollm_stack.bench.train --dry-run  # a tiny model, eager, Triton (interpreter), naive: the plumbing
+    python -m smollm_stack.bench.train --optimizer muon  # the trainer rows with Muon (the step and naive rows: AdamW)
 
 Each trainer row is a short ``train.run`` on random tokens, so what is timed is the trainer's own step (batch
 sampling, forward, backward, clipping, AdamW); tokens/s is the median (and 10th-90th percentile) over the steps after
@@ -78,7 +79,9 @@ def stats(tokens_per_s: list[float]) -> dict:
     return dict(tokens_per_s=float(q[1]), p10=float(q[0]), p90=float(q[2]))
 
 
-def measure_trainer(case: BenchCase, provider: str, steps: int, device: str, workdir: str) -> dict:
+def measure_trainer(
+    case: BenchCase, provider: str, steps: int, device: str, workdir: str, optimizer: str = "torch"
+) -> dict:
     """Run the trainer for ``steps`` steps on random tokens; tokens/s per logged interval after warm-up.
 
     On a CPU every step is logged (a host sync costs nothing there); on a GPU every 10th, so the host queues ahead.
@@ -105,7 +108,7 @@ def measure_trainer(case: BenchCase, provider: str, steps: int, device: str, wor
         keep_ckpts=1,
         sample_tokens=0,
         compile=provider == "compile",
-        optimizer="torch",  # AdamW, as in the step and naive rows: the rows race the same update
+        optimizer=optimizer,  # by default AdamW, as in the step and naive rows: the rows race the same update
         device=device,
         progress=False,
         out_dir=out_dir,
@@ -174,9 +177,9 @@ def profile_shares(step, case: BenchCase, steps: int, workdir: str) -> dict:
     return dict(matmul_share=matmul / wall_us, attention_share=attention / wall_us)
 
 
-def cpu_rows(case: BenchCase, providers, steps: int, workdir: str) -> dict:
+def cpu_rows(case: BenchCase, providers, steps: int, workdir: str, optimizer: str) -> dict:
     """The trainer with each provider, then its step and the naive loop's taking turns, each profiled."""
-    measured = {p: measure_trainer(case, p, steps, "cpu", workdir) for p in providers if p != "naive"}
+    measured = {p: measure_trainer(case, p, steps, "cpu", workdir, optimizer) for p in providers if p != "naive"}
     if "naive" in providers:
         step_fns = {"eager step": ours_step_fn(model_config(case)),
                     "eager step, torch BLAS": ours_step_fn(model_config(case), blas="torch"),
@@ -186,7 +189,7 @@ def cpu_rows(case: BenchCase, providers, steps: int, workdir: str) -> dict:
     return measured
 
 
-def run(dry_run: bool = False, providers=PROVIDERS) -> str:
+def run(dry_run: bool = False, providers=PROVIDERS, optimizer: str = "torch") -> str:
     """Benchmark each case with each provider; returns a markdown section."""
     cuda = torch.cuda.is_available() and not dry_run
     device = "cuda" if cuda else "cpu"
@@ -204,7 +207,8 @@ def run(dry_run: bool = False, providers=PROVIDERS) -> str:
         "",
         f"{dtype}; `python -m smollm_stack.bench.train{' --dry-run' if dry_run else ''}`; tokens/s: median "
         "(p10-p90) of "
-        f"{steps - WARMUP_STEPS} steps" + ("; CPU timings of a dry run check the plumbing only" if dry_run else ""),
+        f"{steps - WARMUP_STEPS} steps; trainer rows' optimizer: {'Muon' if optimizer == 'muon' else 'AdamW'}"
+        + ("; CPU timings of a dry run check the plumbing only" if dry_run else ""),
         "",
         "| card | date | preset | batch x context | provider | tokens/s | p10-p90 | ms/step | MFU | matmul | attention "
         "| x eager | x naive |",
@@ -213,9 +217,9 @@ def run(dry_run: bool = False, providers=PROVIDERS) -> str:
     with tempfile.TemporaryDirectory() as workdir:
         for case in cases:
             if cuda:
-                measured = {p: measure_trainer(case, p, steps, device, workdir) for p in providers}
+                measured = {p: measure_trainer(case, p, steps, device, workdir, optimizer) for p in providers}
             else:
-                measured = cpu_rows(case, providers, steps, workdir)
+                measured = cpu_rows(case, providers, steps, workdir, optimizer)
             lines += [table_row(card, date, case, p, m, measured) for p, m in measured.items()]
     return "\n".join(lines)
 
@@ -238,9 +242,14 @@ def table_row(card: str, date: str, case: BenchCase, provider: str, m: dict, mea
 
 
 def main(argv=None) -> int:
-    args = env.parse_args("smollm_stack.bench.train", __doc__, argv, compile_flag=True, needs_cuda=False)
+    def optimizer_flag(parser):
+        parser.add_argument("--optimizer", choices=("torch", "muon"), default="torch",
+                            help="the trainer rows' optimizer (default AdamW; step and naive rows: AdamW)")  # fmt: skip
+
+    args = env.parse_args("smollm_stack.bench.train", __doc__, argv, compile_flag=True, needs_cuda=False,
+                          more=optimizer_flag)  # fmt: skip
     providers = [p for p in PROVIDERS if not (args.no_compile and p == "compile")]
-    print(run(dry_run=args.dry_run, providers=providers))
+    print(run(dry_run=args.dry_run, providers=providers, optimizer=args.optimizer))
     return 0
 
 

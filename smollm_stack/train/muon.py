@@ -28,6 +28,17 @@ in fp32. Tall matrices are transposed first so X X^T is the smaller k x k Gram m
 costs 4 k^2 max(m, n) + 2 k^3 FLOPs, at d_model 768 about 14 GFLOP for a square matrix's 5 iterations, against the
 6 * 768^2 = 3.5 MFLOP per token of its forward and backward: small next to a step of 10^5 tokens or more.
 
+The step is batched, since a model has few distinct matrix shapes (the 125M preset: 84 matrices, 3 shapes): one
+foreach launch updates every momentum and one decays every weight; then per shape the gradients are stacked into a
+kept buffer, one foreach launch turns them into the Nesterov look-ahead, the stack goes through one iteration (5 x 3
+batched matmuls, each matrix scaled by its own norm, so stacking changes nothing but the matmul kernel), and one
+foreach launch adds the updates. Tall matrices iterate transposed, and the last iteration writes its result back in
+the parameter's layout (X^T <- a X^T + X^T (b G + c G^2), the Gram matrix G being symmetric), so the update is
+contiguous like its parameter. The iteration's buffers are kept from step to step: a step allocates nothing (on a
+CPU a fresh large allocation costs its page faults). Counted by bench/step.py for the 125M preset on CUDA: the
+optimizer's launches went from 416 to 94 and its bytes from 13.3 to 12.8 GB (bench/RESULTS.md), of which the
+Newton-Schulz matmuls move 5.4 GB and the passes over the fp32 momenta, weights and gradients most of the rest.
+
 Only hidden 2-D weights go to Muon: the embedding is a lookup, not a linear map of its input, and the lm_head's
 rows are scored against each other; both, and the norm gains, stay with AdamW (as in the write-up). In DDP every rank
 all-reduces the gradients first and then computes the same orthogonalization, so the ranks stay identical.
@@ -60,47 +71,57 @@ BAND = (0.68, 1.2024)  # where 5 iterations leave each singular value that start
 RMS_MATCH = 0.2  # the update's RMS, as an AdamW update's
 
 
-def orthogonalize(u: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None) -> torch.Tensor:
+def orthogonalize(
+    u: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None, workspace: dict | None = None
+) -> torch.Tensor:
     """About P Q^T for u = P S Q^T (singular values in BAND), by ``steps`` Newton-Schulz quintic iterations.
 
-    u: (m, n), or a stack (..., m, n) of matrices each orthogonalized on its own; any float dtype. The iteration
-    runs in ``dtype`` (default: bf16 on CUDA, fp32 elsewhere) and the result has u's dtype. A zero matrix stays zero.
+    u: (m, n), or a stack (..., m, n) of matrices each orthogonalized on its own (each scaled by its own norm); any
+    float dtype. The iteration runs in ``dtype`` (default: bf16 on CUDA, fp32 elsewhere) and the result has u's
+    dtype. A zero matrix stays zero. ``workspace`` (a dict) keeps the iteration's buffers from call to call, so a
+    step allocates nothing; the result may then be one of them, valid until the next call with the same workspace.
     """
     if u.dim() < 2:
         raise ValueError(f"orthogonalize: expected a matrix, got shape {tuple(u.shape)}")
     dtype = dtype or iteration_dtype(u)
+    workspace = {} if workspace is None else workspace
     a, b, c = NS_COEFFICIENTS
-    x = u.to(dtype).reshape(-1, *u.shape[-2:])  # (batch, m, n): baddbmm below wants one batch dim
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT  # (n, m): the Gram matrix below is then n x n
+    u3 = u.reshape(-1, *u.shape[-2:])  # (batch, m, n): baddbmm below wants one batch dim
+    tall = u3.size(-2) > u3.size(-1)
+    v = u3.mT if tall else u3  # (batch, k, K), k = min(m, n): the Gram matrix below is then k x k
+    x, y = (buffer(workspace, name, v.shape, dtype, u.device) for name in ("x", "y"))
+    gram, poly = (buffer(workspace, name, (*v.shape[:2], v.size(1)), dtype, u.device) for name in ("gram", "poly"))
     tiny = torch.finfo(dtype).tiny
-    x = x / x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(tiny)  # entries <= 1: the squares cannot overflow
-    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(tiny)  # singular values into [0, 1]; zero stays zero
-    for _ in range(steps):
-        gram = x @ x.mT  # (k, k), k = min(m, n)
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2, the scalings inside the matmul
-        x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b G + c G^2) X
-    return (x.mT if tall else x).reshape(u.shape).to(u.dtype)
+    largest = torch.linalg.vector_norm(v, ord=math.inf, dim=(-2, -1), keepdim=True).clamp_min_(tiny)
+    torch.div(v, largest, out=x)  # entries <= 1: the squares cannot overflow
+    x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_min_(tiny))  # singular values in [0, 1]
+    for i in range(steps):
+        torch.bmm(x, x.mT, out=gram)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)  # b G + c G^2, the scalings inside the matmul
+        if tall and i == steps - 1:  # the last one in u's layout: X^T <- a X^T + X^T (b G + c G^2), G symmetric
+            x = torch.baddbmm(x.mT, x.mT, poly, beta=a, out=buffer(workspace, "out", u3.shape, dtype, u.device))
+        else:
+            x, y = torch.baddbmm(x, poly, x, beta=a, out=y), x  # a X + (b G + c G^2) X
+    if tall and not steps:
+        x = x.mT
+    return x.reshape(u.shape).to(u.dtype)
 
 
-def orthogonalize_all(updates: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``orthogonalize`` of each update; the plain tensors of one shape go through one batched iteration.
+def buffer(workspace: dict, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The tensor ``name`` of this shape, dtype and device in ``workspace``, made (uninitialized) the first time."""
+    key = (name, tuple(shape), dtype, device)
+    if key not in workspace:
+        workspace[key] = torch.empty(shape, dtype=dtype, device=device)
+    return workspace[key]
 
-    A model has few distinct matrix shapes (the tiny preset: 28 matrices, 3 shapes), and on a CPU the iteration of
-    a small matrix is dominated by each op's fixed cost: the tiny preset's 28 updates orthogonalized 1.5-2x faster
-    stacked than one by one (bench/RESULTS.md). Each matrix is scaled by its own norm, so the batch changes
-    nothing but the matmul kernel.
-    """
-    out: list = [orthogonalize_sharded(u) if isinstance(u, DTensor) else None for u in updates]
-    groups: dict[tuple, list[int]] = {}
-    for i, u in enumerate(updates):
-        if out[i] is None:
-            groups.setdefault((u.shape, u.dtype, u.device), []).append(i)
-    for members in groups.values():
-        for i, o in zip(members, orthogonalize(torch.stack([updates[i] for i in members]))):
-            out[i] = o
-    return out
+
+def same_shape_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of the tensors grouped by (shape, dtype, device), in first-seen order; each DTensor alone."""
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        key = ("dtensor", i) if isinstance(t, DTensor) else (t.shape, t.dtype, t.device)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
 
 
 def iteration_dtype(u: torch.Tensor) -> torch.dtype:
@@ -118,7 +139,11 @@ def orthogonalize_sharded(u: DTensor) -> DTensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D parameters (see the module docstring): lr, Nesterov momentum ``momentum``, decoupled decay."""
+    """Muon for 2-D parameters (see the module docstring): lr, Nesterov momentum ``momentum``, decoupled decay.
+
+    The step is batched by matrix shape (module docstring); ``workspace`` holds its buffers between steps, outside
+    the state, so checkpoints hold the momenta alone.
+    """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
@@ -130,6 +155,7 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.dim() != 2:
                     raise ValueError(f"Muon takes matrices only, got a parameter of shape {tuple(p.shape)}")
+        self.workspace: dict = {}
 
     @torch.no_grad()
     def step(self, closure=None):  # torch's checkpoint helpers call step(closure=None); Muon needs one gradient
@@ -138,18 +164,30 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
-            for p, update in zip(params, orthogonalize_all([self._nesterov(p, mu) for p in params])):
-                p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr * RMS_MATCH * math.sqrt(max(p.shape)))
+            if not params:
+                continue
+            grads, momenta = [p.grad for p in params], [self._momentum(p) for p in params]
+            torch._foreach_lerp_(momenta, grads, 1 - mu)  # M <- mu M + (1 - mu) G
+            torch._foreach_mul_(params, 1 - lr * wd)
+            for members in same_shape_groups(params):
+                updates = self._orthogonalized([grads[i] for i in members], [momenta[i] for i in members], mu)
+                alpha = -lr * RMS_MATCH * math.sqrt(max(params[members[0]].shape))
+                torch._foreach_add_([params[i] for i in members], updates, alpha=alpha)
 
-    def _nesterov(self, p: torch.Tensor, mu: float) -> torch.Tensor:
-        """Updates p's momentum with its gradient and returns the Nesterov look-ahead U (module docstring)."""
+    def _momentum(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
         if not state:
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        m = state["momentum"]
-        m.lerp_(p.grad, 1 - mu)
-        return p.grad.lerp(m, mu)
+        return state["momentum"]
+
+    def _orthogonalized(self, grads: list[torch.Tensor], momenta: list[torch.Tensor], mu: float) -> list:
+        """The orthogonalized Nesterov look-ahead U = (1 - mu) G + mu M of each of these matrices of one shape."""
+        if isinstance(grads[0], DTensor):  # FSDP: one sharded matrix (see the module docstring)
+            return [orthogonalize_sharded(grads[0].lerp(momenta[0], mu))]
+        u = torch.stack(grads, out=buffer(self.workspace, "u", (len(grads), *grads[0].shape), grads[0].dtype,
+                                          grads[0].device))  # fmt: skip
+        torch._foreach_lerp_(list(u.unbind(0)), momenta, mu)
+        return list(orthogonalize(u, workspace=self.workspace).unbind(0))
 
 
 class Optimizers:

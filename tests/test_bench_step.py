@@ -1,0 +1,145 @@
+"""bench.step: the counted step of a tiny model, checked op by op against counts worked out by hand, and its refusal
+to count an op it has no rule for."""
+
+import pytest
+import torch
+import triton
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from smollm_stack.bench import step as bench_step
+from smollm_stack.bench.train import BenchCase
+from smollm_stack.model.accounting import flops_per_token
+
+# One block: d 64, 2 heads of 32, d_ff 192 (8/3 x 64 rounded to 64), V 256; 2 x 32 = 64 tokens, AdamW.
+B, T, D, H, DH, FF, V = 2, 32, 64, 2, 32, 192, 256
+N = B * T
+CASE = BenchCase("tiny", B, T, dict(d_model=D, num_layers=1, num_heads=H, vocab_size=V, value_embeddings=False))
+
+
+@pytest.fixture(scope="module")
+def adamw_step():
+    return bench_step.count_step(CASE, "torch")
+
+
+def rows(step, phase, backward=False):
+    return [(r.op, r.read, r.written, r.flops) for r in step.records if r.phase == phase and r.backward == backward]
+
+
+def linear(inp: int, out: int, x_bytes: int = 2):
+    """autocast's cast of the fp32 weight, then the bf16 GEMM of the N tokens."""
+    return [("_to_copy", 4 * inp * out, 2 * inp * out, 0), ("mm", x_bytes * N * inp + 2 * inp * out, 2 * N * out,
+                                                              2 * N * inp * out)]  # fmt: skip
+
+
+def test_block_forward_counted_by_hand(adamw_step):
+    # RMSNorm reads the fp32 residual and gain, writes bf16 (cast_output) and fp32 1/rms per row
+    norm = [("_rms_norm_fwd_kernel", 4 * N * D + 4 * D, 2 * N * D + 4 * N, 0)]
+    assert rows(adamw_step, "norm") == norm * 2
+    rope = ("_rope_kernel", 2 * 2 * N * D + 8 * T + 4 * DH // 2, 2 * 2 * N * D, 0)  # q, k, positions, inv_freq
+    attn = ("_attn_fwd", 3 * 2 * N * D, 2 * N * D + 4 * B * H * T, 2 * 2 * B * H * T * T * DH / 2)  # causal half
+    assert rows(adamw_step, "attention") == [
+        *linear(D, D), *linear(D, D), *linear(D, D),  # q, k, v
+        ("arange", 0, 8 * T, 0), rope, attn,
+        ("clone", 2 * N * D, 2 * N * D, 0),  # (B, H, T, dh) -> (B, T, H dh) for output_proj
+        *linear(D, D),
+    ]  # fmt: skip
+    assert rows(adamw_step, "ffn") == [
+        *linear(D, FF), *linear(D, FF),
+        ("_swiglu_fwd_kernel", 2 * 2 * N * FF, 2 * N * FF, 0),
+        *linear(FF, D),
+    ]  # fmt: skip
+    residual = ("add", 4 * N * D + 2 * N * D, 4 * N * D, 0)  # fp32 stream + bf16 branch -> fp32
+    assert rows(adamw_step, "residual") == [residual] * 2
+    assert rows(adamw_step, "embedding") == [("embedding", 8 * N + 4 * N * D, 4 * N * D, 0)]  # the gathered rows
+
+
+def test_launches_by_phase_counted_by_hand(adamw_step):
+    launches = {}
+    for r in adamw_step.records:
+        key = bench_step.phase_label(r)
+        launches[key] = launches.get(key, 0) + r.launches
+    assert launches == {
+        "embedding (forward)": 1,
+        "norm (forward)": 2,
+        "attention (forward)": 4 * 2 + 4,  # 4 casts + GEMMs, arange, RoPE, attention, the transpose copy
+        "residual (forward)": 2,
+        "ffn (forward)": 3 * 2 + 1,
+        "final norm (forward)": 1,
+        # count of valid targets (ne, sum), dW zeros, then the chunk: GEMM, CE, dh GEMM, dW GEMM; cat and sum the
+        # losses; ones_like, the loss's gradient, made by backward() before any node runs
+        "head + loss (forward)": 10,
+        "head + loss (backward)": 2 + 2,  # zero gradients for the op's dh and dw outputs, then dh and dw scaled
+        "final norm (backward)": 3,  # zero grad of 1/rms, the kernel, the sum of its dw partials
+        "residual (backward)": 2,  # the residual's fp32 gradient cast to each bf16 branch
+        # w2, w3, w1: dx and dW GEMMs and dW's cast to fp32 each; the SwiGLU kernel; w1's and w3's dx summed
+        "ffn (backward)": 3 * 3 + 1 + 1,
+        # zero grad of 1/rms, kernel, dw sum; the engine adds its dx into the residual's gradient
+        "norm (backward)": 2 * 4,
+        # output_proj 3; zero grad of lse, 3 attention kernels; RoPE; q, k, v: copy, 2 GEMMs, cast each; 2 dx adds
+        "attention (backward)": 3 + 4 + 1 + 3 * 4 + 2,
+        "embedding (backward)": 1,
+        "clip": 8,  # foreach norm, stack, norm, + eps, reciprocal, mul, clamp, foreach scale
+        "optimizer": 4,  # per group: steps + 1 and fused AdamW
+    }
+
+
+def test_flops_are_the_model_accounting_plus_attention_recompute(adamw_step):
+    # the accounting counts 2 forward + 4 backward T x T x d products per layer; our backward recomputes QK^T in both
+    # passes and dP in the dQ pass: 9 products, so 3 more per layer, each B H T T dh FLOPs (2 x causal half)
+    expected = N * flops_per_token(adamw_step.config) + 3 * B * H * T * T * DH
+    assert sum(r.flops for r in adamw_step.records) == expected
+
+
+def test_optimizer_bytes_counted_by_hand(adamw_step):
+    matrices = 4 * D * D + 3 * D * FF + 2 * V * D  # decayed group: the blocks' matrices, embedding, lm_head
+    gains = 3 * D  # ln1, ln2, ln_final
+    fused = [(r.read, r.written, r.launches) for r in adamw_step.records if r.op == "_fused_adamw_"]
+    # reads p, g, m, v and the step count; writes p, m, v (all fp32); one multi_tensor_apply launch each
+    assert fused == [(16 * matrices + 4 * 9, 12 * matrices, 1), (16 * gains + 4 * 3, 12 * gains, 1)]
+
+
+def test_views_are_free_and_broadcasts_read_once():
+    recorder = bench_step.Recorder()
+    with FakeTensorMode():
+        x, b = torch.empty(4, 8), torch.empty(8)
+        with recorder:
+            x.t().reshape(8, 4)
+            x + b
+    assert [(r.op, r.read, r.written) for r in recorder.records] == [("add", 4 * 32 + 4 * 8, 4 * 32)]
+
+
+def test_an_op_without_a_rule_fails_loudly():
+    with FakeTensorMode():
+        x = torch.empty(16)
+        with pytest.raises(bench_step.UncountedOp, match="aten.sort"), bench_step.Recorder():
+            torch.sort(x)
+
+
+@triton.jit
+def _kernel_without_a_rule(x_ptr):
+    pass
+
+
+def test_a_triton_kernel_without_a_rule_fails_loudly():
+    with pytest.raises(bench_step.UncountedOp, match="_kernel_without_a_rule"):
+        bench_step.Recorder().triton(_kernel_without_a_rule, (torch.empty(4),), {})
+
+
+def test_bad_flags_are_one_error_line(capsys):
+    assert bench_step.main(["--preset", "nope", "--batch", "1", "--context", "8"]) == 2
+    assert bench_step.main(["--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("error:" in line for line in err)
+
+
+def test_muon_step_counted_by_hand():
+    step = bench_step.count_step(CASE, "muon")
+    optimizer = [r for r in step.records if r.phase == "optimizer"]
+    # every momentum, every decay: one launch each; per shape (q k v o 64 x 64, w1 w3 192 x 64, w2 64 x 192): stack,
+    # Nesterov, largest entry, clamp, divide, norm, clamp, divide, 5 x 3 matmuls, cast back, update; then AdamW's
+    # two groups (step counts, fused update)
+    assert sum(r.launches for r in optimizer) == 2 + 3 * (8 + 15 + 2) + 2 * 2
+    # Newton-Schulz: 4 k^2 K + 2 k^3 per matrix and iteration (k = min(m, n), K = max) in bf16, as on CUDA
+    ns = 5 * (4 * (4 * D * D * D + 2 * D**3) + 3 * (4 * D * D * FF + 2 * D**3))
+    assert sum(r.flops for r in optimizer) == ns
+    assert {r.op for r in optimizer if r.matmul} == {"bmm", "baddbmm"}
