@@ -395,3 +395,24 @@ def test_triton_kv_cache_decoding_matches_eager():
             triton_model(ids[:, t : t + 1], kv_caches=caches) for t in (5, 6)
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1), eager(ids[:, :7]), atol=1e-4, rtol=1e-4)
+
+
+def test_value_embeddings_keep_the_values_in_the_autocast_dtype(monkeypatch):
+    """Under autocast the projections are bf16 and the value-embedding tables fp32: the sum must stay bf16, or the
+    attention kernels (ours and SDPA's on CUDA) get mixed dtypes and refuse the default preset's model."""
+    from smollm_stack.kernels import eager
+
+    seen = []
+    attention = eager.flash_attention
+
+    def checking(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(eager, "flash_attention", checking)
+    config = ModelConfig.preset("tiny", vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=2,
+                                value_embeddings=True, kernels="eager")  # fmt: skip
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        TransformerLM(config)(ids, ids)
+    assert seen == [(torch.bfloat16,) * 3]

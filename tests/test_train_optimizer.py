@@ -69,3 +69,18 @@ def test_runs_with_either_optimizer_agree(tokens, tmp_path):
 def test_unknown_optimizer_is_a_config_error():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         make_config(optimizer="adam")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_fused_losss_cast_weight_follows_every_optimizer_step(fused):
+    """kernels.linear_cross_entropy keeps the lm_head's last low-precision cast; a fused AdamW step leaves the
+    weight's version counter as it was, so only the optimizer post-step hook keeps the copy from going stale."""
+    from smollm_stack.kernels.linear_cross_entropy import cast_weight
+
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    optimizer = torch.optim.AdamW([w], lr=0.1, fused=fused)
+    before = cast_weight(w, torch.bfloat16)
+    w.grad = torch.randn_like(w)
+    optimizer.step()
+    assert not torch.equal(cast_weight(w, torch.bfloat16), before)
+    torch.testing.assert_close(cast_weight(w, torch.bfloat16), w.detach().to(torch.bfloat16), rtol=0, atol=0)

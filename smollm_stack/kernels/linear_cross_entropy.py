@@ -18,10 +18,12 @@ Casts. dW accumulates in fp32 inside the matmul (cuBLAS's fp32-output GEMM for b
 loop wrote each chunk's V x d product in bf16 and cast it up: per chunk 2Vd + 6Vd extra bytes (0.3 GB at 125M) and
 one more rounding. The fp32 lm_head weight is cast to the activation dtype once per optimizer step, not once per
 call (grad accumulation calls the loss once per micro-batch with the same weight): cast_weight keeps the last cast
-copy keyed on the weight tensor and its version counter, which every in-place update through torch ops bumps
-(optimizer steps, load_state_dict, init), so a stale copy is never used; writes through ``.data`` bypass the counter
-and must call clear_weight_cache(). It saves 6Vd bytes of traffic (0.23 GB at 125M) per micro-batch after the first,
-for Vd bytes of bf16 kept between steps, as autocast's own cast cache keeps within one autocast region.
+copy keyed on the weight tensor and its version counter, which in-place updates through torch ops bump
+(load_state_dict, init, foreach optimizers). Fused optimizers (torch's fused AdamW, the trainer's default) write the
+parameters without bumping it, so every optimizer step also clears the copy, through torch's global post-step hook
+(every torch.optim.Optimizer runs it); writes through ``.data`` bypass both and must call clear_weight_cache().
+It saves 6Vd bytes of traffic (0.23 GB at 125M) per micro-batch after the first, for Vd bytes of bf16 kept between
+steps, as autocast's own cast cache keeps within one autocast region.
 
 The op is registered as a torch.library custom op (smollm_stack::linear_cross_entropy) with a fake implementation and
 autograd, so torch.compile traces through it without a graph break.
@@ -30,6 +32,7 @@ autograd, so torch.compile traces through it without a graph break.
 import weakref
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 import triton
 
 from smollm_stack.kernels import _utils
@@ -82,9 +85,12 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return c["cast"]
 
 
-def clear_weight_cache() -> None:
+def clear_weight_cache(*_) -> None:
     """Forget the cached cast weight (for code that writes a weight through .data, which the version misses)."""
     _CAST.clear()
+
+
+register_optimizer_step_post_hook(clear_weight_cache)  # a fused optimizer's step leaves the version as it was
 
 
 def linear_cross_entropy_chunks(

@@ -178,8 +178,8 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
         v = self.v_proj(x)
-        if value_embedding is not None:
-            v = v + value_embedding
+        if value_embedding is not None:  # (an fp32 table under autocast: added in v's dtype, so q, k, v share one)
+            v = v + value_embedding.to(v.dtype)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
         if self.rope is not None:
             q, k = self.rope.pair(q, k, positions)
