@@ -19,6 +19,7 @@ import types
 import torch
 
 from smollm_stack.kernels import eager, reference
+from smollm_stack.kernels._utils import INTERPRET
 from smollm_stack.kernels.cpu_blas import linear
 
 __all__ = [
@@ -98,6 +99,11 @@ def ops(backend: str):
     """The namespace of ops for a resolved backend ("triton" or "eager"), all with the same names and signatures."""
     if backend == "triton":
         _require_triton()
+        if not torch.cuda.is_available() and not INTERPRET:  # else Triton's own "0 active drivers" at the first call
+            raise RuntimeError(
+                "kernels.ops('triton') without a CUDA GPU runs on Triton's interpreter: set TRITON_INTERPRET=1 in "
+                "the environment before triton is imported (`TRITON_INTERPRET=1 python ...`), or use ops('eager')"
+            )
         return _TRITON_OPS
     if backend == "eager":
         return eager

@@ -51,6 +51,7 @@ Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies o
 doc_ids with causal attention, also when T < S (the ids then cover all S key positions).
 """
 
+import dataclasses
 import math
 
 import torch
@@ -70,8 +71,9 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-def _autotune(gpu: list[tuple[int, ...]], fp32: tuple[int, int, int, int], interpreter: tuple[int, int]):
-    """Autotune arguments for one kernel.
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """One kernel's autotune space.
 
     gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest head dim with
     documents, if lower]), chosen by lowering each for
@@ -88,18 +90,45 @@ def _autotune(gpu: list[tuple[int, ...]], fp32: tuple[int, int, int, int], inter
     interpreter a single config, which also skips benchmarking; its blocks are deliberately unequal so that the
     tests cross BLOCK_M != BLOCK_N boundaries as the GPU configs do.
     """
+
+    gpu: list  # of (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest with documents])
+    fp32: tuple  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    interpreter: tuple  # (BLOCK_M, BLOCK_N)
+
+
+TUNING = {
+    "_attn_fwd": Tuning(gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
+                             (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(16, 32)),
+    "_attn_bwd_dkdv": Tuning(gpu=[(32, 128, 8, 3, 128), (32, 64, 4, 3, 128), (32, 64, 4, 4, 128), (64, 128, 8, 3, 64)],
+                             fp32=(32, 32, 8, 2), interpreter=(16, 32)),
+    "_attn_bwd_dq": Tuning(gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128),
+                                (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(32, 16)),
+}  # fmt: skip
+
+
+def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, docs: bool) -> list[triton.Config]:
+    """The configs the autotuner of ``kernel`` tries for these inputs: its pruner, also what gpu_check reports."""
+    tuning = TUNING[kernel]
+    if INTERPRET:
+        return [_config(*tuning.interpreter, 1, 1)]
+    if dtype == torch.float32:
+        return [_config(*tuning.fp32)]
+    return [_config(*c[:4]) for c in tuning.gpu if head_dim <= (c[-1] if docs else c[4])]
+
+
+def _autotune(kernel: str):
+    """Autotune arguments for one kernel: every candidate, pruned by kept_configs (one config in the interpreter,
+    which also skips benchmarking)."""
     key = ["HEAD_DIM", "CAUSAL", "DOCS", "tuning_len"]
     if INTERPRET:
-        return dict(configs=[_config(*interpreter, 1, 1)], key=key)
-    candidates = [(_config(*c[:4]), c[4], c[-1]) for c in gpu]  # c[-1]: the limit with documents, c[4] if none
+        return dict(configs=kept_configs(kernel, torch.float32, 0, False), key=key)
 
     def prune(configs, named_args, **kwargs):
-        if named_args["Q"].dtype == torch.float32:
-            return [_config(*fp32)]
         args = {**named_args, **kwargs}
-        return [config for config, plain, docs in candidates if args["HEAD_DIM"] <= (docs if args["DOCS"] else plain)]
+        return kept_configs(kernel, args["Q"].dtype, args["HEAD_DIM"], args["DOCS"])
 
-    return dict(configs=[c for c, _, _ in candidates], key=key, prune_configs_by={"early_config_prune": prune})
+    configs = [_config(*c[:4]) for c in TUNING[kernel].gpu]
+    return dict(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
 
 
 def _tuning_len(n: int) -> int:
@@ -215,14 +244,7 @@ def _attn_fwd_blocks(
     return acc, l_i, m_i
 
 
-@triton.autotune(
-    **_autotune(
-        gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
-             (64, 64, 4, 3, 128)],
-        fp32=(32, 32, 4, 2),
-        interpreter=(16, 32),
-    )
-)
+@triton.autotune(**_autotune("_attn_fwd"))
 @triton.jit
 def _attn_fwd(
     Q, K, V, Out, LSE,  # LSE: (B, H, T) fp32, per-row log-sum-exp of the scaled scores in base 2
@@ -372,13 +394,7 @@ def _attn_bwd_dkdv_blocks(
     return dk, dv
 
 
-@triton.autotune(
-    **_autotune(
-        gpu=[(32, 128, 8, 3, 128), (32, 64, 4, 3, 128), (32, 64, 4, 4, 128), (64, 128, 8, 3, 64)],
-        fp32=(32, 32, 8, 2),
-        interpreter=(16, 32),
-    )
-)
+@triton.autotune(**_autotune("_attn_bwd_dkdv"))
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: contiguous like K
@@ -476,13 +492,7 @@ def _attn_bwd_dq_blocks(
     return dq
 
 
-@triton.autotune(
-    **_autotune(
-        gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 128)],
-        fp32=(32, 32, 4, 2),
-        interpreter=(32, 16),
-    )
-)
+@triton.autotune(**_autotune("_attn_bwd_dq"))
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,  # DQ: contiguous like Q
