@@ -26,10 +26,11 @@ def card(monkeypatch):
     return fake
 
 
-@pytest.mark.parametrize(("capability", "name", "auto"), [((7, 5), "Tesla T4", torch.float16),
-                                                           ((8, 0), "NVIDIA A100-SXM4-80GB", torch.bfloat16),
-                                                           ((8, 9), "NVIDIA L4", torch.bfloat16),
-                                                           ((9, 0), "NVIDIA H100 80GB HBM3", torch.bfloat16)])  # fmt: skip
+CARDS = [((7, 5), "Tesla T4", torch.float16), ((8, 0), "NVIDIA A100-SXM4-80GB", torch.bfloat16),
+         ((8, 9), "NVIDIA L4", torch.bfloat16), ((9, 0), "NVIDIA H100 80GB HBM3", torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("capability", "name", "auto"), CARDS)
 def test_auto_dtype_follows_the_capability(card, capability, name, auto):
     card(capability, name)
     assert precision.resolve_dtype("auto", CUDA) == auto
