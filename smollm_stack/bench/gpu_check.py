@@ -142,6 +142,8 @@ def device_rows(plan: Plan) -> Iterable[dict]:
         row.update(capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
                    regs_per_sm=p.regs_per_multiprocessor, smem_per_block_kib=p.shared_memory_per_block_optin / 1024,
                    smem_per_sm_kib=p.shared_memory_per_multiprocessor / 1024)  # fmt: skip
+        ours = kernels.ops("triton", plan.device).flash_attention is kernels.flash_attention
+        row["model_attention"] = "triton" if ours else "eager (no tensor-core dots below capability 8.0)"
     yield row
     for kernel in attention.TUNING:
         for head_dim in (32, 64, 128):

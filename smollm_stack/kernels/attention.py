@@ -23,7 +23,8 @@ does ~256 matmul FLOPs per exp2, and each score costs one exp2 for 4·d matmul F
 So the per-score work is kept to the minimum: the scale is folded into the FMA that subtracts the running max
 (forward) or the log-sum-exp (backward), s·c - m in one instruction, and masks are applied only to boundary blocks.
 Every dot must lower to Hopper's wgmma (the legacy mma.sync runs the tensor cores at a fraction of their rate):
-tests/test_sm90_gates.py checks it for every kept config.
+tests/test_lowering_gates.py checks it for every kept config; below Hopper (T4 to L4) every dot must be an
+mma.sync on the tensor cores, in the configs kept for the card's shared memory (tests/test_lowering_archs.py).
 
 Documents: a packed window holds several documents, and doc_ids (B, S), one integer per key position (a document is
 a run of equal ids), keep each query inside its own: mask(i, j) is also -inf where key j lies outside the document of
@@ -53,6 +54,7 @@ doc_ids with causal attention, also when T < S (the ids then cover all S key pos
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -77,9 +79,9 @@ class Tuning:
 
     gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest head dim with
     documents, if lower]), chosen by lowering each for
-    sm_90a through the real launch path (kernels.sm90: bf16, causal, the argument specialization of a GPU launch)
+    sm_90a through the real launch path (kernels.lowering: bf16, causal, the argument specialization of a GPU launch)
     at head dims 32, 64 and 128: a candidate is kept for a head dim only where every tl.dot became a wgmma and
-    ptxas spilled nothing (tests/test_sm90_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
+    ptxas spilled nothing (tests/test_lowering_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
     per warpgroup, so the dK/dV kernel, whose accumulators are BLOCK_N rows, takes BLOCK_N >= 64 (at BLOCK_N = 32
     every dot is a legacy mma.sync); at head dim 128 its BLOCK_M = 64 candidates spill (the two BLOCK_N x 128 fp32
     accumulators already take 128 registers a thread), so they stop at 64; with documents (DOCS) the dQ kernel's
@@ -94,26 +96,54 @@ class Tuning:
     gpu: list  # of (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest with documents])
     fp32: tuple  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     interpreter: tuple  # (BLOCK_M, BLOCK_N)
+    smem_rows: Callable[[int, int, int], int]  # (BLOCK_M, BLOCK_N, stages) -> head-dim-wide rows kept in shared memory
 
 
+# Shared memory, as an upper bound: every pipeline stage of the streamed tiles (K and V in the forward and dQ
+# kernels, Q and dO in dK/dV's) plus the tiles a program keeps (Q; Q and dO; K and V), all at 2 bytes an element.
+# Lowered for sm_80 and sm_86 the kept configs use 60-85% of it (tests/test_lowering_archs.py holds each kept config
+# to its card's limit), so a config the bound passes fits.
 TUNING = {
     "_attn_fwd": Tuning(gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
-                             (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(16, 32)),
+                             (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(16, 32),
+                        smem_rows=lambda m, n, stages: 2 * stages * n + m),
     "_attn_bwd_dkdv": Tuning(gpu=[(32, 128, 8, 3, 128), (32, 64, 4, 3, 128), (32, 64, 4, 4, 128), (64, 128, 8, 3, 64)],
-                             fp32=(32, 32, 8, 2), interpreter=(16, 32)),
+                             fp32=(32, 32, 8, 2), interpreter=(16, 32),
+                             smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n),
     "_attn_bwd_dq": Tuning(gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128),
-                                (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(32, 16)),
+                                (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(32, 16),
+                           smem_rows=lambda m, n, stages: 2 * stages * n + 2 * m),
 }  # fmt: skip
+# Candidates that spill where tl.dot lowers to mma.sync (capability < 9.0), by (kernel, config, head dim), from
+# lowering every candidate for sm_75, sm_80 and sm_86.
+MMA_SPILLS = {("_attn_fwd", (128, 64, 8, 4), 32)}
 
 
-def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, docs: bool) -> list[triton.Config]:
-    """The configs the autotuner of ``kernel`` tries for these inputs: its pruner, also what gpu_check reports."""
+def _target() -> tuple[int, int]:
+    """(capability, e.g. 86, and shared memory a block may use) of the device Triton compiles for: its active
+    driver's, a GPU's or kernels.lowering's compile-only stand-in's."""
+    active = triton.runtime.driver.active
+    smem = active.utils.get_device_properties(active.get_current_device())["max_shared_mem"]
+    return active.get_current_target().arch, smem
+
+
+def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, docs: bool, target=None) -> list[triton.Config]:
+    """The configs the autotuner of ``kernel`` tries for these inputs on ``target`` ((capability, shared memory per
+    block); default: the device Triton compiles for): its pruner, also what gpu_check's device section reports.
+
+    A candidate is kept up to its largest head dim, where its shared-memory bound fits the card, and, below Hopper,
+    unless it spills there (MMA_SPILLS); where none is left (head dim 128 on a T4's 64 KB), the small fp32 config,
+    whose bound fits every card."""
     tuning = TUNING[kernel]
-    if INTERPRET:
+    if INTERPRET and target is None:
         return [_config(*tuning.interpreter, 1, 1)]
     if dtype == torch.float32:
         return [_config(*tuning.fp32)]
-    return [_config(*c[:4]) for c in tuning.gpu if head_dim <= (c[-1] if docs else c[4])]
+    capability, smem = target or _target()
+    kept = [_config(*c[:4]) for c in tuning.gpu
+            if head_dim <= (c[-1] if docs else c[4]) and 2 * head_dim * tuning.smem_rows(c[0], c[1], c[3]) <= smem
+            and not (capability < 90 and (kernel, c[:4], head_dim) in MMA_SPILLS)]  # fmt: skip
+    return kept or [_config(*tuning.fp32)]
 
 
 def _autotune(kernel: str):
