@@ -21,8 +21,13 @@ refused there before any kernel runs (train/precision.py).
 """
 
 import pytest
+import torch
 from test_lowering_gates import ATTENTION_KERNELS, MEMORY_BOUND_OPS, MEMORY_BOUND_SCRIPT
 from test_lowering_gates import _no_spills, _problems, _vectors
+
+from smollm_stack import kernels
+from smollm_stack.kernels import attention
+from smollm_stack.kernels.attention import TUNING
 
 TARGETS = ("sm_75", "sm_80", "sm_86", "sm_89")
 ATTENTION_TARGETS = TARGETS[1:]  # a T4 takes the eager attention
@@ -123,33 +128,27 @@ def test_the_gates_see_a_dot_off_the_tensor_cores(compile_for_gpu):
 
 
 def _kept(kernel: str, head_dim: int, target: tuple[int, int]) -> list[tuple]:
-    import torch
-
-    from smollm_stack.kernels import attention
-
     configs = attention.kept_configs(kernel, torch.float16, head_dim, False, target)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
 
 
 def test_attention_configs_are_kept_per_card():
-    """By the card's shared memory (a T4's 64 KB drops the forward's deeper and wider tiles at head dim 64, and
-    leaves only the small config at 128), and by capability (a config that spills on mma.sync stays on Hopper)."""
+    """By the card's shared memory (an RTX 3090's 99 KB drops the forward's widest tile at head dim 64 and leaves only
+    the small config at 128), by capability (a config that spills on mma.sync stays on Hopper), and on a T4, whose
+    dots are FMA, only the small config."""
     t4, rtx3090, h100 = (75, 64 * 1024), (86, 99 * 1024), (90, 227 * 1024)
-    assert _kept("_attn_fwd", 64, t4) == [(128, 64, 8, 3), (64, 64, 4, 3)]
+    assert _kept("_attn_fwd", 64, rtx3090) == [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
     assert _kept("_attn_fwd", 64, h100) == [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)]
-    assert _kept("_attn_fwd", 128, t4) == [(32, 32, 4, 2)] and _kept("_attn_bwd_dq", 128, t4) == [(32, 32, 4, 2)]
+    assert _kept("_attn_fwd", 128, rtx3090) == [(32, 32, 4, 2)]
     assert (128, 64, 8, 4) not in _kept("_attn_fwd", 32, rtx3090) and (128, 64, 8, 4) in _kept("_attn_fwd", 32, h100)
+    assert all(_kept(kernel, 64, t4) == [TUNING[kernel].fp32] for kernel in TUNING)
 
 
 def test_below_capability_8_the_triton_backend_takes_eager_attention(monkeypatch):
     """Triton lowers attention's dots for sm_75 without tensor cores, so on a T4 (faked here) the model's Triton ops
     are ours but for attention, which is the eager op; from an A100 on, all ours."""
-    import torch
-
-    from smollm_stack import kernels
-
-    for capability, attention in (((7, 5), kernels.eager.flash_attention), ((8, 0), kernels.flash_attention)):
+    for capability, chosen in (((7, 5), kernels.eager.flash_attention), ((8, 0), kernels.flash_attention)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         ops = kernels.ops("triton", "cuda")
-        assert ops.flash_attention is attention and ops.rms_norm is kernels.rms_norm, capability
+        assert ops.flash_attention is chosen and ops.rms_norm is kernels.rms_norm, capability
     assert kernels.ops("triton", "cpu").flash_attention is kernels.flash_attention

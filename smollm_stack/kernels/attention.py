@@ -132,14 +132,16 @@ def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, docs: bool, tar
     block); default: the device Triton compiles for): its pruner, also what gpu_check's device section reports.
 
     A candidate is kept up to its largest head dim, where its shared-memory bound fits the card, and, below Hopper,
-    unless it spills there (MMA_SPILLS); where none is left (head dim 128 on a T4's 64 KB), the small fp32 config,
-    whose bound fits every card."""
+    unless it spills there (MMA_SPILLS); where none is left (head dim 128 on an RTX 3090's 99 KB), the small fp32
+    config, whose bound fits every card. Where the dots are FMA (fp32 inputs; capability below 8.0, where Triton
+    gives tl.dot no tensor cores and the large tiles spill hundreds of registers and need more shared memory than the
+    bound), only the small config."""
     tuning = TUNING[kernel]
     if INTERPRET and target is None:
         return [_config(*tuning.interpreter, 1, 1)]
-    if dtype == torch.float32:
-        return [_config(*tuning.fp32)]
     capability, smem = target or _target()
+    if dtype == torch.float32 or capability < 80:
+        return [_config(*tuning.fp32)]
     kept = [_config(*c[:4]) for c in tuning.gpu
             if head_dim <= (c[-1] if docs else c[4]) and 2 * head_dim * tuning.smem_rows(c[0], c[1], c[3]) <= smem
             and not (capability < 90 and (kernel, c[:4], head_dim) in MMA_SPILLS)]  # fmt: skip
