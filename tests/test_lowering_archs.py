@@ -28,6 +28,7 @@ from test_lowering_gates import _no_spills, _problems, _vectors
 from smollm_stack import kernels
 from smollm_stack.kernels import attention
 from smollm_stack.kernels.attention import TUNING
+from smollm_stack.kernels.lowering import DEVICES
 
 TARGETS = ("sm_75", "sm_80", "sm_86", "sm_89")
 ATTENTION_TARGETS = TARGETS[1:]  # a T4 takes the eager attention
@@ -84,10 +85,14 @@ def _cases(launches: dict, target: str, attention: bool) -> dict:
 
 @pytest.mark.parametrize("target", ATTENTION_TARGETS)
 def test_attention_fits_spills_nothing_and_dots_on_tensor_cores(launches, target):
+    card = DEVICES[target]
     cases = _cases(launches, target, attention=True)
     for label, records in cases.items():
-        wanted = ATTENTION_KERNELS[:1] if label.endswith("forward") else ATTENTION_KERNELS[1:]
-        assert {r["name"] for r in records} >= set(wanted), label
+        for kernel in ATTENTION_KERNELS[:1] if label.endswith("forward") else ATTENTION_KERNELS[1:]:
+            ours = [r for r in records if r["name"] == kernel]
+            kept = _kept(kernel, ours[0]["config"]["HEAD_DIM"], (card.capability, card.smem_per_block))
+            compiled = [tuple(r["config"][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")) for r in ours]
+            assert sorted(compiled) == sorted(kept), (label, kernel)  # every config kept for this card, no other
     problems = [p for label, records in cases.items() for p in _problems(records, label, _on_tensor_cores)]
     assert cases and not problems, "\n".join(problems)
 

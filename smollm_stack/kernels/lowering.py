@@ -54,6 +54,7 @@ tests do it in subprocesses through the `compile_for_gpu` fixture (tests/conftes
 
 import contextlib
 import dataclasses
+import gc
 import os
 import re
 import subprocess
@@ -417,9 +418,19 @@ def _closure(fn) -> dict:
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
 
 
+def _forget_tuning() -> None:
+    """Drop every autotuner's choices: they are kept per key and dtype, not per device, so a choice made for another
+    card would stand in for the pruning and compiling of this one's configs."""
+    for obj in gc.get_objects():
+        if isinstance(obj, triton.runtime.Autotuner):
+            obj.cache.clear()
+
+
 @contextlib.contextmanager
 def compile_only(device: Device = H100):
-    """Inside, Triton launches compile for `device` and are recorded in the yielded list instead of running."""
+    """Inside, Triton launches compile for `device` and are recorded in the yielded list instead of running; every
+    autotuner tunes afresh (and compiles each config its pruner keeps for the device)."""
+    _forget_tuning()
     launches: list[Launch] = []
     stand_in = _Driver(device, launches)
     previous, hook = driver._active, knobs.runtime.kernel_load_start_hook
