@@ -405,8 +405,8 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
         now = time.perf_counter()
         interval = max(now - t_report, 1e-9)  # since the last report's end: its eval and checkpoint left out
         tokens_per_s = (step - step_report) * per_step / interval
-        skipped = model.scaler.is_enabled()  # fp16: a step whose gradients overflowed was skipped, not diverged
-        if not (math.isfinite(train_loss) and (math.isfinite(norm) or skipped)) or train_loss > diverge_loss:
+        scaling = model.scaler.is_enabled()  # fp16: a step whose gradients overflowed was skipped, not diverged
+        if not (math.isfinite(train_loss) and (math.isfinite(norm) or scaling)) or train_loss > diverge_loss:
             status, message = "diverged", diverged_message(step, train_loss, norm, diverge_loss, run_dir)
             break
         row = {
