@@ -190,3 +190,11 @@ def test_gpu_check_targets_screen_judges_each_row():
     assert "| 125m FLCE fwd+bwd | peak 20% of eager (<= 25% of eager) pass; x eager 0.95 (>= 1) **MISS** |" in screen
     assert "| attention d128 T4096 fwd | x SDPA 1.1 (>= 1) pass; TFLOP/s 300 (>= 350) **MISS** |" in screen
     assert "T2048" not in screen and screen.count("\n") < 40  # only the rows the targets name, on one screen
+
+
+def test_gpu_check_checks_in_the_dtype_the_card_trains_in():
+    """bf16 first where the card has it; on a T4 (fp16 by --dtype auto) fp16 first and fp32 after, never bf16."""
+    for trains, checks in ((torch.bfloat16, (torch.bfloat16, (torch.float16, torch.float32))),
+                           (torch.float16, (torch.float16, (torch.float32,)))):  # fmt: skip
+        plan = gpu_check.Plan(False, torch.device("cuda"), True, gpu_check.GPU_COSTS, dtype=trains)
+        assert gpu_check._check_dtypes(plan) == checks

@@ -8,12 +8,13 @@
 Sections, in order of what a short slot must bring back first:
 
     device     capability, shared memory, SMs, the autocast dtype, the attention configs the autotuner will keep
-    env        card, versions, device-to-device copy bandwidth, bf16 matmul rate (the two ceilings)
-    check      the six ops (and rms_norm fp32 -> bf16) against an fp64 gold run, bf16, at bench.kernels' timed shapes
+    env        card, versions, device-to-device copy bandwidth, matmul rate in the training dtype (the two ceilings)
+    check      the six ops (and rms_norm fp32 -> it) against an fp64 gold run in the card's training dtype (bf16; fp16
+               below capability 8.0, as --dtype auto), at bench.kernels' timed shapes
     kernels    bench.kernels: memory-bound ops vs kernels.ops("eager") and torch.compile, CUDA-graph timed
     attention  bench.attention: each shape checked (head dims 32/64/128), then timed vs SDPA flash
     train      bench.train: whole training steps per provider
-    dtypes     the correctness check in fp16 and fp32 at the TinyStories-17M shape
+    dtypes     the correctness check in the card's other dtypes (fp16 and fp32) at the TinyStories-17M shape
 
 ``--device-report`` runs the device section alone: what a first run on any card should print before anything else.
 
@@ -109,11 +110,15 @@ class Plan:
     costs: UnitCosts
     done: set[str] = field(default_factory=set)  # sections already run (their compiles are cached)
     copy_gbs: float | None = None  # measured by env
+    dtype: torch.dtype = torch.bfloat16  # what --dtype auto trains in here: fp16 below capability 8.0, fp32 on a CPU
 
 
 def _check_dtypes(plan: Plan) -> tuple[torch.dtype, tuple[torch.dtype, ...]]:
-    """(dtype of the check section, dtypes of the dtypes section): the interpreter's bf16 is unreliable."""
-    return (torch.float32, (torch.float16,)) if plan.dry_run else (torch.bfloat16, (torch.float16, torch.float32))
+    """(dtype of the check section: the card's training dtype, dtypes of the dtypes section: the others it runs);
+    the interpreter's bf16 is unreliable."""
+    if plan.dry_run:
+        return torch.float32, (torch.float16,)
+    return plan.dtype, tuple(d for d in (torch.float16, torch.float32) if d != plan.dtype)
 
 
 def _attention_configs() -> int:
@@ -133,9 +138,7 @@ def _attention_head_dims(shapes) -> set[int]:
 
 
 def device_rows(plan: Plan) -> Iterable[dict]:
-    from smollm_stack.train.precision import resolve_dtype
-
-    dtype = resolve_dtype("auto", plan.device)
+    dtype = plan.dtype
     row = dict(section="device", card=env.card_name(plan.device), autocast=str(dtype).removeprefix("torch."))
     if plan.device.type == "cuda":
         p = torch.cuda.get_device_properties(plan.device)
@@ -171,9 +174,9 @@ def env_rows(plan: Plan) -> Iterable[dict]:
         props = torch.cuda.get_device_properties(plan.device)
         row.update(sms=props.multi_processor_count, memory_gib=props.total_memory / 2**30)
         row["copy_gbs"] = plan.copy_gbs = bench_kernels.copy_bandwidth_gbs(plan.device)
-        a, b = (torch.randn(8192, 8192, device=plan.device, dtype=torch.bfloat16) for _ in range(2))
+        a, b = (torch.randn(8192, 8192, device=plan.device, dtype=plan.dtype) for _ in range(2))
         ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
-        row["matmul_tflops"] = 2 * 8192**3 / ms / 1e9
+        row.update(matmul_tflops=2 * 8192**3 / ms / 1e9, matmul_dtype=str(plan.dtype).removeprefix("torch."))
     yield row
 
 
@@ -182,7 +185,7 @@ def env_render(plan: Plan, rows: list[dict]) -> str:
     lines = [f"{r['card']}; {env.versions()}, Python {r['python']}, CUDA {r['cuda']}"]
     if "copy_gbs" in r:
         lines.append(f"{r['sms']} SMs, {r['memory_gib']:.0f} GiB; device-to-device copy {r['copy_gbs']:.0f} GB/s "
-                     f"(read + write); bf16 8192^3 matmul {r['matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
+                     f"(read + write); {r['matmul_dtype']} 8192^3 matmul {r['matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
     return "\n\n".join(lines)
 
 
@@ -493,7 +496,10 @@ def main(argv=None) -> int:
     if args is None:
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
-    plan = Plan(args.dry_run, device, not args.no_compile, DRY_RUN_COSTS if args.dry_run else GPU_COSTS)
+    from smollm_stack.train.precision import resolve_dtype
+
+    plan = Plan(args.dry_run, device, not args.no_compile, DRY_RUN_COSTS if args.dry_run else GPU_COSTS,
+                dtype=resolve_dtype("auto", device))  # fmt: skip
     command = "python -m smollm_stack.bench.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
     report = Report(args.out, f"## GPU check: {env.card_name(device)}, {env.today()}\n\n"
                     f"{env.versions()}; `{command}`; budget {args.budget_s:.0f} s")  # fmt: skip
