@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if importlib.util.find_spec("triton") is None:  # off Linux triton has no wheels: its kernels' tests have nothing to run
-    collect_ignore_glob = ["test_attention*.py", "test_kernels*.py", "test_sm90*.py"]
+    collect_ignore_glob = ["test_attention*.py", "test_kernels*.py", "test_lowering*.py"]
 
 
 # ---- tolerances: one row per dtype, used by every kernel test -----------------------------------------------------
@@ -88,50 +88,53 @@ def as_flags(fields: dict) -> list[str]:
     return flags
 
 
-# Appended to a compile_for_sm90 script: each worker takes the next case no other worker has claimed (a file made
-# with O_EXCL in SM90_CLAIMS), lowers it under its own sm90.compile_only(), and prints its launches as one JSON line.
-# Taking cases as they come keeps both cores busy when cases differ in cost (a backward compiles twice the kernels).
-_SM90_RUNNER = """
+# Appended to a compile_for_gpu script: each worker takes the next case no other worker has claimed (a file made
+# with O_EXCL in LOWER_CLAIMS), lowers it under its own lowering.compile_only(), and prints its launches as one JSON
+# line. Taking cases as they come keeps both cores busy when cases differ in cost (a backward compiles twice the
+# kernels). A case whose label starts with a target's name ("sm_80 ...") is lowered for that target.
+_LOWER_RUNNER = """
 import json as _json, os as _os
-from smollm_stack.kernels import sm90 as _sm90
+from smollm_stack.kernels import lowering as _lowering
 _out = {}
 for _i, _label in enumerate(sorted(CASES)):
     try:
-        _os.close(_os.open(_os.path.join(_os.environ["SM90_CLAIMS"], str(_i)), _os.O_CREAT | _os.O_EXCL))
+        _os.close(_os.open(_os.path.join(_os.environ["LOWER_CLAIMS"], str(_i)), _os.O_CREAT | _os.O_EXCL))
     except FileExistsError:
         continue
-    with _sm90.compile_only() as _launches:
+    _target = _label.split()[0] if _label.split()[0] in _lowering.DEVICES else _os.environ["LOWER_TARGET"]
+    with _lowering.compile_only(_lowering.DEVICES[_target]) as _launches:
         CASES[_label]()
-    _out[_label] = [_sm90.record(_launch) for _launch in _launches]
+    _out[_label] = [_lowering.record(_launch) for _launch in _launches]
 print(_json.dumps(_out))
 """
-SM90_WORKERS = min(os.cpu_count() or 1, 4)  # compiles are single-threaded: one process a core
+LOWER_WORKERS = min(os.cpu_count() or 1, 4)  # compiles are single-threaded: one process a core
 
 
 @pytest.fixture(scope="session")
-def compile_for_sm90(tmp_path_factory):
-    """Lowers kernels for an H100 (sm_90a) through Triton's real JIT launch path and ptxas, no GPU needed.
+def compile_for_gpu(tmp_path_factory):
+    """Lowers kernels for an NVIDIA target (default sm_90a) through Triton's real JIT launch path and ptxas, no GPU.
 
-    run(script) runs `script` (a file's text: it may define kernels), which must define CASES = {label: callable},
-    in SM90_WORKERS parallel subprocesses with the interpreter off; each callable launches kernels normally (e.g. an
-    op's forward and backward on CPU stand-in tensors) under kernels.sm90.compile_only(), so arguments are
-    specialized exactly as on a GPU and nothing runs. Returns {label: [sm90.record(launch), ...]}. Subprocesses,
-    because the interpreter, switched on for the other tests, patches triton.language at import.
+    run(script, target) runs `script` (a file's text: it may define kernels), which must define CASES = {label:
+    callable}, in LOWER_WORKERS parallel subprocesses with the interpreter off; each callable launches kernels
+    normally (e.g. an op's forward and backward on CPU stand-in tensors) under kernels.lowering.compile_only() for
+    `target`'s card (or the target its label starts with), so arguments are specialized exactly as on a GPU and
+    nothing runs. Returns {label: [lowering.record(launch), ...]}. Subprocesses, because the interpreter, switched
+    on for the other tests, patches triton.language at import.
     """
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except ImportError:
         pytest.skip("this triton build has no NVIDIA backend")
 
-    def run(script: str) -> dict[str, list[dict]]:
-        work = tmp_path_factory.mktemp("sm90")
+    def run(script: str, target: str = "sm_90a") -> dict[str, list[dict]]:
+        work = tmp_path_factory.mktemp("lower")
         (work / "claims").mkdir()
-        (work / "cases.py").write_text(script + _SM90_RUNNER)  # a file: @triton.jit reads its kernels' source
+        (work / "cases.py").write_text(script + _LOWER_RUNNER)  # a file: @triton.jit reads its kernels' source
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default today, set to silence the warning of newer tritons
-        env["SM90_CLAIMS"] = str(work / "claims")
+        env.update(LOWER_CLAIMS=str(work / "claims"), LOWER_TARGET=target)
         procs = [subprocess.Popen([sys.executable, work / "cases.py"], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(SM90_WORKERS)]  # fmt: skip
+                                  stderr=subprocess.PIPE, text=True) for _ in range(LOWER_WORKERS)]  # fmt: skip
         out = {}
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=1200)

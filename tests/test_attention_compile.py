@@ -1,7 +1,7 @@
 """The attention kernels compile for an H100 (sm_90a) through Triton's real launch path, without a GPU.
 
 The interpreter accepts things the compiler rejects, so CI also lowers each kernel as a GPU launch would, with its
-argument specialization (kernels.sm90), on what tests/test_sm90_gates.py does not cover: fp32 (the FMA path with
+argument specialization (kernels.lowering), on what tests/test_lowering_gates.py does not cover: fp32 (the FMA path with
 input_precision="ieee") non-causal at head dim 32, and fp16 causal grouped-query at head dim 16, without and with
 documents (doc_ids), all at odd lengths, where no length or row offset is divisible by 16. One config per kernel (the
 first its pruner keeps) keeps this quick; the gates compile every kept bf16 config.
@@ -33,8 +33,8 @@ CASES = {"fp32 d32 noncausal": fwd_bwd(torch.float32, 2, 1, 45, 19, 32, False),
 """
 
 
-def test_attention_kernels_compile_for_sm90(compile_for_sm90):
-    launches = compile_for_sm90(SCRIPT)
+def test_attention_kernels_compile_for_sm90(compile_for_gpu):
+    launches = compile_for_gpu(SCRIPT)
     for label, records in launches.items():
         names = sorted(r["name"] for r in records)
         assert names == ["_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"], (label, names)

@@ -354,3 +354,27 @@ def test_cross_entropy_offsets_beyond_int32_on_gpu():
     last = logits.detach()[-3:].float()
     expected = (torch.softmax(last, dim=-1) - torch.nn.functional.one_hot(t[-3:], vocab)) / n
     assert_close(logits.grad[-3:].float(), expected, torch.bfloat16)
+
+
+def test_readme_snippet_runs_or_says_in_one_line_what_it_needs():
+    """The README's kernels snippet as printed: off a GPU without the interpreter, ops("triton") raises one line
+    that names TRITON_INTERPRET=1 (not Triton's "0 active drivers" at the first call); with it set, it runs."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(), re.S)
+                   if 'kernels.ops("triton")' in b)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
+    for interpret in ([] if torch.cuda.is_available() else ["0"]) + ["1"]:
+        result = subprocess.run([sys.executable, "-c", snippet], env={**env, "TRITON_INTERPRET": interpret},
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        if interpret == "1":
+            assert result.returncode == 0, result.stderr[-3000:]
+        else:
+            last = result.stderr.strip().splitlines()[-1]
+            assert last.startswith("RuntimeError: kernels.ops('triton') without a CUDA GPU"), last
+            assert "TRITON_INTERPRET=1" in last

@@ -2,7 +2,7 @@
 
 The interpreter accepts things the compiler rejects (types that change around a loop, Python control flow on tensor
 values, bad promotions), so CI also lowers each op's kernels forward and backward through its own launcher, with the
-argument specialization a GPU launch gets (kernels.sm90): once at a shape where every size and row is 16-byte
+argument specialization a GPU launch gets (kernels.lowering): once at a shape where every size and row is 16-byte
 aligned, and once at odd sizes, where the launch specializes differently (no divisibility hints).
 """
 
@@ -37,8 +37,8 @@ CASES = {f"{name} {shape}": case for shape, args in (("aligned", (64, 512, 1024)
 """
 
 
-def test_kernels_compile_for_sm90(compile_for_sm90):
-    launches = compile_for_sm90(SCRIPT)
+def test_kernels_compile_for_sm90(compile_for_gpu):
+    launches = compile_for_gpu(SCRIPT)
     assert len(launches) == 8
     for label, records in launches.items():
         op = label.split()[0]  # each op's kernels carry its name

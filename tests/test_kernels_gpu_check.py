@@ -2,7 +2,6 @@
 section written out as it finishes, sections that do not fit the budget skipped and named, a killed run's finished
 sections kept."""
 
-import inspect
 import json
 import os
 import signal
@@ -11,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from smollm_stack import kernels
+from smollm_stack.bench import gpu_check
 from smollm_stack.bench.gpu_check import SECTIONS, main
 
 OPS = ("rms_norm", "swiglu", "apply_rope", "cross_entropy", "fused_linear_cross_entropy", "flash_attention")
@@ -27,13 +29,24 @@ def _status(rows: list[dict]) -> dict[str, str]:
     return {r["name"]: r["status"] for r in rows if r["section"] == "gpu_check"}
 
 
-def test_gpu_check_dry_run(tmp_path, monkeypatch):
-    if "out_dtype" not in inspect.signature(kernels.rms_norm).parameters:  # a stand-in until the fp32-in kernel lands
-        rms_norm = kernels.rms_norm
-        monkeypatch.setattr(kernels, "rms_norm", lambda x, weight, eps=1e-5, out_dtype=None: rms_norm(x, weight, eps)
-                            .to(out_dtype or x.dtype))  # fmt: skip
+# Makes the packages a bare GPU image may lack unimportable, as on a machine without them.
+BLOCKER = """
+import sys
+for name in ("tqdm", "matplotlib", "numba", "regex", "safetensors"):
+    sys.modules[name] = None
+"""
+
+
+def test_gpu_check_dry_run_on_a_bare_machine(tmp_path):
+    """The whole dry run in a process where tqdm, matplotlib, numba, regex and safetensors cannot be imported."""
+    (tmp_path / "blocker").mkdir()
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
     out = tmp_path / "run"
-    assert main(["--dry-run", "--out", str(out)]) == 0
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'blocker'}{os.pathsep}{Path(__file__).parents[1]}"}
+    command = [sys.executable, "-m", "smollm_stack.bench.gpu_check", "--dry-run", "--out", str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "no loss plots: matplotlib is not installed" in result.stdout  # the trainer ran without it
     report = (out / "report.md").read_text()
     for op in OPS:
         assert f"| {op} |" in report
@@ -47,7 +60,70 @@ def test_gpu_check_dry_run(tmp_path, monkeypatch):
     timed = [r for r in rows if r["section"] == "kernels"]
     assert {r["provider"] for r in timed} == {"triton", "eager"} and all(len(r["ms"]) == 3 for r in timed)
     assert [r["check_ok"] for r in rows if r["section"] == "attention"] == [True, True]  # checked before timed
+    assert [r["provider"] for r in rows if r["section"] == "train"][:2] == ["eager", "triton"]  # a row a provider
     assert "### Targets (issue 10)" in report and f"correctness: {len(checks) + 1} of {len(checks) + 1}" in report
+
+
+def test_gpu_check_device_report(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--dry-run", "--device-report", "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert _status(rows) == {"device": "done"}
+    card, *kept = [r for r in rows if r["section"] == "device"]
+    assert card["autocast"] == "float32" and "Triton interpreter" in card["card"]
+    assert len(kept) == 3 * 3 * 2 and all(len(r["configs"]) == 1 for r in kept)  # the interpreter's one config
+    assert "configs the autotuner keeps" in (out / "report.md").read_text()
+
+
+def test_gpu_check_skips_a_section_whose_package_is_missing(tmp_path, monkeypatch, capsys):
+    def missing(plan):
+        raise ModuleNotFoundError("No module named 'tqdm'", name="tqdm")
+
+    monkeypatch.setattr(gpu_check, "_train_setup", missing)
+    out = tmp_path / "run"
+    assert main(["--dry-run", "--only", "env,train", "--out", str(out)]) == 0
+    assert _status(_rows(out)) == {"env": "done", "train": "skipped"}
+    line = "skipped: needs the tqdm package, which is not installed"
+    assert f"gpu_check: train {line}" in capsys.readouterr().err and line in (out / "report.md").read_text()
+
+
+def test_gpu_check_train_section_checks_the_deadline_after_each_row(tmp_path, monkeypatch):
+    """A spent budget stops the train section after its first row (one provider, one trainer run), written out as it
+    came."""
+    from smollm_stack.bench import train as bench_train
+
+    runs, measure_trainer = [], bench_train.measure_trainer
+    monkeypatch.setattr(bench_train, "measure_trainer", lambda *args: runs.append(args) or measure_trainer(*args))
+    plan = gpu_check.Plan(True, torch.device("cpu"), False, gpu_check.DRY_RUN_COSTS)
+    report = gpu_check.Report(tmp_path, "header")
+    rows, ended = gpu_check._run_section(gpu_check.ALL_SECTIONS["train"], plan, report, lambda: True)
+    os.close(report.rows_fd)
+    assert ended.startswith("stopped after this row") and [r["provider"] for r in rows] == ["eager"]
+    assert [r["provider"] for r in _rows(tmp_path)] == ["eager"] and len(runs) == 1
+
+
+def test_gpu_check_docstring_estimates_are_the_codes():
+    """The docstring's cost table and budget sentence are what today's counts and GPU_COSTS give."""
+    assert gpu_check.cost_table() in gpu_check.__doc__
+    startup, budget = 15.0, 420.0
+    for compile_ in (True, False):
+        plan = gpu_check.Plan(False, torch.device("cuda"), compile_, gpu_check.GPU_COSTS)
+        spent, ran = startup, {}
+        for name in SECTIONS:
+            estimate, note = gpu_check._fit(gpu_check.ALL_SECTIONS[name], plan, 1.0, budget - spent)
+            ran[name] = "skipped" if note is None else "without compile" if note else "as planned"
+            spent += 0 if note is None else estimate
+            plan.compile = compile_
+            plan.done.add(name)
+        if compile_:
+            before_train = startup + sum(gpu_check.seconds(plan.costs, gpu_check.ALL_SECTIONS[n].counts(plan))
+                                         for n in SECTIONS[: SECTIONS.index("train")])  # fmt: skip
+            assert ran == {**dict.fromkeys(SECTIONS, "as planned"), "train": "without compile", "dtypes": "skipped"}
+            assert f"runs device to attention in ~{before_train:.0f} s with start-up" in gpu_check.__doc__
+            assert f"(~{spent - before_train:.0f} s), and skips dtypes" in gpu_check.__doc__
+        else:
+            assert set(ran.values()) == {"as planned"}
+            assert f"``--no-compile`` runs every section in ~{spent:.0f} s" in gpu_check.__doc__
 
 
 def test_gpu_check_budget_skips_and_bad_flags(tmp_path, capsys):
@@ -114,3 +190,11 @@ def test_gpu_check_targets_screen_judges_each_row():
     assert "| 125m FLCE fwd+bwd | peak 20% of eager (<= 25% of eager) pass; x eager 0.95 (>= 1) **MISS** |" in screen
     assert "| attention d128 T4096 fwd | x SDPA 1.1 (>= 1) pass; TFLOP/s 300 (>= 350) **MISS** |" in screen
     assert "T2048" not in screen and screen.count("\n") < 40  # only the rows the targets name, on one screen
+
+
+def test_gpu_check_checks_in_the_dtype_the_card_trains_in():
+    """bf16 first where the card has it; on a T4 (fp16 by --dtype auto) fp16 first and fp32 after, never bf16."""
+    for trains, checks in ((torch.bfloat16, (torch.bfloat16, (torch.float16, torch.float32))),
+                           (torch.float16, (torch.float16, (torch.float32,)))):  # fmt: skip
+        plan = gpu_check.Plan(False, torch.device("cuda"), True, gpu_check.GPU_COSTS, dtype=trains)
+        assert gpu_check._check_dtypes(plan) == checks

@@ -7,37 +7,47 @@
 
 Sections, in order of what a short slot must bring back first:
 
-    env        card, versions, device-to-device copy bandwidth, bf16 matmul rate (the two ceilings)
-    check      the six ops (and rms_norm fp32 -> bf16) against an fp64 gold run, bf16, at bench.kernels' timed shapes
+    device     capability, shared memory, SMs, the autocast dtype, the attention configs the autotuner will keep
+    env        card, versions, device-to-device copy bandwidth, matmul rate in the training dtype (the two ceilings)
+    check      the six ops (and rms_norm fp32 -> it) against an fp64 gold run in the card's training dtype (bf16; fp16
+               below capability 8.0, as --dtype auto), at bench.kernels' timed shapes
     kernels    bench.kernels: memory-bound ops vs kernels.ops("eager") and torch.compile, CUDA-graph timed
     attention  bench.attention: each shape checked (head dims 32/64/128), then timed vs SDPA flash
     train      bench.train: whole training steps per provider
-    dtypes     the correctness check in fp16 and fp32 at the TinyStories-17M shape
+    dtypes     the correctness check in the card's other dtypes (fp16 and fp32) at the TinyStories-17M shape
+
+``--device-report`` runs the device section alone: what a first run on any card should print before anything else.
 
 Output, in the ``--out`` directory (default ``runs/gpu_check/<date-time>/``, never inside the package):
 ``rows.jsonl``, one JSON object per measured row, appended and flushed as each is measured, and ``report.md``,
 rewritten atomically after every section; a run killed at any point keeps everything it finished. The report ends
 with one screen of ratios against issue 10's targets, pass or miss per row, also printed to stdout.
 
+Bare machines: this module and what it imports need only torch, triton and numpy. The trainer draws no progress
+bar without tqdm and no loss plots without matplotlib; a section whose own imports fail for a missing package is
+skipped with a line that names it, and the others run.
+
 Budget: before each section its cost is estimated from how many Triton compiles, autotune trials, torch.compile
-compiles and timed rows it needs (``UnitCosts``; later estimates are scaled by how the finished sections compared
-with theirs); a section that no longer fits runs without torch.compile if that fits, else it is skipped, and the
-report says so. A section that overruns stops after the row that crossed the budget.
+compiles and timed rows it needs (``UnitCosts`` times each section's counts; later estimates are scaled by how the
+finished sections compared with theirs); a section that no longer fits runs without torch.compile if that fits,
+else it is skipped, and the report says so. Every section checks the budget after each row it measures and stops
+there once it is spent.
 
-Estimated run time, one H100 from a cold Triton and inductor cache (``GPU_COSTS`` times the counts, with today's
-11 attention autotune configs; each section's estimate and actual seconds go to rows.jsonl, to correct them):
+Estimated run time, one H100 from a cold Triton and inductor cache: ``GPU_COSTS`` times the counts of today's code
+(``cost_table()``, which a test holds this table to; each section's estimate and actual seconds go to rows.jsonl, to
+correct the unit costs), after ~15 s of start-up (import torch and triton, CUDA context):
 
-    start-up   import torch and triton, CUDA context                                      ~15 s
-    env        1 GiB copy, 8192^3 matmul                                                   ~5 s
-    check      20 kernel compiles, 22 attention configs (d 32, 64), 22 autotune trials     ~75 s
-    kernels    72 timed rows, 12 torch.compile compiles                                    ~110 s (~25 s --no-compile)
-    attention  11 attention configs (d 128), 121 autotune trials, 84 timed rows, 14 checks ~90 s
-    train      2 cases x 3 providers, 2 whole-model compiles                               ~240 s (~80 s --no-compile)
-    dtypes     fp16 and fp32 at 17M: 20 kernel compiles, 22 attention configs              ~75 s
+    device                                                                                 ~0 s
+    env        2 ceilings                                                                  ~5 s
+    check      20 kernel compiles, 26 attention compiles, 26 autotune trials, 12 op checks ~82 s
+    kernels    72 timed rows, 12 torch.compile compiles                                    ~108 s (~24 s --no-compile)
+    attention  13 attention compiles, 143 autotune trials, 84 timed rows, 14 op checks     ~96 s
+    train      6 trainer rows, 2 whole-model compiles                                      ~240 s (~80 s --no-compile)
+    dtypes     20 kernel compiles, 26 attention compiles, 26 autotune trials, 12 op checks ~82 s
 
-so the default 420 s budget runs env to attention in about 5 minutes (~290 s), then train without torch.compile
-(~80 s), and skips dtypes; ``--no-compile`` runs every section in about 6 minutes (~360 s). Exit status 1 when any
-correctness check or any section fails, 2 on bad flags or no GPU.
+so the default 420 s budget runs device to attention in ~306 s with start-up, then train without torch.compile
+(~80 s), and skips dtypes; ``--no-compile`` runs every section in ~384 s. Exit status 1 when any correctness check or
+any section fails, 2 on bad flags or no GPU.
 """
 
 import argparse
@@ -46,6 +56,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,18 +72,17 @@ from smollm_stack.bench import attention as bench_attention
 from smollm_stack.bench import cli
 from smollm_stack.bench import kernels as bench_kernels
 from smollm_stack.bench import targets
-from smollm_stack.bench import train as bench_train
 from smollm_stack.kernels import attention, check, reference
 
 DEFAULT_OUT = Path("runs") / "gpu_check"
-SECTIONS = ("env", "check", "kernels", "attention", "train", "dtypes")
+SECTIONS = ("device", "env", "check", "kernels", "attention", "train", "dtypes")
 
 
 @dataclass(frozen=True)
 class UnitCosts:
     """Seconds per unit of work, from which each section's cost is estimated before it starts."""
 
-    env: float  # the two ceilings
+    env: float  # one of the two ceilings (copy bandwidth, matmul rate)
     kernel_compile: float  # one memory-bound Triton kernel (a few hundred lines of PTX)
     attention_compile: float  # one attention autotune config (forward or one of the two backward kernels)
     autotune_trial: float  # do_bench of one config: 25 ms warm-up + 100 ms of repeats, plus launch overhead
@@ -83,9 +93,9 @@ class UnitCosts:
     model_compile: float  # torch.compile of one whole model
 
 
-GPU_COSTS = UnitCosts(env=5, kernel_compile=1.0, attention_compile=2.0, autotune_trial=0.15, op_check=0.5,
+GPU_COSTS = UnitCosts(env=2.5, kernel_compile=1.0, attention_compile=2.0, autotune_trial=0.15, op_check=0.5,
                       inductor_compile=6.0, timed_row=0.5, train_row=20, model_compile=60)  # fmt: skip
-DRY_RUN_COSTS = UnitCosts(env=0.1, kernel_compile=0.0, attention_compile=0.0, autotune_trial=0.0, op_check=0.6,
+DRY_RUN_COSTS = UnitCosts(env=0.05, kernel_compile=0.0, attention_compile=0.0, autotune_trial=0.0, op_check=0.6,
                           inductor_compile=0.0, timed_row=0.1, train_row=5, model_compile=0)  # fmt: skip
 KERNELS_PER_SHAPE = 10  # Triton kernels the memory-bound ops compile per shape and dtype (fwd, bwd, CE's variants)
 
@@ -100,21 +110,24 @@ class Plan:
     costs: UnitCosts
     done: set[str] = field(default_factory=set)  # sections already run (their compiles are cached)
     copy_gbs: float | None = None  # measured by env
+    dtype: torch.dtype = torch.bfloat16  # what --dtype auto trains in here: fp16 below capability 8.0, fp32 on a CPU
 
 
 def _check_dtypes(plan: Plan) -> tuple[torch.dtype, tuple[torch.dtype, ...]]:
-    """(dtype of the check section, dtypes of the dtypes section): the interpreter's bf16 is unreliable."""
-    return (torch.float32, (torch.float16,)) if plan.dry_run else (torch.bfloat16, (torch.float16, torch.float32))
+    """(dtype of the check section: the card's training dtype, dtypes of the dtypes section: the others it runs);
+    the interpreter's bf16 is unreliable."""
+    if plan.dry_run:
+        return torch.float32, (torch.float16,)
+    return plan.dtype, tuple(d for d in (torch.float16, torch.float32) if d != plan.dtype)
 
 
 def _attention_configs() -> int:
-    """Autotune configs of all attention kernels, an upper bound on compiles per head dim and trials per key."""
-    autotuners = [v for v in vars(attention).values() if isinstance(v, triton.runtime.Autotuner)]
-    return sum(len(a.configs) for a in autotuners)
+    """Autotune configs of the attention kernels on a GPU: at most the compiles per head dim and trials per key."""
+    return sum(len(tuning.gpu) for tuning in attention.TUNING.values())
 
 
 def _kernel_shapes(plan: Plan):
-    return bench_kernels.setup(plan.dry_run, bench_kernels.PROVIDERS)[1]
+    return (bench_kernels.DRY_RUN_SHAPE,) if plan.dry_run else bench_kernels.SHAPES
 
 
 def _attention_head_dims(shapes) -> set[int]:
@@ -124,6 +137,36 @@ def _attention_head_dims(shapes) -> set[int]:
 # Sections: each yields JSON rows as it measures them, and renders them as markdown at the end. -----------------------
 
 
+def device_rows(plan: Plan) -> Iterable[dict]:
+    dtype = plan.dtype
+    row = dict(section="device", card=env.card_name(plan.device), autocast=str(dtype).removeprefix("torch."))
+    if plan.device.type == "cuda":
+        p = torch.cuda.get_device_properties(plan.device)
+        row.update(capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                   regs_per_sm=p.regs_per_multiprocessor, smem_per_block_kib=p.shared_memory_per_block_optin / 1024,
+                   smem_per_sm_kib=p.shared_memory_per_multiprocessor / 1024)  # fmt: skip
+        ours = kernels.ops("triton", plan.device).flash_attention is kernels.flash_attention
+        row["model_attention"] = "triton" if ours else "eager (no tensor-core dots below capability 8.0)"
+    yield row
+    for kernel in attention.TUNING:
+        for head_dim in (32, 64, 128):
+            for docs in (False, True):
+                configs = attention.kept_configs(kernel, dtype, head_dim, docs)
+                yield dict(section="device", kernel=kernel, head_dim=head_dim, docs=docs,
+                           configs=[f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+                                    for c in configs])  # fmt: skip
+
+
+def device_render(plan: Plan, rows: list[dict]) -> str:
+    card = rows[0]
+    what = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in card.items() if k != "section")
+    lines = ["| kernel | head dim | documents | configs the autotuner keeps (BLOCK_M x BLOCK_N, warps, stages) |",
+             "|---|---:|---|---|"]  # fmt: skip
+    lines += [f"| {r['kernel']} | {r['head_dim']} | {'yes' if r['docs'] else 'no'} | {'; '.join(r['configs'])} |"
+              for r in rows[1:]]  # fmt: skip
+    return what + "\n\n" + "\n".join(lines)
+
+
 def env_rows(plan: Plan) -> Iterable[dict]:
     row = dict(section="env", card=env.card_name(plan.device), torch=torch.__version__,
                triton=triton.__version__, python=platform.python_version(), cuda=torch.version.cuda)  # fmt: skip
@@ -131,9 +174,9 @@ def env_rows(plan: Plan) -> Iterable[dict]:
         props = torch.cuda.get_device_properties(plan.device)
         row.update(sms=props.multi_processor_count, memory_gib=props.total_memory / 2**30)
         row["copy_gbs"] = plan.copy_gbs = bench_kernels.copy_bandwidth_gbs(plan.device)
-        a, b = (torch.randn(8192, 8192, device=plan.device, dtype=torch.bfloat16) for _ in range(2))
+        a, b = (torch.randn(8192, 8192, device=plan.device, dtype=plan.dtype) for _ in range(2))
         ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
-        row["matmul_tflops"] = 2 * 8192**3 / ms / 1e9
+        row.update(matmul_tflops=2 * 8192**3 / ms / 1e9, matmul_dtype=str(plan.dtype).removeprefix("torch."))
     yield row
 
 
@@ -142,7 +185,7 @@ def env_render(plan: Plan, rows: list[dict]) -> str:
     lines = [f"{r['card']}; {env.versions()}, Python {r['python']}, CUDA {r['cuda']}"]
     if "copy_gbs" in r:
         lines.append(f"{r['sms']} SMs, {r['memory_gib']:.0f} GiB; device-to-device copy {r['copy_gbs']:.0f} GB/s "
-                     f"(read + write); bf16 8192^3 matmul {r['matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
+                     f"(read + write); {r['matmul_dtype']} 8192^3 matmul {r['matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
     return "\n\n".join(lines)
 
 
@@ -197,7 +240,7 @@ def check_render(plan: Plan, rows: list[dict]) -> str:
 
 
 def _kernel_providers(plan: Plan) -> list[str]:
-    return [p for p in bench_kernels.PROVIDERS if plan.compile or p != "compile"]
+    return [p for p in bench_kernels.PROVIDERS if plan.compile and not plan.dry_run or p != "compile"]
 
 
 def kernels_rows(plan: Plan) -> Iterable[dict]:
@@ -224,71 +267,87 @@ def attention_render(plan: Plan, rows: list[dict]) -> str:
     return f"dtype {str(dtype).removeprefix('torch.')}; {bench_attention.NOTE}\n\n{table}"
 
 
-def _train_providers(plan: Plan) -> list[str]:
-    return [p for p in bench_train.PROVIDERS if plan.compile or p != "compile"]
+def _train_setup(plan: Plan):
+    """bench.train's setup, imported here: the trainer is the one section that needs more than torch and triton."""
+    from smollm_stack.bench import train as bench_train
+
+    providers = [p for p in bench_train.PROVIDERS if plan.compile or p != "compile"]
+    return bench_train, bench_train.setup(plan.dry_run, providers, cuda=not plan.dry_run)
 
 
 def train_rows(plan: Plan) -> Iterable[dict]:
-    yield dict(section="train", providers=_train_providers(plan),
-               table=bench_train.run(dry_run=plan.dry_run, providers=_train_providers(plan)))  # fmt: skip
+    bench_train, setup = _train_setup(plan)
+    with tempfile.TemporaryDirectory() as workdir:
+        yield from bench_train.measure(setup, workdir)
 
 
 def train_render(plan: Plan, rows: list[dict]) -> str:
-    return rows[0]["table"] if rows else ""
+    bench_train, setup = _train_setup(plan)
+    return bench_train.format_table(setup, rows)
 
 
-# Estimates: seconds of each section, from its counts of compiles, trials and timed rows. -----------------------------
+# Estimates: each section's counts of compiles, trials and timed rows, which UnitCosts turn into seconds. ------------
+
+Counts = dict[str, int]  # a UnitCosts field -> how many of that unit a section needs
+UNITS = dict(env="ceilings", kernel_compile="kernel compiles", attention_compile="attention compiles",
+             autotune_trial="autotune trials", op_check="op checks", inductor_compile="torch.compile compiles",
+             timed_row="timed rows", train_row="trainer rows", model_compile="whole-model compiles")  # fmt: skip
 
 
-def env_estimate(plan: Plan) -> float:
-    return plan.costs.env
+def seconds(costs: UnitCosts, counts: Counts) -> float:
+    return sum(getattr(costs, unit) * n for unit, n in counts.items())
 
 
-def _check_estimate(plan: Plan, shapes, n_dtypes: int) -> float:
-    c, configs = plan.costs, _attention_configs()
-    compiles = n_dtypes * (KERNELS_PER_SHAPE * len(shapes) * c.kernel_compile
-                           + configs * len(_attention_head_dims(shapes)) * c.attention_compile)  # fmt: skip
-    return compiles + n_dtypes * len(shapes) * (configs * c.autotune_trial + bench_kernels.OPS_PER_SHAPE * c.op_check)
+def device_counts(plan: Plan) -> Counts:
+    return {}
 
 
-def check_estimate(plan: Plan) -> float:
-    return _check_estimate(plan, _kernel_shapes(plan), 1)
+def env_counts(plan: Plan) -> Counts:
+    return dict(env=2)
 
 
-def dtypes_estimate(plan: Plan) -> float:
-    return _check_estimate(plan, _kernel_shapes(plan)[:1], len(_check_dtypes(plan)[1]))
+def _check_counts(plan: Plan, shapes, n_dtypes: int) -> Counts:
+    configs, n = _attention_configs(), n_dtypes * len(shapes)
+    return dict(kernel_compile=KERNELS_PER_SHAPE * n,
+                attention_compile=n_dtypes * configs * len(_attention_head_dims(shapes)),
+                autotune_trial=configs * n, op_check=bench_kernels.OPS_PER_SHAPE * n)  # fmt: skip
 
 
-def kernels_estimate(plan: Plan) -> float:
-    c, shapes = plan.costs, _kernel_shapes(plan)
-    providers = bench_kernels.setup(plan.dry_run, _kernel_providers(plan))[2]
+def check_counts(plan: Plan) -> Counts:
+    return _check_counts(plan, _kernel_shapes(plan), 1)
+
+
+def dtypes_counts(plan: Plan) -> Counts:
+    return _check_counts(plan, _kernel_shapes(plan)[:1], len(_check_dtypes(plan)[1]))
+
+
+def kernels_counts(plan: Plan) -> Counts:
+    shapes, providers = _kernel_shapes(plan), _kernel_providers(plan)
     ops = bench_kernels.OPS_PER_SHAPE * len(shapes)
-    seconds = ops * 2 * len(providers) * c.timed_row
-    seconds += ops * c.inductor_compile if "compile" in providers else 0.0
-    return seconds + (0.0 if "check" in plan.done else KERNELS_PER_SHAPE * len(shapes) * c.kernel_compile)
+    return dict(timed_row=ops * 2 * len(providers), inductor_compile=ops if "compile" in providers else 0,
+                kernel_compile=0 if "check" in plan.done else KERNELS_PER_SHAPE * len(shapes))  # fmt: skip
 
 
-def attention_estimate(plan: Plan) -> float:
-    c, configs, shapes = plan.costs, _attention_configs(), bench_attention.shapes(plan.dry_run)
+def attention_counts(plan: Plan) -> Counts:
+    configs, shapes = _attention_configs(), bench_attention.shapes(plan.dry_run)
     compiled = _attention_head_dims(_kernel_shapes(plan)) if "check" in plan.done else set()
     new_dims = {s.head_dim for s in shapes} - compiled
     keys = {(s.head_dim, min(triton.next_power_of_2(s.seq_len), 4096)) for s in shapes}  # as kernels.attention keys
-    return (len(new_dims) * configs * c.attention_compile + len(keys) * configs * c.autotune_trial
-            + len(shapes) * (2 * len(bench_attention.PROVIDERS) * c.timed_row + c.op_check))  # fmt: skip
+    return dict(attention_compile=len(new_dims) * configs, autotune_trial=len(keys) * configs,
+                timed_row=len(shapes) * 2 * len(bench_attention.PROVIDERS), op_check=len(shapes))  # fmt: skip
 
 
-def train_estimate(plan: Plan) -> float:
-    cases = bench_train.DRY_RUN_CASES if plan.dry_run else bench_train.GPU_CASES
-    providers = [p for p in _train_providers(plan) if not (plan.dry_run and p == "compile")]
-    compiles = plan.costs.model_compile if "compile" in providers else 0.0
-    return len(cases) * (len(providers) * plan.costs.train_row + compiles)
+def train_counts(plan: Plan) -> Counts:
+    setup = _train_setup(plan)[1]
+    return dict(train_row=len(setup.cases) * len(setup.providers),
+                model_compile=len(setup.cases) if "compile" in setup.providers else 0)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Section:
     name: str
     title: str
-    estimate: Callable[[Plan], float]
+    counts: Callable[[Plan], Counts]
     rows: Callable[[Plan], Iterable[dict]]
     render: Callable[[Plan, list[dict]], str]
     uses_compile: bool = False  # whether dropping torch.compile makes it cheaper
@@ -297,15 +356,34 @@ class Section:
 ALL_SECTIONS = {
     s.name: s
     for s in (
-        Section("env", "Environment", env_estimate, env_rows, env_render),
-        Section("check", "Correctness at the timed shapes", check_estimate, check_rows, check_render),
-        Section("kernels", "Memory-bound kernels", kernels_estimate, kernels_rows, kernels_render, True),
-        Section("attention", "Causal attention", attention_estimate, attention_rows, attention_render),
-        Section("train", "Training steps", train_estimate, train_rows, train_render, True),
-        Section("dtypes", "Correctness in fp16 and fp32", dtypes_estimate, dtypes_rows, check_render),
+        Section("device", "Device", device_counts, device_rows, device_render),
+        Section("env", "Environment", env_counts, env_rows, env_render),
+        Section("check", "Correctness at the timed shapes", check_counts, check_rows, check_render),
+        Section("kernels", "Memory-bound kernels", kernels_counts, kernels_rows, kernels_render, True),
+        Section("attention", "Causal attention", attention_counts, attention_rows, attention_render),
+        Section("train", "Training steps", train_counts, train_rows, train_render, True),
+        Section("dtypes", "Correctness in fp16 and fp32", dtypes_counts, dtypes_rows, check_render),
     )
 }
 assert tuple(ALL_SECTIONS) == SECTIONS
+
+
+def cost_table() -> str:
+    """The docstring's cost table: each section's counts on a GPU and its seconds at GPU_COSTS, in run order (a test
+    holds the docstring to this)."""
+    lines = []
+    plans = {flag: Plan(False, torch.device("cuda"), flag, GPU_COSTS) for flag in (True, False)}
+    for name in SECTIONS:
+        section = ALL_SECTIONS[name]
+        counts = {unit: n for unit, n in section.counts(plans[True]).items() if n}
+        what = ", ".join(f"{n} {UNITS[unit]}" for unit, n in counts.items())
+        cost = f"~{seconds(GPU_COSTS, counts):.0f} s"
+        if section.uses_compile:
+            cost += f" (~{seconds(GPU_COSTS, section.counts(plans[False])):.0f} s --no-compile)"
+        lines.append(f"    {name:<10} {what:<75} {cost}".rstrip())
+        for plan in plans.values():
+            plan.done.add(name)
+    return "\n".join(lines)
 
 
 # The run: sections within the budget, each written out as it finishes. ------------------------------------------------
@@ -349,12 +427,12 @@ class Report:
 
 def _fit(section: Section, plan: Plan, scale: float, left: float) -> tuple[float, str | None]:
     """(estimate, note) of running the section: as planned, or without torch.compile to fit; note None: skip it."""
-    estimate = section.estimate(plan) * scale
+    estimate = seconds(plan.costs, section.counts(plan)) * scale
     if estimate <= left:
         return estimate, ""
     if section.uses_compile and plan.compile:
         plan.compile = False
-        cheaper = section.estimate(plan) * scale
+        cheaper = seconds(plan.costs, section.counts(plan)) * scale
         if cheaper <= left:
             return cheaper, f"; without torch.compile, since with it it needs ~{estimate:.0f} s"
         plan.compile = True
@@ -388,7 +466,10 @@ def _parse_args(argv) -> argparse.Namespace | None:
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall seconds for the whole run (default 420)")
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile anywhere (saves minutes)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
+    parser.add_argument("--device-report", action="store_true", help="the device section alone (--only device)")
     args = parser.parse_args(argv)
+    if args.device_report:
+        args.only = "device"
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in args.only if name not in SECTIONS]
     out = args.out or DEFAULT_OUT / datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
@@ -415,7 +496,10 @@ def main(argv=None) -> int:
     if args is None:
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
-    plan = Plan(args.dry_run, device, not args.no_compile, DRY_RUN_COSTS if args.dry_run else GPU_COSTS)
+    from smollm_stack.train.precision import resolve_dtype
+
+    plan = Plan(args.dry_run, device, not args.no_compile, DRY_RUN_COSTS if args.dry_run else GPU_COSTS,
+                dtype=resolve_dtype("auto", device))  # fmt: skip
     command = "python -m smollm_stack.bench.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
     report = Report(args.out, f"## GPU check: {env.card_name(device)}, {env.today()}\n\n"
                     f"{env.versions()}; `{command}`; budget {args.budget_s:.0f} s")  # fmt: skip
@@ -428,9 +512,12 @@ def main(argv=None) -> int:
         # Later estimates follow how the finished sections compared with theirs (env is one-off CUDA start-up).
         scale = min(2.0, max(0.5, spent_total / estimated_total)) if estimated_total >= 30 else 1.0
         left = args.budget_s - elapsed()
-        estimate, note = _fit(section, plan, scale, left)
-        if note is None:
+        try:
+            estimate, note = _fit(section, plan, scale, left)
             why = f"skipped: needs ~{estimate:.0f} s, {max(0.0, left):.0f} s of the {args.budget_s:.0f} s budget left"
+        except ModuleNotFoundError as e:  # a section's own imports come with its estimate
+            estimate, note, why = 0.0, None, f"skipped: needs the {e.name} package, which is not installed"
+        if note is None:
             print(f"gpu_check: {name} {why}", file=sys.stderr)
             report.row(dict(section="gpu_check", name=name, status="skipped", estimate_s=estimate, left_s=left))
             report.add(f"### {section.title}\n\n_{why}_")

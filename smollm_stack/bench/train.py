@@ -23,7 +23,8 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 
 from smollm_stack.bench import env  # first: it sets what torch and triton read when they load
 import torch
@@ -177,51 +178,82 @@ def profile_shares(step, case: BenchCase, steps: int, workdir: str) -> dict:
     return dict(matmul_share=matmul / wall_us, attention_share=attention / wall_us)
 
 
-def cpu_rows(case: BenchCase, providers, steps: int, workdir: str, optimizer: str) -> dict:
+def cpu_rows(case: BenchCase, providers, steps: int, workdir: str, optimizer: str) -> Iterable[tuple[str, dict]]:
     """The trainer with each provider, then its step and the naive loop's taking turns, each profiled."""
-    measured = {p: measure_trainer(case, p, steps, "cpu", workdir, optimizer) for p in providers if p != "naive"}
+    for p in providers:
+        if p != "naive":
+            yield p, measure_trainer(case, p, steps, "cpu", workdir, optimizer)
     if "naive" in providers:
         step_fns = {"eager step": ours_step_fn(model_config(case)),
                     "eager step, torch BLAS": ours_step_fn(model_config(case), blas="torch"),
                     "naive": naive_step_fn(model_config(case), lr=ADAMW_LR)}  # fmt: skip
         for name, m in time_steps(step_fns, case, steps, workdir).items():
-            measured[name] = {**m, **profile_shares(step_fns[name], case, 3, workdir)}
-    return measured
+            yield name, {**m, **profile_shares(step_fns[name], case, 3, workdir)}
 
 
-def run(dry_run: bool = False, providers=PROVIDERS, optimizer: str = "torch") -> str:
-    """Benchmark each case with each provider; returns a markdown section."""
-    cuda = torch.cuda.is_available() and not dry_run
-    device = "cuda" if cuda else "cpu"
+@dataclass(frozen=True)
+class Setup:
+    """What a run measures: its cases and providers on which device, how many steps each, the trainer's optimizer."""
+
+    dry_run: bool
+    cases: tuple
+    providers: list
+    steps: int
+    device: str
+    optimizer: str = "torch"  # the trainer rows' ("torch": AdamW, as the step and naive rows; or "muon")
+
+
+def setup(dry_run: bool = False, providers=PROVIDERS, cuda: bool | None = None, optimizer: str = "torch") -> Setup:
+    """The run's plan; cuda: whether a GPU runs it (default: whether there is one and this is no dry run)."""
+    cuda = torch.cuda.is_available() and not dry_run if cuda is None else cuda
     if dry_run:
         cases, providers, steps = DRY_RUN_CASES, [p for p in providers if p != "compile"], 4
     elif cuda:
         cases, providers, steps = GPU_CASES, [p for p in providers if p != "naive"], 60
     else:  # the interpreter is far too slow for these shapes: Triton is a GPU provider
         cases, providers, steps = CPU_CASES, [p for p in providers if p != "triton"], 20
+    return Setup(dry_run, cases, providers, steps, "cuda" if cuda else "cpu", optimizer)
+
+
+def measure(s: Setup, workdir: str) -> Iterable[dict]:
+    """One row per case and provider, yielded as each is measured (on a CPU the step rows come as one group)."""
+    for case in s.cases:
+        if s.device == "cuda":
+            measured = ((p, measure_trainer(case, p, s.steps, s.device, workdir, s.optimizer)) for p in s.providers)
+        else:
+            measured = cpu_rows(case, s.providers, s.steps, workdir, s.optimizer)
+        for provider, m in measured:
+            yield dict(section="train", case=asdict(case), provider=provider, **m)
+
+
+def format_table(s: Setup, rows: list[dict]) -> str:
+    cuda = s.device == "cuda"
     card = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    dtype = "bfloat16 autocast" if cuda else "float32"
+    dtype = "bfloat16 autocast" if s.device == "cuda" else "float32"
     date = datetime.date.today().isoformat()
     lines = [
         f"### Training steps: {card}, torch {torch.__version__}, {date}",
         "",
-        f"{dtype}; `python -m smollm_stack.bench.train{' --dry-run' if dry_run else ''}`; tokens/s: median "
+        f"{dtype}; `python -m smollm_stack.bench.train{' --dry-run' if s.dry_run else ''}`; tokens/s: median "
         "(p10-p90) of "
-        f"{steps - WARMUP_STEPS} steps; trainer rows' optimizer: {'Muon' if optimizer == 'muon' else 'AdamW'}"
-        + ("; CPU timings of a dry run check the plumbing only" if dry_run else ""),
+        f"{s.steps - WARMUP_STEPS} steps; trainer rows' optimizer: {'Muon' if s.optimizer == 'muon' else 'AdamW'}"
+        + ("; CPU timings of a dry run check the plumbing only" if s.dry_run else ""),
         "",
         "| card | date | preset | batch x context | provider | tokens/s | p10-p90 | ms/step | MFU | matmul | attention "
         "| x eager | x naive |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    with tempfile.TemporaryDirectory() as workdir:
-        for case in cases:
-            if cuda:
-                measured = {p: measure_trainer(case, p, steps, device, workdir, optimizer) for p in providers}
-            else:
-                measured = cpu_rows(case, providers, steps, workdir, optimizer)
-            lines += [table_row(card, date, case, p, m, measured) for p, m in measured.items()]
+    for row in rows:
+        measured = {r["provider"]: r for r in rows if r["case"] == row["case"]}
+        lines.append(table_row(card, date, BenchCase(**row["case"]), row["provider"], row, measured))
     return "\n".join(lines)
+
+
+def run(dry_run: bool = False, providers=PROVIDERS, optimizer: str = "torch") -> str:
+    """Benchmark each case with each provider; returns a markdown section."""
+    s = setup(dry_run, providers, optimizer=optimizer)
+    with tempfile.TemporaryDirectory() as workdir:
+        return format_table(s, list(measure(s, workdir)))
 
 
 def table_row(card: str, date: str, case: BenchCase, provider: str, m: dict, measured: dict) -> str:
@@ -239,6 +271,7 @@ def table_row(card: str, date: str, case: BenchCase, provider: str, m: dict, mea
         f"{m['p10']:,.0f}-{m['p90']:,.0f} | {ms:.1f} | {mfu} | {share('matmul_share')} | {share('attention_share')} | "
         f"{ratio('eager')} | {ratio('naive')} |"
     )
+
 
 
 def main(argv=None) -> int:

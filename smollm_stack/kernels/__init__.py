@@ -19,6 +19,7 @@ import types
 import torch
 
 from smollm_stack.kernels import eager, reference
+from smollm_stack.kernels._utils import INTERPRET
 from smollm_stack.kernels.cpu_blas import linear
 
 __all__ = [
@@ -45,7 +46,7 @@ try:
 except ImportError:  # off Linux there are no triton wheels: the eager backend is all there is
     triton = None
 
-_TRITON_OPS = None
+_TRITON_OPS = _TRITON_OPS_BELOW_SM80 = None
 if triton is not None:
     from smollm_stack.kernels.attention import flash_attention
     from smollm_stack.kernels.cross_entropy import cross_entropy
@@ -63,6 +64,11 @@ if triton is not None:
         fused_linear_cross_entropy=fused_linear_cross_entropy,
         flash_attention=flash_attention,
     )
+    # Triton 3.9 gives sm_75 no tensor-core layout for tl.dot: attention's dots lower to FMA and spill hundreds of
+    # registers (bench/RESULTS.md, "Static report per architecture"), so below capability 8.0 the Triton backend takes
+    # attention from the eager ops (SDPA); the memory-bound kernels, which have no dots, pass there as everywhere.
+    _TRITON_OPS_BELOW_SM80 = types.SimpleNamespace(**{**vars(_TRITON_OPS), "flash_attention": eager.flash_attention})
+TENSOR_CORE_DOTS = (8, 0)  # the capability from which Triton puts tl.dot on tensor cores
 
 
 def triton_available() -> bool:
@@ -94,10 +100,19 @@ def resolve_backend(choice: str, device: torch.device | str) -> str:
     return choice
 
 
-def ops(backend: str):
-    """The namespace of ops for a resolved backend ("triton" or "eager"), all with the same names and signatures."""
+def ops(backend: str, device: torch.device | str | None = None):
+    """The namespace of ops for a resolved backend ("triton" or "eager"), all with the same names and signatures;
+    on a CUDA ``device`` below TENSOR_CORE_DOTS, Triton's with the eager attention."""
     if backend == "triton":
         _require_triton()
+        if not torch.cuda.is_available() and not INTERPRET:  # else Triton's own "0 active drivers" at the first call
+            raise RuntimeError(
+                "kernels.ops('triton') without a CUDA GPU runs on Triton's interpreter: set TRITON_INTERPRET=1 in "
+                "the environment before triton is imported (`TRITON_INTERPRET=1 python ...`), or use ops('eager')"
+            )
+        cuda = device is not None and torch.device(device).type == "cuda"
+        if cuda and torch.cuda.get_device_capability(device) < TENSOR_CORE_DOTS:
+            return _TRITON_OPS_BELOW_SM80
         return _TRITON_OPS
     if backend == "eager":
         return eager

@@ -23,7 +23,8 @@ does ~256 matmul FLOPs per exp2, and each score costs one exp2 for 4·d matmul F
 So the per-score work is kept to the minimum: the scale is folded into the FMA that subtracts the running max
 (forward) or the log-sum-exp (backward), s·c - m in one instruction, and masks are applied only to boundary blocks.
 Every dot must lower to Hopper's wgmma (the legacy mma.sync runs the tensor cores at a fraction of their rate):
-tests/test_sm90_gates.py checks it for every kept config.
+tests/test_lowering_gates.py checks it for every kept config; below Hopper (T4 to L4) every dot must be an
+mma.sync on the tensor cores, in the configs kept for the card's shared memory (tests/test_lowering_archs.py).
 
 Documents: a packed window holds several documents, and doc_ids (B, S), one integer per key position (a document is
 a run of equal ids), keep each query inside its own: mask(i, j) is also -inf where key j lies outside the document of
@@ -51,7 +52,9 @@ Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies o
 doc_ids with causal attention, also when T < S (the ids then cover all S key positions).
 """
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -70,14 +73,15 @@ def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> trit
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
-def _autotune(gpu: list[tuple[int, ...]], fp32: tuple[int, int, int, int], interpreter: tuple[int, int]):
-    """Autotune arguments for one kernel.
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """One kernel's autotune space.
 
     gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest head dim with
     documents, if lower]), chosen by lowering each for
-    sm_90a through the real launch path (kernels.sm90: bf16, causal, the argument specialization of a GPU launch)
+    sm_90a through the real launch path (kernels.lowering: bf16, causal, the argument specialization of a GPU launch)
     at head dims 32, 64 and 128: a candidate is kept for a head dim only where every tl.dot became a wgmma and
-    ptxas spilled nothing (tests/test_sm90_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
+    ptxas spilled nothing (tests/test_lowering_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
     per warpgroup, so the dK/dV kernel, whose accumulators are BLOCK_N rows, takes BLOCK_N >= 64 (at BLOCK_N = 32
     every dot is a legacy mma.sync); at head dim 128 its BLOCK_M = 64 candidates spill (the two BLOCK_N x 128 fp32
     accumulators already take 128 registers a thread), so they stop at 64; with documents (DOCS) the dQ kernel's
@@ -88,18 +92,75 @@ def _autotune(gpu: list[tuple[int, ...]], fp32: tuple[int, int, int, int], inter
     interpreter a single config, which also skips benchmarking; its blocks are deliberately unequal so that the
     tests cross BLOCK_M != BLOCK_N boundaries as the GPU configs do.
     """
+
+    gpu: list  # of (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest with documents])
+    fp32: tuple  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    interpreter: tuple  # (BLOCK_M, BLOCK_N)
+    smem_rows: Callable[[int, int, int], int]  # (BLOCK_M, BLOCK_N, stages) -> head-dim-wide rows kept in shared memory
+
+
+# Shared memory, as an upper bound: every pipeline stage of the streamed tiles (K and V in the forward and dQ
+# kernels, Q and dO in dK/dV's) plus the tiles a program keeps (Q; Q and dO; K and V), all at 2 bytes an element.
+# Lowered for sm_80 and sm_86 the kept configs use 60-85% of it (tests/test_lowering_archs.py holds each kept config
+# to its card's limit), so a config the bound passes fits.
+TUNING = {
+    "_attn_fwd": Tuning(gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
+                             (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(16, 32),
+                        smem_rows=lambda m, n, stages: 2 * stages * n + m),
+    "_attn_bwd_dkdv": Tuning(gpu=[(32, 128, 8, 3, 128), (32, 64, 4, 3, 128), (32, 64, 4, 4, 128), (64, 128, 8, 3, 64)],
+                             fp32=(32, 32, 8, 2), interpreter=(16, 32),
+                             smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n),
+    "_attn_bwd_dq": Tuning(gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128),
+                                (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(32, 16),
+                           smem_rows=lambda m, n, stages: 2 * stages * n + 2 * m),
+}  # fmt: skip
+# Candidates that spill where tl.dot lowers to mma.sync (capability < 9.0), by (kernel, config, head dim), from
+# lowering every candidate for sm_80 and sm_86 (the forward's 6 spill instructions on sm_86 in fp16, dQ's 2 on sm_80).
+MMA_SPILLS = {("_attn_fwd", (128, 64, 8, 4), 32), ("_attn_bwd_dq", (128, 64, 8, 3), 32)}
+
+
+def _target() -> tuple[int, int]:
+    """(capability, e.g. 86, and shared memory a block may use) of the device Triton compiles for: its active
+    driver's, a GPU's or kernels.lowering's compile-only stand-in's."""
+    active = triton.runtime.driver.active
+    smem = active.utils.get_device_properties(active.get_current_device())["max_shared_mem"]
+    return active.get_current_target().arch, smem
+
+
+def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, docs: bool, target=None) -> list[triton.Config]:
+    """The configs the autotuner of ``kernel`` tries for these inputs on ``target`` ((capability, shared memory per
+    block); default: the device Triton compiles for): its pruner, also what gpu_check's device section reports.
+
+    A candidate is kept up to its largest head dim, where its shared-memory bound fits the card, and, below Hopper,
+    unless it spills there (MMA_SPILLS); where none is left (head dim 128 on an RTX 3090's 99 KB), the small fp32
+    config, whose bound fits every card. Where the dots are FMA (fp32 inputs; capability below 8.0, where Triton
+    gives tl.dot no tensor cores and the large tiles spill hundreds of registers and need more shared memory than the
+    bound), only the small config."""
+    tuning = TUNING[kernel]
+    if INTERPRET and target is None:
+        return [_config(*tuning.interpreter, 1, 1)]
+    capability, smem = target or _target()
+    if dtype == torch.float32 or capability < 80:
+        return [_config(*tuning.fp32)]
+    kept = [_config(*c[:4]) for c in tuning.gpu
+            if head_dim <= (c[-1] if docs else c[4]) and 2 * head_dim * tuning.smem_rows(c[0], c[1], c[3]) <= smem
+            and not (capability < 90 and (kernel, c[:4], head_dim) in MMA_SPILLS)]  # fmt: skip
+    return kept or [_config(*tuning.fp32)]
+
+
+def _autotune(kernel: str):
+    """Autotune arguments for one kernel: every candidate, pruned by kept_configs (one config in the interpreter,
+    which also skips benchmarking)."""
     key = ["HEAD_DIM", "CAUSAL", "DOCS", "tuning_len"]
     if INTERPRET:
-        return dict(configs=[_config(*interpreter, 1, 1)], key=key)
-    candidates = [(_config(*c[:4]), c[4], c[-1]) for c in gpu]  # c[-1]: the limit with documents, c[4] if none
+        return dict(configs=kept_configs(kernel, torch.float32, 0, False), key=key)
 
     def prune(configs, named_args, **kwargs):
-        if named_args["Q"].dtype == torch.float32:
-            return [_config(*fp32)]
         args = {**named_args, **kwargs}
-        return [config for config, plain, docs in candidates if args["HEAD_DIM"] <= (docs if args["DOCS"] else plain)]
+        return kept_configs(kernel, args["Q"].dtype, args["HEAD_DIM"], args["DOCS"])
 
-    return dict(configs=[c for c, _, _ in candidates], key=key, prune_configs_by={"early_config_prune": prune})
+    configs = [_config(*c[:4]) for c in TUNING[kernel].gpu]
+    return dict(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
 
 
 def _tuning_len(n: int) -> int:
@@ -215,14 +276,7 @@ def _attn_fwd_blocks(
     return acc, l_i, m_i
 
 
-@triton.autotune(
-    **_autotune(
-        gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
-             (64, 64, 4, 3, 128)],
-        fp32=(32, 32, 4, 2),
-        interpreter=(16, 32),
-    )
-)
+@triton.autotune(**_autotune("_attn_fwd"))
 @triton.jit
 def _attn_fwd(
     Q, K, V, Out, LSE,  # LSE: (B, H, T) fp32, per-row log-sum-exp of the scaled scores in base 2
@@ -372,13 +426,7 @@ def _attn_bwd_dkdv_blocks(
     return dk, dv
 
 
-@triton.autotune(
-    **_autotune(
-        gpu=[(32, 128, 8, 3, 128), (32, 64, 4, 3, 128), (32, 64, 4, 4, 128), (64, 128, 8, 3, 64)],
-        fp32=(32, 32, 8, 2),
-        interpreter=(16, 32),
-    )
-)
+@triton.autotune(**_autotune("_attn_bwd_dkdv"))
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: contiguous like K
@@ -476,13 +524,7 @@ def _attn_bwd_dq_blocks(
     return dq
 
 
-@triton.autotune(
-    **_autotune(
-        gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128), (64, 64, 4, 3, 128)],
-        fp32=(32, 32, 4, 2),
-        interpreter=(32, 16),
-    )
-)
+@triton.autotune(**_autotune("_attn_bwd_dq"))
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,  # DQ: contiguous like Q

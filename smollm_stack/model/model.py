@@ -24,7 +24,7 @@ from smollm_stack.model.config import ModelConfig
 # The modules below keep their config's kernels choice ("auto", "triton", "eager") as `kernels`, so the package is not
 # imported under that name: a constructor's `kernels` argument would shadow it.
 def _ops(choice: str, x: torch.Tensor):
-    return backend_ops(resolve_backend(choice, x.device))
+    return backend_ops(resolve_backend(choice, x.device), x.device)
 
 
 class Linear(nn.Module):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from smollm_stack.model import ModelConfig
+from smollm_stack.train.precision import DTYPES
 from smollm_stack.train.rundir import RunDir, read_json
 
 # Fields of ModelConfig that come from elsewhere: the tokenizer fixes the vocabulary, TrainConfig the context.
@@ -104,7 +105,8 @@ class TrainConfig:
     # system
     seed: int = opt(1337, "seed of the initialization and of the batch sampler")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = opt("auto", "auto (bfloat16 autocast on CUDA, float32 elsewhere), bfloat16, float32")
+    dtype: str = opt("auto", "auto (bfloat16 autocast on a GPU of capability >= 8.0, float16 autocast with loss "
+                     "scaling below it, float32 on a CPU), bfloat16, float16, float32 (see train/precision.py)")
     # Off by default: on the 2-core CPU compiling the tiny model took 225 s (loaded machine) for 1.2x steps after.
     compile: bool = opt(False, "torch.compile the model")
     preflight: bool = opt(True, "check the Triton kernels against eager PyTorch on the run's shapes before training")
@@ -154,8 +156,8 @@ class TrainConfig:
             )
         if self.cosine_steps is not None and self.schedule != "cosine":
             raise ValueError(f"cosine_steps ({self.cosine_steps}) shapes only --schedule cosine, not {self.schedule}")
-        if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         unknown = set(self.model_args) - model_arg_names()

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from smollm_stack.files import open_append, write_atomic
 from smollm_stack.train.rundir import RunDir
@@ -23,6 +22,37 @@ PEAK_BF16_FLOPS = (
     ("RTX 4090", 165e12),
     ("RTX 3090", 71e12),
 )
+
+
+class _NoBar:
+    """What the trainer asks of a progress bar, doing nothing: where tqdm is not installed."""
+
+    def update(self, n: int = 1) -> None: ...
+
+    def set_postfix(self, **values) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _tqdm():
+    """tqdm's bar class, or None where tqdm is not installed (a bare GPU image): progress then shows nothing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def progress_bar(**tqdm_args):
+    """A tqdm bar, or one that shows nothing where tqdm is not installed."""
+    tqdm = _tqdm()
+    return _NoBar() if tqdm is None else tqdm(**tqdm_args)
+
+
+def console(line: str) -> None:
+    """Print a line without tearing a progress bar (tqdm.write), or plainly where tqdm is not installed."""
+    tqdm = _tqdm()
+    (print if tqdm is None else tqdm.write)(line)
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -66,6 +96,7 @@ class RunLogger:
         self.rows = [r for r in read_metrics(run.path) if r["step"] <= resume_step] if resume_step is not None else []
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.wandb = None
+        self.warned_no_plots = False
         if wandb_project is not None:
             try:
                 import wandb
@@ -80,12 +111,17 @@ class RunLogger:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
-        tqdm.write(format_row(row))
+        console(format_row(row))
 
     def plot(self):
         """Redraw loss_steps.png and loss_time.png (train and val loss against steps and wall-clock seconds)."""
-        import matplotlib
-
+        try:
+            import matplotlib
+        except ImportError:
+            if not self.warned_no_plots:
+                console("no loss plots: matplotlib is not installed")
+            self.warned_no_plots = True
+            return
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

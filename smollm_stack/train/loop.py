@@ -11,16 +11,14 @@ lays out; ``summary.json`` is written last, so its presence marks a finished run
 import dataclasses
 import math
 import signal
-import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from smollm_stack import kernels
 from smollm_stack.model import ModelConfig, TransformerLM, flops_per_token, generate, param_counts
@@ -30,10 +28,11 @@ from smollm_stack.train.dataset import EOT, batch_from_starts, batch_sampler, ch
 from smollm_stack.train.dataset import open_tokens, resolve_data, tokenizer_digest
 from smollm_stack.train.distributed import Dist, accumulating, init_distributed, shutdown
 from smollm_stack.train.fsdp import check_kind, full_model, latest_sharded, load_sharded, save_sharded, shard
-from smollm_stack.train.log import RunLogger, peak_flops, perplexity
+from smollm_stack.train.log import RunLogger, console, peak_flops, perplexity, progress_bar
 from smollm_stack.train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
 from smollm_stack.train.memory import checkpoint_blocks, memory_line
 from smollm_stack.train.optim import clip_gradients
+from smollm_stack.train import precision
 from smollm_stack.train.optimizers import build_optimizer
 from smollm_stack.files import write_atomic
 from smollm_stack.train.rundir import RunDir, open_run, read_json, write_json
@@ -68,7 +67,7 @@ class StopRequest:
         if not self.armed or self.signum is not None:
             raise Interrupted(signum, f"stopped by {name}: the run's last checkpoint is the one to resume from")
         self.signum = signum
-        tqdm.write(f"{name}: finishing this step and saving a checkpoint (again to stop at once)", file=sys.stderr)
+        console(f"{name}: finishing this step and saving a checkpoint (again to stop at once)")
 
     @contextmanager
     def installed(self):
@@ -112,6 +111,7 @@ class Model:
     backend: str  # the resolved kernels: "triton" or "eager"
     start: int  # the last step already trained (0: a new run)
     elapsed_s: float  # wall-clock seconds of the steps before ``start``
+    scaler: torch.amp.GradScaler  # fp16's loss scaling; passes everything through in bf16 and fp32
 
 
 @dataclass
@@ -151,10 +151,7 @@ def run(cfg: TrainConfig) -> dict:
 def _run(cfg: TrainConfig, info: Dist, device: torch.device, stop: StopRequest) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, cfg.dtype)
+    dtype = precision.resolve_dtype(cfg.dtype, device)
     run_dir, checkpoint = claim_run(cfg, info)
     try:
         if checkpoint is not None and checkpoint["iteration"] >= total_steps(cfg, info) and run_dir.summary.is_file():
@@ -162,7 +159,7 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device, stop: StopRequest) 
             return read_json(run_dir.summary)
         data = prepare_data(cfg, info, run_dir)
         model = build_model(cfg, run_dir, data, checkpoint, info, device, dtype)
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        autocast = precision.autocast(device, dtype)
         logger = start_log(cfg, info, run_dir, data, model, device, dtype)
         outcome = train(cfg, info, device, autocast, run_dir, data, model, logger, stop)
         return finish(cfg, info, run_dir, data, model, outcome, logger)
@@ -289,7 +286,7 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
         shard(raw, device, dtype, info.world_size)  # before the optimizer: it swaps the parameters for shards
     optimizer = build_optimizer(cfg, raw, device)
     schedule, schedule_note = build_schedule(cfg, total_steps(cfg, info)), ""
-    start, elapsed_s = 0, 0.0
+    start, elapsed_s, scaler = 0, 0.0, precision.grad_scaler(device, dtype)
     if checkpoint is not None:  # (an extended WSD run may continue from its pre-decay checkpoint instead)
         schedule, checkpoint, schedule_note = resume_schedule(schedule, checkpoint, run_dir, info.main)
         if "shards" in checkpoint:
@@ -299,12 +296,13 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
             start = apply_checkpoint(checkpoint, raw, optimizer)
         set_rng_state(checkpoint["rng"])
         elapsed_s = checkpoint.get("elapsed_s", 0.0)
+        scaler.load_state_dict(checkpoint.get("scaler", {}))
     compiled = torch.compile(raw) if cfg.compile else raw
     wrapped = compiled
     if info.enabled and cfg.parallel == "ddp":
         device_ids = [device.index] if device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
-    return Model(config, raw, wrapped, compiled, optimizer, schedule, schedule_note, backend, start, elapsed_s)
+    return Model(config, raw, wrapped, compiled, optimizer, schedule, schedule_note, backend, start, elapsed_s, scaler)
 
 
 def resumed_model_config(saved: dict, config: ModelConfig) -> ModelConfig:
@@ -363,7 +361,7 @@ def saved_config(cfg: TrainConfig, run_dir: RunDir) -> dict:
 def save(run_dir: RunDir, model: Model, sampler, cfg: TrainConfig, info: Dist, step: int, elapsed_s: float):
     """Rank 0 writes a checkpoint file; under FSDP every rank writes its shards of a step directory."""
     extra = dict(model_config=asdict(model.config), train_config=saved_config(cfg, run_dir), elapsed_s=elapsed_s)
-    extra.update(sampler=sampler.state_dict(), schedule=model.schedule.state_dict())
+    extra.update(sampler=sampler.state_dict(), schedule=model.schedule.state_dict(), scaler=model.scaler.state_dict())
     if cfg.parallel == "fsdp":
         meta = dict(iteration=step, rng=rng_state(), **extra)
         save_sharded(run_dir.sharded_checkpoint(step), model.raw, model.optimizer, meta, info)
@@ -422,7 +420,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             logger.log({**row, "val_bpb": bits_per_byte(val_loss, bpb_factor)})
     t_report, step_report = time.perf_counter(), start
     stop.armed = True
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
+    bar = progress_bar(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
     for step in range(start + 1, steps + 1):
         lr = model.schedule.lr(step)
         for group in model.optimizer.param_groups:
@@ -434,10 +432,12 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             with accumulating(model.train, last):
                 with autocast:
                     loss = model.train(x, y, doc_ids=doc_ids(x, cfg, data))
-                (loss / cfg.grad_accum).backward()
+                model.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
+        model.scaler.unscale_(model.optimizer)  # clipping sees the true gradients
         grad_norm = clip_gradients(cfg.optimizer, params, cfg.grad_clip or math.inf)
-        model.optimizer.step()
+        model.scaler.step(model.optimizer)  # skipped where fp16's gradients overflowed
+        model.scaler.update()
         model.optimizer.zero_grad(set_to_none=True)
         bar.update()
 
@@ -454,7 +454,8 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
         now = time.perf_counter()
         interval = max(now - t_report, 1e-9)  # since the last report's end: its eval and checkpoint left out
         tokens_per_s = (step - step_report) * per_step / interval
-        if not (math.isfinite(train_loss) and math.isfinite(norm)) or train_loss > diverge_loss:
+        scaling = model.scaler.is_enabled()  # fp16: a step whose gradients overflowed was skipped, not diverged
+        if not (math.isfinite(train_loss) and (math.isfinite(norm) or scaling)) or train_loss > diverge_loss:
             status, message = "diverged", diverged_message(step, train_loss, norm, diverge_loss, run_dir)
             break
         row = {
@@ -468,6 +469,8 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             "ms_per_step": 1000 * interval / (step - step_report),
             "mfu": flops * tokens_per_s / (peak * info.world_size) if peak else None,
         }
+        if model.scaler.is_enabled():
+            row["loss_scale"] = model.scaler.get_scale()
         if is_eval:
             val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
             best_val = min(best_val, val_loss)
@@ -558,7 +561,7 @@ def sample_story(model, data: Data, cfg: TrainConfig, run_dir: RunDir) -> str:
     ids = generate(model, data.prompt, max_new, **sampling, vocab_limit=tokenizer.vocab_size)  # no padding rows
     story = cfg.sample_prompt + tokenizer.decode(ids)
     write_atomic(run_dir.sample, story + "\n")
-    tqdm.write(f"--- sample ---\n{story}\n--------------")
+    console(f"--- sample ---\n{story}\n--------------")
     return story
 
 

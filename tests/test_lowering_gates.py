@@ -1,17 +1,17 @@
-"""Static Hopper gates: properties of the code an H100 would run, read from sm_90a compiles in CI (kernels.sm90).
+"""Static Hopper gates: properties of the code an H100 would run, read from sm_90a compiles in CI (kernels.lowering).
 
 Each op is launched through its own launcher on CPU stand-in tensors at the shapes training uses (the TinyStories-17M
 and 125M presets at bench.kernels' batches; attention at bench.attention's T = 4096 for head dims 32, 64 and 128,
 and the 17M preset), with the argument specialization a GPU launch gets, and every autotune config its pruner keeps
 is compiled. (The 125M preset's attention differs from the d = 64 case only in its head count, 12, not a multiple
-of 16; `python -m smollm_stack.bench.sm90` reports it.) A change that regresses one of these properties fails here,
+of 16; `python -m smollm_stack.bench.lowering` reports it.) A change that regresses one of these properties fails here,
 before any GPU sees it:
 
 - attention: every tl.dot of the forward, dK/dV and dQ kernels is a wgmma (none falls back to mma.sync, which runs
   Hopper's tensor cores at a fraction of their rate), at head dims 32, 64 and 128;
 - memory-bound kernels: at least 3/4 of the bytes each moves go in 16-byte vector loads and stores (only per-row
   scalars may go narrower), including the odd vocabulary V = 50257, standalone and in FLCE's padded buffer. Counted
-  are the loads of the kernel's tensors: kernels.sm90 counts those of constant arrays compiled into the module apart
+  are the loads of the kernel's tensors: kernels.lowering counts those of constant arrays compiled into the module apart
   (RoPE's libdevice sinf/cosf read the 2/pi bits of their large-argument reduction, scalar by scalar, only for
   |angle| > 105615 rad, i.e. positions past 105615), and only where their address provably starts at such an array;
 - no kernel spills registers (STL/LDL in the SASS) at these shapes. The STL/LDL of a local array the PTX declares
@@ -125,18 +125,18 @@ def _describe(r: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def attention_launches(compile_for_sm90):
-    return compile_for_sm90(ATTENTION_SCRIPT)
+def attention_launches(compile_for_gpu):
+    return compile_for_gpu(ATTENTION_SCRIPT)
 
 
 @pytest.fixture(scope="module")
-def doc_attention_launches(compile_for_sm90):
-    return compile_for_sm90(DOC_ATTENTION_SCRIPT)
+def doc_attention_launches(compile_for_gpu):
+    return compile_for_gpu(DOC_ATTENTION_SCRIPT)
 
 
 @pytest.fixture(scope="module")
-def memory_bound_launches(compile_for_sm90):
-    return compile_for_sm90(MEMORY_BOUND_SCRIPT)
+def memory_bound_launches(compile_for_gpu):
+    return compile_for_gpu(MEMORY_BOUND_SCRIPT)
 
 
 def _problems(records: list[dict], label: str, check) -> list[str]:
@@ -220,9 +220,9 @@ CASES = {"spill": lambda: centre_columns[(1,)](x, x, BLOCK=128, num_warps=1),
 """
 
 
-def test_the_gates_see_a_spill(compile_for_sm90):
+def test_the_gates_see_a_spill(compile_for_gpu):
     """The spill counts the gates read are real: STL/LDL in a kernel that must spill, none in one that fits."""
-    launches = compile_for_sm90(SPILL_SCRIPT)
+    launches = compile_for_gpu(SPILL_SCRIPT)
     (spilled,), (fits,) = launches["spill"], launches["no spill"]
     assert spilled["stack"] > 0 and spilled["spill_stores"] > 0 and spilled["spill_loads"] > 0, spilled
     assert "spill stores" in _no_spills(spilled)
@@ -254,7 +254,7 @@ $L__BB0_1:
 
 
 def test_table_loads_are_told_apart_only_when_their_address_starts_at_a_module_array():
-    from smollm_stack.kernels import sm90
+    from smollm_stack.kernels import lowering
 
-    loads, stores, table_loads = sm90._access_widths(TABLE_PTX)
+    loads, stores, table_loads = lowering._access_widths(TABLE_PTX)
     assert (dict(loads), dict(stores), dict(table_loads)) == ({16: 1, 4: 1, 2: 1}, {16: 1}, {4: 1})

@@ -1,14 +1,16 @@
-"""Lower Triton kernels for an H100 (sm_90a) through Triton's real JIT launch path, with no GPU, and read the result.
+"""Lower Triton kernels for an NVIDIA GPU (sm_75 to sm_90a) through Triton's real JIT launch path, with no GPU, and
+read the result.
 
-Why: what decides a kernel's speed on Hopper is mostly visible in the code ptxas emits (wgmma or legacy mma.sync,
-spills, shared memory, vector widths of global accesses, the grid), and that code depends on how a launch
+Why: what decides a kernel's speed on a card is mostly visible in the code ptxas emits (tensor-core instructions or
+FMA, spills, shared memory, vector widths of global accesses, the grid), and that code depends on how a launch
 specializes the arguments: pointers and ints divisible by 16 get `tt.divisibility = 16`, ints equal to 1 become
 constants, so a `stride == 1` axis turns into contiguous vector loads. Hand-typed signatures (every int `i32`) miss
 all of that and give different code. Here the kernel is launched normally, `kernel[grid](tensors..., ints...)` or
 through its op's own launcher, while a stand-in driver is active:
 
-- the target is GPUTarget("cuda", 90, 32), which Triton's NVIDIA backend lowers for `sm_90a` (the "a" features:
-  wgmma, TMA, setmaxnreg), exactly as on an H100;
+- the target is GPUTarget("cuda", capability, 32) of one of DEVICES (T4 sm_75, A100 sm_80, RTX 3090 sm_86, L4
+  sm_89, H100 sm_90a: Triton's NVIDIA backend lowers capability 90 for `sm_90a`, with wgmma, TMA and setmaxnreg),
+  and the driver reports that card's shared memory per block, registers and SM count, exactly as on the card;
 - the binder specializes the real arguments with Triton's own code (`native_specialize_impl`), so the signature,
   divisibility and constants are a real launch's;
 - the launcher compiles (Triton IR -> PTX -> ptxas cubin) and records the grid, but never launches anything;
@@ -22,34 +24,37 @@ reserves but does not touch memory, so preset-sized buffers cost nothing. Launch
 `device.type == "cuda"` (e.g. to size a persistent grid from the SM count) take their CPU branch: read such grids
 with that in mind.
 
-API (stable; used by bench/sm90.py and the static gates in tests/):
+API (stable; used by bench/lowering.py and the static gates in tests/):
 
-    from smollm_stack.kernels import sm90
-    with sm90.compile_only() as launches:      # stand-in driver active inside; the real one restored on exit
+    from smollm_stack.kernels import lowering
+    with lowering.compile_only(lowering.DEVICES["sm_80"]) as launches:  # default: the H100; the real driver back
+                                                                         # on exit
         my_kernel[grid](x, y, n, BLOCK=1024)    # or any launcher: flash_attention(q, k, v), rms_norm(x, w), ...
     for launch in launches:                     # one Launch per distinct compiled kernel x grid, in launch order
         launch.name, launch.config, launch.grid, launch.stats.wgmma, launch.stats.vector_share("ld"), ...
-    print(sm90.table(launches))                 # one line per launch; sm90.HEADER names the columns
-    json.dumps([sm90.record(launch) for launch in launches])   # flat dicts, e.g. to pass out of a subprocess
+    print(lowering.table(launches))             # one line per launch; lowering.HEADER names the columns
+    json.dumps([lowering.record(launch) for launch in launches])   # flat dicts, e.g. to pass out of a subprocess
 
 Launch: name, config (constexprs, the ints the launch turned into constants such as a stride of 1, num_warps and
 num_stages), grid, stats (Stats), ctas (grid size),
-resident_ctas / resident_warps (per SM, from registers, shared memory and the SM's limits), waves (grid / (132 x
+resident_ctas / resident_warps (per SM, from registers, shared memory and the SM's limits), waves (grid / (SMs x
 resident CTAs)). Stats: regs, spill_stores / spill_loads (STL / LDL instructions in the SASS: register spills to
 local memory), local (the STL + LDL of local arrays the PTX itself declares, such as libdevice sinf's, counted here
 instead when ptxas reports no spill for the kernel), stack (stack frame bytes per thread), shared (bytes), wgmma /
-mma_sync (PTX tensor-core instructions), cp_async / tma (PTX cp.async and cp.async.bulk), loads / stores (PTX
-ld.global / st.global counts by access width in bytes, of the kernel's tensors), table_loads (the loads of constant
-arrays compiled into the module, such as libdevice sinf's 2/pi table, apart), vector_share(kind) (the share of the
-tensors' bytes moved by 16-byte vectors).
+mma_sync (PTX tensor-core instructions), dots / tensor_core_dots (the tl.dots of the TTGIR, and those of them
+whose result has a tensor-core layout: a dot the backend could not put on tensor cores runs as FMA), cp_async / tma
+(PTX cp.async and cp.async.bulk), loads / stores (PTX ld.global / st.global counts by access width in bytes, of the
+kernel's tensors), table_loads (the loads of constant arrays compiled into the module, such as libdevice sinf's 2/pi
+table, apart), vector_share(kind) (the share of the tensors' bytes moved by 16-byte vectors).
 A config the pruner kept but that cannot launch (too much shared memory) is a Launch with `error` set.
 
 ptxas_version() names the ptxas used. Must run with TRITON_INTERPRET unset (the interpreter replaces the JIT);
-tests do it in subprocesses through the `compile_for_sm90` fixture (tests/conftest.py).
+tests do it in subprocesses through the `compile_for_gpu` fixture (tests/conftest.py).
 """
 
 import contextlib
 import dataclasses
+import gc
 import os
 import re
 import subprocess
@@ -63,7 +68,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 from triton.runtime.driver import driver
 
-__all__ = ["H100", "HEADER", "Launch", "Stats", "compile_only", "ptxas_version", "record", "table"]
+__all__ = ["DEVICES", "H100", "HEADER", "Launch", "Stats", "compile_only", "ptxas_version", "record", "table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +87,25 @@ class Device:
     max_ctas_per_sm: int = 32
 
 
+    @property
+    def target(self) -> str:
+        """The ptxas target name: sm_90a on Hopper (Triton lowers capability 90 with its "a" features), sm_XY below."""
+        return f"sm_{self.capability}" + ("a" if self.capability == 90 else "")
+
+
 H100 = Device("H100 SXM", capability=90, sms=132)
+# Each architecture's card our users have, with its limits from NVIDIA's tuning guides (shared memory a block may opt
+# into, per SM, warps and CTAs an SM holds); registers are 64K an SM and 255 a thread on all of them.
+DEVICES = {
+    "sm_75": Device("T4", capability=75, sms=40, smem_per_sm=64 * 1024, smem_per_block=64 * 1024,
+                    max_warps_per_sm=32, max_ctas_per_sm=16),
+    "sm_80": Device("A100", capability=80, sms=108, smem_per_sm=164 * 1024, smem_per_block=163 * 1024),
+    "sm_86": Device("RTX 3090", capability=86, sms=82, smem_per_sm=100 * 1024, smem_per_block=99 * 1024,
+                    max_warps_per_sm=48, max_ctas_per_sm=16),
+    "sm_89": Device("L4", capability=89, sms=58, smem_per_sm=100 * 1024, smem_per_block=99 * 1024,
+                    max_warps_per_sm=48, max_ctas_per_sm=24),
+    "sm_90a": H100,
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +118,8 @@ class Stats:
     shared: int
     wgmma: int
     mma_sync: int
+    dots: int
+    tensor_core_dots: int
     cp_async: int
     tma: int
     loads: dict  # access width in bytes -> count of ld.global in the PTX, of the kernel's tensors
@@ -250,28 +275,42 @@ def _sass_stats(name: str, cubin: bytes) -> tuple[int, int, int, int]:
     return regs, stack, len(re.findall(r"\bSTL\b", sass.stdout)), len(re.findall(r"\bLDL\b", sass.stdout))
 
 
-def _ptxas_spills(ptx: str, capability: int) -> bool:
+def _ptxas_spills(ptx: str, device: Device) -> bool:
     """Whether ptxas -v, run on the PTX as Triton runs it, reports spill stores or loads."""
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(src, "w") as f:
             f.write(ptx)
-        log = subprocess.run([_ptxas(capability).path, "-v", f"--gpu-name=sm_{capability}a", src, "-o", out],
+        log = subprocess.run([_ptxas(device.capability).path, "-v", f"--gpu-name={device.target}", src, "-o", out],
                              capture_output=True, text=True, check=True)  # fmt: skip
     return any(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.stdout + log.stderr))
 
 
-def _stats(name: str, cubin: bytes, ptx: str, shared: int, capability: int) -> Stats:
+_TENSOR_CORE_LAYOUT = re.compile(r"^(#\w+) = #ttg\.nvidia_mma<", re.M)
+_DOT = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) .*-> tensor<[^>]*?(#\w+)>")
+
+
+def _dots(ttgir: str) -> tuple[int, int]:
+    """(dots, those on tensor cores) of a kernel's TTGIR: a wgmma dot always, a tt.dot when its result is laid out for
+    mma (#ttg.nvidia_mma); a dot lowered as FMA keeps a blocked layout."""
+    mma = set(_TENSOR_CORE_LAYOUT.findall(ttgir))
+    dots = _DOT.findall(ttgir)
+    return len(dots), sum(op == "ttng.warp_group_dot" or layout in mma for op, layout in dots)
+
+
+def _stats(name: str, cubin: bytes, ptx: str, ttgir: str, shared: int, device: Device) -> Stats:
     regs, stack, stl, ldl = _sass_stats(name, cubin)
     # STL/LDL are spills, unless the PTX declares local arrays (libdevice sinf/cosf keep their Payne-Hanek digits in
     # one) and ptxas, asked again with -v (only then: it costs a compile), counts no spill: then they are the array's.
     local = 0
-    if (stl or ldl) and _LOCAL_ARRAY.search(ptx) and not _ptxas_spills(ptx, capability):
+    if (stl or ldl) and _LOCAL_ARRAY.search(ptx) and not _ptxas_spills(ptx, device):
         local, stl, ldl = stl + ldl, 0, 0
     loads, stores, table_loads = _access_widths(ptx)
+    dots, tensor_core_dots = _dots(ttgir)
     return Stats(
         regs=regs, stack=stack, spill_stores=stl, spill_loads=ldl, local=local, shared=shared,
         wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+        dots=dots, tensor_core_dots=tensor_core_dots,
         cp_async=len(re.findall(r"\bcp\.async\.(?!bulk)", ptx)), tma=len(re.findall(r"\bcp\.async\.bulk", ptx)),
         loads=dict(loads), stores=dict(stores), table_loads=dict(table_loads),
     )
@@ -288,8 +327,8 @@ class _Handle:
 
 
 class _Utils:
-    def __init__(self, device: Device, ptx_by_name: dict):
-        self.device, self.ptx_by_name = device, ptx_by_name
+    def __init__(self, device: Device, code_by_name: dict):
+        self.device, self.code_by_name = device, code_by_name
 
     def get_device_properties(self, _device):
         dev = self.device
@@ -297,7 +336,8 @@ class _Utils:
                 "warpSize": 32, "sm_clock_rate": 1_980_000, "mem_clock_rate": 2_619_000, "mem_bus_width": 5120}
 
     def load_binary(self, name, cubin, shared, _device):
-        stats = _stats(name, cubin, self.ptx_by_name.pop(name, ""), shared, self.device.capability)
+        ptx, ttgir = self.code_by_name.pop(name, ("", ""))
+        stats = _stats(name, cubin, ptx, ttgir, shared, self.device)
         return None, _Handle(stats), stats.regs, stats.stack // 4, 1024
 
     def unload_module(self, _module):
@@ -305,12 +345,12 @@ class _Utils:
 
 
 class _Driver(DriverBase):
-    """Reports an sm_90 target; its launcher records launches instead of running them."""
+    """Reports the device's target; its launcher records launches instead of running them."""
 
     def __init__(self, device: Device, launches: list):
         super().__init__()
-        self.device, self.launches, self.ptx_by_name = device, launches, {}
-        self.utils = _Utils(device, self.ptx_by_name)
+        self.device, self.launches, self.code_by_name = device, launches, {}
+        self.utils = _Utils(device, self.code_by_name)
         self.launcher_cls = self._launcher
 
     @classmethod
@@ -378,19 +418,32 @@ def _closure(fn) -> dict:
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
 
 
+def _forget_tuning() -> None:
+    """Drop every autotuner's choices: they are kept per key and dtype, not per device, so a choice made for another
+    card would stand in for the pruning and compiling of this one's configs."""
+    for obj in gc.get_objects():
+        if issubclass(type(obj), triton.runtime.Autotuner):  # type(): isinstance would wake lazy proxies
+            obj.cache.clear()
+
+
 @contextlib.contextmanager
 def compile_only(device: Device = H100):
-    """Inside, Triton launches compile for `device` and are recorded in the yielded list instead of running."""
+    """Inside, Triton launches compile for `device` and are recorded in the yielded list instead of running; every
+    autotuner tunes afresh (and compiles each config its pruner keeps for the device)."""
+    _forget_tuning()
     launches: list[Launch] = []
     stand_in = _Driver(device, launches)
     previous, hook = driver._active, knobs.runtime.kernel_load_start_hook
 
-    def keep_ptx(_module, _function, name, metadata_group, _hash):
-        ptx = next((p for c, p in metadata_group.items() if c.endswith(".ptx")), None)
-        stand_in.ptx_by_name[name] = open(ptx).read() if ptx else ""
+    def keep_code(_module, _function, name, metadata_group, _hash):
+        def text(suffix: str) -> str:
+            path = next((p for c, p in metadata_group.items() if c.endswith(suffix)), None)
+            return open(path).read() if path else ""
+
+        stand_in.code_by_name[name] = text(".ptx"), text(".ttgir")
 
     driver.set_active(stand_in)
-    knobs.runtime.kernel_load_start_hook = keep_ptx
+    knobs.runtime.kernel_load_start_hook = keep_code
     try:
         yield launches
     finally:
@@ -399,8 +452,9 @@ def compile_only(device: Device = H100):
 
 # The report ----------------------------------------------------------------------------------------------------------
 
-HEADER = (f"{'kernel':<24} {'config':<40} {'regs':>4} {'spill':>5} {'smem KB':>7} {'wgmma':>5} {'mma':>4} "
-          f"{'cp.as':>5} {'tma':>3} {'ld16':>5} {'st16':>5} {'grid':>8} {'CTA/SM':>6} {'warp/SM':>7} {'waves':>6}")
+HEADER = (f"{'kernel':<24} {'config':<40} {'regs':>4} {'spill':>5} {'smem KB':>7} {'TC dots':>7} {'wgmma':>5} "
+          f"{'mma':>4} {'cp.as':>5} {'tma':>3} {'ld16':>5} {'st16':>5} {'grid':>8} {'CTA/SM':>6} {'warp/SM':>7} "
+          f"{'waves':>6}")
 
 
 def _config_text(config: dict) -> str:
@@ -414,7 +468,8 @@ def row(launch: Launch) -> str:
         return f"{launch.name:<24} {_config_text(launch.config):<40} cannot launch: {launch.error.splitlines()[0]}"
     s = launch.stats
     return (f"{launch.name:<24} {_config_text(launch.config):<40} {s.regs:>4} {s.spill_stores + s.spill_loads:>5} "
-            f"{s.shared / 1024:>7.1f} {s.wgmma:>5} {s.mma_sync:>4} {s.cp_async:>5} {s.tma:>3} "
+            f"{s.shared / 1024:>7.1f} {f'{s.tensor_core_dots}/{s.dots}':>7} {s.wgmma:>5} {s.mma_sync:>4} "
+            f"{s.cp_async:>5} {s.tma:>3} "
             f"{s.vector_share('ld'):>5.0%} {s.vector_share('st'):>5.0%} {launch.ctas:>8} {launch.resident_ctas:>6} "
             f"{launch.resident_warps:>7} {launch.waves:>6.2f}")
 
