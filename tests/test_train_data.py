@@ -26,7 +26,7 @@ def test_prepare_writes_tokenizer_and_splits(tmp_path, capsys):
         assert ids.dtype == np.uint16 and ids.tolist() == tok.encode(text)
     assert f"--tokenizer {out / 'tokenizer'}" in capsys.readouterr().out
     assert prepare_main(["--train", str(tmp_path / "nope.txt"), "--val", "x", "--out", str(out)]) == 2
-    assert "error: text file not found" in capsys.readouterr().err
+    assert "error: data file not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("compressed", [False, True])

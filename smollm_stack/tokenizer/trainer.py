@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from smollm_stack.tokenizer.hashing import HASH, KEY0, LEN, START, VAL, find_bytes, grow_bytes_table, hash_bytes
 from smollm_stack.tokenizer.inputs import check_input_path, check_special_tokens
 from smollm_stack.tokenizer.merge import merge_loop
-from smollm_stack.tokenizer.parallel import chunk_bounds, process_pool, read_chunk
+from smollm_stack.tokenizer.parallel import chunk_bounds, ordered_map, process_pool, read_chunk
 from smollm_stack.tokenizer.pretokenize import char_classes, next_pretoken, segments, special_pattern
 
 MIN_CHUNK_BYTES = 1 << 20  # smaller chunks cost more in process overhead than they gain in balance
@@ -53,10 +53,17 @@ def count_pretokens(data, bounds, classes):
 
 def _count_chunk(args):
     path, start, end, special_tokens = args
-    raw = read_chunk(path, start, end)
+    return _count_raw(read_chunk(path, start, end), special_tokens)
+
+
+def _count_batch(args):
+    return _count_raw(*args)
+
+
+def _count_raw(raw: bytes, special_tokens):
     bounds, _ = segments(raw, special_pattern(special_tokens))
     starts, lens, counts = count_pretokens(np.frombuffer(raw, np.uint8), bounds, char_classes())
-    return [raw[s : s + n] for s, n in zip(starts.tolist(), lens.tolist())], counts.tolist(), end - start
+    return [raw[s : s + n] for s, n in zip(starts.tolist(), lens.tolist())], counts.tolist(), len(raw)
 
 
 def count_file(path, special_tokens, num_workers, progress=True) -> dict[bytes, int]:
@@ -64,11 +71,15 @@ def count_file(path, special_tokens, num_workers, progress=True) -> dict[bytes, 
     size = os.path.getsize(path)
     chunk_bytes = int(min(max(size / (4 * num_workers), MIN_CHUNK_BYTES), 16 << 20))
     tasks = [(path, s, e, special_tokens) for s, e in chunk_bounds(path, chunk_bytes, special_tokens)]
+    return _add_counts(_count_chunk, tasks, min(num_workers, len(tasks)), size, progress)
+
+
+def _add_counts(fn, tasks, num_workers: int, size, progress: bool) -> dict[bytes, int]:
     char_classes()  # built once here, inherited by forked workers
     totals: dict[bytes, int] = {}
     bar = tqdm(total=size, unit="B", unit_scale=True, desc="pre-tokenize", disable=not progress)
-    with process_pool(min(num_workers, len(tasks))) as pool:
-        for pieces, counts, nbytes in pool.imap_unordered(_count_chunk, tasks) if pool else map(_count_chunk, tasks):
+    with bar, process_pool(num_workers) as pool:
+        for pieces, counts, nbytes in ordered_map(pool, fn, tasks, 2 * num_workers):
             if not totals:
                 totals = dict(zip(pieces, counts))
             else:
@@ -76,7 +87,6 @@ def count_file(path, special_tokens, num_workers, progress=True) -> dict[bytes, 
                 for p, c in zip(pieces, counts):
                     totals[p] = get(p, 0) + c
             bar.update(nbytes)
-    bar.close()
     return totals
 
 
@@ -88,13 +98,29 @@ def train_bpe(input_path, vocab_size: int, special_tokens=None, num_workers: int
     the (left, right) byte pairs in creation order.
     """
     path = check_input_path(input_path)
+    special_tokens = _check_vocab(vocab_size, special_tokens)
+    num_workers = num_workers or os.cpu_count() or 1
+    return merge_counts(count_file(path, special_tokens, num_workers, progress), vocab_size, special_tokens, progress)
+
+
+def train_bpe_batches(batches, vocab_size: int, special_tokens=None, num_workers: int | None = None, progress=False):
+    """train_bpe on text that arrives as an iterable of UTF-8 ``bytes`` batches (documents streamed from jsonl or
+    parquet), each ending right after a special token (or at the end); the result equals train_bpe's on the
+    concatenation, with at most two batches per worker in memory."""
+    special_tokens = _check_vocab(vocab_size, special_tokens)
+    num_workers = num_workers or os.cpu_count() or 1
+    tasks = ((raw, special_tokens) for raw in batches)
+    counts = _add_counts(_count_batch, tasks, num_workers, None, progress)
+    return merge_counts(counts, vocab_size, special_tokens, progress)
+
+
+def _check_vocab(vocab_size, special_tokens) -> list[str]:
     special_tokens = check_special_tokens(special_tokens)
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
         raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
     if vocab_size < 256 + len(special_tokens):
         raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(special_tokens)} special tokens")
-    num_workers = num_workers or os.cpu_count() or 1
-    return merge_counts(count_file(path, special_tokens, num_workers, progress), vocab_size, special_tokens, progress)
+    return special_tokens
 
 
 def merge_counts(counts: dict[bytes, int], vocab_size: int, special_tokens: list[str], progress=False):
