@@ -2,6 +2,7 @@
 
     python -m smollm_stack.bench.tokenizer --corpus PATH  # e.g. a 36 MB English corpus (RESULTS.md says which)
     python -m smollm_stack.bench.tokenizer --dry-run      # the small test files in tests/data, seconds (a smoke test)
+    python -m smollm_stack.bench.tokenizer --first-call --corpus PATH  # a fresh install's first train_bpe, cold vs warm
 
 Every measurement runs in a fresh process, so peak RSS (ru_maxrss of the process and of its largest child) is its
 own; times are medians over --repeats runs. The encoding race reads GPT-2's vocab.json and merges.txt on both sides
@@ -103,8 +104,17 @@ def _encode_tiktoken(corpus, vocab_path, merges, workers):
     return {"time": time.perf_counter() - t0, "tokens": n}
 
 
+def _first_call(corpus, vocab_size, jit):
+    t0 = time.perf_counter()
+    from smollm_stack.tokenizer import train_bpe
+
+    train_bpe(corpus, vocab_size, [EOT], jit=jit)
+    return {"time": time.perf_counter() - t0}  # the import included: a fresh process's whole first call
+
+
 MEASURES = {
     "train_ours": _train_ours, "train_hf": _train_hf, "encode_ours": _encode_ours, "encode_tt": _encode_tiktoken,
+    "first_call": _first_call,
 }  # fmt: skip
 
 
@@ -116,13 +126,14 @@ def measure_in_this_process(request: str):
     print(json.dumps(result))
 
 
-def measure(kind: str, *args, repeats: int = 1) -> dict:
+def measure(kind: str, *args, repeats: int = 1, env=None) -> dict:
     """Median time (and its other fields from the median run) of `repeats` fresh processes, plus peak RSS."""
     code = "import sys; from smollm_stack.bench.tokenizer import measure_in_this_process as m; m(sys.argv[1])"
     request = json.dumps([kind, *(str(a) if isinstance(a, Path) else a for a in args)])
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-c", code, request], cwd=REPO, capture_output=True, text=True)
+        command = [sys.executable, "-c", code, request]
+        out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
         if out.returncode != 0:
             raise RuntimeError(f"{kind} failed:\n{out.stderr[-2000:]}")
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -219,6 +230,31 @@ def scale_rows(corpora, vocab_size: int, workers: int) -> list[str]:
     return lines
 
 
+def first_call_rows(corpus: Path, vocab_size: int, repeats: int) -> list[str]:
+    """A fresh process's first ``train_bpe`` (import included), with Numba's cache empty (a fresh install) or warm."""
+    lines = [
+        f"First call of `train_bpe` on {corpus.name} ({corpus.stat().st_size / 1e6:.1f} MB, vocab {vocab_size}), "
+        "a fresh process each, import included; cold: Numba's cache empty, as on a fresh install.",
+        "",
+        "| path | cold | warm cache |",
+        "|---|---|---|",
+    ]
+    for jit, name in ((None, "default (by input size)"), (True, "Numba JIT forced")):
+        with tempfile.TemporaryDirectory(prefix="numba-cache-") as cache:
+            cold = []
+            for i in range(repeats):
+                fresh = {"NUMBA_CACHE_DIR": str(Path(cache) / f"cold{i}")}
+                cold.append(measure("first_call", corpus, vocab_size, jit, env=fresh)["time"])
+            warm = measure("first_call", corpus, vocab_size, jit, repeats=repeats, env=fresh)["times"]
+        lines.append(f"| {name} | {_median_s(cold)} | {_median_s(warm)} |")
+    return lines
+
+
+def _median_s(times) -> str:
+    times = sorted(times)
+    return f"{times[len(times) // 2]:.2f} s ({', '.join(f'{t:.2f}' for t in times)})"
+
+
 def run(args, command: str) -> str:
     """Markdown tables of training and encoding, ours vs Hugging Face tokenizers vs tiktoken, on this machine."""
     workers = os.cpu_count() or 1
@@ -229,6 +265,8 @@ def run(args, command: str) -> str:
         f"{os.getloadavg()[0]:.1f} at the start: other jobs share it), `{command}`, corpus {args.corpus.name} "
         f"({mb:.1f} MB), median of {repeats}; peak RSS = main process / largest worker."
     )
+    if args.first_call:
+        return "\n\n".join([header, "\n".join(first_call_rows(args.corpus, 500, repeats))])
     with tempfile.TemporaryDirectory(prefix="bench_tokenizer-") as tmp:  # the derived corpora, deleted at the end
         prefix = Path(tmp) / f"corpus_{SMALL_CORPUS_MB}MB.txt"
         small = args.small_corpus or corpus_prefix(args.corpus, SMALL_CORPUS_MB * 10**6, prefix)
@@ -260,6 +298,8 @@ def build_parser():
         help="fresh processes per timed row, the median shown (default 3; 1 with --dry-run)")
     add("--scale-mb", type=float, default=55.0, metavar="MB",
         help="size of the largest row of the memory-vs-size table (default 55; no such row with --dry-run)")
+    add("--first-call", action="store_true",
+        help="only time a fresh process's first train_bpe on --corpus (vocab 500), Numba's cache empty vs warm")
     add("--out", type=Path, metavar="DIR", help=f"new directory for report.md (default {DEFAULT_OUT}/<date-time>)")
     return parser
 
