@@ -17,14 +17,19 @@ from smollm_stack.train.dataset import AlignedBatchSampler, BatchSampler, open_t
 from smollm_stack.train.prepare import main as prepare_main
 from smollm_stack.train.shards import MANIFEST, ShardedTokens, write_shards
 from smollm_stack.train.sources import EOT, resolve
+from tests.test_train_data import fake_hub
 
 WORDS = ["fox", "cat", "owl", "bee", "ant", "elk"]
 DOCS = [f"Once upon a time a little {w} found {n} red balls. Ünïcode too: 日本.\n" for n in range(12) for w in WORDS]
 
 
+def as_jsonl(docs, field="text") -> bytes:
+    return "".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)).encode()
+
+
 def write_jsonl(path, docs, field="text"):
-    lines = "".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs))
-    path.write_bytes(gzip.compress(lines.encode()) if path.name.endswith(".gz") else lines.encode())
+    lines = as_jsonl(docs, field)
+    path.write_bytes(gzip.compress(lines) if path.name.endswith(".gz") else lines)
     return path
 
 
@@ -175,22 +180,15 @@ def test_bad_data_is_one_error_line_naming_file_and_place_and_nothing_looks_fini
 
 
 def test_a_hub_dataset_is_read_from_the_cache_offline(tmp_path, monkeypatch):
-    constants = pytest.importorskip("huggingface_hub.constants")
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "datasets--org--tiny-corpus"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    data = repo / "snapshots" / commit / "data"
-    data.mkdir(parents=True)
-    for split in ("train", "validation"):
-        write_jsonl(data / f"{split}-00000-of-00001.jsonl", DOCS[:5] if split == "train" else DOCS[5:7])
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert resolve("hf:org/tiny-corpus:data/train-*") == [data / "train-00000-of-00001.jsonl"]
+    files = {f"data/{split}-00000-of-00001.jsonl": as_jsonl(DOCS[:5]) for split in ("train", "validation")}
+    snapshot = fake_hub(tmp_path / "hub", "org/tiny-corpus", files, monkeypatch)
+    assert resolve("hf:org/tiny-corpus:data/train-*") == [snapshot / "data" / "train-00000-of-00001.jsonl"]
     with pytest.raises(ValueError, match="cannot fetch hf:org/missing:data/"):
         resolve("hf:org/missing:data/*")
     with pytest.raises(ValueError, match="no file of org/tiny-corpus matches data/test-"):
         resolve("hf:org/tiny-corpus:data/test-*")
+    with pytest.raises(ValueError, match="a Hub dataset is hf:OWNER/NAME"):
+        resolve("hf:tiny-corpus")
 
 
 def test_the_trainer_data_flags_take_a_source_and_cache_its_shards(tmp_path, byte_tok, monkeypatch, capsys):

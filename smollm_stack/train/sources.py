@@ -77,21 +77,26 @@ def hub_files(spec: str) -> list[Path]:
     repo_id, _, revision = repo.partition("@")
     if repo_id.count("/") != 1 or not pattern:
         raise ValueError(f"{spec}: a Hub dataset is hf:OWNER/NAME[@REVISION]:PATTERN, e.g. hf:org/corpus:data/train-*")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ValueError(f"{spec} needs huggingface_hub: pip install 'smollm-stack[data]'") from None
-    try:
-        root = huggingface_hub.snapshot_download(
-            repo_id, repo_type="dataset", revision=revision or None, allow_patterns=[pattern]
-        )
-    except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.LocalEntryNotFoundError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot fetch {spec}: {reason}") from None
+    fetch = dict(repo_id=repo_id, repo_type="dataset", revision=revision or None, allow_patterns=[pattern])
+    root = hub_fetch("snapshot_download", spec, **fetch)
     files = sorted(p for p in Path(root).glob(pattern) if p.is_file())
     if not files:
         raise ValueError(f"{spec}: no file of {repo_id} matches {pattern}")
     return files
+
+
+def hub_fetch(function: str, what: str, **kwargs) -> str:
+    """``huggingface_hub.<function>(**kwargs)``: a local path, or a ValueError naming ``what`` and why not."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors
+    except ImportError:
+        raise ValueError(f"{what} needs huggingface_hub: pip install 'smollm-stack[data]'") from None
+    try:
+        return getattr(huggingface_hub, function)(**kwargs)
+    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.EntryNotFoundError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"cannot fetch {what}: {reason}") from None
 
 
 # ---- documents -> UTF-8 batches ---------------------------------------------------------------------------------
