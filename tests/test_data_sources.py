@@ -146,7 +146,8 @@ def _bad_parquet(tmp_path, case):
 
 
 @pytest.mark.parametrize(
-    "case", ["invalid utf-8", "no text field", "not json", "empty shard", "truncated gz", "int column", "null", "bad"]
+    "case",
+    ["invalid utf-8", "no text field", "not json", "empty shard", "truncated gz", "corrupt gz", "int column", "null", "bad"],
 )
 def test_bad_data_is_one_error_line_naming_file_and_place_and_nothing_looks_finished(tmp_path, byte_tok, case, capsys):
     from tests.test_faults import one_error
@@ -164,9 +165,12 @@ def test_bad_data_is_one_error_line_naming_file_and_place_and_nothing_looks_fini
     elif case == "empty shard":
         path.write_bytes(b"\n")
         needle = "holds no documents"
-    elif case == "truncated gz":
+    elif case in ("truncated gz", "corrupt gz"):
         path = write_jsonl(tmp_path / "bad.jsonl.gz", DOCS)
-        path.write_bytes(path.read_bytes()[:-30])
+        data = bytearray(path.read_bytes())
+        if case == "corrupt gz":
+            data[30] ^= 0xFF  # inside the deflate stream: zlib's own error, not an OSError
+        path.write_bytes(bytes(data if case == "corrupt gz" else data[:-30]))
         needle = "cannot read it"
     else:
         path, needle = _bad_parquet(tmp_path, case)

@@ -20,6 +20,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 
 from smollm_stack.tokenizer.parallel import chunk_bounds, read_chunk
@@ -134,7 +135,7 @@ def _jsonl(path: Path, field: str):
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     yield _json_text(line, field, f"{path} line {line_no}")
-    except (OSError, EOFError) as e:  # a damaged or truncated .gz
+    except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated .gz
         raise ValueError(f"{path}: cannot read it ({e})") from None
 
 
