@@ -148,7 +148,7 @@ def _bad_parquet(tmp_path, case):
 @pytest.mark.parametrize(
     "case",
     ["invalid utf-8", "no text field", "not json", "empty shard", "truncated gz", "corrupt gz"]
-    + ["int column", "null", "bad"],
+    + ["int column", "null", "parquet utf-8"],
 )
 def test_bad_data_is_one_error_line_naming_file_and_place_and_nothing_looks_finished(tmp_path, byte_tok, case, capsys):
     from tests.test_faults import one_error
@@ -182,6 +182,10 @@ def test_bad_data_is_one_error_line_naming_file_and_place_and_nothing_looks_fini
     one_error(capsys, str(path), needle)
     assert not json.loads((out / "val" / MANIFEST).read_text())["complete"]
     assert not list((out / "val").glob("*.npy")) and not list((out / "val").glob("*.tmp-*"))
+    if case == "invalid utf-8":  # fixed, the same command finishes what it started, without --force
+        write_jsonl(path, DOCS[:4])
+        assert prepare_main([*argv, "--tokenizer", str(byte_tok)]) == 0
+        assert open_tokens(out / "val")[:].tolist() == Tokenizer.load(byte_tok).encode(as_text(DOCS[:4]))
 
 
 def test_a_hub_dataset_is_read_from_the_cache_offline(tmp_path, monkeypatch):
