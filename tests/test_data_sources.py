@@ -211,3 +211,16 @@ def test_the_trainer_data_flags_take_a_source_and_cache_its_shards(tmp_path, byt
     capsys.readouterr()
     assert resolve_data(*specs, vocab_size=300, progress=False) == (train, val, tok_dir)
     assert "encoding" not in capsys.readouterr().out  # the second run finds its shards in the cache
+
+
+def test_the_scale_benchmark_cuts_a_corpus_into_shards_of_whole_documents(tmp_path):
+    pytest.importorskip("pyarrow")
+    from smollm_stack.bench.data import cut_into_shards
+    from smollm_stack.train.sources import text_batches
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"{d}\n{EOT}\n" for d in DOCS))
+    shards = cut_into_shards(corpus, 3, tmp_path / "shards")
+    assert [p.name for p in shards] == ["part-000.jsonl.gz", "part-001.parquet", "part-002.jsonl.gz"]
+    text = b"".join(b for p in shards for b in text_batches(p, batch_bytes=100)).decode()
+    assert text == as_text(d.strip("\n") for d in DOCS)
