@@ -104,17 +104,8 @@ def _encode_tiktoken(corpus, vocab_path, merges, workers):
     return {"time": time.perf_counter() - t0, "tokens": n}
 
 
-def _first_call(corpus, vocab_size, jit):
-    t0 = time.perf_counter()
-    from smollm_stack.tokenizer import train_bpe
-
-    train_bpe(corpus, vocab_size, [EOT], jit=jit)
-    return {"time": time.perf_counter() - t0}  # the import included: a fresh process's whole first call
-
-
 MEASURES = {
     "train_ours": _train_ours, "train_hf": _train_hf, "encode_ours": _encode_ours, "encode_tt": _encode_tiktoken,
-    "first_call": _first_call,
 }  # fmt: skip
 
 
@@ -126,14 +117,13 @@ def measure_in_this_process(request: str):
     print(json.dumps(result))
 
 
-def measure(kind: str, *args, repeats: int = 1, env=None) -> dict:
+def measure(kind: str, *args, repeats: int = 1) -> dict:
     """Median time (and its other fields from the median run) of `repeats` fresh processes, plus peak RSS."""
     code = "import sys; from smollm_stack.bench.tokenizer import measure_in_this_process as m; m(sys.argv[1])"
     request = json.dumps([kind, *(str(a) if isinstance(a, Path) else a for a in args)])
     runs = []
     for _ in range(repeats):
-        command = [sys.executable, "-c", code, request]
-        out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        out = subprocess.run([sys.executable, "-c", code, request], cwd=REPO, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"{kind} failed:\n{out.stderr[-2000:]}")
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -241,13 +231,27 @@ def first_call_rows(corpus: Path, vocab_size: int, repeats: int) -> list[str]:
     ]
     for jit, name in ((None, "default (by input size)"), (True, "Numba JIT forced")):
         with tempfile.TemporaryDirectory(prefix="numba-cache-") as cache:
-            cold = []
-            for i in range(repeats):
-                fresh = {"NUMBA_CACHE_DIR": str(Path(cache) / f"cold{i}")}
-                cold.append(measure("first_call", corpus, vocab_size, jit, env=fresh)["time"])
-            warm = measure("first_call", corpus, vocab_size, jit, repeats=repeats, env=fresh)["times"]
+            cold = [first_call(corpus, vocab_size, jit, Path(cache) / f"cold{i}") for i in range(repeats)]
+            warm = [first_call(corpus, vocab_size, jit, Path(cache) / "cold0") for _ in range(repeats)]
         lines.append(f"| {name} | {_median_s(cold)} | {_median_s(warm)} |")
     return lines
+
+
+FIRST_CALL = """import sys, time
+t0 = time.perf_counter()
+from smollm_stack.tokenizer import train_bpe
+train_bpe(sys.argv[1], int(sys.argv[2]), ["<|endoftext|>"], jit={"none": None, "jit": True}[sys.argv[3]])
+print(time.perf_counter() - t0)"""
+
+
+def first_call(corpus: Path, vocab_size: int, jit, numba_cache: Path) -> float:
+    """Seconds of a fresh process's import and first ``train_bpe``, with Numba's cache in ``numba_cache``."""
+    command = [sys.executable, "-c", FIRST_CALL, str(corpus), str(vocab_size), "jit" if jit else "none"]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(numba_cache)}
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"first call failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _median_s(times) -> str:
