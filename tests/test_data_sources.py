@@ -224,3 +224,17 @@ def test_the_scale_benchmark_cuts_a_corpus_into_shards_of_whole_documents(tmp_pa
     assert [p.name for p in shards] == ["part-000.jsonl.gz", "part-001.parquet", "part-002.jsonl.gz"]
     text = b"".join(b for p in shards for b in text_batches(p, batch_bytes=100)).decode()
     assert text == as_text(d.strip("\n") for d in DOCS)
+
+
+def test_parquet_without_pyarrow_is_one_error_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from tests.test_faults import one_error
+
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    argv = ["--train", str(tmp_path / "a.parquet"), "--val", str(tmp_path / "a.parquet"), "--out", str(tmp_path / "o")]
+    assert prepare_main(argv) == 2
+    one_error(capsys, "a.parquet needs pyarrow", "pip install 'smollm-stack[data]'")
+    assert not (tmp_path / "o").exists()

@@ -18,6 +18,7 @@ non-string text field, a file with no documents) is a ValueError naming the file
 
 import glob
 import gzip
+import importlib.util
 import json
 import os
 import zlib
@@ -69,6 +70,9 @@ def resolve(spec) -> list[Path]:
         raise FileNotFoundError(f"data file not found: {spec}")
     if not files:
         raise ValueError(f"{spec} holds no .txt, .jsonl, .jsonl.gz or .parquet files")
+    parquet = next((p for p in files if kind(p) == "parquet"), None)
+    if parquet and importlib.util.find_spec("pyarrow") is None:  # said before any work, not at the first such shard
+        raise ValueError(f"{parquet} needs pyarrow to read parquet: pip install 'smollm-stack[data]'")
     return files
 
 
