@@ -65,7 +65,7 @@ def resolve(spec) -> list[Path]:
             if kind(path) is None:
                 raise ValueError(f"{path} (matched by {spec}) is not .txt, .jsonl, .jsonl.gz or .parquet")
     elif os.path.isfile(spec):
-        return [Path(spec)]  # a single file of another name is read as text, as it always was
+        files = [Path(spec)]  # a single file of another name is read as text, as it always was
     else:
         raise FileNotFoundError(f"data file not found: {spec}")
     if not files:
