@@ -75,6 +75,10 @@ def test_prepare_takes_jsonl_gz_and_parquet_shards_into_one_sharded_corpus(tmp_p
         assert ids.dtype == np.uint16 and ids.tolist() == tok.encode(as_text(docs)) and shard["tokens"] == len(ids)
     train = open_tokens(out / "train", vocab_size=len(tok))
     assert train[:].tolist() == tok.encode(as_text(DOCS)) and len(train) == sum(s["tokens"] for s in manifest["shards"])
+    assert prepare_main(argv) == 2 and "--force" in capsys.readouterr().err  # a finished prepare is not redone
+    (shards / "part-0.jsonl").unlink()
+    assert prepare_main([*argv, "--force"]) == 0  # ... but replaced, with the shard of a source now gone removed
+    assert sorted(p.name for p in (out / "train").iterdir()) == [MANIFEST, "shard-00000.npy", "shard-00001.npy"]
 
 
 def test_a_sharded_corpus_is_sampled_exactly_as_the_same_tokens_in_one_file():
