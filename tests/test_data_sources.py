@@ -196,6 +196,7 @@ def test_a_hub_dataset_is_read_from_the_cache_offline(tmp_path, monkeypatch):
     files = {f"data/{split}-00000-of-00001.jsonl": as_jsonl(DOCS[:5]) for split in ("train", "validation")}
     snapshot = fake_hub(tmp_path / "hub", "org/tiny-corpus", files, monkeypatch)
     assert resolve("hf:org/tiny-corpus:data/train-*") == [snapshot / "data" / "train-00000-of-00001.jsonl"]
+    assert resolve("hf:org/tiny-corpus:*.jsonl") == sorted((snapshot / "data").iterdir())  # * crosses "/", as the Hub's
     with pytest.raises(ValueError, match="cannot fetch hf:org/missing:data/"):
         resolve("hf:org/missing:data/*")
     with pytest.raises(ValueError, match="no file of org/tiny-corpus matches data/test-"):

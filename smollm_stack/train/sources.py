@@ -16,6 +16,7 @@ file row group by row group) as batches of about ``BATCH_BYTES`` of UTF-8, every
 non-string text field, a file with no documents) is a ValueError naming the file and its line or row group.
 """
 
+import fnmatch
 import glob
 import gzip
 import importlib.util
@@ -83,8 +84,9 @@ def hub_files(spec: str) -> list[Path]:
     if repo_id.count("/") != 1 or not pattern:
         raise ValueError(f"{spec}: a Hub dataset is hf:OWNER/NAME[@REVISION]:PATTERN, e.g. hf:org/corpus:data/train-*")
     fetch = dict(repo_id=repo_id, repo_type="dataset", revision=revision or None, allow_patterns=[pattern])
-    root = hub_fetch("snapshot_download", spec, **fetch)
-    files = sorted(p for p in Path(root).glob(pattern) if p.is_file())
+    root = Path(hub_fetch("snapshot_download", spec, **fetch))
+    # matched as huggingface_hub matches allow_patterns: fnmatch, where * also crosses a "/"
+    files = sorted(p for p in root.rglob("*") if p.is_file() and fnmatch.fnmatch(str(p.relative_to(root)), pattern))
     if not files:
         raise ValueError(f"{spec}: no file of {repo_id} matches {pattern}")
     return files
