@@ -243,3 +243,18 @@ def test_parquet_without_pyarrow_is_one_error_before_any_work(tmp_path, monkeypa
     assert prepare_main(argv) == 2
     one_error(capsys, "a.parquet needs pyarrow", "pip install 'smollm-stack[data]'")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_manifest_naming_files_outside_its_shards_is_refused(tmp_path, byte_tok):
+    """A planted manifest must not make us read, or with --force remove, a file that is not one of its shards."""
+    outside = tmp_path / "precious.npy"
+    np.save(outside, np.arange(10, dtype=np.uint16))
+    out = tmp_path / "shards"
+    out.mkdir()
+    shards = [{"file": "../precious.npy", "tokens": 10, "bytes": outside.stat().st_size, "source": "x"}]
+    (out / MANIFEST).write_text(json.dumps({"format": "smollm-token-shards", "complete": True, "shards": shards}))
+    with pytest.raises(ValueError, match="names a shard '../precious.npy'"):
+        open_tokens(out)
+    with pytest.raises(ValueError, match="not a shard manifest of ours"):
+        write_shards([write_jsonl(tmp_path / "a.jsonl", DOCS[:2])], byte_tok, out, force=True, progress=False)
+    assert outside.is_file()
