@@ -63,12 +63,13 @@ CORPORA = {
 }
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["numba", "python"])
 @pytest.mark.parametrize("name", CORPORA)
-def test_train_matches_reference(tmp_path, name):
+def test_train_matches_reference(tmp_path, name, jit):
     make, vocab_size, specials = CORPORA[name]
     text = make()
     expected = train_bpe_reference(text, vocab_size, specials)
-    got = train_bpe(write(tmp_path, text), vocab_size, specials, num_workers=1)
+    got = train_bpe(write(tmp_path, text), vocab_size, specials, num_workers=1, jit=jit)
     assert got[1] == expected[1]
     assert got[0] == expected[0]
     if name in ("vocab_beyond_merges", "empty"):
@@ -79,14 +80,16 @@ def test_tie_break_compares_pairs_not_concatenations(tmp_path):
     # merges (b, d) then (a, b) leave (ab, c) and (a, bd) tied at 2: as tuples (b"ab", b"c") > (b"a", b"bd")
     # because b"ab" > b"a", although the concatenation b"abc" < b"abd"
     text = "abd\nabd\nabc\nabc\nbd\nbd\nbd\nbd\nab"
-    vocab, merges = train_bpe(write(tmp_path, text), 256 + 3, [], num_workers=1)
-    assert merges == [(b"b", b"d"), (b"a", b"b"), (b"ab", b"c")]
+    for jit in (True, False):
+        vocab, merges = train_bpe(write(tmp_path, text), 256 + 3, [], num_workers=1, jit=jit)
+        assert merges == [(b"b", b"d"), (b"a", b"b"), (b"ab", b"c")]
     assert merges == train_bpe_reference(text, 256 + 3)[1]
 
 
-def test_special_tokens_are_never_merged_or_counted(tmp_path):
+@pytest.mark.parametrize("jit", [True, False], ids=["numba", "python"])
+def test_special_tokens_are_never_merged_or_counted(tmp_path, jit):
     text = f"hi{EOT}hi{EOT}{EOT}hi"
-    vocab, merges = train_bpe(write(tmp_path, text), 300, [EOT], num_workers=1)
+    vocab, merges = train_bpe(write(tmp_path, text), 300, [EOT], num_workers=1, jit=jit)
     assert vocab[0] == EOT.encode()
     assert all(b"<" not in a + b and b"|" not in a + b for a, b in merges)
     assert merges == [(b"h", b"i")]
@@ -97,7 +100,22 @@ def test_one_vs_many_workers_identical(tmp_path, monkeypatch):
     path = write(tmp_path, text)
     monkeypatch.setattr(trainer_module, "MIN_CHUNK_BYTES", 4096)  # force many chunks
     assert len(chunk_bounds(str(path), 4096, [EOT])) > 10
-    assert train_bpe(path, 600, [EOT], num_workers=3) == train_bpe(path, 600, [EOT], num_workers=1)
+    assert train_bpe(path, 600, [EOT], num_workers=3, jit=True) == train_bpe(path, 600, [EOT], num_workers=1, jit=True)
+
+
+def test_a_small_input_trains_in_python_until_the_jit_is_loaded(tmp_path, monkeypatch):
+    """A fresh install's first call must not wait for Numba to compile: small files take small.py's path."""
+    path = write(tmp_path, "low lower lowest\n" * 50)
+
+    def numba_path(*args, **kwargs):
+        raise AssertionError("the Numba path was taken")
+
+    monkeypatch.setattr(trainer_module, "count_file", numba_path)
+    monkeypatch.setattr(trainer_module, "merge_loop", type("Cold", (), {"signatures": []})())
+    assert train_bpe(path, 260, [EOT])[1] == train_bpe_reference(path.read_text(), 260, [EOT])[1]
+    monkeypatch.setattr(trainer_module, "SMALL_BYTES", path.stat().st_size - 1)
+    with pytest.raises(AssertionError, match="Numba path"):
+        train_bpe(path, 260, [EOT])
 
 
 def test_chunks_cut_where_pretokens_do_not_change(tmp_path):

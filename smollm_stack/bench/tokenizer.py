@@ -2,6 +2,7 @@
 
     python -m smollm_stack.bench.tokenizer --corpus PATH  # e.g. a 36 MB English corpus (RESULTS.md says which)
     python -m smollm_stack.bench.tokenizer --dry-run      # the small test files in tests/data, seconds (a smoke test)
+    python -m smollm_stack.bench.tokenizer --first-call --corpus PATH  # a fresh install's first train_bpe, cold vs warm
 
 Every measurement runs in a fresh process, so peak RSS (ru_maxrss of the process and of its largest child) is its
 own; times are medians over --repeats runs. The encoding race reads GPT-2's vocab.json and merges.txt on both sides
@@ -233,6 +234,45 @@ def scale_rows(corpora, vocab_size: int, workers: int) -> list[str]:
     return lines
 
 
+def first_call_rows(corpus: Path, vocab_size: int, repeats: int) -> list[str]:
+    """A fresh process's first ``train_bpe`` (import included), with Numba's cache empty (a fresh install) or warm."""
+    lines = [
+        f"First call of `train_bpe` on {corpus.name} ({corpus.stat().st_size / 1e6:.1f} MB, vocab {vocab_size}), "
+        "a fresh process each, import included; cold: Numba's cache empty, as on a fresh install.",
+        "",
+        "| path | cold | warm cache |",
+        "|---|---|---|",
+    ]
+    for jit, name in ((None, "default (by input size)"), (True, "Numba JIT forced")):
+        with tempfile.TemporaryDirectory(prefix="numba-cache-") as cache:
+            cold = [first_call(corpus, vocab_size, jit, Path(cache) / f"cold{i}") for i in range(repeats)]
+            warm = [first_call(corpus, vocab_size, jit, Path(cache) / "cold0") for _ in range(repeats)]
+        lines.append(f"| {name} | {_median_s(cold)} | {_median_s(warm)} |")
+    return lines
+
+
+FIRST_CALL = """import sys, time
+t0 = time.perf_counter()
+from smollm_stack.tokenizer import train_bpe
+train_bpe(sys.argv[1], int(sys.argv[2]), ["<|endoftext|>"], jit={"none": None, "jit": True}[sys.argv[3]])
+print(time.perf_counter() - t0)"""
+
+
+def first_call(corpus: Path, vocab_size: int, jit, numba_cache: Path) -> float:
+    """Seconds of a fresh process's import and first ``train_bpe``, with Numba's cache in ``numba_cache``."""
+    command = [sys.executable, "-c", FIRST_CALL, str(corpus), str(vocab_size), "jit" if jit else "none"]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(numba_cache)}
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"first call failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _median_s(times) -> str:
+    times = sorted(times)
+    return f"{times[len(times) // 2]:.2f} s ({', '.join(f'{t:.2f}' for t in times)})"
+
+
 def run(args, command: str) -> str:
     """Markdown tables of training and encoding, ours vs Hugging Face tokenizers vs tiktoken, on this machine."""
     workers = os.cpu_count() or 1
@@ -243,6 +283,8 @@ def run(args, command: str) -> str:
         f"{os.getloadavg()[0]:.1f} at the start: other jobs share it), `{command}`, corpus {args.corpus.name} "
         f"({mb:.1f} MB), median of {repeats}; peak RSS = main process / largest worker."
     )
+    if args.first_call:
+        return "\n\n".join([header, "\n".join(first_call_rows(args.corpus, 500, repeats))])
     with tempfile.TemporaryDirectory(prefix="bench_tokenizer-") as tmp:  # the derived corpora, deleted at the end
         prefix = Path(tmp) / f"corpus_{SMALL_CORPUS_MB}MB.txt"
         small = args.small_corpus or corpus_prefix(args.corpus, SMALL_CORPUS_MB * 10**6, prefix)
@@ -274,6 +316,8 @@ def build_parser():
         help="fresh processes per timed row, the median shown (default 3; 1 with --dry-run)")
     add("--scale-mb", type=float, default=55.0, metavar="MB",
         help="size of the largest row of the memory-vs-size table (default 55; no such row with --dry-run)")
+    add("--first-call", action="store_true",
+        help="only time a fresh process's first train_bpe on --corpus (vocab 500), Numba's cache empty vs warm")
     add("--out", type=Path, metavar="DIR", help=f"new directory for report.md (default {DEFAULT_OUT}/<date-time>)")
     return parser
 

@@ -3,8 +3,8 @@
     from smollm_stack.tokenizer import train_bpe, Tokenizer, encode_file
 """
 
-from smollm_stack.tokenizer.file_encoder import encode_file
+from smollm_stack.tokenizer.file_encoder import encode_batches, encode_file
 from smollm_stack.tokenizer.tokenizer import Tokenizer
-from smollm_stack.tokenizer.trainer import train_bpe
+from smollm_stack.tokenizer.trainer import train_bpe, train_bpe_batches
 
-__all__ = ["Tokenizer", "encode_file", "train_bpe"]
+__all__ = ["Tokenizer", "encode_batches", "encode_file", "train_bpe", "train_bpe_batches"]

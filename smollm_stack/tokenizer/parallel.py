@@ -1,8 +1,10 @@
 """Work on a big file in parallel: cut it into chunks at safe positions (see pretokenize.py), read each chunk in a
 worker process, and the pool of forked workers itself. The trainer counts pre-tokens this way (trainer.py) and the
-file encoder encodes them (file_encoder.py); either gives the same result for any number of workers.
+file encoder encodes them (file_encoder.py); either gives the same result for any number of workers. Text that
+arrives as a stream of documents (jsonl, parquet) goes to the same workers as batches, a bounded number in flight.
 """
 
+import collections
 import contextlib
 import multiprocessing
 import os
@@ -62,3 +64,21 @@ def process_pool(n: int):
     # Let the workers drain and exit on their own: terminating them mid-task can leave the task queue's lock held.
     pool.close()
     pool.join()
+
+
+def ordered_map(pool, fn, tasks, window: int):
+    """Yield fn(task) for each task in order, computed by ``pool`` (None: here) with at most ``window`` in flight.
+
+    ``tasks`` may be a generator over more data than memory holds: it is consumed only as results are taken
+    (``Pool.imap`` would read it all ahead).
+    """
+    if pool is None:
+        yield from map(fn, tasks)
+        return
+    in_flight = collections.deque()
+    for task in tasks:
+        in_flight.append(pool.apply_async(fn, (task,)))
+        if len(in_flight) >= window:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()

@@ -40,8 +40,8 @@ class TrainConfig:
     bench/RESULTS.md)."""
 
     # data
-    train_data: str | None = opt(None, "training text file (.txt) or pre-encoded tokens (.npy); none: embedded corpus")
-    val_data: str | None = opt(None, "validation text or .npy; none: the embedded corpus's validation split")
+    train_data: str | None = opt(None, "training tokens (.npy, shard dir) or text (.txt .jsonl .parquet dir glob hf:)")
+    val_data: str | None = opt(None, "validation tokens or text, as --train-data; none: the embedded validation split")
     tokenizer: str | None = opt(None, "tokenizer dir (Tokenizer.save); none: train BPE on the training text (cached)")
     vocab_size: int | None = opt(None, "BPE vocabulary to train, and the model's vocab_size; none: the preset's")
     # model

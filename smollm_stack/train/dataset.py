@@ -1,9 +1,10 @@
 """Token data for training: opening and checking token arrays, sampling batches, and turning text into tokens.
 
 Token arrays are flat 1-D ``.npy`` files, opened as ``np.memmap`` so a corpus larger than memory costs nothing
-to open. Text is tokenized once and cached under ``$SMOLLM_CACHE`` (default ``~/.cache/smollm-stack``): the BPE
-tokenizer under ``tok-<sha of the training text>-v<vocab>`` and each encoded file as
-``<sha of the text>-<sha of the tokenizer>.npy``, so a second run (or another rank) starts at once.
+to open, or shard directories of them (shards.py) read as one array. Text is tokenized once and cached under
+``$SMOLLM_CACHE`` (default ``~/.cache/smollm-stack``): the BPE tokenizer under ``tok-<sha of the training
+text>-v<vocab>`` and each encoded file as ``<sha of the text>-<sha of the tokenizer>.npy`` (other sources as a
+``shards-<sha of the sources>-<sha of the tokenizer>`` directory), so a second run (or another rank) starts at once.
 """
 
 import hashlib
@@ -16,19 +17,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-EOT = "<|endoftext|>"
+from smollm_stack.train.shards import open_shards, read_manifest, write_shards
+from smollm_stack.train.sources import EOT, is_text, is_tokens, resolve, text_batches
 
 
 # ---- opening token arrays ---------------------------------------------------------------------------------------
 
 
-def open_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.ndarray:
-    """Open a 1-D integer ``.npy`` token file memory-mapped, checking every id against ``vocab_size``.
+def open_tokens(path: str | os.PathLike, vocab_size: int | None = None):
+    """Open a 1-D integer ``.npy`` token file memory-mapped, or a shard directory (shards.py) as one flat array,
+    checking every id against ``vocab_size``.
 
     The check reads the file once in chunks, so a token id the model has no embedding for (negative, or past the
     vocabulary) fails here with the file's name instead of as a device-side assert deep in the first forward pass.
     """
     path = Path(path)
+    if path.is_dir():
+        return open_shards(path, lambda shard: open_tokens(shard, vocab_size))
     if not path.is_file():
         raise FileNotFoundError(f"token file not found: {path}")
     try:
@@ -248,12 +253,18 @@ def _atomic_dir(final: Path, build, replace: bool = False):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_tokenizer(train_text: Path, vocab_size: int, out_dir: Path, progress: bool = True, replace: bool = False):
-    """Train a byte-level BPE tokenizer of ``vocab_size`` (``<|endoftext|>`` included) and save it to ``out_dir``."""
-    from smollm_stack.tokenizer import Tokenizer, train_bpe
+def train_tokenizer(sources: list[Path], vocab_size: int, out_dir: Path, progress: bool = True, replace: bool = False):
+    """Train a byte-level BPE tokenizer of ``vocab_size`` (``<|endoftext|>`` included) on the source files (see
+    sources.py) and save it to ``out_dir``."""
+    from smollm_stack.tokenizer import Tokenizer, train_bpe, train_bpe_batches
 
-    print(f"training a {vocab_size}-token BPE tokenizer on {train_text} -> {out_dir}")
-    vocab, merges = train_bpe(train_text, vocab_size, [EOT], progress=progress)
+    more = f" and {len(sources) - 1} more" if len(sources) > 1 else ""
+    print(f"training a {vocab_size}-token BPE tokenizer on {sources[0]}{more} -> {out_dir}")
+    if is_text(sources):
+        vocab, merges = train_bpe(sources[0], vocab_size, [EOT], progress=progress)  # workers read the file
+    else:
+        batches = (batch for source in sources for batch in text_batches(source))
+        vocab, merges = train_bpe_batches(batches, vocab_size, [EOT], progress=progress)
     _atomic_dir(Path(out_dir), Tokenizer(vocab, merges, [EOT]).save, replace)
 
 
@@ -267,10 +278,17 @@ def encode_text(text: Path, tok_dir: Path, out: Path, progress: bool = True, rep
     encode_file(text, Tokenizer.load(tok_dir), out, progress=progress, replace=replace)
 
 
-def cached_tokenizer(train_text: Path, vocab_size: int, progress: bool = True) -> Path:
-    out = cache_dir() / f"tok-{file_digest(train_text)}-v{vocab_size}"
+def sources_digest(sources: list[Path]) -> str:
+    """The cache key of a list of source files: their contents, in order (one file: that file's digest)."""
+    if len(sources) == 1:
+        return file_digest(sources[0])
+    return hashlib.sha256(" ".join(file_digest(p) for p in sources).encode()).hexdigest()[:16]
+
+
+def cached_tokenizer(sources: list[Path], vocab_size: int, progress: bool = True) -> Path:
+    out = cache_dir() / f"tok-{sources_digest(sources)}-v{vocab_size}"
     if not (out / "vocab.json").is_file():
-        train_tokenizer(train_text, vocab_size, out, progress)
+        train_tokenizer(sources, vocab_size, out, progress)
     return out
 
 
@@ -284,28 +302,37 @@ def cached_encoding(text: Path, tok_dir: Path, progress: bool = True) -> Path:
     return out
 
 
-def resolve_data(train_data, val_data, tokenizer, vocab_size: int, progress: bool = True):
-    """Paths of the (train .npy, val .npy, tokenizer dir or None) that a run reads, preparing what is missing.
+def cached_tokens(sources: list[Path], tok_dir: Path, progress: bool = True) -> Path:
+    """The encoded sources, cached: a single text file as a .npy, anything else as a shard directory."""
+    if is_text(sources):
+        return cached_encoding(sources[0], tok_dir, progress)
+    out = cache_dir() / f"shards-{sources_digest(sources)}-{tokenizer_digest(tok_dir)}"
+    manifest = read_manifest(out) if out.is_dir() else None
+    if manifest is None or not manifest.get("complete"):
+        write_shards(sources, tok_dir, out, progress=progress)  # resumes a half-finished one
+    return out
 
-    Text inputs (``.txt`` or anything not ``.npy``) are encoded with ``tokenizer``, which is trained on the training
-    text when not given. With no data at all, the embedded TinyStories corpus is used.
+
+def resolve_data(train_data, val_data, tokenizer, vocab_size: int, progress: bool = True):
+    """Paths of the (train tokens, val tokens, tokenizer dir or None) that a run reads, preparing what is missing.
+
+    Each split is tokens already (a ``.npy``, or a shard directory: shards.py) or a source (sources.py: text,
+    jsonl, parquet, a directory or glob of shards, a Hub dataset), encoded with ``tokenizer``, which is trained on
+    the training source when not given. With no data at all, the embedded TinyStories corpus is used.
     """
     if train_data is None and val_data is None:
         train_data, val_data = default_corpus()
     if train_data is None or val_data is None:
         raise ValueError("give both --train-data and --val-data (or neither, for the embedded corpus)")
-    paths = [Path(p) for p in (train_data, val_data)]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"data file not found: {p}")
+    specs = [spec if is_tokens(spec) else resolve(spec) for spec in (train_data, val_data)]
     tok_dir = Path(tokenizer) if tokenizer is not None else None
     if tok_dir is not None and not (tok_dir / "vocab.json").is_file():
         raise FileNotFoundError(f"tokenizer dir {tok_dir} has no vocab.json (write one with Tokenizer.save)")
-    if all(p.suffix == ".npy" for p in paths):
-        return paths[0], paths[1], tok_dir
-    if tok_dir is None:
-        if paths[0].suffix == ".npy":
+    if tok_dir is None and not isinstance(specs[0], list):
+        if isinstance(specs[1], list):
             raise ValueError("text validation data with .npy training data needs --tokenizer")
-        tok_dir = cached_tokenizer(paths[0], vocab_size, progress)
-    encoded = [p if p.suffix == ".npy" else cached_encoding(p, tok_dir, progress) for p in paths]
+        return Path(specs[0]), Path(specs[1]), None
+    if tok_dir is None:
+        tok_dir = cached_tokenizer(specs[0], vocab_size, progress)
+    encoded = [cached_tokens(s, tok_dir, progress) if isinstance(s, list) else Path(s) for s in specs]
     return encoded[0], encoded[1], tok_dir

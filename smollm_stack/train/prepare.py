@@ -1,62 +1,80 @@
-"""Turn text files into the encoded ``.npy`` splits the trainer reads, with the project's BPE tokenizer.
+"""Turn a corpus, in the formats it ships in, into the encoded splits the trainer reads, with our BPE tokenizer.
 
     smollm prepare --train train.txt --val valid.txt --vocab-size 10000 --out data/tinystories
     smollm train --train-data data/tinystories/train.npy --val-data data/tinystories/val.npy \\
         --tokenizer data/tinystories/tokenizer --model tinystories-17m
 
-writes ``OUT/tokenizer/`` (trained on the training text, or the one given with ``--tokenizer``), ``OUT/train.npy``
-and ``OUT/val.npy`` (uint16 when the vocabulary fits). ``smollm train`` does the same by itself when given text
-files, caching the results; this command is for corpora you want to prepare once, in a place you choose. An OUT
-that already holds any of the three is refused unless ``--force``, which replaces them only where they are what
-prepare writes (a tokenizer directory of ours, ``.npy`` files), never another file.
+    smollm prepare --train 'fineweb/train-*.parquet' --val fineweb/val.jsonl.gz --out data/fineweb
+    smollm prepare --train hf:OWNER/NAME:data/train-* --val hf:OWNER/NAME:data/validation-* --out data/name
+
+``--train`` and ``--val`` take any source of sources.py: a .txt, .jsonl / .jsonl.gz or .parquet file (the document
+in its ``text`` field or column), a directory or glob of such shards, or a Hub dataset ``hf:REPO_ID:PATTERN``.
+Writes ``OUT/tokenizer/`` (trained on the training source, or the one given with ``--tokenizer``) and per split
+``OUT/<split>.npy`` from one text file (uint16 when the vocabulary fits), else the shard directory ``OUT/<split>/``
+(one ``.npy`` per source file and a manifest: shards.py). A prepare that was stopped resumes where it stopped
+when run again; a source changed meanwhile is an error. ``smollm train`` does the same by itself with its data
+flags, caching the results; this command is for corpora you want to prepare once, in a place you choose. An OUT
+that already holds any of the outputs is refused unless ``--force``, which replaces them only where they are what
+prepare writes (a tokenizer directory of ours, ``.npy`` files, shard directories of ours), never another file.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from smollm_stack.files import make_dir
 from smollm_stack.tokenizer.tokenizer import META_FILE
 from smollm_stack.train.dataset import encode_text, train_tokenizer
+from smollm_stack.train.shards import is_npy, read_manifest, write_shards
+from smollm_stack.train.sources import is_text, resolve
 
 
-def prepare(
-    train: Path, val: Path, out: Path, vocab_size: int, tokenizer: Path | None = None, progress=True, force=False
-) -> dict:
-    """Write OUT/tokenizer, OUT/train.npy and OUT/val.npy; return their paths."""
-    for path in (train, val):
-        if not path.is_file():
-            raise FileNotFoundError(f"text file not found: {path}")
+def prepare(train, val, out: Path, vocab_size: int, tokenizer: Path | None = None, progress=True, force=False) -> dict:
+    """Write OUT/tokenizer and the train and val splits; return their paths."""
+    sources = {"train": resolve(train), "val": resolve(val)}
     if tokenizer is not None and not (tokenizer / "vocab.json").is_file():
         raise FileNotFoundError(f"tokenizer dir {tokenizer} has no vocab.json (write one with Tokenizer.save)")
-    paths = {"tokenizer": tokenizer or out / "tokenizer", "train": out / "train.npy", "val": out / "val.npy"}
-    existing = [str(p) for name, p in paths.items() if p.exists() and not (name == "tokenizer" and tokenizer)]
-    if existing and not force:
-        raise ValueError(f"{', '.join(existing)} already exist: choose another --out, or --force to replace them")
-    for path in map(Path, existing):
+    paths = {"tokenizer": tokenizer or out / "tokenizer"}
+    paths.update({split: out / (f"{split}.npy" if is_text(s) else split) for split, s in sources.items()})
+    existing = [p for name, p in paths.items() if p.exists() and not (name == "tokenizer" and tokenizer)]
+    resume = not force and any(_unfinished(p) for p in existing)
+    if existing and not (force or resume):
+        names = ", ".join(map(str, existing))
+        raise ValueError(f"{names} already exist: choose another --out, or --force to replace them")
+    for path in existing:
         if not _made_by_prepare(path):
-            raise ValueError(f"{path} is not a tokenizer directory or .npy file of ours: --force does not replace it")
-    out.mkdir(parents=True, exist_ok=True)
+            raise ValueError(f"{path} is not a tokenizer directory, .npy file or shard directory of ours: "
+                             "--force does not replace it")  # fmt: skip
+    make_dir(out, exist_ok=True)
     tok_dir = paths["tokenizer"]
-    if tokenizer is None:
-        train_tokenizer(train, vocab_size, tok_dir, progress, replace=True)
-    encode_text(train, tok_dir, paths["train"], progress, replace=force)
-    encode_text(val, tok_dir, paths["val"], progress, replace=force)
+    if tokenizer is None and not (resume and tok_dir.exists()):
+        train_tokenizer(sources["train"], vocab_size, tok_dir, progress, replace=True)
+    for split in ("train", "val"):
+        if is_text(sources[split]) and not (resume and paths[split].exists()):
+            encode_text(sources[split][0], tok_dir, paths[split], progress, replace=force)
+        elif not is_text(sources[split]):
+            write_shards(sources[split], tok_dir, paths[split], force, progress)
     return paths
+
+
+def _unfinished(path: Path) -> bool:
+    """Whether ``path`` is a shard directory that a stopped prepare left half-finished."""
+    manifest = read_manifest(path) if path.is_dir() else None
+    return manifest is not None and not manifest.get("complete")
 
 
 def _made_by_prepare(path: Path) -> bool:
     if path.is_symlink():
         return False
     if path.is_dir():
-        return (path / META_FILE).is_file()
-    with open(path, "rb") as f:
-        return f.read(6) == b"\x93NUMPY"
+        return (path / META_FILE).is_file() or read_manifest(path) is not None
+    return is_npy(path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="smollm prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=Path, required=True, help="training text (UTF-8, <|endoftext|> separated)")
-    parser.add_argument("--val", type=Path, required=True, help="validation text")
+    parser.add_argument("--train", required=True, help="training source: .txt, .jsonl(.gz), .parquet, dir, glob, hf:")
+    parser.add_argument("--val", required=True, help="validation source, of the same kinds")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--vocab-size", type=int, default=10000, help="BPE vocabulary to train (default 10000)")
     parser.add_argument("--tokenizer", type=Path, help="use this saved tokenizer instead of training one")
