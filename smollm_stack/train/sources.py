@@ -25,8 +25,6 @@ import os
 import zlib
 from pathlib import Path
 
-from smollm_stack.tokenizer.parallel import chunk_bounds, read_chunk
-
 EOT = "<|endoftext|>"
 TEXT_FIELD = "text"
 BATCH_BYTES = 4 << 20
@@ -116,6 +114,8 @@ def text_batches(path: Path, field: str = TEXT_FIELD, batch_bytes: int = BATCH_B
         return
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path} is empty: a shard needs at least one document")
+    from smollm_stack.tokenizer.parallel import chunk_bounds, read_chunk  # (the tokenizer loads Numba: when used)
+
     for start, end in chunk_bounds(os.fspath(path), batch_bytes, [EOT]):
         yield read_chunk(os.fspath(path), start, end)  # names the byte offset of invalid UTF-8
 
