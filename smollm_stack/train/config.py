@@ -141,8 +141,8 @@ class TrainConfig:
             raise ValueError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got {self.beta1}, {self.beta2}, {self.eps}")
         if self.diverge_loss is not None and not self.diverge_loss > 0:
             raise ValueError(f"diverge_loss must be positive, got {self.diverge_loss!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (no other is supported), got {self.device!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         for name in ("schedule", "decay_shape", "optimizer", "windows"):
             choices = typing.get_args(typing.get_type_hints(TrainConfig)[name])
             if getattr(self, name) not in choices:

@@ -29,12 +29,12 @@ Every file is written through ``smollm_stack.files`` (a temporary file renamed i
 lock and the metrics are opened with ``O_NOFOLLOW``). Nothing is ever deleted but the run's own temporary files and
 the checkpoints ``checkpoints.json`` lists.
 
-The lock is ``fcntl.flock`` on ``.lock``: the kernel drops it when its process exits, however it exits, so a lock
-left by a killed run is never "held" and needs no cleaning. Everything that writes files of a run (the trainer, the
-experiments runner through it) takes the lock first; readers (reports, ``budget``) need none.
+The lock is ``files.try_lock`` on ``.lock`` (``flock``, or ``msvcrt.locking`` on Windows): the OS drops it when its
+process exits, however it exits, so a lock left by a killed run is never "held" and needs no cleaning. Everything
+that writes files of a run (the trainer, the experiments runner through it) takes the lock first; readers (reports,
+``budget``) need none.
 """
 
-import fcntl
 import itertools
 import json
 import os
@@ -45,7 +45,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from smollm_stack.files import TMP_MARK, make_dir, open_lock, refuse_link, write_atomic
+from smollm_stack.files import TMP_MARK, make_dir, open_lock, refuse_link, try_lock, write_atomic
 from smollm_stack.train.checkpoint import checksum_path, read_checkpoint
 
 LOCK_FILE = ".lock"
@@ -163,15 +163,13 @@ class RunDir:
         except FileExistsError:  # (perhaps by a racing run: the lock decides)
             pass
         f = open_lock(self.path / LOCK_FILE)  # never through a planted link
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(f.fileno()):
             f.seek(0)
             holder = f.read().strip() or "?"
             f.close()
             raise ValueError(
                 f"{self.path} is in use by another run (pid {holder}): wait for it to end, or choose another --out-dir"
-            ) from None
+            )
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -190,11 +188,14 @@ class RunDir:
         """Release the lock; a folder this process created and left empty is removed again."""
         if self._lock is None:
             return
-        if self._created and not self.entries():
+        empty = self._created and not self.entries()
+        if empty and os.name != "nt":  # removed while still held, so that no racing run takes it in between
             (self.path / LOCK_FILE).unlink(missing_ok=True)
-            self.path.rmdir()
         self._lock.close()
         self._lock = None
+        if empty:  # (Windows removes no open file: there, only now)
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            self.path.rmdir()
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
 
