@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from smollm_stack.model import ModelConfig
+from smollm_stack.train.loggers import parse_loggers
 from smollm_stack.train.rundir import RunDir, read_json
 
 # Fields of ModelConfig that come from elsewhere: the tokenizer fixes the vocabulary, TrainConfig the context.
@@ -110,7 +111,9 @@ class TrainConfig:
     preflight: bool = opt(True, "check the Triton kernels against eager PyTorch on the run's shapes before training")
     threads: int = opt(0, "CPU threads for torch (0: torch's default, $OMP_NUM_THREADS or the cores)")
     progress: bool = opt(True, "show a progress bar")
-    wandb_project: str | None = opt(None, "log to this Weights & Biases project (only if wandb is installed)")
+    wandb_project: str | None = opt(None, "log to this Weights & Biases project (as --logger jsonl,wandb)")
+    logger: str = opt("jsonl", "comma-separated: jsonl (metrics.jsonl and plots, always), tensorboard, trackio, wandb")
+    logger_project: str | None = opt(None, "the trackio or wandb project (default: --wandb-project, or smollm-stack)")
 
     def __post_init__(self):
         check_types(self)
@@ -165,6 +168,11 @@ class TrainConfig:
             ModelConfig.preset(self.model, **self.model_args)
         except TypeError as e:
             raise ValueError(f"model args: {e}") from None
+        self.dashboards()  # a dashboard whose package is missing: an error now, not after the run is claimed
+
+    def dashboards(self) -> list[str]:
+        """--logger's dashboards (train/loggers.py), wandb too under --wandb-project."""
+        return parse_loggers(self.logger + (",wandb" if self.wandb_project else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from smollm_stack.files import open_append, write_atomic
+from smollm_stack.train.loggers import Dashboards
 from smollm_stack.train.rundir import RunDir
 
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(), most specific first.
@@ -54,32 +55,26 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class RunLogger:
-    """Appends metrics rows to the run's ``metrics.jsonl`` (and wandb), prints them, and redraws the loss plots.
+    """Appends metrics rows to the run's ``metrics.jsonl`` (and --logger's dashboards), prints them, and redraws
+    the loss plots.
 
     On resume the rows after the checkpoint's step (logged by the interrupted run after its last save) are dropped,
     so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, run: RunDir, config: dict, resume_step: int | None = None, wandb_project: str | None = None):
+    def __init__(self, run: RunDir, config: dict, resume_step: int | None = None, dashboards: list[str] = (),
+                 project: str | None = None):  # fmt: skip
         self.run = run
         self.path = run.metrics
         self.rows = [r for r in read_metrics(run.path) if r["step"] <= resume_step] if resume_step is not None else []
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        self.wandb = None
-        if wandb_project is not None:
-            try:
-                import wandb
-            except ModuleNotFoundError:
-                print(f"warning: --wandb-project {wandb_project} ignored: wandb is not installed (pip install wandb)")
-            else:
-                self.wandb = wandb.init(project=wandb_project, name=run.path.name, config=config, resume="allow")
+        self.dashboards = Dashboards(list(dashboards), run, config, project)  # --logger (train/loggers.py)
 
     def log(self, row: dict):
         self.rows.append(row)
         with open_append(self.path) as f:
             f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
+        self.dashboards.log(row)
         tqdm.write(format_row(row))
 
     def plot(self):
@@ -112,8 +107,7 @@ class RunLogger:
             write_atomic(self.run.plot(x_key), png.getvalue())
 
     def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.dashboards.close()
 
 
 def format_row(row: dict) -> str:

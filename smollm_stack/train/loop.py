@@ -337,7 +337,8 @@ def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device
     write_json(run_dir.config, config_dict)
     if data.tok_dir is not None:
         run_dir.copy_tokenizer(data.tok_dir)
-    logger = RunLogger(run_dir, config_dict, resume_step=model.start or None, wandb_project=cfg.wandb_project)
+    project = cfg.logger_project or cfg.wandb_project
+    logger = RunLogger(run_dir, config_dict, model.start or None, cfg.dashboards(), project)
     total, non_embedding = param_counts(model.config)
     resuming = f", resuming at step {model.start}" if model.start else ""
     overrides = ", ".join(f"{k}={v}" for k, v in cfg.model_args.items())  # what runs: the preset as overridden

@@ -12,6 +12,7 @@ A run directory holds (each name is defined here and nowhere else)::
     ckpt_XXXXXX.dcp/               or, under --parallel fsdp, sharded ones (train.fsdp's format)
     tokenizer/                     a copy of the tokenizer the run trains with
     sample.txt                     the story sampled at the end
+    tensorboard/                   TensorBoard's event files, under --logger tensorboard
     checkpoints.json               the checkpoints this run wrote: the only files pruning may delete
     summary.json                   written last
 
@@ -54,6 +55,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SAMPLE_FILE = "sample.txt"
 TOKENIZER_DIR = "tokenizer"
+TENSORBOARD_DIR = "tensorboard"
 PLOT_FILES = {"step": "loss_steps.png", "time_s": "loss_time.png"}  # x axis -> file
 CKPT_GLOB = "ckpt_*.pt"
 PREDECAY_PREFIX = "predecay_"
@@ -61,7 +63,7 @@ SHARDED_GLOB = "ckpt_*.dcp"
 WRITTEN_FILE = "checkpoints.json"
 # Every name a run writes: a forced run refuses a foreign directory holding any of them (see "foreign" above).
 RUN_NAMES = re.compile(
-    r"(config\.json|metrics\.jsonl|summary\.json|sample\.txt|checkpoints\.json|tokenizer|loss_\w+\.png"
+    r"(config\.json|metrics\.jsonl|summary\.json|sample\.txt|checkpoints\.json|tokenizer|tensorboard|loss_\w+\.png"
     r"|(ckpt|predecay|decayed)_\d+.*)"
 )
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint is set aside under this suffix, never deleted
@@ -123,6 +125,7 @@ class RunDir:
         self.summary = self.path / SUMMARY_FILE
         self.sample = self.path / SAMPLE_FILE
         self.tokenizer = self.path / TOKENIZER_DIR
+        self.tensorboard = self.path / TENSORBOARD_DIR
         self.written = self.path / WRITTEN_FILE
         self._lock = None  # the open .lock file while we hold it
         self._created = False  # whether this process made the folder (then it removes it if it wrote nothing)
