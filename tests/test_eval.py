@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from smollm_stack.model import ModelConfig, TransformerLM
+from smollm_stack.model import ModelConfig, TransformerLM, load_model
 from smollm_stack.train.eval import EOT, Doc, arc, encode_pair, evaluate, hellaswag, main, score_choices
 
 LN2 = math.log(2)
@@ -116,3 +116,26 @@ def test_command_scores_a_run_from_the_cache(tokenizer, tmp_path, capsys):
         assert main([*argv[:2], tasks, *argv[3:]]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_training_scores_tasks_at_each_eval_into_metrics_and_summary(tokenizer, tokens, tmp_path, monkeypatch):
+    from conftest import TINY
+
+    from smollm_stack.train import TrainConfig, run
+    from smollm_stack.train.log import read_metrics
+
+    monkeypatch.setenv("SMOLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "cache/tasks/arc_easy").mkdir(parents=True)
+    (tmp_path / "cache/tasks/arc_easy/test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in ARC_DOCS))
+    tokenizer.save(tmp_path / "tok")
+    config = dict(TINY, vocab_size=len(tokenizer), steps=4, eval_interval=2, train_data=tokens[0], val_data=tokens[1])
+    summary = run(TrainConfig(**config, tokenizer=str(tmp_path / "tok"), out_dir=str(tmp_path / "r"),
+                              eval_tasks="arc_easy", eval_task_docs=2))  # fmt: skip
+    rows = [r for r in read_metrics(tmp_path / "r") if "val_loss" in r]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert all({"arc_easy_acc", "arc_easy_acc_norm"} <= r.keys() for r in rows)
+    final = load_model(tmp_path / "r/ckpt_000004.pt")  # the model of the last eval: its scores, recomputed
+    want = evaluate(final, tokenizer, {"arc_easy": [arc(d) for d in ARC_DOCS[:2]]})["arc_easy"]
+    for scores in (rows[-1], summary):
+        assert (scores["arc_easy_acc"], scores["arc_easy_acc_norm"]) == (want["acc"], want["acc_norm"])

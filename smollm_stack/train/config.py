@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from smollm_stack.model import ModelConfig
+from smollm_stack.train.eval import parse_tasks
 from smollm_stack.train.loggers import parse_loggers
 from smollm_stack.train.rundir import RunDir, read_json
 
@@ -86,6 +87,8 @@ class TrainConfig:
     eval_interval: int = opt(1200, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(0, "validation batches (global), the same each eval, spread over the split (0: all of it)")
     log_interval: int = opt(10, "metrics row and console line every N steps")
+    eval_tasks: str = opt("", "downstream tasks scored at each eval, comma-separated: hellaswag, arc_easy, ...")
+    eval_task_docs: int = opt(100, "documents of each --eval-tasks task scored (0: all)")
     ckpt_interval: int = opt(200, "checkpoint every N steps (and at the end)")
     keep_ckpts: int = opt(2, "keep the last K checkpoints")
     out_dir: str | None = opt(None, "run directory; none: runs/<preset>-<date-time>")
@@ -169,6 +172,9 @@ class TrainConfig:
         except TypeError as e:
             raise ValueError(f"model args: {e}") from None
         self.dashboards()  # a dashboard whose package is missing: an error now, not after the run is claimed
+        parse_tasks(self.eval_tasks)
+        if self.eval_task_docs < 0:
+            raise ValueError(f"eval_task_docs must be >= 0 (0: all), got {self.eval_task_docs}")
 
     def dashboards(self) -> list[str]:
         """--logger's dashboards (train/loggers.py), wandb too under --wandb-project."""

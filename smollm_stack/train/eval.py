@@ -212,6 +212,29 @@ def evaluate(model: TransformerLM, tokenizer, docs: dict[str, list[Doc]]) -> dic
         model.train(was_training)
 
 
+# ---- in training (--eval-tasks): scores as metrics-row columns, "<task>_acc" and "<task>_acc_norm" ---------------
+
+
+def training_docs(names: str, docs_per_task: int, tokenizer) -> dict[str, list[Doc]]:
+    """The documents --eval-tasks scores at each eval step (none without it), loaded once at the start."""
+    tasks = parse_tasks(names)
+    if tasks and tokenizer is None:
+        raise ValueError("--eval-tasks needs the run's tokenizer (give --tokenizer with pre-encoded data)")
+    return load_tasks(tasks, default_cache(), docs_per_task or None) if tasks else {}
+
+
+def task_columns(model: TransformerLM, tokenizer, docs: dict[str, list[Doc]]) -> dict[str, float]:
+    """{"<task>_acc": ..., "<task>_acc_norm": ...} for a metrics row ({} without tasks)."""
+    scores = evaluate(model, tokenizer, docs) if docs else {}
+    return {f"{task}_{k}": v for task, s in scores.items() for k, v in s.items() if k != "docs"}
+
+
+def last_task_columns(rows: list[dict]) -> dict[str, float]:
+    """The task columns of the last metrics row that has any (the final eval's), for the run's summary."""
+    columns = {f"{t}_{k}" for t in TASKS for k in ("acc", "acc_norm")}
+    return next(({k: v for k, v in r.items() if k in columns} for r in reversed(rows) if columns & r.keys()), {})
+
+
 def build_parser() -> argparse.ArgumentParser:
     from smollm_stack.train.lm import add_source
 

@@ -29,6 +29,7 @@ from smollm_stack.train.config import TrainConfig
 from smollm_stack.train.dataset import EOT, batch_from_starts, batch_sampler, check_length, document_ids, eval_starts
 from smollm_stack.train.dataset import open_tokens, resolve_data, tokenizer_digest
 from smollm_stack.train.distributed import Dist, accumulating, init_distributed, shutdown
+from smollm_stack.train.eval import last_task_columns, task_columns, training_docs
 from smollm_stack.train.fsdp import check_kind, full_model, latest_sharded, load_sharded, save_sharded, shard
 from smollm_stack.train.log import RunLogger, peak_flops, perplexity
 from smollm_stack.train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
@@ -408,6 +409,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
     if tokenizer is not None:
         lengths = token_byte_lengths(tokenizer, data.vocab_size)
         bpb_factor = bits_per_byte_factor(data.val, val_starts, data.context_length, lengths)
+    task_docs = training_docs(cfg.eval_tasks, cfg.eval_task_docs, tokenizer)  # every rank scores them all
     diverge_loss = cfg.diverge_loss or 2 * math.log(data.vocab_size)
     flops, peak = flops_per_token(model.config), peak_flops(device)
     params = list(model.raw.parameters())
@@ -418,9 +420,11 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
     t0 = time.perf_counter()
     if start == 0:
         val_loss = best_val = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
+        with autocast:
+            tasks = task_columns(model.raw, tokenizer, task_docs)
         if logger:
             row = {"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
-            logger.log({**row, "val_bpb": bits_per_byte(val_loss, bpb_factor)})
+            logger.log({**row, "val_bpb": bits_per_byte(val_loss, bpb_factor), **tasks})
     t_report, step_report = time.perf_counter(), start
     stop.armed = True
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
@@ -473,6 +477,8 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
             best_val = min(best_val, val_loss)
             row.update(val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bits_per_byte(val_loss, bpb_factor))
+            with autocast:
+                row.update(task_columns(model.raw, tokenizer, task_docs))
         if logger:
             logger.log(row)
             bar.set_postfix(loss=f"{train_loss:.3f}")
@@ -543,6 +549,7 @@ def finish(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, out: Outc
         logger.close()
         if sampling:
             summary["sample"] = sample_story(whole, data, cfg, run_dir)
+        summary.update(last_task_columns(logger.rows))  # --eval-tasks' final scores
         write_json(run_dir.summary, summary)
         ppl = summary["final_val_ppl"]
         print(out.message or f"done: val loss {out.val_loss:.4f} (ppl {ppl:.2f}) in {out.wall_s:.0f}s")
