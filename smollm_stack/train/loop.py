@@ -38,7 +38,7 @@ from smollm_stack.train.optim import clip_gradients
 from smollm_stack.train.optimizers import build_optimizer
 from smollm_stack.files import write_atomic
 from smollm_stack.train.rundir import RunDir, open_run, read_json, write_json
-from smollm_stack.train.schedule import Schedule, build_schedule, resume_schedule
+from smollm_stack.train.schedule import Schedule, build_schedule, resume_schedule, warmup_note
 
 # ModelConfig fields a resumed run may change: which kernels compute the model, and an init its weights replace.
 FREE_ON_RESUME = ("kernels", "zero_init_residual")
@@ -289,7 +289,8 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
     if cfg.parallel == "fsdp" and info.enabled:
         shard(raw, device, dtype, info.world_size)  # before the optimizer: it swaps the parameters for shards
     optimizer = build_optimizer(cfg, raw, device)
-    schedule, schedule_note = build_schedule(cfg, total_steps(cfg, info)), ""
+    schedule = build_schedule(cfg, total_steps(cfg, info))
+    schedule_note = warmup_note(schedule, total_steps(cfg, info))
     start, elapsed_s = 0, 0.0
     if checkpoint is not None:  # (an extended WSD run may continue from its pre-decay checkpoint instead)
         schedule, checkpoint, schedule_note = resume_schedule(schedule, checkpoint, run_dir, info.main)
