@@ -16,8 +16,8 @@ context and the longest choice exceed the model's context length, the context lo
 each choice's sequence separately: scores differ only on such documents).
 
 Data: the Hub's parquet export of each dataset (huggingface.co/datasets/<repo>, revision refs/convert/parquet),
-downloaded once into the cache (``--cache``, default ``$SMOLLM_CACHE`` or ``~/.cache/smollm_stack``, then
-``tasks/<task>/``) and read with pyarrow (``pip install 'smollm-stack[eval]'``). Offline (``--offline``, or
+downloaded once into the cache (``--cache``, default the trainer's: ``$SMOLLM_CACHE`` or ``~/.cache/smollm-stack``;
+then ``tasks/<task>/``) and read with pyarrow (``pip install 'smollm-stack[eval]'``). Offline (``--offline``, or
 ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``) only the cache is read. A ``<split>.jsonl`` of the same fields in
 a task's folder is read instead of the parquet file: your own copy, or a test's.
 """
@@ -36,6 +36,7 @@ import torch
 
 from smollm_stack.files import make_dir, write_atomic
 from smollm_stack.model.model import TransformerLM
+from smollm_stack.train.dataset import cache_dir
 
 HUB = "https://huggingface.co/datasets"
 EOT = "<|endoftext|>"
@@ -98,10 +99,6 @@ def parse_tasks(names: str) -> list[str]:
     if unknown:
         raise ValueError(f"unknown task {unknown[0]!r}: choose among {', '.join(TASKS)}")
     return tasks
-
-
-def default_cache() -> Path:
-    return Path(os.environ.get("SMOLLM_CACHE") or Path.home() / ".cache" / "smollm_stack")
 
 
 def is_offline() -> bool:
@@ -220,7 +217,7 @@ def training_docs(names: str, docs_per_task: int, tokenizer) -> dict[str, list[D
     tasks = parse_tasks(names)
     if tasks and tokenizer is None:
         raise ValueError("--eval-tasks needs the run's tokenizer (give --tokenizer with pre-encoded data)")
-    return load_tasks(tasks, default_cache(), docs_per_task or None) if tasks else {}
+    return load_tasks(tasks, cache_dir(), docs_per_task or None) if tasks else {}
 
 
 def task_columns(model: TransformerLM, tokenizer, docs: dict[str, list[Doc]]) -> dict[str, float]:
@@ -243,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_source(parser)
     parser.add_argument("--tasks", required=True, help=f"comma-separated, among {', '.join(TASKS)}")
     parser.add_argument("--limit", type=int, default=None, help="score only each task's first N documents")
-    parser.add_argument("--cache", type=Path, default=None, help="default: $SMOLLM_CACHE or ~/.cache/smollm_stack")
+    parser.add_argument("--cache", type=Path, default=None, help="default: $SMOLLM_CACHE or ~/.cache/smollm-stack")
     parser.add_argument("--offline", action="store_true", help="read only the cache (as HF_HUB_OFFLINE=1)")
     parser.add_argument("--out", type=Path, help="also write the scores here as JSON (must not exist)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -259,7 +256,7 @@ def main(argv=None) -> int:
         tasks = parse_tasks(args.tasks)
         if not tasks or (args.limit is not None and args.limit < 1):
             raise ValueError("--tasks needs at least one task, and --limit a positive count")
-        docs = load_tasks(tasks, args.cache or default_cache(), args.limit, args.offline)
+        docs = load_tasks(tasks, args.cache or cache_dir(), args.limit, args.offline)
         model, tokenizer = load_pair(args, args.device)
         scores = evaluate(model, tokenizer, docs)
         if args.out is not None:
