@@ -52,7 +52,7 @@ class TrainConfig:
     # batch and length
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
-    # 1200 Muon steps (2.46M tokens, ~4.3 passes), evaluated at the start and the end only, in less wall time than
+    # 1200 Muon steps (2.46M tokens, ~4.3 passes), evaluated at the start and the end, in less wall time than
     # the 900 AdamW steps of the 2026-11-28 default on a 2-core Intel Xeon (fresh clones, back to back; not measured
     # on the AMD EPYC); 1000 / 1250 / 1350 steps reach 3.052 / 2.995 / 2.988 (bench/RESULTS.md, recipes round six).
     # More tokens beat a wider model (d_model 192: 0.54x the tokens/s) and a shallower one ties.
@@ -84,8 +84,11 @@ class TrainConfig:
     windows: Literal["uniform", "aligned"] = opt("uniform", "training windows start anywhere, or at document starts")
     doc_mask: bool = opt(False, "attention stays inside documents: each <|endoftext|> opens one (train and eval)")
     # evaluation, logging, checkpoints
-    eval_interval: int = opt(1200, "evaluate every N steps (and at the start and the end)")
+    eval_interval: int = opt(240, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(0, "validation batches (global), the same each eval, spread over the split (0: all of it)")
+    # Every eval but the last scores a fixed subset: the default run's validation curve has six points, and its
+    # wall time drops, since its whole-split eval at step 0 (1724 windows) cost as much as 13 subsets (128).
+    eval_subset_batches: int = opt(8, "validation batches of every eval but the last (0 or >= eval_batches: the same)")
     log_interval: int = opt(10, "metrics row and console line every N steps")
     eval_tasks: str = opt("", "downstream tasks scored at each eval, comma-separated: hellaswag, arc_easy, ...")
     eval_task_docs: int = opt(100, "documents of each --eval-tasks task scored (0: all)")
@@ -135,7 +138,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "eval_batches", "sample_tokens", "threads"):
+        for name in ("warmup_steps", "eval_batches", "eval_subset_batches", "sample_tokens", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.min_lr <= self.max_lr:

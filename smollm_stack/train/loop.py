@@ -385,6 +385,13 @@ def doc_ids(x: torch.Tensor, cfg: TrainConfig, data: Data) -> torch.Tensor | Non
     return document_ids(x, data.eot_id) if cfg.doc_mask else None
 
 
+def between_batches(cfg: TrainConfig) -> int:
+    """Validation batches of the evals between the first and the last: the subset, never more than the whole."""
+    if cfg.eval_subset_batches == 0 or 0 < cfg.eval_batches <= cfg.eval_subset_batches:
+        return cfg.eval_batches
+    return cfg.eval_subset_batches
+
+
 def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device, autocast) -> float:
     """Mean validation loss over the fixed windows; ranks split the batches and sum."""
     model.eval()
@@ -405,27 +412,35 @@ def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device
 def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model: Model, logger, stop) -> Outcome:
     steps, per_step, start = total_steps(cfg, info), tokens_per_step(cfg, info), model.start
     tokenizer, sampler = data.tokenizer, data.sampler
-    val_starts = eval_starts(len(data.val), data.context_length, cfg.eval_batches * cfg.batch_size * info.world_size)
-    bpb_factor = None
+    val_starts, between_starts = (
+        eval_starts(len(data.val), data.context_length, batches * cfg.batch_size * info.world_size)
+        for batches in (cfg.eval_batches, between_batches(cfg))
+    )  # the last eval's (the whole split by default), and the cheaper subset of the ones before
+    bpb_factor = between_factor = None
     if tokenizer is not None:
         lengths = token_byte_lengths(tokenizer, data.vocab_size)
         bpb_factor = bits_per_byte_factor(data.val, val_starts, data.context_length, lengths)
+        between_factor = bits_per_byte_factor(data.val, between_starts, data.context_length, lengths)
     task_docs = training_docs(cfg.eval_tasks, cfg.eval_task_docs, tokenizer)  # every rank scores them all
     diverge_loss = cfg.diverge_loss or 2 * math.log(data.vocab_size)
     flops, peak = flops_per_token(model.config), peak_flops(device)
     params = list(model.raw.parameters())
     val_loss = train_loss = None
     logged = logger.rows if logger else []  # a resumed run's earlier rows
-    best_val = min((r["val_loss"] for r in logged if r.get("val_loss") is not None), default=math.inf)
+    whole = len(val_starts)  # best_val compares evals of these windows only, never the subset's
+    whole_evals = [r for r in logged if r.get("val_loss") is not None and r.get("val_windows", whole) == whole]
+    best_val = min((r["val_loss"] for r in whole_evals), default=math.inf)
     status, message = "finished", ""
     t0 = time.perf_counter()
     if start == 0:
-        val_loss = best_val = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
+        val_loss = evaluate(model.eval, data, between_starts, cfg, info, device, autocast)  # the untrained model
+        best_val = val_loss if len(between_starts) == whole else best_val
         with autocast:
             tasks = task_columns(model.raw, tokenizer, task_docs)
         if logger:
-            row = {"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
-            logger.log({**row, "val_bpb": bits_per_byte(val_loss, bpb_factor), **tasks})
+            row = {"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
+                   "val_windows": len(between_starts)}  # fmt: skip
+            logger.log({**row, "val_bpb": bits_per_byte(val_loss, between_factor), **tasks})
     t_report, step_report = time.perf_counter(), start
     stop.armed = True
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
@@ -475,9 +490,11 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             "mfu": flops * tokens_per_s / (peak * info.world_size) if peak else None,
         }
         if is_eval:
-            val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
-            best_val = min(best_val, val_loss)
-            row.update(val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bits_per_byte(val_loss, bpb_factor))
+            starts, factor = (val_starts, bpb_factor) if step == steps else (between_starts, between_factor)
+            val_loss = evaluate(model.eval, data, starts, cfg, info, device, autocast)
+            best_val = min(best_val, val_loss) if len(starts) == whole else best_val
+            row.update(val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bits_per_byte(val_loss, factor))
+            row.update(val_windows=len(starts))
             with autocast:
                 row.update(task_columns(model.raw, tokenizer, task_docs))
         if logger:
