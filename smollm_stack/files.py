@@ -133,6 +133,9 @@ def atomic_file(path: str | os.PathLike, exclusive: bool = False):
             yield f
             f.flush()
             os.fsync(f.fileno())
+            if PLATFORM != "win32":  # renamed while locked, so no other writer's remove_stale can take it first
+                publish(tmp, path, exclusive)
+        if PLATFORM == "win32":  # Windows renames and removes no open file: once closed (that race stays open there)
             publish(tmp, path, exclusive)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,15 @@ def test_windows_run_lock_uses_msvcrt_past_the_data(windows, tmp_path):
     assert (tmp_path / "run2" / LOCK_FILE).read_text() == f"{os.getpid()}\n"  # written at 0, not at the lock's byte
 
 
-def test_windows_temporary_files_live_while_locked(windows, tmp_path):
+def test_windows_temporary_files_live_while_locked(windows, tmp_path, monkeypatch):
+    def publish_closed(tmp, path, exclusive):  # Windows renames no open file
+        fds = Path("/proc/self/fd")
+        assert not [fd for fd in fds.iterdir() if fd.exists() and fd.resolve() == Path(tmp)]  # (listdir's own fd goes)
+        published.append(path)
+        real_publish(tmp, path, exclusive)
+
+    real_publish, published = files.publish, []
+    monkeypatch.setattr(files, "publish", publish_closed)
     out = tmp_path / "ids.npy"
     stale, live = tmp_path / f"ids.npy{TMP_MARK}dead", tmp_path / f"ids.npy{TMP_MARK}live"
     stale.write_bytes(b"a killed writer's")
@@ -61,7 +70,7 @@ def test_windows_temporary_files_live_while_locked(windows, tmp_path):
         write_atomic(out, b"new")
     finally:
         os.close(fd)
-    assert not stale.exists() and live.exists() and out.read_bytes() == b"new"
+    assert not stale.exists() and live.exists() and out.read_bytes() == b"new" and published == [out]
     assert len(windows) == 4  # the live one here, then remove_stale on it (refused) and the dead one, the writer
 
 
