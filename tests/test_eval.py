@@ -118,7 +118,7 @@ def test_command_scores_a_run_from_the_cache(tokenizer, tmp_path, capsys):
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
-def test_training_scores_tasks_at_each_eval_into_metrics_and_summary(tokenizer, tokens, tmp_path, monkeypatch):
+def test_training_scores_tasks_at_each_eval_into_metrics_summary_and_plot(tokenizer, tokens, tmp_path, monkeypatch):
     from conftest import TINY
 
     from smollm_stack.train import TrainConfig, run
@@ -139,3 +139,4 @@ def test_training_scores_tasks_at_each_eval_into_metrics_and_summary(tokenizer, 
     want = evaluate(final, tokenizer, {"arc_easy": [arc(d) for d in ARC_DOCS[:2]]})["arc_easy"]
     for scores in (rows[-1], summary):
         assert (scores["arc_easy_acc"], scores["arc_easy_acc_norm"]) == (want["acc"], want["acc_norm"])
+    assert (tmp_path / "r/tasks.png").stat().st_size > 1000

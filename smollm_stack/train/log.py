@@ -105,6 +105,29 @@ class RunLogger:
             fig.savefig(png, format="png", dpi=100)
             plt.close(fig)
             write_atomic(self.run.plot(x_key), png.getvalue())
+        self.plot_tasks(plt)
+
+    def plot_tasks(self, plt):
+        """Redraw tasks.png (--eval-tasks: each task's acc_norm, solid, and acc, dashed, against steps)."""
+        tasks = sorted({k.removesuffix("_acc_norm") for r in self.rows for k in r if k.endswith("_acc_norm")})
+        if not tasks:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for task in tasks:
+            rows = [r for r in self.rows if r.get(f"{task}_acc_norm") is not None]
+            steps = [r["step"] for r in rows]
+            (line,) = ax.plot(steps, [r[f"{task}_acc_norm"] for r in rows], "o-", ms=3, label=f"{task} acc_norm")
+            ax.plot(steps, [r[f"{task}_acc"] for r in rows], "--", color=line.get_color(), lw=1, label=f"{task} acc")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{self.run.path.name}: downstream tasks")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        plt.close(fig)
+        write_atomic(self.run.tasks_plot, png.getvalue())
 
     def close(self):
         self.dashboards.close()

@@ -6,6 +6,7 @@ A run directory holds (each name is defined here and nowhere else)::
     config.json                    the run's TrainConfig, written before the first step: it makes the folder a run's
     metrics.jsonl                  one JSON row per report step
     loss_steps.png, loss_time.png  the loss plots
+    tasks.png                      the downstream task scores, under --eval-tasks
     ckpt_XXXXXX.pt                 checkpoints (train.checkpoint's format), each with its ckpt_XXXXXX.pt.sha256
     predecay_XXXXXX.pt             a WSD run's last step at max_lr, which an extension re-decays from (never pruned)
     decayed_XXXXXX/                an extended WSD run's old decay: its checkpoints, metrics and summary
@@ -57,13 +58,14 @@ SAMPLE_FILE = "sample.txt"
 TOKENIZER_DIR = "tokenizer"
 TENSORBOARD_DIR = "tensorboard"
 PLOT_FILES = {"step": "loss_steps.png", "time_s": "loss_time.png"}  # x axis -> file
+TASKS_PLOT = "tasks.png"
 CKPT_GLOB = "ckpt_*.pt"
 PREDECAY_PREFIX = "predecay_"
 SHARDED_GLOB = "ckpt_*.dcp"
 WRITTEN_FILE = "checkpoints.json"
 # Every name a run writes: a forced run refuses a foreign directory holding any of them (see "foreign" above).
 RUN_NAMES = re.compile(
-    r"(config\.json|metrics\.jsonl|summary\.json|sample\.txt|checkpoints\.json|tokenizer|tensorboard|loss_\w+\.png"
+    r"(config\.json|metrics\.jsonl|summary\.json|sample\.txt|checkpoints\.json|tokenizer|tensorboard|tasks\.png|loss_\w+\.png"
     r"|(ckpt|predecay|decayed)_\d+.*)"
 )
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint is set aside under this suffix, never deleted
@@ -126,6 +128,7 @@ class RunDir:
         self.sample = self.path / SAMPLE_FILE
         self.tokenizer = self.path / TOKENIZER_DIR
         self.tensorboard = self.path / TENSORBOARD_DIR
+        self.tasks_plot = self.path / TASKS_PLOT
         self.written = self.path / WRITTEN_FILE
         self._lock = None  # the open .lock file while we hold it
         self._created = False  # whether this process made the folder (then it removes it if it wrote nothing)
