@@ -435,8 +435,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
     if start == 0:
         val_loss = evaluate(model.eval, data, between_starts, cfg, info, device, autocast)  # the untrained model
         best_val = val_loss if len(between_starts) == whole else best_val
-        with autocast:
-            tasks = task_columns(model.raw, tokenizer, task_docs)
+        tasks = task_columns(model.raw, tokenizer, task_docs)  # in fp32, as the sample: KV caches of one dtype
         if logger:
             row = {"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
                    "val_windows": len(between_starts)}  # fmt: skip
@@ -495,8 +494,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             best_val = min(best_val, val_loss) if len(starts) == whole else best_val
             row.update(val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bits_per_byte(val_loss, factor))
             row.update(val_windows=len(starts))
-            with autocast:
-                row.update(task_columns(model.raw, tokenizer, task_docs))
+            row.update(task_columns(model.raw, tokenizer, task_docs))
         if logger:
             logger.log(row)
             bar.set_postfix(loss=f"{train_loss:.3f}")
