@@ -140,3 +140,55 @@ def test_training_scores_tasks_at_each_eval_into_metrics_summary_and_plot(tokeni
     for scores in (rows[-1], summary):
         assert (scores["arc_easy_acc"], scores["arc_easy_acc_norm"]) == (want["acc"], want["acc_norm"])
     assert (tmp_path / "r/tasks.png").stat().st_size > 1000
+
+
+def test_scores_agree_with_lm_eval_harness_on_the_export(tmp_path, monkeypatch):
+    """lm-eval-harness's `hf` model, on our export of a model with value embeddings and a tokenizer with merges,
+    gives each (context, choice) the log-likelihood we give it: the same token split, the same sums."""
+    pytest.importorskip("lm_eval")
+    transformers = pytest.importorskip("transformers")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from smollm_stack.tokenizer import Tokenizer
+    from smollm_stack.train.lm import main as lm_main
+
+    merges = [(b"t", b"h"), (b"th", b"e"), (b" ", b"the"), (b" ", b"a")]
+    vocab = {i: bytes([i]) for i in range(256)} | {256 + i: a + b for i, (a, b) in enumerate(merges)}
+    tokenizer = Tokenizer(vocab | {260: EOT.encode()}, merges, [EOT])
+    tokenizer.save(tmp_path / "tok")
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=261, context_length=32, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                         value_embeddings=True, kernels="eager")  # fmt: skip
+    model = TransformerLM(config).eval()
+    with torch.no_grad():
+        for table in model.value_embeddings:
+            table.weight.mul_(0.3)
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(config)}, tmp_path / "m.pt")
+    argv = ["export-hf", "--checkpoint", str(tmp_path / "m.pt"), "--tokenizer", str(tmp_path / "tok")]
+    assert lm_main([*argv, "--out", str(tmp_path / "hf")]) == 0
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.syspath_prepend(tmp_path / "modules")
+    hf = HFLM(pretrained=str(tmp_path / "hf"), trust_remote_code=True, device="cpu", dtype="float32", batch_size=1)
+    pairs = [("the cat ", "sat on the mat"), ("Question: a\nAnswer:", " the"), ("", " a theme"), ("x" * 40, " the")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    theirs = [ll for ll, _ in hf.loglikelihood(requests)]
+    ours = []
+    for pair in pairs:
+        context, choice = encode_pair(tokenizer, *pair)
+        ours.append(score_choices(model, context, [choice])[0])
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), atol=1e-4, rtol=1e-5)
+
+
+def test_the_hub_parquet_file_is_read_from_the_cache_offline(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow
+
+    from smollm_stack.train.eval import load_docs
+
+    folder = tmp_path / "tasks/arc_easy"
+    folder.mkdir(parents=True)
+    pq.write_table(pyarrow.Table.from_pylist(ARC_DOCS), folder / "test.parquet")  # as the Hub's parquet export
+    assert load_docs("arc_easy", tmp_path, offline=True) == [arc(d) for d in ARC_DOCS]
+    with pytest.raises(FileNotFoundError, match="offline, and .*hellaswag/validation.parquet is not cached"):
+        load_docs("hellaswag", tmp_path, offline=True)
