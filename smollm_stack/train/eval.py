@@ -132,7 +132,10 @@ def _fetch(task: Task, path: Path, offline: bool) -> Path:
 
     url = f"{HUB}/{task.repo}/resolve/refs%2Fconvert%2Fparquet/{task.config}/{task.split}/0000.parquet"
     make_dir(path.parent, exist_ok=True)
-    return download(url, path)
+    try:
+        return download(url, path)
+    except OSError as e:  # URLError is one
+        raise OSError(f"downloading {url} failed ({e}): this needs a network (or the file in {path})") from None
 
 
 def _read_parquet(path: Path) -> list[dict]:
