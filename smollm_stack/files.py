@@ -9,8 +9,11 @@ Every writer in the package goes through these few functions (one owner for the 
   name cannot both succeed (no check-then-write window). A crash leaves the old file intact.
 - ``open_append`` and ``open_lock`` open a file in place (``metrics.jsonl``, ``.lock``) with ``O_NOFOLLOW`` and
   refuse anything but a plain file with one name (a hard link planted in a run would let us write to its twin).
-- A writer holds ``flock`` on its temporary file while it writes. Temporary files of killed writers are left
+- A writer holds a lock on its temporary file while it writes. Temporary files of killed writers are left
   unlocked, so the next writer of the same name removes them (``remove_stale``); a live writer's are kept.
+- ``try_lock`` is the one lock of the package (these temporary files, the run directory's ``.lock``): ``flock`` on
+  POSIX (Linux, macOS), ``msvcrt.locking`` on Windows, chosen by ``PLATFORM``; the OS drops either when its process
+  ends, however it ends. Flags Windows lacks (``O_NOFOLLOW``...) are 0 there, and its files open in binary mode.
 
 Errors are ``ValueError`` (``FileExistsError`` for an exclusive name that exists) with one line naming the path:
 the commands print them as ``error: ...`` and exit 2.
@@ -18,13 +21,43 @@ the commands print them as ``error: ...`` and exit 2.
 
 import contextlib
 import errno
-import fcntl
 import glob
 import os
 import stat
+import sys
 from pathlib import Path
 
 TMP_MARK = ".tmp-"  # a temporary file of NAME is NAME.tmp-XXXXXXXX, in NAME's folder
+PLATFORM = sys.platform  # which lock try_lock takes (a module name, so that tests can fake another OS)
+# Windows' locks are mandatory: a lock on byte 0 would stop a second run from reading the holder's pid there, so
+# its lock covers one byte far past any data we write (Windows lets a lock lie beyond the end of a file).
+WINDOWS_LOCK_OFFSET = 2**40
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive lock on the open file ``fd`` without waiting: False if another holder has it.
+    It lasts until ``fd`` is closed (or its process ends)."""
+    if PLATFORM == "win32":
+        import msvcrt
+
+        where = os.lseek(fd, 0, os.SEEK_CUR)
+        os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError as e:  # held: EACCES or EDEADLOCK
+            if e.errno not in (errno.EACCES, errno.EDEADLOCK):
+                raise
+            return False
+        finally:
+            os.lseek(fd, where, os.SEEK_SET)
+        return True
+    import fcntl  # POSIX only: never imported on Windows
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 class WriteError(ValueError):
@@ -52,17 +85,18 @@ def remove_stale(path: str | os.PathLike):
     path = Path(path)
     for tmp in glob.glob(glob.escape(str(path)) + TMP_MARK + "*"):
         try:
-            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _BINARY)
         except OSError:
             continue  # a link, or gone: not ours to touch
         try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its writer lives
-                os.unlink(tmp)
+            stale = stat.S_ISREG(os.fstat(fd).st_mode) and try_lock(fd)  # False while its writer lives
         except OSError:
-            pass
+            stale = False
         finally:
-            os.close(fd)
+            os.close(fd)  # before the unlink: Windows removes no open file (a tmp name is never reused)
+        if stale:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def publish(tmp: str | os.PathLike, path: str | os.PathLike, exclusive: bool):
@@ -94,11 +128,14 @@ def atomic_file(path: str | os.PathLike, exclusive: bool = False):
     except OSError as e:
         raise WriteError(path, e.strerror or str(e)) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # marks it live for remove_stale, until closed
+        try_lock(fd)  # marks it live for remove_stale, until closed (a new file: nobody else holds it)
         with os.fdopen(fd, "w+b") as f:  # readable too: a checkpoint hashes what it wrote
             yield f
             f.flush()
             os.fsync(f.fileno())
+            if PLATFORM != "win32":  # renamed while locked, so no other writer's remove_stale can take it first
+                publish(tmp, path, exclusive)
+        if PLATFORM == "win32":  # Windows renames and removes no open file: once closed (that race stays open there)
             publish(tmp, path, exclusive)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -118,8 +155,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, exclusive: bool = F
 
 def _open_plain(path: str | os.PathLike, flags: int):
     """An fd on the plain, singly linked file ``path`` (created if absent), never following a link."""
+    if not _NOFOLLOW:
+        refuse_link(path)
     try:
-        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666 & ~_umask())
+        fd = os.open(path, flags | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC | _BINARY, 0o666 & ~_umask())
     except OSError as e:
         if e.errno == errno.ELOOP:
             refuse_link(path)
@@ -156,4 +195,9 @@ def make_dir(path: str | os.PathLike, exist_ok: bool = False) -> Path:
     return path
 
 
-_NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# POSIX flags that Windows lacks are 0 there (without O_NOFOLLOW, refuse_link before opening is the guard, one that
+# a racing local user could beat); O_BINARY, Windows' alone, keeps its C runtime from writing "\r\n" for "\n".
+_NOFOLLOW, _NONBLOCK, _CLOEXEC, _BINARY = (
+    getattr(os, f"O_{n}", 0) for n in ("NOFOLLOW", "NONBLOCK", "CLOEXEC", "BINARY")
+)
+_NEW = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY

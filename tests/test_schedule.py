@@ -12,7 +12,7 @@ from smollm_stack.train.checkpoint import read_checkpoint
 from smollm_stack.train.config import load_run_config, make_config
 from smollm_stack.train.log import read_metrics
 from smollm_stack.train.rundir import RunDir
-from smollm_stack.train.schedule import Schedule, build_schedule, resume_schedule
+from smollm_stack.train.schedule import Schedule, build_schedule, resume_schedule, warmup_note
 
 SCHEDULES = [dict(schedule="cosine")] + [dict(schedule="wsd", decay_shape=s) for s in ("linear", "cosine", "1-sqrt")]
 
@@ -30,6 +30,15 @@ def test_wsd_shape():
         s = build_schedule(make_config(cfg.to_dict(), decay_shape=shape), 100)
         assert s.lr(75 + 25 / 2) == pytest.approx(0.1 + 0.9 * left)
         assert s.lr(76) < 1.0 and s.lr(99) > 0.1
+
+
+@pytest.mark.parametrize("fields", SCHEDULES)
+def test_a_run_shorter_than_its_warmup_says_so(fields):
+    cfg = make_config(**fields, max_lr=1e-2, warmup_steps=30)
+    note = warmup_note(build_schedule(cfg, 20), 20)
+    assert "20 steps end inside its 30 warmup steps" in note
+    assert "rises to 6.67e-03 only, never --max-lr 1.00e-02" in note
+    assert warmup_note(build_schedule(cfg, 30), 30) == ""  # step 30 is at max_lr
 
 
 def test_extending_a_finished_cosine_run_keeps_its_floor():

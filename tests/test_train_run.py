@@ -17,7 +17,7 @@ from smollm_stack import model as model_pkg
 import smollm_stack.train.loop
 from conftest import TINY, as_flags
 from smollm_stack.kernels import cpu_blas
-from smollm_stack.train import TrainConfig, run
+from smollm_stack.train import TrainConfig, loop, run
 from smollm_stack.train.__main__ import main
 from smollm_stack.train.config import make_config
 from smollm_stack.train.log import read_metrics
@@ -52,6 +52,19 @@ def test_run_writes_metrics_plots_checkpoints_and_summary(tokens, tmp_path, caps
     assert loaded.config.d_model == 32
     with pytest.raises(ValueError, match="already holds a run"):
         run(tiny(tokens, run_dir))
+
+
+def test_evals_between_score_a_subset_and_best_val_only_whole_splits(tokens, tmp_path, monkeypatch):
+    """A 1-batch subset at every eval but the last, which scores the whole split (16 windows of 4 batches)."""
+    real = loop.evaluate
+    low = lambda model, data, starts, *args: 0.01 if len(starts) < 16 else real(model, data, starts, *args)
+    monkeypatch.setattr(loop, "evaluate", low)  # subsets that look better than any whole split
+    summary = run(tiny(tokens, tmp_path / "r", eval_interval=5, eval_batches=4, eval_subset_batches=1))
+    rows = [r for r in read_metrics(tmp_path / "r") if "val_loss" in r]
+    assert [(r["step"], r["val_windows"]) for r in rows] == [(0, 4), (5, 4), (10, 4), (15, 4), (20, 16)]
+    assert [r["val_loss"] for r in rows[:-1]] == [0.01] * 4
+    assert summary["best_val_loss"] == summary["final_val_loss"] == rows[-1]["val_loss"]
+    assert TrainConfig().steps // TrainConfig().eval_interval + 1 >= 5  # the default run: at least five points
 
 
 def _losses(run_dir) -> list[tuple]:

@@ -2,6 +2,9 @@
 
 Only files are written and read (config.json, generation_config.json, model.safetensors), so `transformers` is not
 needed here; the tokenizer's files are written by the caller (train/lm.py), since the model knows no tokenizer.
+A model with value embeddings (the default preset's) is Llama plus one table a block, which LlamaForCausalLM lacks:
+it exports as `SmolLMStackForCausalLM`, whose code (hf_modeling.py, copied into the directory and named in
+config.json's auto_map) transformers loads with `trust_remote_code=True`; its other tensors keep Llama's names.
 Each file is written whole or not at all and never through a symbolic link (smollm_stack.files).
 Two conventions differ from ours:
 - names: `layers.0.attn.q_proj` is `model.layers.0.self_attn.q_proj`, and so on (see `_hf_names`);
@@ -36,6 +39,8 @@ def _hf_names(config: ModelConfig) -> dict[str, str]:
             names[f"{ours}ffn.{w}.weight"] = f"{theirs}mlp.{hf}.weight"
         names[f"{ours}ln1.weight"] = f"{theirs}input_layernorm.weight"
         names[f"{ours}ln2.weight"] = f"{theirs}post_attention_layernorm.weight"
+        if config.value_embeddings:
+            names[f"value_embeddings.{i}.weight"] = f"model.value_embeddings.{i}.weight"
     return names
 
 
@@ -49,26 +54,25 @@ def _halves_to_pairs(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.unflatten(0, (-1, 2, head_dim // 2)).transpose(1, 2).flatten(0, 2)
 
 
-def export_hf(model: TransformerLM, out_dir: str | os.PathLike, token_ids: dict[str, int] | None = None) -> Path:
-    """Write model as a LlamaForCausalLM directory (config.json, generation_config.json, model.safetensors).
+REMOTE_CODE = "modeling_smollm_stack.py"  # hf_modeling.py, as a directory with value embeddings holds it
+LLAMA_BLOCK = dict(norm="pre", position="rope", ffn="swiglu")  # what transformers' Llama computes
 
-    token_ids: {"bos_token_id", "eos_token_id", "pad_token_id"} (any of them) for config.json and the generation
-    config, so that generate() stops where our sampler does; without them transformers assumes Llama's ids.
-    Returns the directory.
-    """
-    c = model.config
-    if (c.norm, c.position, c.ffn, c.value_embeddings) != ("pre", "rope", "swiglu", False):
+
+def check_exportable(config: ModelConfig):
+    """Raise, naming the fields and their fix, if the model is not a Llama (with or without value embeddings)."""
+    differ = [f"{k}={getattr(config, k)!r}" for k, v in LLAMA_BLOCK.items() if getattr(config, k) != v]
+    if differ:
+        want = ", ".join(f"{k}={v!r}" for k, v in LLAMA_BLOCK.items())
         raise ValueError(
-            f"only Llama blocks export: need norm='pre', position='rope', ffn='swiglu', no value_embeddings, got {c}"
+            f"only Llama blocks export, and this model has {', '.join(differ)}: these ablations have no transformers "
+            f"counterpart; export a model trained with {want} (the presets' defaults)"
         )
-    state = model.state_dict()
-    tensors = {}
-    for ours, theirs in _hf_names(c).items():
-        w = state[ours].detach()
-        if ours.endswith(("q_proj.weight", "k_proj.weight")):
-            w = _pairs_to_halves(w, c.head_dim)
-        tensors[theirs] = w.to("cpu", copy=True).contiguous()
-    hf_config = {
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype, token_ids: dict[str, int] | None = None) -> dict:
+    """config.json of the export: LlamaForCausalLM's, or SmolLMStackForCausalLM's with value embeddings."""
+    c = config
+    llama = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": c.vocab_size,
@@ -86,13 +90,47 @@ def export_hf(model: TransformerLM, out_dir: str | os.PathLike, token_ids: dict[
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": c.tie_embeddings,
-        "torch_dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
         **(token_ids or {}),
     }
+    if not c.value_embeddings:
+        return llama
+    module = REMOTE_CODE.removesuffix(".py")
+    return llama | {
+        "architectures": ["SmolLMStackForCausalLM"],
+        "model_type": "smollm_stack",
+        "value_embeddings": True,
+        "auto_map": {
+            "AutoConfig": f"{module}.SmolLMStackConfig",
+            "AutoModelForCausalLM": f"{module}.SmolLMStackForCausalLM",
+        },
+    }
+
+
+def export_hf(model: TransformerLM, out_dir: str | os.PathLike, token_ids: dict[str, int] | None = None) -> Path:
+    """Write model as a LlamaForCausalLM directory (config.json, generation_config.json, model.safetensors), or as
+    a SmolLMStackForCausalLM one (plus modeling_smollm_stack.py) when it has value embeddings.
+
+    token_ids: {"bos_token_id", "eos_token_id", "pad_token_id"} (any of them) for config.json and the generation
+    config, so that generate() stops where our sampler does; without them transformers assumes Llama's ids.
+    Returns the directory.
+    """
+    c = model.config
+    check_exportable(c)
+    state = model.state_dict()
+    tensors = {}
+    for ours, theirs in _hf_names(c).items():
+        w = state[ours].detach()
+        if ours.endswith(("q_proj.weight", "k_proj.weight")):
+            w = _pairs_to_halves(w, c.head_dim)
+        tensors[theirs] = w.to("cpu", copy=True).contiguous()
+    config = hf_config(c, next(iter(tensors.values())).dtype, token_ids)
     generation = dict(token_ids or {})
     out_dir = make_dir(out_dir, exist_ok=True)
-    write_atomic(out_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    write_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     write_atomic(out_dir / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    if c.value_embeddings:
+        write_atomic(out_dir / REMOTE_CODE, Path(__file__).with_name("hf_modeling.py").read_bytes())
     # save_file would open the path itself (through a link): the bytes in memory once more, for the model's size
     write_atomic(out_dir / "model.safetensors", save(tensors, metadata={"format": "pt"}))
     return out_dir
@@ -141,7 +179,8 @@ _REQUIRED = (
 
 
 def import_hf(path: str | os.PathLike, kernels: str = "auto") -> TransformerLM:
-    """A TransformerLM (norm="pre", position="rope", ffn="swiglu") from a LlamaForCausalLM directory."""
+    """A TransformerLM (norm="pre", position="rope", ffn="swiglu") from a LlamaForCausalLM directory, or from
+    one of our SmolLMStackForCausalLM exports (with value embeddings)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {path}")
@@ -150,7 +189,7 @@ def import_hf(path: str | os.PathLike, kernels: str = "auto") -> TransformerLM:
     if missing:
         raise ValueError(f"{path / 'config.json'} needs {', '.join(missing)} as positive integers")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if hf.get("model_type") != "llama" or hf.get("hidden_act", "silu") != "silu":
+    if hf.get("model_type") not in ("llama", "smollm_stack") or hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path} is not a Llama model with SiLU (model_type={hf.get('model_type')!r})")
     if hf.get("attention_bias") or hf.get("mlp_bias") or rope.get("rope_type", "default") != "default":
         raise ValueError(f"{path} uses biases or RoPE scaling, which this model does not have")
@@ -168,6 +207,7 @@ def import_hf(path: str | os.PathLike, kernels: str = "auto") -> TransformerLM:
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False),
+        value_embeddings=hf["model_type"] == "smollm_stack" and hf.get("value_embeddings") is True,
         kernels=kernels,
     )
     tensors = _load_safetensors(path)

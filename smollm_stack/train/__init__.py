@@ -7,21 +7,25 @@ import os
 # before torch loads OpenMP, hence here, first; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from smollm_stack.train.checkpoint import load_checkpoint, save_checkpoint
-from smollm_stack.train.config import TrainConfig, parse_args
-from smollm_stack.train.dataset import get_batch
-from smollm_stack.train.loop import run
-from smollm_stack.train.optim import AdamW, clip_grad_norm
-from smollm_stack.train.schedule import cosine_lr
+import importlib
 
-__all__ = [
-    "AdamW",
-    "TrainConfig",
-    "clip_grad_norm",
-    "cosine_lr",
-    "get_batch",
-    "load_checkpoint",
-    "parse_args",
-    "run",
-    "save_checkpoint",
-]
+# name -> its module, imported on first use (PEP 562): `smollm lm sample` needs none of the trainer's machinery
+# (FSDP, distributed checkpoints: ~2 s of imports), and `from smollm_stack.train import run` works as before.
+_EXPORTS = {
+    "AdamW": "optim",
+    "TrainConfig": "config",
+    "clip_grad_norm": "optim",
+    "cosine_lr": "schedule",
+    "get_batch": "dataset",
+    "load_checkpoint": "checkpoint",
+    "parse_args": "config",
+    "run": "loop",
+    "save_checkpoint": "checkpoint",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from smollm_stack.model import ModelConfig
+from smollm_stack.train.eval import parse_tasks
+from smollm_stack.train.loggers import parse_loggers
 from smollm_stack.train.precision import DTYPES
 from smollm_stack.train.rundir import RunDir, read_json
 
@@ -51,7 +53,7 @@ class TrainConfig:
     # batch and length
     batch_size: int = opt(16, "sequences per micro-batch on each process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch_size x grad_accum x processes)")
-    # 1200 Muon steps (2.46M tokens, ~4.3 passes), evaluated at the start and the end only, in less wall time than
+    # 1200 Muon steps (2.46M tokens, ~4.3 passes), evaluated at the start and the end, in less wall time than
     # the 900 AdamW steps of the 2026-11-28 default on a 2-core Intel Xeon (fresh clones, back to back; not measured
     # on the AMD EPYC); 1000 / 1250 / 1350 steps reach 3.052 / 2.995 / 2.988 (bench/RESULTS.md, recipes round six).
     # More tokens beat a wider model (d_model 192: 0.54x the tokens/s) and a shallower one ties.
@@ -83,9 +85,14 @@ class TrainConfig:
     windows: Literal["uniform", "aligned"] = opt("uniform", "training windows start anywhere, or at document starts")
     doc_mask: bool = opt(False, "attention stays inside documents: each <|endoftext|> opens one (train and eval)")
     # evaluation, logging, checkpoints
-    eval_interval: int = opt(1200, "evaluate every N steps (and at the start and the end)")
+    eval_interval: int = opt(240, "evaluate every N steps (and at the start and the end)")
     eval_batches: int = opt(0, "validation batches (global), the same each eval, spread over the split (0: all of it)")
+    # Every eval but the last scores a fixed subset: the default run's validation curve has six points, and its
+    # wall time drops, since its whole-split eval at step 0 (1724 windows) cost as much as 13 subsets (128).
+    eval_subset_batches: int = opt(8, "validation batches of every eval but the last (0 or >= eval_batches: the same)")
     log_interval: int = opt(10, "metrics row and console line every N steps")
+    eval_tasks: str = opt("", "downstream tasks scored at each eval, comma-separated: hellaswag, arc_easy, ...")
+    eval_task_docs: int = opt(100, "documents of each --eval-tasks task scored (0: all)")
     ckpt_interval: int = opt(200, "checkpoint every N steps (and at the end)")
     keep_ckpts: int = opt(2, "keep the last K checkpoints")
     out_dir: str | None = opt(None, "run directory; none: runs/<preset>-<date-time>")
@@ -112,7 +119,9 @@ class TrainConfig:
     preflight: bool = opt(True, "check the Triton kernels against eager PyTorch on the run's shapes before training")
     threads: int = opt(0, "CPU threads for torch (0: torch's default, $OMP_NUM_THREADS or the cores)")
     progress: bool = opt(True, "show a progress bar")
-    wandb_project: str | None = opt(None, "log to this Weights & Biases project (only if wandb is installed)")
+    wandb_project: str | None = opt(None, "log to this Weights & Biases project (as --logger jsonl,wandb)")
+    logger: str = opt("jsonl", "comma-separated: jsonl (metrics.jsonl and plots, always), tensorboard, trackio, wandb")
+    logger_project: str | None = opt(None, "the trackio or wandb project (default: --wandb-project, or smollm-stack)")
 
     def __post_init__(self):
         check_types(self)
@@ -131,7 +140,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "eval_batches", "sample_tokens", "threads"):
+        for name in ("warmup_steps", "eval_batches", "eval_subset_batches", "sample_tokens", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.min_lr <= self.max_lr:
@@ -143,8 +152,8 @@ class TrainConfig:
             raise ValueError(f"need 0 <= beta1, beta2 < 1 and eps > 0, got {self.beta1}, {self.beta2}, {self.eps}")
         if self.diverge_loss is not None and not self.diverge_loss > 0:
             raise ValueError(f"diverge_loss must be positive, got {self.diverge_loss!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (no other is supported), got {self.device!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         for name in ("schedule", "decay_shape", "optimizer", "windows"):
             choices = typing.get_args(typing.get_type_hints(TrainConfig)[name])
             if getattr(self, name) not in choices:
@@ -167,6 +176,14 @@ class TrainConfig:
             ModelConfig.preset(self.model, **self.model_args)
         except TypeError as e:
             raise ValueError(f"model args: {e}") from None
+        self.dashboards()  # a dashboard whose package is missing: an error now, not after the run is claimed
+        parse_tasks(self.eval_tasks)
+        if self.eval_task_docs < 0:
+            raise ValueError(f"eval_task_docs must be >= 0 (0: all), got {self.eval_task_docs}")
+
+    def dashboards(self) -> list[str]:
+        """--logger's dashboards (train/loggers.py), wandb too under --wandb-project."""
+        return parse_loggers(self.logger + (",wandb" if self.wandb_project else ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ data cache.
 """
 
 import os
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -92,12 +93,24 @@ def shutdown(info: Dist):
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto: CUDA if there is one, else the CPU (MPS only when asked for: torch's MPS lacks ops we use)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine (use --device cpu)")
+    if resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("--device mps needs Apple silicon and a torch built with MPS, not found here (use cpu)")
+        if os.environ.get("PYTORCH_ENABLE_MPS_FALLBACK") != "1":  # torch reads it at import: too late to set it
+            print(MPS_FALLBACK_NOTE, file=sys.stderr)
     return resolved
+
+
+MPS_FALLBACK_NOTE = (
+    "note: --device mps runs the eager kernels; an op torch's MPS backend lacks stops the run with "
+    "NotImplementedError unless PYTORCH_ENABLE_MPS_FALLBACK=1 is set before starting, which runs such ops on the CPU"
+)

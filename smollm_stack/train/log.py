@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from smollm_stack.files import open_append, write_atomic
+from smollm_stack.train.loggers import Dashboards
 from smollm_stack.train.rundir import RunDir
 
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(), most specific first.
@@ -84,33 +85,27 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class RunLogger:
-    """Appends metrics rows to the run's ``metrics.jsonl`` (and wandb), prints them, and redraws the loss plots.
+    """Appends metrics rows to the run's ``metrics.jsonl`` (and --logger's dashboards), prints them, and redraws
+    the loss plots.
 
     On resume the rows after the checkpoint's step (logged by the interrupted run after its last save) are dropped,
     so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, run: RunDir, config: dict, resume_step: int | None = None, wandb_project: str | None = None):
+    def __init__(self, run: RunDir, config: dict, resume_step: int | None = None, dashboards: list[str] = (),
+                 project: str | None = None):  # fmt: skip
         self.run = run
         self.path = run.metrics
         self.rows = [r for r in read_metrics(run.path) if r["step"] <= resume_step] if resume_step is not None else []
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        self.wandb = None
         self.warned_no_plots = False
-        if wandb_project is not None:
-            try:
-                import wandb
-            except ModuleNotFoundError:
-                print(f"warning: --wandb-project {wandb_project} ignored: wandb is not installed (pip install wandb)")
-            else:
-                self.wandb = wandb.init(project=wandb_project, name=run.path.name, config=config, resume="allow")
+        self.dashboards = Dashboards(list(dashboards), run, config, project)  # --logger (train/loggers.py)
 
     def log(self, row: dict):
         self.rows.append(row)
         with open_append(self.path) as f:
             f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
+        self.dashboards.log(row)
         console(format_row(row))
 
     def plot(self):
@@ -146,10 +141,32 @@ class RunLogger:
             fig.savefig(png, format="png", dpi=100)
             plt.close(fig)
             write_atomic(self.run.plot(x_key), png.getvalue())
+        self.plot_tasks(plt)
+
+    def plot_tasks(self, plt):
+        """Redraw tasks.png (--eval-tasks: each task's acc_norm, solid, and acc, dashed, against steps)."""
+        tasks = sorted({k.removesuffix("_acc_norm") for r in self.rows for k in r if k.endswith("_acc_norm")})
+        if not tasks:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for task in tasks:
+            rows = [r for r in self.rows if r.get(f"{task}_acc_norm") is not None]
+            steps = [r["step"] for r in rows]
+            (line,) = ax.plot(steps, [r[f"{task}_acc_norm"] for r in rows], "o-", ms=3, label=f"{task} acc_norm")
+            ax.plot(steps, [r[f"{task}_acc"] for r in rows], "--", color=line.get_color(), lw=1, label=f"{task} acc")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{self.run.path.name}: downstream tasks")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        plt.close(fig)
+        write_atomic(self.run.tasks_plot, png.getvalue())
 
     def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
+        self.dashboards.close()
 
 
 def format_row(row: dict) -> str:

@@ -27,6 +27,7 @@ from smollm_stack.train.config import TrainConfig
 from smollm_stack.train.dataset import EOT, batch_from_starts, batch_sampler, check_length, document_ids, eval_starts
 from smollm_stack.train.dataset import open_tokens, resolve_data, tokenizer_digest
 from smollm_stack.train.distributed import Dist, accumulating, init_distributed, shutdown
+from smollm_stack.train.eval import last_task_columns, task_columns, training_docs
 from smollm_stack.train.fsdp import check_kind, full_model, latest_sharded, load_sharded, save_sharded, shard
 from smollm_stack.train.log import RunLogger, console, peak_flops, perplexity, progress_bar
 from smollm_stack.train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
@@ -36,7 +37,7 @@ from smollm_stack.train import precision
 from smollm_stack.train.optimizers import build_optimizer
 from smollm_stack.files import write_atomic
 from smollm_stack.train.rundir import RunDir, open_run, read_json, write_json
-from smollm_stack.train.schedule import Schedule, build_schedule, resume_schedule
+from smollm_stack.train.schedule import Schedule, build_schedule, resume_schedule, warmup_note
 
 # ModelConfig fields a resumed run may change: which kernels compute the model, and an init its weights replace.
 FREE_ON_RESUME = ("kernels", "zero_init_residual")
@@ -285,7 +286,8 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
     if cfg.parallel == "fsdp" and info.enabled:
         shard(raw, device, dtype, info.world_size)  # before the optimizer: it swaps the parameters for shards
     optimizer = build_optimizer(cfg, raw, device)
-    schedule, schedule_note = build_schedule(cfg, total_steps(cfg, info)), ""
+    schedule = build_schedule(cfg, total_steps(cfg, info))
+    schedule_note = warmup_note(schedule, total_steps(cfg, info))
     start, elapsed_s, scaler = 0, 0.0, precision.grad_scaler(device, dtype)
     if checkpoint is not None:  # (an extended WSD run may continue from its pre-decay checkpoint instead)
         schedule, checkpoint, schedule_note = resume_schedule(schedule, checkpoint, run_dir, info.main)
@@ -335,7 +337,8 @@ def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device
     write_json(run_dir.config, config_dict)
     if data.tok_dir is not None:
         run_dir.copy_tokenizer(data.tok_dir)
-    logger = RunLogger(run_dir, config_dict, resume_step=model.start or None, wandb_project=cfg.wandb_project)
+    project = cfg.logger_project or cfg.wandb_project
+    logger = RunLogger(run_dir, config_dict, model.start or None, cfg.dashboards(), project)
     total, non_embedding = param_counts(model.config)
     resuming = f", resuming at step {model.start}" if model.start else ""
     overrides = ", ".join(f"{k}={v}" for k, v in cfg.model_args.items())  # what runs: the preset as overridden
@@ -380,6 +383,13 @@ def doc_ids(x: torch.Tensor, cfg: TrainConfig, data: Data) -> torch.Tensor | Non
     return document_ids(x, data.eot_id) if cfg.doc_mask else None
 
 
+def between_batches(cfg: TrainConfig) -> int:
+    """Validation batches of the evals between the first and the last: the subset, never more than the whole."""
+    if cfg.eval_subset_batches == 0 or 0 < cfg.eval_batches <= cfg.eval_subset_batches:
+        return cfg.eval_batches
+    return cfg.eval_subset_batches
+
+
 def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device, autocast) -> float:
     """Mean validation loss over the fixed windows; ranks split the batches and sum."""
     model.eval()
@@ -400,24 +410,34 @@ def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device
 def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model: Model, logger, stop) -> Outcome:
     steps, per_step, start = total_steps(cfg, info), tokens_per_step(cfg, info), model.start
     tokenizer, sampler = data.tokenizer, data.sampler
-    val_starts = eval_starts(len(data.val), data.context_length, cfg.eval_batches * cfg.batch_size * info.world_size)
-    bpb_factor = None
+    val_starts, between_starts = (
+        eval_starts(len(data.val), data.context_length, batches * cfg.batch_size * info.world_size)
+        for batches in (cfg.eval_batches, between_batches(cfg))
+    )  # the last eval's (the whole split by default), and the cheaper subset of the ones before
+    bpb_factor = between_factor = None
     if tokenizer is not None:
         lengths = token_byte_lengths(tokenizer, data.vocab_size)
         bpb_factor = bits_per_byte_factor(data.val, val_starts, data.context_length, lengths)
+        between_factor = bits_per_byte_factor(data.val, between_starts, data.context_length, lengths)
+    task_docs = training_docs(cfg.eval_tasks, cfg.eval_task_docs, tokenizer)  # every rank scores them all
     diverge_loss = cfg.diverge_loss or 2 * math.log(data.vocab_size)
     flops, peak = flops_per_token(model.config), peak_flops(device)
     params = list(model.raw.parameters())
     val_loss = train_loss = None
     logged = logger.rows if logger else []  # a resumed run's earlier rows
-    best_val = min((r["val_loss"] for r in logged if r.get("val_loss") is not None), default=math.inf)
+    whole = len(val_starts)  # best_val compares evals of these windows only, never the subset's
+    whole_evals = [r for r in logged if r.get("val_loss") is not None and r.get("val_windows", whole) == whole]
+    best_val = min((r["val_loss"] for r in whole_evals), default=math.inf)
     status, message = "finished", ""
     t0 = time.perf_counter()
     if start == 0:
-        val_loss = best_val = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
+        val_loss = evaluate(model.eval, data, between_starts, cfg, info, device, autocast)  # the untrained model
+        best_val = val_loss if len(between_starts) == whole else best_val
+        tasks = task_columns(model.raw, tokenizer, task_docs)  # in fp32, as the sample: KV caches of one dtype
         if logger:
-            row = {"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
-            logger.log({**row, "val_bpb": bits_per_byte(val_loss, bpb_factor)})
+            row = {"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": val_loss, "val_ppl": perplexity(val_loss),
+                   "val_windows": len(between_starts)}  # fmt: skip
+            logger.log({**row, "val_bpb": bits_per_byte(val_loss, between_factor), **tasks})
     t_report, step_report = time.perf_counter(), start
     stop.armed = True
     bar = progress_bar(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
@@ -472,9 +492,12 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
         if model.scaler.is_enabled():
             row["loss_scale"] = model.scaler.get_scale()
         if is_eval:
-            val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
-            best_val = min(best_val, val_loss)
-            row.update(val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bits_per_byte(val_loss, bpb_factor))
+            starts, factor = (val_starts, bpb_factor) if step == steps else (between_starts, between_factor)
+            val_loss = evaluate(model.eval, data, starts, cfg, info, device, autocast)
+            best_val = min(best_val, val_loss) if len(starts) == whole else best_val
+            row.update(val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bits_per_byte(val_loss, factor))
+            row.update(val_windows=len(starts))
+            row.update(task_columns(model.raw, tokenizer, task_docs))
         if logger:
             logger.log(row)
             bar.set_postfix(loss=f"{train_loss:.3f}")
@@ -545,6 +568,7 @@ def finish(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, out: Outc
         logger.close()
         if sampling:
             summary["sample"] = sample_story(whole, data, cfg, run_dir)
+        summary.update(last_task_columns(logger.rows))  # --eval-tasks' final scores
         write_json(run_dir.summary, summary)
         ppl = summary["final_val_ppl"]
         print(out.message or f"done: val loss {out.val_loss:.4f} (ppl {ppl:.2f}) in {out.wall_s:.0f}s")

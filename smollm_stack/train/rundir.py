@@ -6,12 +6,14 @@ A run directory holds (each name is defined here and nowhere else)::
     config.json                    the run's TrainConfig, written before the first step: it makes the folder a run's
     metrics.jsonl                  one JSON row per report step
     loss_steps.png, loss_time.png  the loss plots
+    tasks.png                      the downstream task scores, under --eval-tasks
     ckpt_XXXXXX.pt                 checkpoints (train.checkpoint's format), each with its ckpt_XXXXXX.pt.sha256
     predecay_XXXXXX.pt             a WSD run's last step at max_lr, which an extension re-decays from (never pruned)
     decayed_XXXXXX/                an extended WSD run's old decay: its checkpoints, metrics and summary
     ckpt_XXXXXX.dcp/               or, under --parallel fsdp, sharded ones (train.fsdp's format)
     tokenizer/                     a copy of the tokenizer the run trains with
     sample.txt                     the story sampled at the end
+    tensorboard/                   TensorBoard's event files, under --logger tensorboard
     checkpoints.json               the checkpoints this run wrote: the only files pruning may delete
     summary.json                   written last
 
@@ -29,12 +31,12 @@ Every file is written through ``smollm_stack.files`` (a temporary file renamed i
 lock and the metrics are opened with ``O_NOFOLLOW``). Nothing is ever deleted but the run's own temporary files and
 the checkpoints ``checkpoints.json`` lists.
 
-The lock is ``fcntl.flock`` on ``.lock``: the kernel drops it when its process exits, however it exits, so a lock
-left by a killed run is never "held" and needs no cleaning. Everything that writes files of a run (the trainer, the
-experiments runner through it) takes the lock first; readers (reports, ``budget``) need none.
+The lock is ``files.try_lock`` on ``.lock`` (``flock``, or ``msvcrt.locking`` on Windows): the OS drops it when its
+process exits, however it exits, so a lock left by a killed run is never "held" and needs no cleaning. Everything
+that writes files of a run (the trainer, the experiments runner through it) takes the lock first; readers (reports,
+``budget``) need none.
 """
 
-import fcntl
 import itertools
 import json
 import os
@@ -45,7 +47,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from smollm_stack.files import TMP_MARK, make_dir, open_lock, refuse_link, write_atomic
+from smollm_stack.files import TMP_MARK, make_dir, open_lock, refuse_link, try_lock, write_atomic
 from smollm_stack.train.checkpoint import checksum_path, read_checkpoint
 
 LOCK_FILE = ".lock"
@@ -54,14 +56,16 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SAMPLE_FILE = "sample.txt"
 TOKENIZER_DIR = "tokenizer"
+TENSORBOARD_DIR = "tensorboard"
 PLOT_FILES = {"step": "loss_steps.png", "time_s": "loss_time.png"}  # x axis -> file
+TASKS_PLOT = "tasks.png"
 CKPT_GLOB = "ckpt_*.pt"
 PREDECAY_PREFIX = "predecay_"
 SHARDED_GLOB = "ckpt_*.dcp"
 WRITTEN_FILE = "checkpoints.json"
 # Every name a run writes: a forced run refuses a foreign directory holding any of them (see "foreign" above).
 RUN_NAMES = re.compile(
-    r"(config\.json|metrics\.jsonl|summary\.json|sample\.txt|checkpoints\.json|tokenizer|loss_\w+\.png"
+    r"(config\.json|metrics\.jsonl|summary\.json|sample\.txt|checkpoints\.json|tokenizer|tensorboard|tasks\.png|loss_\w+\.png"
     r"|(ckpt|predecay|decayed)_\d+.*)"
 )
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint is set aside under this suffix, never deleted
@@ -123,6 +127,8 @@ class RunDir:
         self.summary = self.path / SUMMARY_FILE
         self.sample = self.path / SAMPLE_FILE
         self.tokenizer = self.path / TOKENIZER_DIR
+        self.tensorboard = self.path / TENSORBOARD_DIR
+        self.tasks_plot = self.path / TASKS_PLOT
         self.written = self.path / WRITTEN_FILE
         self._lock = None  # the open .lock file while we hold it
         self._created = False  # whether this process made the folder (then it removes it if it wrote nothing)
@@ -163,15 +169,13 @@ class RunDir:
         except FileExistsError:  # (perhaps by a racing run: the lock decides)
             pass
         f = open_lock(self.path / LOCK_FILE)  # never through a planted link
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(f.fileno()):
             f.seek(0)
             holder = f.read().strip() or "?"
             f.close()
             raise ValueError(
                 f"{self.path} is in use by another run (pid {holder}): wait for it to end, or choose another --out-dir"
-            ) from None
+            )
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -190,11 +194,14 @@ class RunDir:
         """Release the lock; a folder this process created and left empty is removed again."""
         if self._lock is None:
             return
-        if self._created and not self.entries():
+        empty = self._created and not self.entries()
+        if empty and os.name != "nt":  # removed while still held, so that no racing run takes it in between
             (self.path / LOCK_FILE).unlink(missing_ok=True)
-            self.path.rmdir()
         self._lock.close()
         self._lock = None
+        if empty:  # (Windows removes no open file: there, only now)
+            (self.path / LOCK_FILE).unlink(missing_ok=True)
+            self.path.rmdir()
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
 

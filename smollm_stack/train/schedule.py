@@ -81,6 +81,17 @@ def build_schedule(cfg, steps: int) -> Schedule:
     return Schedule("wsd", cfg.max_lr, cfg.min_lr, cfg.warmup_steps, decay_start, steps, cfg.decay_shape)
 
 
+def warmup_note(schedule: Schedule, steps: int) -> str:
+    """A note for the console when a run of ``steps`` steps ends inside its warmup ("" otherwise)."""
+    if steps >= schedule.warmup:
+        return ""
+    return (
+        f"note: the run's {steps} steps end inside its {schedule.warmup} warmup steps, so the learning rate rises "
+        f"to {schedule.lr(steps):.2e} only, never --max-lr {schedule.max_lr:.2e}, and never decays: lower "
+        "--warmup-steps (or train longer)"
+    )
+
+
 def cosine_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_cycle_iters: int) -> float:
     """Learning rate at iteration ``it``: linear warmup from 0, cosine decay to ``min_lr``, then flat.
 

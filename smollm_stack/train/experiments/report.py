@@ -223,7 +223,8 @@ def build_report(suite_dir: str | Path, out_dir: str | Path | None = None, notes
         f"{base['warmup_steps']} warmup steps), {'Muon + ' if base.get('optimizer') == 'muon' else ''}"
         f"AdamW betas ({base['beta1']}, {base['beta2']}), weight decay {base['weight_decay']}, "
         f"clip {base['grad_clip']}, seed {base['seed']}, "
-        f"{base['eval_batches']} validation batches every {base['eval_interval']} steps. "
+        f"{base['eval_batches']} validation batches (0: all) at the end, "
+        f"{base.get('eval_subset_batches', base['eval_batches'])} every {base['eval_interval']} steps before. "
         "Each variant changes only what its row says.",
         "## Results",
         markdown_table(table),

@@ -34,7 +34,9 @@ SUITE_FILE = "suite.json"
 # command, so train.experiments dispatches it before its parser and --help never lists it.
 VARIANT_COMMAND = "_variant"
 # Fields that may change between an interrupted suite and its continuation without changing what a run computes.
-RUNTIME_FIELDS = ("out_dir", "resume", "force", "progress", "threads", "device", "wandb_project")
+RUNTIME_FIELDS = (
+    "out_dir", "resume", "force", "progress", "threads", "device", "wandb_project", "logger", "logger_project",
+)  # fmt: skip
 
 
 def machine_info() -> dict:
