@@ -716,7 +716,7 @@ def test_28_exit_a_signal_finishes_the_step_saves_and_says_how_to_resume(tokens,
     assert proc.returncode == 128 + sig and "Traceback" not in err, err
     assert last.startswith(f"stopped by {sig.name} after step ") and f"--resume {run_dir}" in last, last
     step = int(last.split("after step ")[1].split(",")[0])
-    assert step > 10 and (run_dir / f"ckpt_{step:06d}.pt").is_file() and not (run_dir / "summary.json").exists()
+    assert step >= 10 and (run_dir / f"ckpt_{step:06d}.pt").is_file() and not (run_dir / "summary.json").exists()
     assert train_main(["--resume", str(run_dir), "--steps", str(step + 3), "--cosine-steps", "100000"]) == 0
 
 
