@@ -104,3 +104,17 @@ def test_device_mps_only_where_torch_has_it(monkeypatch, capsys):
     monkeypatch.setenv("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     assert resolve_device("mps") == torch.device("mps") and not capsys.readouterr().err
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")  # never mps
+
+
+def test_the_tokenizer_command_runs_without_the_resource_module(monkeypatch, tmp_path, capsys):
+    """Windows has no `resource`: `smollm tokenizer` then reports its wall time without the peak memory."""
+    from smollm_stack.tokenizer import Tokenizer
+    from smollm_stack.tokenizer.__main__ import main as tokenizer_main
+
+    Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"]).save(tmp_path / "tok")
+    (tmp_path / "text.txt").write_text("a few words to encode\n")
+    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` raises, as on Windows
+    argv = ["encode", str(tmp_path / "text.txt"), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "x")]
+    assert tokenizer_main([*argv, "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "wall time" in out and "peak memory" not in out

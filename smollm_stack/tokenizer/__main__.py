@@ -8,7 +8,6 @@ Neither overwrites an existing output without ``--force``.
 
 import argparse
 import os
-import resource
 import sys
 import time
 
@@ -16,8 +15,13 @@ from smollm_stack.tokenizer import Tokenizer, encode_file, train_bpe
 from smollm_stack.tokenizer.tokenizer import META_FILE, TOKENIZER_FILES
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process and of its largest finished child (Linux reports KiB)."""
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process and of its largest finished child (Linux reports KiB); None where the
+    platform has no ``resource`` module (Windows)."""
+    try:
+        import resource
+    except ModuleNotFoundError:
+        return None
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, child) / 1024
@@ -69,7 +73,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wall time {time.perf_counter() - t0:.2f} s, peak memory {peak_rss_mb():.0f} MB")
+    peak = peak_rss_mb()
+    print(f"wall time {time.perf_counter() - t0:.2f} s" + ("" if peak is None else f", peak memory {peak:.0f} MB"))
     return 0
 
 
