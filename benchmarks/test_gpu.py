@@ -6,7 +6,7 @@ is what the ratio checks compare, and extra_info carries GB/s and TFLOP/s."""
 
 import pytest
 import torch
-from conftest import check_ratio
+from conftest import MEDIANS, check_ratio
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,8 +54,6 @@ def test_attention(race, name, provider):
 
 def _record(race, group, provider, ms, nbytes, flops, peak):
     """The GPU's own median replaces the pedantic round's wall time (which holds warm-up and graph capture)."""
-    from conftest import MEDIANS
-
     MEDIANS[group, provider] = ms / 1e3
     race.benchmark.extra_info.update(ms=ms, gbs=nbytes / ms / 1e6 if nbytes else None,
                                      tflops=flops / ms / 1e9 if flops else None, peak_mib=peak)  # fmt: skip
