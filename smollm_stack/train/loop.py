@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from smollm_stack import kernels
+from smollm_stack.files import write_atomic
 from smollm_stack.model import ModelConfig, TransformerLM, flops_per_token, generate, param_counts
 from smollm_stack.train.checkpoint import apply_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from smollm_stack.train.config import TrainConfig
@@ -32,10 +33,9 @@ from smollm_stack.train.fsdp import check_kind, full_model, latest_sharded, load
 from smollm_stack.train.log import RunLogger, console, peak_flops, perplexity, progress_bar
 from smollm_stack.train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
 from smollm_stack.train.memory import checkpoint_blocks, memory_line
-from smollm_stack.train.optim import clip_gradients
 from smollm_stack.train import precision
+from smollm_stack.train.optim import clip_gradients
 from smollm_stack.train.optimizers import build_optimizer
-from smollm_stack.files import write_atomic
 from smollm_stack.train.rundir import RunDir, open_run, read_json, write_json
 from smollm_stack.train.schedule import Schedule, build_schedule, resume_schedule, warmup_note
 
