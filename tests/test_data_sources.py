@@ -33,10 +33,10 @@ def write_jsonl(path, docs, field="text"):
     return path
 
 
-def write_parquet(path, column, row_group_size=8):
+def write_parquet(path, column, row_group_size=8, field="text"):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    pq.write_table(pa.table({"text": column, "n": list(range(len(column)))}), path, row_group_size=row_group_size)
+    pq.write_table(pa.table({field: column, "n": list(range(len(column)))}), path, row_group_size=row_group_size)
     return path
 
 
@@ -216,6 +216,25 @@ def test_the_trainer_data_flags_take_a_source_and_cache_its_shards(tmp_path, byt
     capsys.readouterr()
     assert resolve_data(*specs, vocab_size=300, progress=False) == (train, val, tok_dir)
     assert "encoding" not in capsys.readouterr().out  # the second run finds its shards in the cache
+
+
+def test_the_text_field_is_chosen_recorded_and_a_changed_one_is_noticed(tmp_path, byte_tok, monkeypatch, capsys):
+    monkeypatch.setenv("SMOLLM_CACHE", str(tmp_path / "cache"))
+    write_parquet(tmp_path / "a.parquet", DOCS[:20], field="content")
+    write_jsonl(tmp_path / "b.jsonl", DOCS[20:30], field="content")
+    out, sources = tmp_path / "out", ["--train", str(tmp_path / "a.parquet"), "--val", str(tmp_path / "b.jsonl")]
+    assert prepare_main([*sources, "--out", str(out), "--tokenizer", str(byte_tok)]) == 2
+    assert "a.parquet has no column 'text' (its columns: content, n; --text-field" in capsys.readouterr().err
+    assert prepare_main([*sources, "--out", str(out), "--tokenizer", str(byte_tok), "--text-field", "content"]) == 0
+    tok = Tokenizer.load(byte_tok)
+    assert open_tokens(out / "val")[:].tolist() == tok.encode(as_text(DOCS[20:30]))
+    assert json.loads((out / "val" / MANIFEST).read_text())["text_field"] == "content"
+    with pytest.raises(ValueError, match="encoded from the field 'content', not 'body'"):
+        write_shards([tmp_path / "b.jsonl"], byte_tok, out / "val", progress=False, field="body")
+    specs = (str(tmp_path / "a.parquet"), str(tmp_path / "b.jsonl"))  # the trainer's flags: a field of its own
+    train, val, tok_dir = resolve_data(*specs, None, vocab_size=300, progress=False, field="content")
+    assert open_tokens(val)[:].tolist() == Tokenizer.load(tok_dir).encode(as_text(DOCS[20:30]))
+    assert tok_dir.name.endswith(dataset._field_key([tmp_path / "a.parquet"], "content"))  # its own cache entry
 
 
 def test_the_scale_benchmark_cuts_a_corpus_into_shards_of_whole_documents(tmp_path):

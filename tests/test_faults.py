@@ -331,6 +331,27 @@ def test_10_prepare_into_an_existing_dir_needs_force_and_then_replaces_the_token
     assert np.load(out / "train.npy").max() >= 260  # encoded with the new tokenizer's merges
 
 
+def test_10_a_prepare_stopped_after_its_tokenizer_resumes_with_the_same_command(text_file, tmp_path, capsys):
+    from smollm_stack.train import prepare
+
+    out = tmp_path / "prepared"
+    argv = ["--train", str(text_file), "--val", str(text_file), "--out", str(out), "--vocab-size", "260"]
+    with pytest.MonkeyPatch.context() as m:  # killed after the tokenizer is saved, before any split is written
+        m.setattr(prepare, "encode_text", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            prepare_main(argv)
+    assert (out / "tokenizer").is_dir() and (out / prepare.REQUEST).is_file()
+    assert prepare_main([*argv[:-1], "270"]) == 2  # another request: the outputs are not its own to resume
+    one_error(capsys, str(out / "tokenizer"), "--force")
+    assert prepare_main(argv) == 0 and "training a 260-token" not in capsys.readouterr().out  # the same: resumes
+    assert (out / "train.npy").is_file() and not (out / prepare.REQUEST).exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / prepare.REQUEST).write_text("my notes")
+    assert prepare_main([*argv[:4], "--out", str(tmp_path / "other")]) == 2
+    one_error(capsys, "prepare.json", "not a request")
+    assert (tmp_path / "other" / prepare.REQUEST).read_text() == "my notes"
+
+
 def test_11_negative_token_ids_are_refused_before_training(tokens, tmp_path, capsys):
     ids = np.load(tokens[0]).astype(np.int64)
     ids[-1] = -1

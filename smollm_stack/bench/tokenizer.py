@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smollm_stack.bench import cli
+from smollm_stack.files import write_atomic
 
 PACKAGE = Path(__file__).resolve().parents[1]
 REPO = PACKAGE.parent  # a clone: its tests/data
@@ -106,15 +107,32 @@ def encode_tiktoken(corpus, vocab_path, merges, workers) -> Callable[[], dict]:
         vocab = json.load(f)  # tiktoken's ranks are the vocab ids: it needs no merges file
     ranks = {text_to_bytes(t, vocab_path): i for t, i in vocab.items() if t != EOT}
     enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: vocab[EOT]})
-    text = Path(corpus).read_text(encoding="utf-8")
 
-    def run():
-        if workers == 1:
-            return {"tokens": len(enc.encode(text, allowed_special="all"))}
-        docs = text.split(EOT)  # tiktoken's own threaded batch API, on documents cut at the special token
-        return {"tokens": sum(map(len, enc.encode_ordinary_batch(docs, num_threads=workers))) + len(docs) - 1}
+    def run():  # blocks of whole documents, so memory stays bounded on a corpus of any size, as ours is
+        tokens = 0
+        for block in document_blocks(Path(corpus)):
+            if workers == 1:
+                tokens += len(enc.encode(block, allowed_special="all"))
+            else:  # tiktoken's own threaded batch API, on documents cut at the special token
+                docs = block.split(EOT)
+                tokens += sum(map(len, enc.encode_ordinary_batch(docs, num_threads=workers))) + len(docs) - 1
+        return {"tokens": tokens}
 
     return run
+
+
+def document_blocks(path: Path, size: int = 64 << 20):
+    """The text of ``path`` in blocks of about ``size`` bytes, each cut just after an end-of-text marker."""
+    marker, rest = EOT.encode(), b""
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            data = rest + chunk
+            cut = data.rfind(marker) + len(marker) if marker in data else 0
+            if cut:
+                yield data[:cut].decode("utf-8")
+            rest = data[cut:]
+    if rest:
+        yield rest.decode("utf-8")
 
 
 MEASURES = {"train_ours": train_ours, "train_hf": train_hf, "encode_ours": encode_ours, "encode_tt": encode_tiktoken}
@@ -179,19 +197,24 @@ def concatenated_corpus(corpus: Path, target_mb: float, out: Path) -> Path:
 # ---- the report --------------------------------------------------------------------------------------------------
 
 
-def train_rows(corpus: Path, vocab_sizes, workers: int, repeats: int) -> list[str]:
+def train_rows(corpora, vocab_sizes, workers: int, repeats: int) -> list[str]:
     lines = [
-        "| task | vocab | ours | HF tokenizers | ours / HF | ours: pre-tokenize + merge | peak RSS ours | RSS HF |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Training on {workers} cores, ours vs Hugging Face tokenizers; peak RSS ours = main process / largest worker.",
+        "",
+        "| corpus | MB | vocab | ours | HF tokenizers | ours / HF | ours: pre-tokenize + merge | distinct pre-tokens "
+        "| peak RSS ours | RSS HF |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for vocab_size in vocab_sizes:
-        ours = measure("train_ours", corpus, vocab_size, workers, repeats=repeats)
-        hf = measure("train_hf", corpus, vocab_size, workers, repeats=repeats)
-        lines.append(
-            f"| train, {workers} cores | {vocab_size} | {ours['time']:.2f} s | {hf['time']:.2f} s | "
-            f"{ours['time'] / hf['time']:.2f}x | {ours['pretokenize']:.2f} + {ours['merge']:.2f} s | "
-            f"{ours['rss']:.0f} / {ours['rss_child']:.0f} MB | {hf['rss']:.0f} MB |"
-        )
+    for corpus in corpora:
+        for vocab_size in vocab_sizes:
+            ours = measure("train_ours", corpus, vocab_size, workers, repeats=repeats)
+            hf = measure("train_hf", corpus, vocab_size, workers, repeats=repeats)
+            lines.append(
+                f"| {corpus.name} | {corpus.stat().st_size / 1e6:.1f} | {vocab_size} | {ours['time']:.2f} s | "
+                f"{hf['time']:.2f} s | {ours['time'] / hf['time']:.2f}x | {ours['pretokenize']:.2f} + "
+                f"{ours['merge']:.2f} s | {ours['distinct']:,} | {ours['rss']:.0f} / {ours['rss_child']:.0f} MB | "
+                f"{hf['rss']:.0f} MB |"
+            )
     return lines
 
 
@@ -199,7 +222,8 @@ def encode_rows(corpus: Path, vocab: Path, merges: Path, workers: int, repeats: 
     mb = corpus.stat().st_size / 1e6
     lines = [
         f"Encoding {corpus.name} with GPT-2's vocabulary (both sides built from the same vocab.json/merges.txt);"
-        " ours = encode_file to .npy, tiktoken = encode on the text in memory (batched over documents for >1 thread).",
+        " ours = encode_file to .npy, tiktoken = encode on 64 MB blocks of whole documents (batched over documents"
+        " for >1 thread).",
         "",
         "| encode | ours MB/s | tiktoken MB/s | ours / tiktoken 1 thread | peak RSS ours | peak RSS tiktoken |",
         "|---|---|---|---|---|---|",
@@ -285,13 +309,18 @@ def run(args, command: str) -> str:
     )
     if args.first_call:
         return "\n\n".join([header, "\n".join(first_call_rows(args.corpus, 500, repeats))])
+    if args.sizes:  # the size curve: training at each size, encoding the largest
+        corpora = [args.corpus, *args.sizes]
+        sections = [[header], train_rows(corpora, [32_000], workers, repeats),
+                    encode_rows(corpora[-1], args.gpt2_vocab, args.gpt2_merges, workers, repeats)]
+        return "\n\n".join("\n".join(lines) for lines in sections)
     with tempfile.TemporaryDirectory(prefix="bench_tokenizer-") as tmp:  # the derived corpora, deleted at the end
         prefix = Path(tmp) / f"corpus_{SMALL_CORPUS_MB}MB.txt"
         small = args.small_corpus or corpus_prefix(args.corpus, SMALL_CORPUS_MB * 10**6, prefix)
         scale = [] if args.dry_run else [concatenated_corpus(args.corpus, args.scale_mb, Path(tmp) / "mixed.txt")]
         sections = [
             [header],
-            train_rows(args.corpus, vocab_sizes, workers, repeats),
+            train_rows([args.corpus], vocab_sizes, workers, repeats),
             encode_rows(args.corpus, args.gpt2_vocab, args.gpt2_merges, workers, repeats),
             scale_rows([small, args.corpus, *scale], vocab_sizes[0], workers),
         ]
@@ -316,6 +345,9 @@ def build_parser():
         help="fresh processes per timed row, the median shown (default 3; 1 with --dry-run)")
     add("--scale-mb", type=float, default=55.0, metavar="MB",
         help="size of the largest row of the memory-vs-size table (default 55; no such row with --dry-run)")
+    add("--sizes", type=Path, nargs="+", metavar="PATH",
+        help="larger corpora (e.g. prefixes of bench.scale_corpus's): train on --corpus and each at vocab 32000, "
+        "ours beside HF, and encode the last against tiktoken, instead of the default report")
     add("--first-call", action="store_true",
         help="only time a fresh process's first train_bpe on --corpus (vocab 500), Numba's cache empty vs warm")
     add("--out", type=Path, metavar="DIR", help=f"new directory for report.md (default {DEFAULT_OUT}/<date-time>)")
@@ -330,6 +362,7 @@ def parse_args(argv):
         args.small_corpus = args.small_corpus or args.corpus  # the excerpt is smaller than any prefix
     args.out = args.out or DEFAULT_OUT / datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     texts = {"--corpus": args.corpus, "--small-corpus": args.small_corpus}
+    texts |= {f"--sizes[{i}]": path for i, path in enumerate(args.sizes or ())}
     files = {**texts, "--gpt2-vocab": args.gpt2_vocab, "--gpt2-merges": args.gpt2_merges}
     missing = [f"{flag} {path}" for flag, path in files.items() if path is not None and not path.is_file()]
     if args.corpus is None:
@@ -358,14 +391,6 @@ def _is_utf8(path: Path) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def write_atomic(path: Path, text: str):
-    """Write through a temporary file beside path, so a killed run never leaves half a report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

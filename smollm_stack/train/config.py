@@ -44,6 +44,7 @@ class TrainConfig:
     # data
     train_data: str | None = opt(None, "training tokens (.npy, shard dir) or text (.txt .jsonl .parquet dir glob hf:)")
     val_data: str | None = opt(None, "validation tokens or text, as --train-data; none: the embedded validation split")
+    text_field: str = opt("text", "the jsonl field or parquet column that holds each document of text data")
     tokenizer: str | None = opt(None, "tokenizer dir (Tokenizer.save); none: train BPE on the training text (cached)")
     vocab_size: int | None = opt(None, "BPE vocabulary to train, and the model's vocab_size; none: the preset's")
     # model

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from smollm_stack.train.shards import open_shards, read_manifest, write_shards
-from smollm_stack.train.sources import EOT, is_text, is_tokens, resolve, text_batches
+from smollm_stack.train.sources import EOT, TEXT_FIELD, is_text, is_tokens, resolve, text_batches
 
 
 # ---- opening token arrays ---------------------------------------------------------------------------------------
@@ -253,9 +253,10 @@ def _atomic_dir(final: Path, build, replace: bool = False):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_tokenizer(sources: list[Path], vocab_size: int, out_dir: Path, progress: bool = True, replace: bool = False):
+def train_tokenizer(sources: list[Path], vocab_size: int, out_dir: Path, progress: bool = True, replace: bool = False,
+                    field: str = TEXT_FIELD):
     """Train a byte-level BPE tokenizer of ``vocab_size`` (``<|endoftext|>`` included) on the source files (see
-    sources.py) and save it to ``out_dir``."""
+    sources.py; documents in the ``field`` of jsonl and parquet) and save it to ``out_dir``."""
     from smollm_stack.tokenizer import Tokenizer, train_bpe, train_bpe_batches
 
     more = f" and {len(sources) - 1} more" if len(sources) > 1 else ""
@@ -263,7 +264,7 @@ def train_tokenizer(sources: list[Path], vocab_size: int, out_dir: Path, progres
     if is_text(sources):
         vocab, merges = train_bpe(sources[0], vocab_size, [EOT], progress=progress)  # workers read the file
     else:
-        batches = (batch for source in sources for batch in text_batches(source))
+        batches = (batch for source in sources for batch in text_batches(source, field))
         vocab, merges = train_bpe_batches(batches, vocab_size, [EOT], progress=progress)
     _atomic_dir(Path(out_dir), Tokenizer(vocab, merges, [EOT]).save, replace)
 
@@ -285,11 +286,16 @@ def sources_digest(sources: list[Path]) -> str:
     return hashlib.sha256(" ".join(file_digest(p) for p in sources).encode()).hexdigest()[:16]
 
 
-def cached_tokenizer(sources: list[Path], vocab_size: int, progress: bool = True) -> Path:
-    out = cache_dir() / f"tok-{sources_digest(sources)}-v{vocab_size}"
+def cached_tokenizer(sources: list[Path], vocab_size: int, progress: bool = True, field: str = TEXT_FIELD) -> Path:
+    out = cache_dir() / f"tok-{sources_digest(sources)}-v{vocab_size}{_field_key(sources, field)}"
     if not (out / "vocab.json").is_file():
-        train_tokenizer(sources, vocab_size, out, progress)
+        train_tokenizer(sources, vocab_size, out, progress, field=field)
     return out
+
+
+def _field_key(sources: list[Path], field: str) -> str:
+    """The cache key's part for the text field: none where it is the default or the sources are plain text."""
+    return "" if field == TEXT_FIELD or is_text(sources) else f"-f{hashlib.sha256(field.encode()).hexdigest()[:8]}"
 
 
 def cached_encoding(text: Path, tok_dir: Path, progress: bool = True) -> Path:
@@ -302,23 +308,24 @@ def cached_encoding(text: Path, tok_dir: Path, progress: bool = True) -> Path:
     return out
 
 
-def cached_tokens(sources: list[Path], tok_dir: Path, progress: bool = True) -> Path:
+def cached_tokens(sources: list[Path], tok_dir: Path, progress: bool = True, field: str = TEXT_FIELD) -> Path:
     """The encoded sources, cached: a single text file as a .npy, anything else as a shard directory."""
     if is_text(sources):
         return cached_encoding(sources[0], tok_dir, progress)
-    out = cache_dir() / f"shards-{sources_digest(sources)}-{tokenizer_digest(tok_dir)}"
+    out = cache_dir() / f"shards-{sources_digest(sources)}-{tokenizer_digest(tok_dir)}{_field_key(sources, field)}"
     manifest = read_manifest(out) if out.is_dir() else None
     if manifest is None or not manifest.get("complete"):
-        write_shards(sources, tok_dir, out, progress=progress)  # resumes a half-finished one
+        write_shards(sources, tok_dir, out, progress=progress, field=field)  # resumes a half-finished one
     return out
 
 
-def resolve_data(train_data, val_data, tokenizer, vocab_size: int, progress: bool = True):
+def resolve_data(train_data, val_data, tokenizer, vocab_size: int, progress: bool = True, field: str = TEXT_FIELD):
     """Paths of the (train tokens, val tokens, tokenizer dir or None) that a run reads, preparing what is missing.
 
     Each split is tokens already (a ``.npy``, or a shard directory: shards.py) or a source (sources.py: text,
-    jsonl, parquet, a directory or glob of shards, a Hub dataset), encoded with ``tokenizer``, which is trained on
-    the training source when not given. With no data at all, the embedded TinyStories corpus is used.
+    jsonl, parquet, a directory or glob of shards, a Hub dataset; documents in ``field``), encoded with
+    ``tokenizer``, which is trained on the training source when not given. With no data at all, the embedded
+    TinyStories corpus is used.
     """
     if train_data is None and val_data is None:
         train_data, val_data = default_corpus()
@@ -333,6 +340,6 @@ def resolve_data(train_data, val_data, tokenizer, vocab_size: int, progress: boo
             raise ValueError("text validation data with .npy training data needs --tokenizer")
         return Path(specs[0]), Path(specs[1]), None
     if tok_dir is None:
-        tok_dir = cached_tokenizer(specs[0], vocab_size, progress)
-    encoded = [cached_tokens(s, tok_dir, progress) if isinstance(s, list) else Path(s) for s in specs]
+        tok_dir = cached_tokenizer(specs[0], vocab_size, progress, field)
+    encoded = [cached_tokens(s, tok_dir, progress, field) if isinstance(s, list) else Path(s) for s in specs]
     return encoded[0], encoded[1], tok_dir

@@ -224,7 +224,8 @@ def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
     if not info.node_main:  # the first process of each node prepares its cache, the others then find it there
         info.barrier()
     train_path, val_path, tok_dir = resolve_data(
-        cfg.train_data, cfg.val_data, cfg.tokenizer, vocab_size, progress=cfg.progress and info.main
+        cfg.train_data, cfg.val_data, cfg.tokenizer, vocab_size, progress=cfg.progress and info.main,
+        field=cfg.text_field,
     )
     if info.node_main:
         info.barrier()

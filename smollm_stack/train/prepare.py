@@ -8,7 +8,8 @@
     smollm prepare --train hf:OWNER/NAME:data/train-* --val hf:OWNER/NAME:data/validation-* --out data/name
 
 ``--train`` and ``--val`` take any source of sources.py: a .txt, .jsonl / .jsonl.gz or .parquet file (the document
-in its ``text`` field or column), a directory or glob of such shards, or a Hub dataset ``hf:REPO_ID:PATTERN``.
+in its ``text`` field or column, or the one ``--text-field`` names), a directory or glob of such shards, or a Hub
+dataset ``hf:REPO_ID:PATTERN``.
 Writes ``OUT/tokenizer/`` (trained on the training source, or the one given with ``--tokenizer``) and per split
 ``OUT/<split>.npy`` from one text file (uint16 when the vocabulary fits), else the shard directory ``OUT/<split>/``
 (one ``.npy`` per source file and a manifest: shards.py). A prepare that was stopped resumes where it stopped
@@ -19,25 +20,36 @@ prepare writes (a tokenizer directory of ours, ``.npy`` files, shard directories
 """
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
-from smollm_stack.files import make_dir
+from smollm_stack.files import make_dir, write_atomic
 from smollm_stack.tokenizer.tokenizer import META_FILE
 from smollm_stack.train.dataset import encode_text, train_tokenizer
 from smollm_stack.train.shards import is_npy, read_manifest, write_shards
-from smollm_stack.train.sources import is_text, resolve
+from smollm_stack.train.sources import TEXT_FIELD, is_text, resolve
+
+REQUEST, REQUEST_FORMAT = "prepare.json", "smollm-prepare-request-1"
 
 
-def prepare(train, val, out: Path, vocab_size: int, tokenizer: Path | None = None, progress=True, force=False) -> dict:
-    """Write OUT/tokenizer and the train and val splits; return their paths."""
+def prepare(train, val, out: Path, vocab_size: int, tokenizer: Path | None = None, progress=True, force=False,
+            field: str = TEXT_FIELD) -> dict:
+    """Write OUT/tokenizer and the train and val splits (documents in ``field`` of jsonl and parquet); return their
+    paths. OUT/prepare.json records the request until it is done, so the same command resumes a stopped one."""
     sources = {"train": resolve(train), "val": resolve(val)}
     if tokenizer is not None and not (tokenizer / "vocab.json").is_file():
         raise FileNotFoundError(f"tokenizer dir {tokenizer} has no vocab.json (write one with Tokenizer.save)")
     paths = {"tokenizer": tokenizer or out / "tokenizer"}
     paths.update({split: out / (f"{split}.npy" if is_text(s) else split) for split, s in sources.items()})
+    request = {"format": REQUEST_FORMAT, "train": str(train), "val": str(val), "vocab_size": vocab_size,
+               "tokenizer": str(tokenizer) if tokenizer else None, "text_field": field}  # fmt: skip
     existing = [p for name, p in paths.items() if p.exists() and not (name == "tokenizer" and tokenizer)]
-    resume = not force and any(_unfinished(p) for p in existing)
+    left = _read_request(out)
+    if left is None and os.path.lexists(out / REQUEST):
+        raise ValueError(f"{out / REQUEST} is not a request of `smollm prepare`: choose another --out (or move it)")
+    resume = not force and (left == request or any(_unfinished(p) for p in existing))
     if existing and not (force or resume):
         names = ", ".join(map(str, existing))
         raise ValueError(f"{names} already exist: choose another --out, or --force to replace them")
@@ -46,15 +58,29 @@ def prepare(train, val, out: Path, vocab_size: int, tokenizer: Path | None = Non
             raise ValueError(f"{path} is not a tokenizer directory, .npy file or shard directory of ours: "
                              "--force does not replace it")  # fmt: skip
     make_dir(out, exist_ok=True)
+    write_atomic(out / REQUEST, json.dumps(request, indent=1) + "\n")
     tok_dir = paths["tokenizer"]
     if tokenizer is None and not (resume and tok_dir.exists()):
-        train_tokenizer(sources["train"], vocab_size, tok_dir, progress, replace=True)
+        train_tokenizer(sources["train"], vocab_size, tok_dir, progress, replace=True, field=field)
     for split in ("train", "val"):
         if is_text(sources[split]) and not (resume and paths[split].exists()):
             encode_text(sources[split][0], tok_dir, paths[split], progress, replace=force)
         elif not is_text(sources[split]):
-            write_shards(sources[split], tok_dir, paths[split], force, progress)
+            write_shards(sources[split], tok_dir, paths[split], force, progress, field)
+    (out / REQUEST).unlink()  # done: what is left is what it made
     return paths
+
+
+def _read_request(out: Path) -> dict | None:
+    """The request a stopped prepare left in ``out`` (None if none, or not ours)."""
+    path = out / REQUEST
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        request = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return request if isinstance(request, dict) and request.get("format") == REQUEST_FORMAT else None
 
 
 def _unfinished(path: Path) -> bool:
@@ -78,10 +104,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--vocab-size", type=int, default=10000, help="BPE vocabulary to train (default 10000)")
     parser.add_argument("--tokenizer", type=Path, help="use this saved tokenizer instead of training one")
+    parser.add_argument("--text-field", default=TEXT_FIELD, metavar="NAME",
+                        help=f"the jsonl field or parquet column holding each document (default {TEXT_FIELD})")
     parser.add_argument("--force", action="store_true", help="replace the outputs if OUT already holds them")
     args = parser.parse_args(argv)
     try:
-        paths = prepare(args.train, args.val, args.out, args.vocab_size, args.tokenizer, force=args.force)
+        paths = prepare(args.train, args.val, args.out, args.vocab_size, args.tokenizer, force=args.force,
+                        field=args.text_field)
     except (ValueError, TypeError, OSError) as e:  # OSError: a full or read-only disk
         print(f"error: {e}", file=sys.stderr)
         return 2

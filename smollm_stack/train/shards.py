@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from smollm_stack.files import make_dir, write_atomic
-from smollm_stack.train.sources import kind, text_batches
+from smollm_stack.train.sources import TEXT_FIELD, kind, text_batches
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "smollm-token-shards", 1
@@ -46,13 +46,15 @@ def read_manifest(out: Path) -> dict | None:
     return manifest
 
 
-def write_shards(sources: list[Path], tok_dir: Path, out: Path, force=False, progress=True) -> Path:
-    """Encode each source file into ``out/shard-NNNNN.npy`` with the tokenizer in ``tok_dir``; return ``out``.
+def write_shards(sources: list[Path], tok_dir: Path, out: Path, force=False, progress=True, field=TEXT_FIELD) -> Path:
+    """Encode each source file (documents in ``field`` of jsonl and parquet) into ``out/shard-NNNNN.npy`` with the
+    tokenizer in ``tok_dir``; return ``out``.
 
-    Resumes a half-finished set made with the same tokenizer, keeping every shard whose source is unchanged; a
-    changed source or another tokenizer is an error (before anything is written) unless ``force``, which encodes
-    everything again. Until the set is complete the manifest also lists the old shards not yet replaced, so a
-    stopped run forgets nothing it could keep, and the last write removes those the new set does not have.
+    Resumes a half-finished set made with the same tokenizer and field, keeping every shard whose source is
+    unchanged; a changed source, tokenizer or field is an error (before anything is written) unless ``force``,
+    which encodes everything again. Until the set is complete the manifest also lists the old shards not yet
+    replaced, so a stopped run forgets nothing it could keep, and the last write removes those the new set does not
+    have.
     """
     from smollm_stack.tokenizer import Tokenizer
     from smollm_stack.tokenizer.file_encoder import token_dtype
@@ -61,10 +63,11 @@ def write_shards(sources: list[Path], tok_dir: Path, out: Path, force=False, pro
     digest = tokenizer_digest(tok_dir)
     make_dir(out, exist_ok=True)
     old = read_manifest(out) or {}  # (refuses a manifest.json that is not ours, even with force)
-    kept = {} if force else _reusable(old, out, digest)
+    kept = {} if force else _reusable(old, out, digest, field)
     records = [_source_record(i, source, kept, out) for i, source in enumerate(sources)]
     tokenizer = Tokenizer.load(tok_dir)
-    manifest = {"format": FORMAT, "version": VERSION, "tokenizer": digest, "dtype": token_dtype(tokenizer).__name__}
+    manifest = {"format": FORMAT, "version": VERSION, "tokenizer": digest, "dtype": token_dtype(tokenizer).__name__,
+                "text_field": field}
     done = []
 
     def save(complete: bool):
@@ -76,7 +79,7 @@ def write_shards(sources: list[Path], tok_dir: Path, out: Path, force=False, pro
     for record in records:
         shard = kept.get(record["source"])
         if shard is None or shard["file"] != record["file"]:
-            ids = _encode_shard(Path(record["source"]), tokenizer, out / record["file"], progress)
+            ids = _encode_shard(Path(record["source"]), tokenizer, out / record["file"], progress, field)
             shard = {"tokens": len(ids), "bytes": (out / record["file"]).stat().st_size}
         done.append({**record, "tokens": shard["tokens"], "bytes": shard["bytes"]})
         save(complete=False)
@@ -103,10 +106,15 @@ def _source_record(index: int, source: Path, kept: dict, out: Path) -> dict:
     return record
 
 
-def _reusable(manifest: dict, out: Path, digest: str) -> dict[str, dict]:
+def _reusable(manifest: dict, out: Path, digest: str, field: str) -> dict[str, dict]:
     """{source path: shard record} of the shards in ``out`` that are still there, whole, for the same tokenizer."""
-    if not manifest:
+    if not manifest.get("shards"):  # (nothing encoded yet: nothing to keep, nothing to contradict)
         return {}
+    if manifest.get("text_field", TEXT_FIELD) != field:
+        raise ValueError(
+            f"{out} was encoded from the field {manifest.get('text_field', TEXT_FIELD)!r}, not {field!r}: "
+            "choose another output, or --force to encode everything again"
+        )
     if manifest.get("tokenizer") != digest:
         raise ValueError(
             f"{out} was encoded with another tokenizer ({manifest.get('tokenizer')}, this one is {digest}): "
@@ -120,7 +128,7 @@ def _whole(path: Path, size: int) -> bool:
     return path.is_file() and not path.is_symlink() and path.stat().st_size == size
 
 
-def _encode_shard(source: Path, tokenizer, shard: Path, progress: bool):
+def _encode_shard(source: Path, tokenizer, shard: Path, progress: bool, field: str):
     from smollm_stack.tokenizer import encode_batches, encode_file
 
     replace = shard.exists()  # a shard of a killed run, written before its manifest entry
@@ -128,7 +136,7 @@ def _encode_shard(source: Path, tokenizer, shard: Path, progress: bool):
         raise ValueError(f"{shard} is not a .npy file of ours: --force does not replace it (move it away)")
     print(f"encoding {source} -> {shard}")
     if kind(source) in ("jsonl", "parquet"):
-        batches = text_batches(source)
+        batches = text_batches(source, field)
         return encode_batches(batches, tokenizer, shard, progress=progress, replace=replace, size=None)
     if os.path.getsize(source) == 0:
         raise ValueError(f"{source} is empty: a shard needs at least one document")

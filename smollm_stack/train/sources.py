@@ -154,7 +154,8 @@ def _json_text(line: bytes, field: str, where: str) -> bytes:
         raise ValueError(f"{where} is not JSON: {e}") from None
     text = record.get(field) if isinstance(record, dict) else None
     if not isinstance(text, str):
-        raise ValueError(f"{where} has no string field {field!r} (a JSON object with the document text is expected)")
+        raise ValueError(f"{where} has no string field {field!r} (a JSON object with the document text is expected; "
+                         "--text-field names another field)")
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
@@ -173,7 +174,8 @@ def _parquet(path: Path, field: str):
         raise ValueError(f"{path} is not a readable parquet file: {e}") from None
     schema = table.schema_arrow
     if field not in schema.names:
-        raise ValueError(f"{path} has no column {field!r} (its columns: {', '.join(schema.names)})")
+        raise ValueError(f"{path} has no column {field!r} (its columns: {', '.join(schema.names)}; "
+                         "--text-field names another)")
     column_type = schema.field(field).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
         raise ValueError(f"{path}: column {field!r} is {column_type}, expected a string column of document text")

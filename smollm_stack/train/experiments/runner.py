@@ -139,7 +139,8 @@ def run_suite(
     if todo:
         # Train the tokenizer and encode the data once, here, rather than in every variant at the same time.
         vocab_size = base.vocab_size or ModelConfig.preset(base.model).vocab_size
-        resolve_data(base.train_data, base.val_data, base.tokenizer, vocab_size, progress=progress)
+        resolve_data(base.train_data, base.val_data, base.tokenizer, vocab_size, progress=progress,
+                     field=base.text_field)
     run_all = _run_inline if jobs == 1 else _run_parallel
     failures = run_all(todo, configs, actions, suite_dir, jobs, progress) if todo else {}
     rows = [variant_status(v, suite_dir, failures) for v in variants]
