@@ -4,14 +4,17 @@
     python -m smollm_stack.bench.tokenizer --dry-run      # the small test files in tests/data, seconds (a smoke test)
     python -m smollm_stack.bench.tokenizer --first-call --corpus PATH  # a fresh install's first train_bpe, cold vs warm
 
-Every measurement runs in a fresh process, so peak RSS (ru_maxrss of the process and of its largest child) is its
-own; times are medians over --repeats runs. The encoding race reads GPT-2's vocab.json and merges.txt on both sides
-(by default the gzipped copies in tests/data). The memory-vs-size table also trains on --small-corpus (by default the
-first 5 MB of the corpus) and on a concatenation of at least --scale-mb MB: the corpus, the TinyStories text in
-train/data, then the Python standard library's sources; distinct texts, never one text repeated, so the number of
-distinct pre-tokens grows as it would. The report goes to stdout and to report.md in --out.
+Every measurement runs in a fresh process, so peak RSS (the process's high-water mark, and ru_maxrss of its largest
+child) is its own; times are medians over --repeats runs. The encoding race reads GPT-2's vocab.json and merges.txt
+on both sides (by default the gzipped copies in tests/data). The memory-vs-size table also trains on --small-corpus
+(by default the first 5 MB of the corpus) and on a concatenation of at least --scale-mb MB: the corpus, the
+TinyStories text in train/data, then the Python standard library's sources; distinct texts, never one text
+repeated, so the number of distinct pre-tokens grows as it would. With --sizes, the report is the size curve
+instead: training at vocab 32000 on --corpus and on each larger corpus (ours beside HF), and encoding the largest.
+The report goes to stdout and to report.md in --out.
 """
 
+import codecs
 import datetime
 import gzip
 import json
@@ -40,8 +43,19 @@ SMALL_CORPUS_MB = 5
 # ---- measurements, each run in its own process -----------------------------------------------------------------
 
 
-def _peak_rss_mb() -> tuple[float, float]:
+def peak_rss_mb() -> tuple[float, float]:
+    """Peak resident MB of this process and of its largest waited-for child.
+
+    On Linux this process's own peak is its memory map's high-water mark (VmHWM), which starts afresh at exec:
+    ru_maxrss would also hold the peak of the parent that spawned it (exec keeps it), so a benchmark that once read
+    a large file would see that figure in every measurement it starts.
+    """
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        with open("/proc/self/status") as f:
+            own = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        pass
     return own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
@@ -145,7 +159,7 @@ def measure_in_this_process(request: str):
     t0 = time.perf_counter()
     result = run()
     result["time"] = time.perf_counter() - t0
-    result["rss"], result["rss_child"] = _peak_rss_mb()
+    result["rss"], result["rss_child"] = peak_rss_mb()
     print(json.dumps(result))
 
 
@@ -386,8 +400,13 @@ def parse_args(argv):
 
 
 def _is_utf8(path: Path) -> bool:
+    """Checked a block at a time, so this process stays small (its peak is inherited by what it starts)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        path.read_bytes().decode("utf-8")
+        with open(path, "rb") as f:
+            while block := f.read(16 << 20):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return False
     return True
