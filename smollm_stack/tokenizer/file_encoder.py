@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from smollm_stack.files import atomic_file
 from smollm_stack.tokenizer.inputs import check_input_path
-from smollm_stack.tokenizer.parallel import chunk_bounds, ordered_map, process_pool, read_chunk
+from smollm_stack.tokenizer.parallel import chunk_bounds, ordered_map, process_pool, read_chunk, trim_heap
 from smollm_stack.tokenizer.pretokenize import char_classes
 from smollm_stack.tokenizer.tokenizer import Tokenizer
 
@@ -31,12 +31,14 @@ def _set_tokenizer(tokenizer):
 
 def _encode_range(args):
     path, start, end, dtype = args
-    return _worker_tokenizer.encode_bytes(read_chunk(path, start, end)).astype(dtype), end - start
+    return _encode_batch((read_chunk(path, start, end), dtype))
 
 
 def _encode_batch(args):
     raw, dtype = args
-    return _worker_tokenizer.encode_bytes(raw).astype(dtype), len(raw)
+    ids = _worker_tokenizer.encode_bytes(raw).astype(dtype)
+    trim_heap()  # (the chunk's buffers are freed by now; the ids stay)
+    return ids, len(raw)
 
 
 def _npy_header(dtype, length: int) -> bytes:
