@@ -191,6 +191,42 @@ def test_cross_entropy_all_ignored_is_zero():
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_entropy_overwrite_logits_writes_the_gradient_over_them(dtype):
+    # Logits from a matmul, as a model's head makes them (3-D, odd V); the reference's matmul runs in the same dtype.
+    hidden, weight, t = randn(3, 7, 24, dtype=dtype), randn(301, 24, dtype=dtype, scale=0.3), _targets((3, 7), 301)
+    upstream, held = torch.tensor(0.37, device=DEVICE), []
+
+    def overwriting(h, w):
+        held.append(h @ w.t())
+        return kernels.cross_entropy(held[-1], t, overwrite_logits=True)
+
+    assert_matches(overwriting, lambda h, w: reference.cross_entropy(h @ w.t(), t), [hidden, weight], dtype,
+                   upstream=upstream)  # fmt: skip
+    logits = (hidden @ weight.t()).requires_grad_()
+    (ref_grad,) = torch.autograd.grad(reference.cross_entropy(logits, t), logits, upstream)
+    # their memory holds the gradient, rounded to dtype by the kernel and again by the upstream scale
+    assert_close(held[0].detach(), ref_grad, dtype, roundings=2)
+
+
+def test_cross_entropy_overwrite_logits_never_corrupts_what_others_read():
+    x, t = randn(5, 33, scale=3), _targets((5,), 33)
+    with pytest.raises(ValueError, match="leaf"):  # the caller's own tensor
+        kernels.cross_entropy(x.clone().requires_grad_(), t, overwrite_logits=True)
+    z = x.clone().requires_grad_()
+    logits = z.exp()  # exp saved its output for its backward: these very logits
+    version = logits._version
+    loss = kernels.cross_entropy(logits, t, overwrite_logits=True)
+    assert logits._version > version  # the forward's write is declared: autograd and torch.compile see it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    y = x.clone()
+    with torch.no_grad():
+        kernels.cross_entropy(z * 1, t, overwrite_logits=True)
+    kernels.cross_entropy(y, t, overwrite_logits=True)  # no gradient wanted: nothing is written
+    assert torch.equal(y, x)
+
+
 # ----------------------------------------------------------------------------------------------- fused linear CE
 
 

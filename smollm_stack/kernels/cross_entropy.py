@@ -28,8 +28,16 @@ trainer's divergence check stops the run. Token files are range-checked once whe
 Eager PyTorch upcasts the logits to fp32, materializes log-softmax, gathers, and in the backward builds softmax and
 the one-hot difference again: several passes over an (N, V) fp32 tensor.
 
-The launchers are registered as torch.library custom ops (smollm_stack::cross_entropy, smollm_stack::scale_) with fake
-implementations and autograd, so torch.compile traces through them without a graph break.
+Memory: the gradient goes into a new (N, V) tensor, as large as the logits (1.65 GB of bf16 at 125M's 16 x 1024
+tokens), unless the caller passes overwrite_logits=True: then the kernel writes it over the logits, element by
+element after reading them, so no second (N, V) tensor exists (the caller's promise that nothing reads the logits
+afterwards; the checks that make it safe are in cross_entropy's docstring). The fused linear cross-entropy always
+works that way, on a buffer of its own.
+
+The launchers are registered as torch.library custom ops (smollm_stack::cross_entropy, the overwriting
+smollm_stack::cross_entropy_overwrite_, which declares its write, and smollm_stack::scale_) with fake
+implementations; autograd is a torch.autograd.Function around them (an op that writes an input cannot carry its
+own), so torch.compile traces through them without a graph break.
 """
 
 import torch
@@ -215,25 +223,53 @@ def _(logits2, targets, ignore_index, with_grad):
     return logits2.new_empty((), dtype=torch.float32), logits2.new_empty(logits2.shape if with_grad else (0,))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
+@torch.library.custom_op("smollm_stack::cross_entropy_overwrite_", mutates_args={"logits2"})
+def _cross_entropy_overwrite_op(logits2: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The mean loss of (N, V) logits2, which are overwritten with its gradient (declared, so the version counter of
+    logits2 is bumped and torch.compile sees the write)."""
+    n_valid = _utils.count_valid_targets(targets, ignore_index)
+    return cross_entropy_forward(logits2, targets, n_valid, ignore_index, logits2).sum()
 
 
-def _backward(ctx, dloss, _):
-    # Scaled in place: a second backward through the same graph fails autograd's saved-tensor version check.
-    (grad,) = ctx.saved_tensors
-    scale_(grad, dloss)
-    return grad, None, None, None
+@_cross_entropy_overwrite_op.register_fake
+def _(logits2, targets, ignore_index):
+    return logits2.new_empty((), dtype=torch.float32)
 
 
-_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+class _CrossEntropy(torch.autograd.Function):
+    """The gradient is complete after the forward, in a new tensor or over the logits; the backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, logits2, targets, ignore_index, overwrite):
+        if overwrite:
+            loss, grad = _cross_entropy_overwrite_op(logits2, targets, ignore_index), logits2
+        else:
+            loss, grad = _cross_entropy_op(logits2, targets, ignore_index, True)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        # Scaled in place: a second backward through the same graph fails autograd's saved-tensor version check.
+        (grad,) = ctx.saved_tensors
+        scale_(grad, dloss)
+        return grad, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *, overwrite_logits: bool = False
+) -> torch.Tensor:
     """Mean -log softmax(logits)[target] over non-ignored targets of any leading dims; a fp32 scalar (0 if none).
 
     A target outside [0, V) that is not ignore_index makes the loss NaN (checked on the device, no host sync).
+
+    overwrite_logits=True writes the gradient over the logits instead of into a new (N, V) tensor (1.65 GB of bf16
+    at 125M's 16 x 1024 tokens and V = 50257), for a caller that reads the logits no more after this call: they
+    hold the gradient from then on. It applies only when a gradient is computed (logits requiring grad, grad mode
+    on); logits whose rows are not contiguous are copied first and stay as they were. What it can check, it does:
+    a leaf (a tensor the caller made, whose values are its own) is refused, and the write bumps the logits' version
+    counter, so an autograd node that saved them (``exp``, a softcap's ``tanh`` output, ...) fails its backward
+    with autograd's "modified by an inplace operation" error instead of computing from the gradient.
     """
     _utils.check_float("logits", logits)
     _utils.check_targets(targets)
@@ -243,8 +279,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
             f"targets must have shape logits.shape[:-1]; "
             f"got logits {tuple(logits.shape)}, targets {tuple(targets.shape)}"
         )
-    # Without a backward to come (evaluation, no_grad) the kernel skips writing the gradient.
-    with_grad = torch.is_grad_enabled() and logits.requires_grad
-    # The kernel reads targets[row] with unit stride.
-    loss, _ = _cross_entropy_op(_utils.rows_of(logits), targets.reshape(-1).contiguous(), ignore_index, with_grad)
-    return loss
+    logits2, t = _utils.rows_of(logits), targets.reshape(-1).contiguous()  # the kernel reads targets[row] in order
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return _cross_entropy_op(logits2, t, ignore_index, False)[0]  # evaluation: the kernel skips the gradient
+    if overwrite_logits and logits.is_leaf:
+        raise ValueError("overwrite_logits=True needs logits computed in the graph: a leaf's values are its owner's")
+    return _CrossEntropy.apply(logits2, t, ignore_index, overwrite_logits)
