@@ -17,16 +17,17 @@ One program per row, two ways, chosen by V:
   H100 SM hold 32 of them (its CTA cap), 4224 rows of 100 KB at V = 50257, ~420 MB streaming through a 50 MB L2,
   so every second sweep missed: 6 bytes of HBM per bf16 logit, not 4. Here a row gets LOOP_WARPS = 32 warps (1024
   threads, the most a CTA may have), so the 64-warp limit allows at most 2 rows an SM whatever the registers, and
-  the registers (43 a thread) allow 1: 132 rows, 13 MB in flight at V = 50257 (at most 26.5 MB), within half the
-  L2, the other half holding the gradient rows being written, so the second sweep hits L2 and the row costs 2V
-  bytes in and 2V out. Each sweep step loads 32 KB an SM (1024 threads x two 16-byte vectors), above the ~18 KB an
-  SM must keep in flight for its share of HBM's bandwidth (3 TB/s x ~0.8 us latency / 132 SMs).
+  the registers (44 a thread, Triton 3.9) allow 1: 132 rows, 13 MB in flight at V = 50257 (at most 26.5 MB),
+  within half the L2, the other half holding the gradient rows being written, so the second sweep hits L2 and the
+  row costs 2V bytes in and 2V out. Each sweep step loads 32 KB an SM (1024 threads x two 16-byte vectors), above
+  the ~18 KB an SM must keep in flight for its share of HBM's bandwidth (3 TB/s x ~0.8 us latency / 132 SMs).
   A row is covered in three parts, so its loads and stores are 16-byte vectors at any V, standalone or in FLCE's
   padded buffer (row starts are unaligned when V is odd, e.g. 50257): [head, tail), full LOOP_BLOCK blocks from
   the first 16-byte boundary, unmasked; [tail, vend), the whole 16-byte vectors left, in masked half blocks whose
   mask changes only at vector boundaries, so the masked accesses stay vectors; and the < 2 VEC elements before the
   boundary and after the last whole vector, in one masked step of scalars. At V = 50257: 3 blocks of 16384, one
   half block holding 1104 elements, and 1 + head scalars.
+
 Because the gradient is complete after the forward, the backward only scales it by the upstream gradient in place;
 the scale kernel is grid-stride (a few programs per SM) and returns after one scalar load when the upstream gradient
 is exactly 1 (the usual case: the loss is the root of the graph), instead of launching N*V/2048 idle programs.
@@ -69,14 +70,15 @@ def _lse_step(m, s, x):
 
 
 @triton.jit
-def _store_grad(src, dst, columns, mask, lse, scale, target):
-    """One block of the gradient: dst = scale * (exp(logits - lse) - onehot(target)) for the logits at src, whose
-    column indices are columns; mask None for a full block."""
+def _store_grad(src, dst, lanes, target_lane, mask, lse, scale):
+    """One block of the gradient: dst = scale * (exp(logits - lse) - onehot) for the logits at src, the one-hot at
+    lanes == target_lane (int32 lanes of the block, not int64 columns, which would double its registers); mask None
+    for a full block."""
     if mask is None:
         x = tl.load(src)
     else:
         x = tl.load(src, mask=mask, other=0.0)
-    grad = tl.exp(x.to(tl.float32) - lse) * scale - tl.where(columns == target, scale, 0.0)
+    grad = tl.exp(x.to(tl.float32) - lse) * scale - tl.where(lanes == target_lane, scale, 0.0)
     tl.store(dst, grad.to(dst.dtype.element_ty), mask=mask)
 
 
@@ -106,6 +108,7 @@ def _cross_entropy_kernel(
     bad = (target < 0) | (target >= V)
     inv_n = 1.0 / tl.maximum(tl.load(n_valid_ptr).to(tl.float32), 1.0)
     scale = tl.where(ignored, 0.0, tl.where(bad, float("nan"), inv_n))  # NaN marks an out-of-range target
+    target_logit = tl.load(logits_ptr + row_off + tl.where(bad, 0, target)).to(tl.float32)  # a scalar load
     cols = tl.arange(0, BLOCK_V)
 
     if SINGLE_TILE:
@@ -114,7 +117,6 @@ def _cross_entropy_kernel(
         m = tl.max(x, axis=0)
         e = tl.exp(x - m)
         s = tl.sum(e, axis=0)
-        target_logit = tl.load(logits_ptr + row_off + tl.where(bad, 0, target)).to(tl.float32)
         tl.store(loss_ptr + row, (m + tl.log(s) - target_logit) * scale)
         if WRITE_GRAD:
             grad = e * (scale / s) - tl.where(cols == target, scale, 0.0)
@@ -143,7 +145,6 @@ def _cross_entropy_kernel(
         x_rest = tl.load(logits_ptr + row_off + rest, mask=rest_mask, other=float("-inf"))
         m, s = _lse_step(m, s, x_rest.to(tl.float32))
         lse = m + tl.log(s)
-        target_logit = tl.load(logits_ptr + row_off + tl.where(bad, 0, target)).to(tl.float32)
         tl.store(loss_ptr + row, (lse - target_logit) * scale)
 
         if WRITE_GRAD:  # the same three parts again; their reads hit L2 (module docstring)
@@ -151,15 +152,16 @@ def _cross_entropy_kernel(
                 grad_body = tl.multiple_of(grad_off + head, VEC)
             else:
                 grad_body = grad_off + head
+            # target - (a block's first column) fits int32 for a valid target; an ignored or invalid one zeroes
+            # or NaNs the whole row through scale, whatever lane it matches
             for start in tl.range(0, tail - head, BLOCK_V):
-                offs = start + cols
-                _store_grad(logits_ptr + body + offs, grad_ptr + grad_body + offs, head + offs, None, lse, scale,
-                            target)
+                _store_grad(logits_ptr + body + start + cols, grad_ptr + grad_body + start + cols, cols,
+                            (target - head - start).to(tl.int32), None, lse, scale)
             for start in tl.range(0, n_tail, BLOCK_V // 2):
-                offs = tail - head + start + half
-                _store_grad(logits_ptr + body + offs, grad_ptr + grad_body + offs, head + offs, start + half < n_tail,
-                            lse, scale, target)
-            _store_grad(logits_ptr + row_off + rest, grad_ptr + grad_off + rest, rest, rest_mask, lse, scale, target)
+                offs = tail - head + start
+                _store_grad(logits_ptr + body + offs + half, grad_ptr + grad_body + offs + half, half,
+                            (target - tail - start).to(tl.int32), start + half < n_tail, lse, scale)
+            _store_grad(logits_ptr + row_off + rest, grad_ptr + grad_off + rest, rest, target, rest_mask, lse, scale)
 
 
 @triton.jit
