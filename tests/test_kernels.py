@@ -13,7 +13,7 @@ import torch
 from smollm_stack import kernels
 from conftest import assert_close
 from smollm_stack.kernels import reference
-from smollm_stack.kernels.linear_cross_entropy import CPU_CHUNK_BUDGET_BYTES, chunk_rows
+from smollm_stack.kernels.linear_cross_entropy import CHUNK_BUDGET_BYTES, chunk_rows, padded_width
 from smollm_stack.kernels.rope import apply_rope_qk
 from smollm_stack.model import ModelConfig, TransformerLM
 
@@ -155,16 +155,17 @@ def test_cross_entropy(shape, vocab, dtype):
 
 @pytest.fixture
 def small_ce_blocks(monkeypatch):
-    """CE's loop path on interpreter-sized rows: rows wider than 128 loop over blocks of 32 (or 64)."""
+    """CE's loop path on interpreter-sized rows: rows wider than 128 loop over blocks of 32, then 16-lane halves."""
     monkeypatch.setattr(cross_entropy_module, "SINGLE_TILE_MAX", 128)
-    monkeypatch.setattr(cross_entropy_module, "LOOP_BLOCKS", (32, 64))  # 257 -> 32, 1031 -> 64
+    monkeypatch.setattr(cross_entropy_module, "LOOP_BLOCK", 32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [257, 1031, 100])  # odd: unaligned rows (head + unmasked loop + tail); 100: one tile
-def test_cross_entropy_loop_and_single_tile_paths(small_ce_blocks, vocab, dtype):
-    logits, t = randn(5, vocab, dtype=dtype, scale=3), _targets((5,), vocab)
-    t[3], t[4] = 0, vocab - 1  # the first and last column: targets in the head and in the tail
+@pytest.mark.parametrize("row_pad", [0, 3])  # 3: the gradient's rows (stride vocab) aligned unlike the logits'
+def test_cross_entropy_loop_and_single_tile_paths(small_ce_blocks, vocab, row_pad, dtype):
+    logits, t = randn(5, vocab + row_pad, dtype=dtype, scale=3)[:, :vocab], _targets((5,), vocab)
+    t[2], t[3], t[4] = vocab - 12, 0, vocab - 1  # in the vector tail, the unaligned head and the ragged end
     assert_matches(lambda x: kernels.cross_entropy(x, t), lambda x: reference.cross_entropy(x, t), [logits], dtype)
 
 
@@ -189,6 +190,42 @@ def test_cross_entropy_all_ignored_is_zero():
     loss.backward()
     assert loss.dtype == torch.float32 and loss.item() == 0.0
     assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cross_entropy_overwrite_logits_writes_the_gradient_over_them(dtype):
+    # Logits from a matmul, as a model's head makes them (3-D, odd V); the reference's matmul runs in the same dtype.
+    hidden, weight, t = randn(3, 7, 24, dtype=dtype), randn(301, 24, dtype=dtype, scale=0.3), _targets((3, 7), 301)
+    upstream, held = torch.tensor(0.37, device=DEVICE), []
+
+    def overwriting(h, w):
+        held.append(h @ w.t())
+        return kernels.cross_entropy(held[-1], t, overwrite_logits=True)
+
+    assert_matches(overwriting, lambda h, w: reference.cross_entropy(h @ w.t(), t), [hidden, weight], dtype,
+                   upstream=upstream)  # fmt: skip
+    logits = (hidden @ weight.t()).requires_grad_()
+    (ref_grad,) = torch.autograd.grad(reference.cross_entropy(logits, t), logits, upstream)
+    # their memory holds the gradient, rounded to dtype by the kernel and again by the upstream scale
+    assert_close(held[0].detach(), ref_grad, dtype, roundings=2)
+
+
+def test_cross_entropy_overwrite_logits_never_corrupts_what_others_read():
+    x, t = randn(5, 33, scale=3), _targets((5,), 33)
+    with pytest.raises(ValueError, match="leaf"):  # the caller's own tensor
+        kernels.cross_entropy(x.clone().requires_grad_(), t, overwrite_logits=True)
+    z = x.clone().requires_grad_()
+    logits = z.exp()  # exp saved its output for its backward: these very logits
+    version = logits._version
+    loss = kernels.cross_entropy(logits, t, overwrite_logits=True)
+    assert logits._version > version  # the forward's write is declared: autograd and torch.compile see it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    y = x.clone()
+    with torch.no_grad():
+        kernels.cross_entropy(z * 1, t, overwrite_logits=True)
+    kernels.cross_entropy(y, t, overwrite_logits=True)  # no gradient wanted: nothing is written
+    assert torch.equal(y, x)
 
 
 # ----------------------------------------------------------------------------------------------- fused linear CE
@@ -236,10 +273,14 @@ def test_fused_linear_cross_entropy_without_grad_needs_no_backward():
     assert_close(loss, reference.fused_linear_cross_entropy(hidden, weight, t), torch.float32)
 
 
-def test_chunk_rows_follows_memory_budget():
-    rows = chunk_rows(16384, 50257, torch.bfloat16, torch.device("cpu"))
-    assert rows % 128 == 0 and rows * 50257 * 2 <= CPU_CHUNK_BUDGET_BYTES + 128 * 50257 * 2
-    assert chunk_rows(100, 50257, torch.bfloat16, torch.device("cpu")) == 100  # small batches: one chunk
+@pytest.mark.parametrize("tokens,vocab,dtype", [(16384, 50257, torch.bfloat16), (32768, 10000, torch.bfloat16),
+                                                (16384, 50257, torch.float32), (1000, 3_000_000, torch.float16),
+                                                (26714, 10000, torch.bfloat16)])  # 2 x the most rows that fit
+def test_chunk_rows_keep_the_logits_buffer_within_budget(tokens, vocab, dtype):
+    rows, row_bytes = chunk_rows(tokens, vocab, dtype), padded_width(vocab) * dtype.itemsize
+    assert rows % 128 == 0 and rows * row_bytes <= max(CHUNK_BUDGET_BYTES, 128 * row_bytes)  # 128 rows at least
+    assert chunk_rows(16384, 50257, torch.bfloat16) == 2432  # 125M: 7 chunks of 245 MB, not 2 of 824 MB
+    assert chunk_rows(100, 50257, torch.bfloat16) == 100  # small batches: one chunk
 
 
 # ----------------------------------------------------------------------------------------------- contracts

@@ -51,6 +51,8 @@ OPS = {
     "apply_rope_qk": (lambda q, k: torch.cat([y.flatten() for y in apply_rope_qk(q, k, positions)]),
                       [torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8)]),
     "cross_entropy": (lambda x: kernels.cross_entropy(x, targets), [torch.randn(7, 31)]),
+    "cross_entropy_overwrite": (lambda x: kernels.cross_entropy(x * 2, targets, overwrite_logits=True),
+                                [torch.randn(7, 31)]),
     "fused_linear_cross_entropy": (lambda h, w: kernels.fused_linear_cross_entropy(h, w, targets, chunk_size=4),
                                    [torch.randn(7, 16), torch.randn(31, 16)]),
     "flash_attention": (kernels.flash_attention, [torch.randn(1, 4, 5, 16), torch.randn(1, 2, 9, 16),

@@ -68,9 +68,8 @@ CASES = {f"d{d} T4096 docs {pass_}": make(16384 // 4096, 2048 // d, 4096, d) for
 
 MEMORY_BOUND_SCRIPT = """
 import torch
-import triton
 from smollm_stack import kernels
-from smollm_stack.kernels.linear_cross_entropy import cross_entropy_forward
+from smollm_stack.kernels.linear_cross_entropy import chunk_rows, cross_entropy_forward, padded_width
 from smollm_stack.kernels.rope import apply_rope_qk
 
 BF16 = torch.bfloat16
@@ -89,8 +88,9 @@ def fwd_bwd(fn, *inputs):
     return run
 
 
-def flce_chunk(rows, vocab):
-    logits = torch.empty(rows, 64 * triton.cdiv(vocab, 64), dtype=BF16)[:, :vocab]  # FLCE's padded buffer
+def flce_chunk(tokens, vocab):
+    rows = chunk_rows(tokens, vocab, BF16)
+    logits = torch.empty(rows, padded_width(vocab), dtype=BF16)[:, :vocab]  # FLCE's padded buffer
     targets = torch.zeros(rows, dtype=torch.int64)
     return lambda: cross_entropy_forward(logits, targets, torch.tensor(rows), -100, logits)
 
@@ -111,7 +111,7 @@ for name, p in PRESETS.items():
                                                                                 apply_rope_qk(q, k, pos)]),
                                    *[leaf(N // T, p["heads"], T, p["d_model"] // p["heads"]) for _ in range(2)]),
         f"cross_entropy {name}": fwd_bwd(kernels.cross_entropy, leaf(N, p["vocab"]), torch.zeros(N, dtype=torch.int64)),
-        f"flce_chunk {name}": flce_chunk(8192, p["vocab"]),
+        f"flce_chunk {name}": flce_chunk(N, p["vocab"]),
     })
 """
 
@@ -189,6 +189,31 @@ def test_memory_bound_kernels_move_data_in_16_byte_vectors(memory_bound_launches
         if label.split()[0] == op:
             assert records, label
             problems += _problems(records, label, _vectors)
+    assert not problems, "\n".join(problems)
+
+
+H100_L2_BYTES = 50 * 2**20
+
+
+def test_cross_entropy_rows_in_flight(memory_bound_launches):
+    """Cross-entropy's loop path (125M, V = 50257) reads each row twice: the rows all SMs hold at once (a row per
+    resident CTA, 132 SMs) must take at most half the H100's 50 MB L2, the other half for the gradient rows being
+    written, so the second sweep reads L2, not HBM. The one-tile path (17M, V = 10000) reads a row once but must
+    keep two or more CTAs on each SM, so one row's loads overlap another's reductions and stores."""
+    paths, problems = set(), []
+    for preset, vocab in (("125m", 50257), ("tinystories-17m", 10000)):
+        for label in (f"cross_entropy {preset}", f"flce_chunk {preset}"):
+            for r in memory_bound_launches[label]:
+                if r["name"] != "_cross_entropy_kernel":
+                    continue
+                single_tile = bool(r["config"].get("SINGLE_TILE"))
+                paths.add((preset, single_tile))
+                in_flight = 132 * r["resident_ctas"] * vocab * 2
+                if single_tile and r["resident_ctas"] < 2:
+                    problems.append(f"{label}: {_describe(r)}: {r['resident_ctas']} CTA per SM")
+                elif not single_tile and in_flight > H100_L2_BYTES // 2:
+                    problems.append(f"{label}: {_describe(r)}: {in_flight / 1e6:.0f} MB of rows in flight")
+    assert paths == {("125m", False), ("tinystories-17m", True)}, paths
     assert not problems, "\n".join(problems)
 
 

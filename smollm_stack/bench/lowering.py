@@ -67,10 +67,10 @@ def _attention(B, H, Hkv, T, d, dtype):
 
 def _flce_chunk(N, V, dtype):
     """The cross-entropy launch inside fused_linear_cross_entropy: rows of its 64-padded logits buffer."""
-    from smollm_stack.kernels.linear_cross_entropy import chunk_rows, cross_entropy_forward
+    from smollm_stack.kernels.linear_cross_entropy import chunk_rows, cross_entropy_forward, padded_width
 
-    rows = min(N, chunk_rows(N, V, dtype, torch.device("cuda")) if torch.cuda.is_available() else 8192)
-    logits = _empty(rows, 64 * triton.cdiv(V, 64), dtype=dtype)[:, :V]
+    rows = chunk_rows(N, V, dtype)
+    logits = _empty(rows, padded_width(V), dtype=dtype)[:, :V]
     targets = torch.zeros(rows, dtype=torch.int64)
     return lambda: cross_entropy_forward(logits, targets, torch.tensor(N), -100, logits)
 

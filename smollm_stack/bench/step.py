@@ -37,9 +37,9 @@ across launches. MFU is model FLOPs (model.accounting.flops_per_token) over PEAK
 The baseline: llm.c's GPT-2 124M on 8 H100s, 139 ms per 524,288-token step, LLMC_TOKENS_PER_S per GPU.
 
 Stand-ins for CUDA (the fake tensors live on the CPU, since autograd needs a real device type): autocast is the CPU's
-bf16 autocast (the same casts for linear and matmuls); the fused loss's chunk budget is an 80 GB card's, its fp32 dW
-accumulates in one fp32-output addmm, and Muon iterates in bf16, as on CUDA; persistent launchers size their grids
-for Triton's interpreter (a handful of programs, which changes only the rms_norm backward's small dw partial sums).
+bf16 autocast (the same casts for linear and matmuls); the fused loss's fp32 dW accumulates in one fp32-output
+addmm, and Muon iterates in bf16, as on CUDA; persistent launchers size their grids for Triton's interpreter (a
+handful of programs, which changes only the rms_norm backward's small dw partial sums).
 
 The fused minimum: the bytes a step must move if every elementwise op (norms, RoPE, SwiGLU, residual adds, casts,
 the loss over the logits, gradient sums) rode inside a GEMM's or attention kernel's prologue or epilogue: the
@@ -81,7 +81,6 @@ PEAK_FLOPS = 989e12  # H100 SXM, bf16 dense tensor cores
 MATMUL_EFFICIENCY = 0.7  # of PEAK_FLOPS, what cuBLAS and our attention sustain at these shapes (assumed)
 COPY_BANDWIDTH = 3.0e12  # bytes/s, H100 SXM HBM3 as a large copy reaches it
 LAUNCH_OVERHEAD_S = 3e-6  # idle GPU between two dependent kernels launched from Python (assumed)
-H100_MEMORY_BYTES = 80 * 2**30  # what the fused loss sizes its chunks by
 LLMC_TOKENS_PER_S = 471_000  # llm.c GPT-2 124M, 8 x H100: 524,288 tokens in 139 ms, per GPU
 # CUDA's multi_tensor_apply (foreach and fused optimizers): tensors per launch by the number of tensor lists
 MTA_MAX_TENSORS = (110, 64, 48, 36, 30)
@@ -300,7 +299,6 @@ def fp32_out_add_dw(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) ->
 def cuda_standins():
     """What the kernels and Muon choose on an 80 GB CUDA card, where the fake tensors' CPU would choose otherwise."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(patch_attr(flce, "CPU_CHUNK_BUDGET_BYTES", H100_MEMORY_BYTES * flce.CHUNK_BUDGET_FRACTION))
         stack.enter_context(patch_attr(flce, "add_dw", fp32_out_add_dw))
         stack.enter_context(patch_attr(muon, "iteration_dtype", lambda u: torch.bfloat16))
         # clip_grad_norm_ takes the foreach path for real CUDA tensors only, not for fake ones

@@ -11,8 +11,12 @@ it is exactly 1.
 
 Memory: eager PyTorch holds the logits in the activation dtype, their fp32 copy, and fp32 softmax/gradient tensors
 of the same (N, V) size at once (about 14 bytes a logit for bf16). Here the only (N, V)-shaped buffer is one
-chunk's logits, 2 bytes a logit, sized by CHUNK_BUDGET_FRACTION of the device's memory. Speed: the three matmuls are
-the same as eager's, and the loss and its gradient cost one Triton pass instead of eager's many fp32 passes.
+chunk's logits, 2 bytes a logit, at most CHUNK_BUDGET_BYTES (256 MiB) on any device: at 125M (16 x 1024 tokens,
+V = 50257, rows padded to 50304) seven chunks of 2432 tokens, 245 MB, against 824 MB for two chunks of 8192 when
+the budget was 1/64 of an 80 GB card. Each chunk's matmuls stay large (2432 x 768 x 50257: 188 GFLOP, thousands of
+output tiles), so cuBLAS runs them at full rate; what more chunks cost is the weight and the fp32 dW read again per
+chunk (Vd (2 + 2 + 8) bytes, 0.46 GB a chunk at 125M, under the GEMMs' own FLOP time). Speed: the three matmuls
+are the same as eager's, and the loss and its gradient cost one Triton pass instead of eager's many fp32 passes.
 
 Casts. dW accumulates in fp32 inside the matmul (cuBLAS's fp32-output GEMM for bf16/fp16 inputs), where the old
 loop wrote each chunk's V x d product in bf16 and cast it up: per chunk 2Vd + 6Vd extra bytes (0.3 GB at 125M) and
@@ -38,20 +42,18 @@ import triton
 from smollm_stack.kernels import _utils
 from smollm_stack.kernels.cross_entropy import cross_entropy_forward, scale_
 
-# One chunk's logits may take 1/64 of the device's memory (1.25 GB on an 80 GB card: two chunks of 8192 tokens at
-# V = 50257), which keeps each matmul large enough for cuBLAS to run at full speed while staying far below eager.
-CHUNK_BUDGET_FRACTION = 1 / 64
-# Without a device memory figure (CPU), a fixed budget of the same order.
-CPU_CHUNK_BUDGET_BYTES = 256 * 2**20
+CHUNK_BUDGET_BYTES = 256 * 2**20  # the most one chunk's logits buffer may take, on any device (module docstring)
 
 
-def chunk_rows(n_tokens: int, vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Tokens per chunk: as many as the logits budget allows, split evenly, rounded up to a multiple of 128."""
-    if device.type == "cuda":
-        budget = torch.cuda.get_device_properties(device).total_memory * CHUNK_BUDGET_FRACTION
-    else:
-        budget = CPU_CHUNK_BUDGET_BYTES
-    max_rows = max(128, int(budget // (vocab_size * dtype.itemsize)))
+def padded_width(vocab_size: int) -> int:
+    """Elements in a row of the logits buffer: V rounded up to 64, so every row starts 16-byte aligned."""
+    return 64 * triton.cdiv(vocab_size, 64)
+
+
+def chunk_rows(n_tokens: int, vocab_size: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk: the fewest chunks whose buffer fits CHUNK_BUDGET_BYTES, split evenly, in multiples of 128
+    (at least 128 rows, whatever the vocabulary)."""
+    max_rows = max(1, CHUNK_BUDGET_BYTES // (padded_width(vocab_size) * dtype.itemsize * 128)) * 128
     n_chunks = triton.cdiv(n_tokens, max_rows)
     return min(n_tokens, 128 * triton.cdiv(triton.cdiv(n_tokens, n_chunks), 128))
 
@@ -109,7 +111,7 @@ def linear_cross_entropy_chunks(
     dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
     # One logits buffer serves every chunk. Its rows are padded to 64 elements so that each row starts 16-byte
     # aligned (V = 50257 is odd): cuBLAS then takes its aligned fast paths, and the CE kernel vectorizes.
-    buffer = torch.empty(min(rows, N), 64 * triton.cdiv(V, 64), dtype=h.dtype, device=h.device)
+    buffer = torch.empty(min(rows, N), padded_width(V), dtype=h.dtype, device=h.device)
     losses = []
     for start in range(0, N, rows):
         h_c = h[start : start + rows]
@@ -129,7 +131,7 @@ def _linear_cross_entropy_op(
     need_dh: bool, need_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dh, dw) for (N, d) h, (V, d) weight and (N,) contiguous t; a gradient not needed is an empty tensor."""
-    rows = chunk_size or chunk_rows(h.shape[0], weight.shape[0], h.dtype, h.device)
+    rows = chunk_size or chunk_rows(h.shape[0], weight.shape[0], h.dtype)
     # Compute like autocast, explicitly (so autocast itself is switched off): the matmuls run in the activation
     # dtype, on the weight cast once per step, and each gradient returns in its own input's dtype.
     with torch.autocast(h.device.type, enabled=False):
