@@ -86,13 +86,13 @@ def test_rms_norm_fp32_residual_to_compute_dtype(out_dtype):
 
 
 def run_add_norm(fn, inputs, dh, dy):
-    """fn (x, r, w) -> (h, y) on fresh leaf copies, backward from dh into h (None: h unused) and dy into y;
-    returns (h, y, [dx, dr, dw])."""
+    """fn (x, r, w) -> (h, y) on fresh leaf copies, backward from dh into h and dy into y (None: that one unused);
+    returns (h, y, [dx, dr, dw]), a gradient that nothing reached as zeros."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     h, y = fn(*leaves)
-    outs, upstream = ([h, y], [dh, dy]) if dh is not None else ([y], [dy])
-    torch.autograd.backward(outs, upstream)
-    return h.detach(), y.detach(), [t.grad for t in leaves]
+    used = [(out, grad) for out, grad in ((h, dh), (y, dy)) if grad is not None]
+    torch.autograd.backward(*zip(*used))
+    return h.detach(), y.detach(), [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
 
 
 # Tolerances: h = x + r is one fp32 add rounded once to h's dtype on both sides: bitwise equal. y and dw are
@@ -100,11 +100,11 @@ def run_add_norm(fn, inputs, dh, dy):
 # half h's dtype and then the sum, the kernel the fp32 sum once, so dx and dr are 2 roundings apart.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 123, 123), (3, 7, 93), (1, 3)])
-@pytest.mark.parametrize("h_used", [True, False], ids=["h used", "h unused"])
-def test_add_rms_norm(shape, dtype, h_used):
+@pytest.mark.parametrize("used", ["h y", "y", "h"])  # a block's add; the last norm's; h alone (no norm gradient)
+def test_add_rms_norm(shape, dtype, used):
     x, r, w = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype), randn(shape[-1], dtype=dtype, scale=0.3) + 1
-    dh = randn(*shape, dtype=dtype) if h_used else None
-    dy = randn(*shape, dtype=dtype)
+    dh = randn(*shape, dtype=dtype) if "h" in used else None
+    dy = randn(*shape, dtype=dtype) if "y" in used else None
     h, y, grads = run_add_norm(kernels.add_rms_norm, [x, r, w], dh, dy)
     ref_h, ref_y, ref_grads = run_add_norm(reference.add_rms_norm, [x, r, w], dh, dy)
     assert torch.equal(h, ref_h) and h.dtype == y.dtype == dtype
