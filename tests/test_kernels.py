@@ -99,7 +99,7 @@ def run_add_norm(fn, inputs, dh, dy):
 # rms_norm's, of the same h. dh_total = dh + (the norm's gradient): the reference rounds the norm's gradient to a
 # half h's dtype and then the sum, the kernel the fp32 sum once, so dx and dr are 2 roundings apart.
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(5, 123, 123), (3, 7, 93), (1, 3)])
+@pytest.mark.parametrize("shape", [(3, 37, 123), (3, 7, 93), (1, 3)])  # 111 rows: 7 blocks of 16 over 4 programs
 @pytest.mark.parametrize("used", ["h y", "y", "h"])  # a block's add; the last norm's; h alone (no norm gradient)
 def test_add_rms_norm(shape, dtype, used):
     x, r, w = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype), randn(shape[-1], dtype=dtype, scale=0.3) + 1
