@@ -32,9 +32,12 @@ def linear(inp: int, out: int, x_bytes: int = 2):
 
 
 def test_block_forward_counted_by_hand(adamw_step):
-    # RMSNorm reads the fp32 residual and gain, writes bf16 (cast_output) and fp32 1/rms per row
-    norm = [("_rms_norm_fwd_kernel", 4 * N * D + 4 * D, 2 * N * D + 4 * N, 0)]
-    assert rows(adamw_step, "norm") == norm * 2
+    # ln1 reads the fp32 residual and gain, writes bf16 (cast_output) and fp32 1/rms per row; ln2 and ln_final add
+    # the bf16 branch first, and write the fp32 sum too
+    norm = ("_rms_norm_fwd_kernel", 4 * N * D + 4 * D, 2 * N * D + 4 * N, 0)
+    add_norm = ("_rms_norm_fwd_kernel", 6 * N * D + 4 * D, 6 * N * D + 4 * N, 0)
+    assert rows(adamw_step, "norm") == [norm, add_norm]
+    assert rows(adamw_step, "final norm") == [add_norm]
     rope = ("_rope_kernel", 2 * 2 * N * D + 8 * T + 4 * DH // 2, 2 * 2 * N * D, 0)  # q, k, positions, inv_freq
     attn = ("_attn_fwd", 3 * 2 * N * D, 2 * N * D + 4 * B * H * T, 2 * 2 * B * H * T * T * DH / 2)  # causal half
     assert rows(adamw_step, "attention") == [
@@ -48,9 +51,22 @@ def test_block_forward_counted_by_hand(adamw_step):
         ("_swiglu_fwd_kernel", 2 * 2 * N * FF, 2 * N * FF, 0),
         *linear(FF, D),
     ]  # fmt: skip
-    residual = ("add", 4 * N * D + 2 * N * D, 4 * N * D, 0)  # fp32 stream + bf16 branch -> fp32
-    assert rows(adamw_step, "residual") == [residual] * 2
+    assert rows(adamw_step, "residual") == []  # every residual add rides in a norm
     assert rows(adamw_step, "embedding") == [("embedding", 8 * N + 4 * N * D, 4 * N * D, 0)]  # the gathered rows
+
+
+def test_norm_backward_counted_by_hand(adamw_step):
+    # Reads bf16 dy, the fp32 norm input and gain and 1/rms; writes fp32 dx and dw partial sums of the interpreter's
+    # 4 programs. With the add: reads the stream's fp32 gradient dh too (not at ln_final, whose sum has no later
+    # use) and writes dx again in the branch's bf16.
+    dw_sum = ("sum", 4 * 4 * D, 4 * D, 0)
+    reads, writes = 2 * N * D + 4 * N * D + 4 * D + 4 * N, 4 * N * D + 4 * 4 * D
+    norm = ("_rms_norm_bwd_kernel", reads, writes, 0)
+    add_norm = ("_rms_norm_bwd_kernel", reads + 4 * N * D, writes + 2 * N * D, 0)
+    last_add_norm = ("_rms_norm_bwd_kernel", reads, writes + 2 * N * D, 0)
+    dx_sum = ("add", 2 * 4 * N * D, 4 * N * D, 0)  # the embedding's output feeds ln1 and ln2's add
+    assert rows(adamw_step, "norm", backward=True) == [add_norm, dw_sum, norm, dw_sum, dx_sum]
+    assert rows(adamw_step, "final norm", backward=True) == [last_add_norm, dw_sum]
 
 
 def test_launches_by_phase_counted_by_hand(adamw_step):
@@ -62,19 +78,17 @@ def test_launches_by_phase_counted_by_hand(adamw_step):
         "embedding (forward)": 1,
         "norm (forward)": 2,
         "attention (forward)": 4 * 2 + 4,  # 4 casts + GEMMs, arange, RoPE, attention, the transpose copy
-        "residual (forward)": 2,
         "ffn (forward)": 3 * 2 + 1,
         "final norm (forward)": 1,
         # count of valid targets (ne, sum), dW zeros, then the chunk: GEMM, CE, dh GEMM, dW GEMM; cat and sum the
         # losses; ones_like, the loss's gradient, made by backward() before any node runs
         "head + loss (forward)": 10,
         "head + loss (backward)": 2 + 2,  # zero gradients for the op's dh and dw outputs, then dh and dw scaled
-        "final norm (backward)": 3,  # zero grad of 1/rms, the kernel, the sum of its dw partials
-        "residual (backward)": 2,  # the residual's fp32 gradient cast to each bf16 branch
+        "final norm (backward)": 2,  # the kernel (dx in fp32 and in the branch's bf16), the sum of its dw partials
         # w2, w3, w1: dx and dW GEMMs and dW's cast to fp32 each; the SwiGLU kernel; w1's and w3's dx summed
         "ffn (backward)": 3 * 3 + 1 + 1,
-        # zero grad of 1/rms, kernel, dw sum; the engine adds its dx into the residual's gradient
-        "norm (backward)": 2 * 4,
+        # kernel, dw sum each; the engine adds ln1's dx into the residual's gradient
+        "norm (backward)": 2 * 2 + 1,
         # output_proj 3; zero grad of lse, 3 attention kernels; RoPE; q, k, v: copy, 2 GEMMs, cast each; 2 dx adds
         "attention (backward)": 3 + 4 + 1 + 3 * 4 + 2,
         "embedding (backward)": 1,

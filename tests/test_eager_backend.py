@@ -51,9 +51,10 @@ def half_supported(dtype: torch.dtype, fn) -> bool:
 
 
 def test_ops_has_the_triton_names():
-    names = {"rms_norm", "swiglu", "apply_rope", "cross_entropy", "fused_linear_cross_entropy", "flash_attention"}
+    names = {"rms_norm", "add_rms_norm", "swiglu", "apply_rope", "cross_entropy", "fused_linear_cross_entropy",
+             "flash_attention"}  # fmt: skip
     assert kernels.ops("eager") is eager
-    assert names <= set(vars(eager))
+    assert names <= set(vars(eager)) and names <= set(vars(reference))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -66,6 +67,23 @@ def test_rms_norm(dtype):
     for (g, g_gold), name in zip(grads, ("dx", "dw")):
         assert g.dtype == dtype
         assert_near(g, g_gold, dtype, n=3 * 5 * 123, r=3, name=name)  # dw sums over every row
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm(dtype):
+    """rms_norm's bounds with one more rounding on every path: h = x + r rounded to dtype (gold adds exactly)."""
+    x, r = torch.randn(3, 5, 123).to(dtype) * 3, torch.randn(3, 5, 123).to(dtype)
+    w = torch.rand(123).to(dtype) + 0.5
+
+    def both(add_rms_norm):  # h and y in one tensor, so one upstream gradient reaches each
+        return lambda x, r, w: torch.cat([t.flatten() for t in add_rms_norm(x, r, w, 1e-5)])
+
+    (out, gold), grads = run_both(both(eager.add_rms_norm), both(reference.add_rms_norm), [x, r, w])
+    assert out.dtype == dtype
+    assert_near(out, gold, dtype, n=123, r=3, name="h, y")
+    for (g, g_gold), name in zip(grads, ("dx", "dr", "dw")):
+        assert g.dtype == dtype
+        assert_near(g, g_gold, dtype, n=3 * 5 * 123, r=4, name=name)
 
 
 def test_rms_norm_out_dtype():

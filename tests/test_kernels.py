@@ -85,6 +85,66 @@ def test_rms_norm_fp32_residual_to_compute_dtype(out_dtype):
     assert_close(dw, ref_dw, torch.float32)
 
 
+def run_add_norm(fn, inputs, dh, dy):
+    """fn (x, r, w) -> (h, y) on fresh leaf copies, backward from dh into h and dy into y (None: that one unused);
+    returns (h, y, [dx, dr, dw]), a gradient that nothing reached as zeros."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    h, y = fn(*leaves)
+    used = [(out, grad) for out, grad in ((h, dh), (y, dy)) if grad is not None]
+    torch.autograd.backward(*zip(*used))
+    return h.detach(), y.detach(), [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves]
+
+
+# Tolerances: h = x + r is one fp32 add rounded once to h's dtype on both sides: bitwise equal. y and dw are
+# rms_norm's, of the same h. dh_total = dh + (the norm's gradient): the reference rounds the norm's gradient to a
+# half h's dtype and then the sum, the kernel the fp32 sum once, so dx and dr are 2 roundings apart.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 37, 123), (3, 7, 93), (1, 3)])  # 111 rows: 7 blocks of 16 over 4 programs
+@pytest.mark.parametrize("used", ["h y", "y", "h"])  # a block's add; the last norm's; h alone (no norm gradient)
+def test_add_rms_norm(shape, dtype, used):
+    x, r, w = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype), randn(shape[-1], dtype=dtype, scale=0.3) + 1
+    dh = randn(*shape, dtype=dtype) if "h" in used else None
+    dy = randn(*shape, dtype=dtype) if "y" in used else None
+    h, y, grads = run_add_norm(kernels.add_rms_norm, [x, r, w], dh, dy)
+    ref_h, ref_y, ref_grads = run_add_norm(reference.add_rms_norm, [x, r, w], dh, dy)
+    assert torch.equal(h, ref_h) and h.dtype == y.dtype == dtype
+    assert_close(y, ref_y, dtype)
+    for g, rg, t, roundings in zip(grads, ref_grads, [x, r, w], [2, 2, 1]):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        assert_close(g, rg, dtype, roundings=roundings)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, pytest.param(torch.bfloat16, marks=cuda)])
+def test_add_rms_norm_fp32_stream_and_compute_dtype_branch(out_dtype):
+    # Autocast's block: the fp32 stream x (a strided view), a branch r and y in the compute dtype; dx in fp32 and dr
+    # in the compute dtype, each the fp32 dh_total rounded once (as the reference rounds it), from fp32 dh.
+    x, r = randn(3, 93, 37).transpose(1, 2), randn(3, 37, 93, dtype=out_dtype)
+    w, dh, dy = randn(93, scale=0.3) + 1, randn(3, 37, 93), randn(3, 37, 93, dtype=out_dtype)
+    fn = lambda x, r, w: kernels.add_rms_norm(x, r, w, out_dtype=out_dtype)  # noqa: E731
+    h, y, (dx, dr, dw) = run_add_norm(fn, [x, r, w], dh, dy)
+    ref = lambda x, r, w: reference.add_rms_norm(x, r, w, out_dtype=out_dtype)  # noqa: E731
+    ref_h, ref_y, (ref_dx, ref_dr, ref_dw) = run_add_norm(ref, [x, r, w], dh, dy)
+    assert (h.dtype, y.dtype, dx.dtype, dr.dtype) == (torch.float32, out_dtype, torch.float32, out_dtype)
+    assert torch.equal(h, ref_h)
+    assert_close(y, ref_y, out_dtype)
+    assert_close(dx, ref_dx, torch.float32)
+    assert_close(dr, ref_dr, out_dtype)
+    assert_close(dw, ref_dw, torch.float32)
+
+
+def test_add_rms_norm_gradients_are_separate_tensors():
+    # dx and dr hold one value but are never one tensor: accumulating into one leaf's .grad must leave the other's.
+    x, r, w = randn(4, 24).requires_grad_(), randn(4, 24).requires_grad_(), randn(24).requires_grad_()
+    for _ in range(2):
+        h, y = kernels.add_rms_norm(x, r, w)
+        torch.autograd.backward([h, y], [torch.ones_like(h), torch.ones_like(y)])
+    assert torch.equal(x.grad, r.grad) and x.grad.data_ptr() != r.grad.data_ptr()
+    one = [t.detach().clone().requires_grad_() for t in (x, r, w)]
+    h, y = kernels.add_rms_norm(*one)
+    torch.autograd.backward([h, y], [torch.ones_like(h), torch.ones_like(y)])
+    assert_close(x.grad, 2 * one[0].grad, torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------- swiglu
 
 
@@ -362,6 +422,8 @@ def test_second_backward_is_refused():
         (lambda: kernels.apply_rope(randn(2, 5, 8), torch.arange(6)), ValueError, "positions must be"),
         (lambda: apply_rope_qk(randn(2, 3, 5, 8), randn(2, 1, 5, 6), torch.arange(5)), ValueError, "q and k must be"),
         (lambda: kernels.rms_norm(randn(4, 8), randn(8), out_dtype=torch.int32), TypeError, "out_dtype"),
+        (lambda: kernels.add_rms_norm(randn(4, 8), randn(4, 7), randn(8)), ValueError, "r must have x's shape"),
+        (lambda: kernels.add_rms_norm(randn(4, 8), randn(4, 8).double(), randn(8)), TypeError, "r must be float32"),
         (lambda: kernels.cross_entropy(randn(4, 8), torch.zeros(3, dtype=torch.long)), ValueError, "targets must"),
         (lambda: kernels.cross_entropy(randn(4, 8), torch.zeros(4)), TypeError, "integer"),
         (lambda: kernels.fused_linear_cross_entropy(randn(4, 8), randn(9, 7), torch.zeros(4, dtype=torch.long)),

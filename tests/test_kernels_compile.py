@@ -25,6 +25,11 @@ def cases(rows, width, vocab):
     targets = torch.zeros(rows, dtype=torch.int64)
     return {
         "rms_norm": fwd_bwd(kernels.rms_norm, leaf(rows, width), leaf(width, dtype=torch.float32)),
+        # the residual add fused in (fp32 stream, bf16 branch), h and y both used
+        "rms_norm add": fwd_bwd(lambda x, r, w: torch.cat([t.flatten() for t in kernels.add_rms_norm(x, r, w, 1e-5,
+                                                                                                     BF16)]),
+                                leaf(rows, width, dtype=torch.float32), leaf(rows, width),
+                                leaf(width, dtype=torch.float32)),
         "swiglu": fwd_bwd(kernels.swiglu, leaf(rows, width), leaf(rows, width)),
         "rope": fwd_bwd(kernels.apply_rope, leaf(2, 3, rows, 16), torch.arange(rows)),
         # an upstream gradient other than 1 also launches the in-place scaling kernel
@@ -39,7 +44,7 @@ CASES = {f"{name} {shape}": case for shape, args in (("aligned", (64, 512, 1024)
 
 def test_kernels_compile_for_sm90(compile_for_gpu):
     launches = compile_for_gpu(SCRIPT)
-    assert len(launches) == 8
+    assert len(launches) == 10
     for label, records in launches.items():
         op = label.split()[0]  # each op's kernels carry its name
         assert any(op in r["name"] for r in records), (label, [r["name"] for r in records])

@@ -46,6 +46,11 @@ OPS = {
     "rms_norm": (lambda x, w: kernels.rms_norm(x, w), [torch.randn(2, 7, 24), torch.randn(24)]),
     "rms_norm_out_dtype": (lambda x, w: kernels.rms_norm(x, w, out_dtype=torch.float16),
                            [torch.randn(2, 7, 24), torch.randn(24)]),
+    # the fp32 stream plus a fp16 branch: h and y both used, and y alone (no gradient flows into h)
+    "add_rms_norm": (lambda x, r, w: torch.cat([t.float().flatten() for t in kernels.add_rms_norm(x, r, w)]),
+                     [torch.randn(2, 7, 24), torch.randn(2, 7, 24).half(), torch.randn(24)]),
+    "add_rms_norm_y_only": (lambda x, r, w: kernels.add_rms_norm(x, r, w, out_dtype=torch.float16)[1],
+                            [torch.randn(2, 7, 24), torch.randn(2, 7, 24).half(), torch.randn(24)]),
     "swiglu": (kernels.swiglu, [torch.randn(2, 7, 24), torch.randn(2, 7, 24)]),
     "apply_rope": (lambda x: kernels.apply_rope(x, positions), [torch.randn(2, 3, 7, 8)]),
     "apply_rope_qk": (lambda q, k: torch.cat([y.flatten() for y in apply_rope_qk(q, k, positions)]),

@@ -10,7 +10,8 @@ before any GPU sees it:
 - attention: every tl.dot of the forward, dK/dV and dQ kernels is a wgmma (none falls back to mma.sync, which runs
   Hopper's tensor cores at a fraction of their rate), at head dims 32, 64 and 128;
 - memory-bound kernels: at least 3/4 of the bytes each moves go in 16-byte vector loads and stores (only per-row
-  scalars may go narrower), including the odd vocabulary V = 50257, standalone and in FLCE's padded buffer. Counted
+  scalars may go narrower), add_rms_norm's as a pre-norm block runs it (with the sum's gradient, and without for
+  the last norm), including the odd vocabulary V = 50257, standalone and in FLCE's padded buffer. Counted
   are the loads of the kernel's tensors: kernels.lowering counts those of constant arrays compiled into the module apart
   (RoPE's libdevice sinf/cosf read the 2/pi bits of their large-argument reduction, scalar by scalar, only for
   |angle| > 105615 rad, i.e. positions past 105615), and only where their address provably starts at such an array;
@@ -88,6 +89,18 @@ def fwd_bwd(fn, *inputs):
     return run
 
 
+def add_norm(N, d, h_used=True):
+    # autocast's pre-norm block add: fp32 stream and bf16 branch in, fp32 sum and bf16 norm out; the sum's gradient
+    # flows in from its later uses (h_used), or not (the last norm)
+    x, r, w = leaf(N, d, dtype=torch.float32), leaf(N, d), leaf(d, dtype=torch.float32)
+
+    def run():
+        h, y = kernels.add_rms_norm(x, r, w, out_dtype=BF16)
+        outs = [h, y] if h_used else [y]
+        torch.autograd.backward(outs, [torch.empty_like(t) for t in outs])
+    return run
+
+
 def flce_chunk(tokens, vocab):
     rows = chunk_rows(tokens, vocab, BF16)
     logits = torch.empty(rows, padded_width(vocab), dtype=BF16)[:, :vocab]  # FLCE's padded buffer
@@ -107,6 +120,8 @@ for name, p in PRESETS.items():
         f"rms_norm fp32-to-bf16 {name}": fwd_bwd(lambda x, w: kernels.rms_norm(x, w, out_dtype=BF16),
                                                  leaf(N, p["d_model"], dtype=torch.float32),
                                                  leaf(p["d_model"], dtype=torch.float32)),
+        f"add_rms_norm {name}": add_norm(N, p["d_model"]),
+        f"add_rms_norm last {name}": add_norm(N, p["d_model"], h_used=False),
         f"rope qk {name}": fwd_bwd(lambda q, k, pos=torch.arange(T): torch.cat([y.flatten() for y in
                                                                                 apply_rope_qk(q, k, pos)]),
                                    *[leaf(N // T, p["heads"], T, p["d_model"] // p["heads"]) for _ in range(2)]),
@@ -116,7 +131,7 @@ for name, p in PRESETS.items():
 """
 
 ATTENTION_KERNELS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
-MEMORY_BOUND_OPS = ("rms_norm", "swiglu", "rope", "cross_entropy", "flce_chunk")
+MEMORY_BOUND_OPS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "cross_entropy", "flce_chunk")
 
 
 def _describe(r: dict) -> str:

@@ -9,7 +9,7 @@ Sections, in order of what a short slot must bring back first:
 
     device     capability, shared memory, SMs, the autocast dtype, the attention configs the autotuner will keep
     env        card, versions, device-to-device copy bandwidth, matmul rate in the training dtype (the two ceilings)
-    check      the six ops (and rms_norm fp32 -> it) against an fp64 gold run in the card's training dtype (bf16; fp16
+    check      the ops (and rms_norm fp32 -> it) against an fp64 gold run in the card's training dtype (bf16; fp16
                below capability 8.0, as --dtype auto), at bench.kernels' timed shapes
     kernels    bench.kernels: memory-bound ops vs kernels.ops("eager") and torch.compile, CUDA-graph timed
     attention  bench.attention: each shape checked (head dims 32/64/128), then timed vs SDPA flash

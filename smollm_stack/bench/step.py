@@ -94,15 +94,16 @@ TRITON_KERNELS = {
     "_attn_bwd_dq": (3, ("DQ",), ()),
     "_cross_entropy_kernel": (0, ("grad_ptr", "loss_ptr"), ()),
     "_scale_kernel": (0, (), ("x_ptr",)),
-    "_rms_norm_fwd_kernel": (0, ("y_ptr", "rstd_ptr"), ()),
-    "_rms_norm_bwd_kernel": (0, ("dx_ptr", "dw_partial_ptr"), ()),
+    "_rms_norm_fwd_kernel": (0, ("h_ptr", "y_ptr", "rstd_ptr"), ()),
+    "_rms_norm_bwd_kernel": (0, ("dx_ptr", "dr_ptr", "dw_partial_ptr"), ()),
     "_rope_kernel": (0, ("qo_ptr", "ko_ptr"), ()),
     "_swiglu_fwd_kernel": (0, ("y_ptr",), ()),
     "_swiglu_bwd_kernel": (0, ("dg_ptr", "du_ptr"), ()),
 }
 MATMULS = {"mm": ("self", "mat2"), "addmm": ("mat1", "mat2"), "bmm": ("self", "mat2"), "baddbmm": ("batch1", "batch2")}
 FREE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "detach", "alias", "lift_fresh",
-        "_unsafe_view", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size"}  # fmt: skip
+        "_unsafe_view", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
+        "promote_types"}  # fmt: skip
 WRITE_ONLY = {"copy_", "fill_", "zero_", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
               "scalar_tensor"}  # fmt: skip
 STREAMING = WRITE_ONLY | {"sum", "mean", "amax", "amin", "linalg_vector_norm", "norm", "_to_copy", "clone", "cat",

@@ -23,6 +23,7 @@ from smollm_stack.kernels._utils import INTERPRET
 from smollm_stack.kernels.cpu_blas import linear
 
 __all__ = [
+    "add_rms_norm",
     "apply_rope",
     "apply_rope_qk",
     "cross_entropy",
@@ -51,12 +52,13 @@ if triton is not None:
     from smollm_stack.kernels.attention import flash_attention
     from smollm_stack.kernels.cross_entropy import cross_entropy
     from smollm_stack.kernels.linear_cross_entropy import fused_linear_cross_entropy
-    from smollm_stack.kernels.rms_norm import rms_norm
+    from smollm_stack.kernels.rms_norm import add_rms_norm, rms_norm
     from smollm_stack.kernels.rope import apply_rope, apply_rope_qk
     from smollm_stack.kernels.swiglu import swiglu
 
     _TRITON_OPS = types.SimpleNamespace(
         rms_norm=rms_norm,
+        add_rms_norm=add_rms_norm,
         swiglu=swiglu,
         apply_rope=apply_rope,
         apply_rope_qk=apply_rope_qk,

@@ -85,7 +85,7 @@ def check_kernels(
     device: torch.device | str,
     seed: int = 0,
 ) -> list[CheckResult]:
-    """Check all six Triton ops (forward and gradients) against the references at one model's shapes."""
+    """Check every Triton op (forward and gradients) against the references at one model's shapes."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -103,6 +103,9 @@ def check_kernels(
     cases = [
         ("rms_norm", kernels.rms_norm, reference.rms_norm, (B, T, d_model),
          lambda: {"x": randn(B, T, d_model), "weight": randn(d_model, scale=0.2) + 1}),
+        ("add_rms_norm", lambda x, r, weight: torch.stack(kernels.add_rms_norm(x, r, weight)),
+         lambda x, r, weight: torch.stack(reference.add_rms_norm(x, r, weight)), (2, B, T, d_model),  # (h, y)
+         lambda: {"x": randn(B, T, d_model), "r": randn(B, T, d_model), "weight": randn(d_model, scale=0.2) + 1}),
         ("swiglu", kernels.swiglu, reference.swiglu, (B, T, d_ff),
          lambda: {"gate": randn(B, T, d_ff), "up": randn(B, T, d_ff)}),
         ("apply_rope", lambda x, positions: kernels.apply_rope(x, positions, rope_theta),

@@ -8,7 +8,8 @@ Where the time goes on a CPU, and what each op does about it (17M preset, 8 x 25
 - attention: ``F.scaled_dot_product_attention`` runs a fused flash-style kernel that never materializes the
   (T, S) scores, reads each K/V head for its whole query group (``enable_gqa``, no ``repeat_interleave``) and
   applies the causal mask from the shape (no mask tensor), 5-10x faster than the reference's explicit softmax;
-- RMSNorm: ``F.rms_norm``; SwiGLU: ``F.silu(g) * u``, two elementwise passes that autograd differentiates;
+- RMSNorm: ``F.rms_norm`` (after the residual add, in add_rms_norm); SwiGLU: ``F.silu(g) * u``, two elementwise
+  passes that autograd differentiates;
 - RoPE: one complex multiply on a view of the adjacent pairs (no unflatten/stack/flatten copies);
 - the loss: lm_head and cross-entropy fused in chunks of rows, the logits' gradient computed in the forward pass
   (softmax - one-hot) so backward only scales it; each chunk is upcast to fp32 on its own, never the whole
@@ -43,6 +44,14 @@ def rms_norm(
     """
     y = F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
     return y if out_dtype is None else y.to(out_dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h)) with h = x + r: PyTorch has no fused add-and-norm, so the add and the norm as they are."""
+    h = x + r
+    return h, rms_norm(h, weight, eps, out_dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,14 @@ def rms_norm(
     return (y * upcast(weight)).to(out_dtype or x.dtype)
 
 
+def add_rms_norm(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h, weight, eps, out_dtype)) with h = x + r in x + r's dtype, as a residual stream holds it."""
+    h = (upcast(x) + upcast(r)).to(torch.promote_types(x.dtype, r.dtype))
+    return h, rms_norm(h, weight, eps, out_dtype)
+
+
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """Angles pos * theta^(-2i/d) for pair i, shape positions.shape + (head_dim // 2,), in fp32."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)

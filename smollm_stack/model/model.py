@@ -64,6 +64,7 @@ class RMSNorm(nn.Module):
 
     With cast_output (a norm whose output feeds only matmuls) and autocast on, the output is in the autocast dtype:
     the fp32 residual is read once and written once in bf16, instead of an fp32 output that autocast casts again.
+    Called with a branch r too, it returns (x + r, its norm), the residual add done in the norm's kernel.
     """
 
     def __init__(self, d_model: int, eps: float = 1e-5, kernels: str = "auto", device=None, dtype=None,
@@ -76,10 +77,12 @@ class RMSNorm(nn.Module):
     def reset_parameters(self):
         nn.init.ones_(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, r: torch.Tensor | None = None):
         autocast = self.cast_output and torch.is_autocast_enabled(x.device.type)
         out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else None
-        return _ops(self.kernels, x).rms_norm(x, self.weight, self.eps, out_dtype=out_dtype)
+        if r is None:
+            return _ops(self.kernels, x).rms_norm(x, self.weight, self.eps, out_dtype=out_dtype)
+        return _ops(self.kernels, x).add_rms_norm(x, r, self.weight, self.eps, out_dtype=out_dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -229,11 +232,14 @@ class TransformerBlock(nn.Module):
     """Pre-norm: x + attn(ln1(x)), then + ffn(ln2(.)); post-norm: ln1(x + attn(x)), then ln2(. + ffn(.)).
 
     With norm="none" ln1 and ln2 are identities, so the block is the pre-norm one without norms.
+    Pre-norm adds each branch inside the norm after it (RMSNorm with r): attn's in ln2, ffn's in the next block's ln1
+    (or ln_final), which TransformerLM asks for with add_branch=False: (x, ffn branch) comes back unadded, and the
+    next block gets the branch as ``branch``.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.post_norm = config.norm == "post"
+        self.post_norm, self.fused_adds = config.norm == "post", config.norm == "pre"
         # Post-norm outputs are the fp32 residual stream; pre-norm outputs only feed the matmuls.
         self.ln1, self.ln2 = (make_norm(config, cast_output=not self.post_norm) for _ in range(2))
         self.attn = CausalSelfAttention(config)
@@ -246,12 +252,19 @@ class TransformerBlock(nn.Module):
         kv_cache: KVCache | None = None,
         doc_ids: torch.Tensor | None = None,
         value_embedding: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        branch: torch.Tensor | None = None,
+        add_branch: bool = True,
+    ):
         if self.post_norm:
             x = self.ln1(x + self.attn(x, positions, kv_cache, doc_ids, value_embedding))
             return self.ln2(x + self.ffn(x))
-        x = x + self.attn(self.ln1(x), positions, kv_cache, doc_ids, value_embedding)
-        return x + self.ffn(self.ln2(x))
+        if not self.fused_adds:
+            x = x + self.attn(self.ln1(x), positions, kv_cache, doc_ids, value_embedding)
+            return x + self.ffn(self.ln2(x))
+        x, y = (x, self.ln1(x)) if branch is None else self.ln1(x, branch)
+        x, y = self.ln2(x, self.attn(y, positions, kv_cache, doc_ids, value_embedding))
+        f = self.ffn(y)
+        return x + f if add_branch else (x, f)
 
 
 class TransformerLM(nn.Module):
@@ -328,9 +341,11 @@ class TransformerLM(nn.Module):
             positions = kv_caches[0].length  # a start: RoPE checks it without reading the device
         x = self.token_embeddings(ids)  # (B, T, d)
         values = [table(ids) for table in self.value_embeddings] or [None] * len(self.layers)  # (B, T, Hkv * dh)
+        fused, branch = self.config.norm == "pre", None  # pre-norm: the last ffn's output, added in the next norm
         for i, (layer, value) in enumerate(zip(self.layers, values)):
-            x = layer(x, positions, None if kv_caches is None else kv_caches[i], doc_ids, value)
-        x = self.ln_final(x)
+            x = layer(x, positions, None if kv_caches is None else kv_caches[i], doc_ids, value, branch, not fused)
+            x, branch = x if fused else (x, None)
+        x = self.ln_final(x) if branch is None else self.ln_final(x, branch)[1]
         if targets is None:
             return self.lm_head(x)  # (B, T, V)
         # The loss kernel fuses lm_head with cross-entropy so the (B*T, V) logits are never all in memory at once.

@@ -138,10 +138,13 @@ def checkpoint_blocks(model: torch.nn.Module):
         block.forward = functools.partial(_recomputed_forward, block.forward)
 
 
-def _recomputed_forward(forward, x, positions=None, kv_cache=None, doc_ids=None, value_embedding=None):
+def _recomputed_forward(forward, x, positions=None, kv_cache=None, doc_ids=None, value_embedding=None, branch=None,
+                        add_branch=True):  # fmt: skip
     if kv_cache is not None or not torch.is_grad_enabled():
-        return forward(x, positions, kv_cache, doc_ids, value_embedding)
-    return checkpoint(forward, x, positions, None, doc_ids, value_embedding, use_reentrant=False)
+        return forward(x, positions, kv_cache, doc_ids, value_embedding, branch, add_branch)
+    if branch is not None:  # the previous block's branch added here, so the block keeps one tensor, its input
+        x = x + branch
+    return checkpoint(forward, x, positions, None, doc_ids, value_embedding, None, add_branch, use_reentrant=False)
 
 
 def fitting_setting(
