@@ -92,7 +92,8 @@ def swiglu_backward(dy: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> torch
     rows, n = g.shape
     dgu = _utils.empty((rows, 2 * n), g.dtype, g.device)
     grid, block, warps = _launch(g)
-    _swiglu_bwd_kernel[grid](dy, g, u, dgu[:, :n], dgu[:, n:], n, g.stride(0), u.stride(0), BLOCK=block, num_warps=warps)
+    dg, du = dgu[:, :n], dgu[:, n:]
+    _swiglu_bwd_kernel[grid](dy, g, u, dg, du, n, g.stride(0), u.stride(0), BLOCK=block, num_warps=warps)
     return dgu
 
 

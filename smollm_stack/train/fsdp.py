@@ -6,10 +6,11 @@ parameters in the compute dtype just before the block runs (forward, and again i
 its gradients in fp32 right after. The root unit (embeddings, final norm, lm_head) is gathered for the whole
 forward, which matters because the fused loss reads ``lm_head.weight`` itself rather than calling ``lm_head``.
 Our Triton kernels run inside unchanged: they see ordinary tensors. The Linears keep no per-step copy of their
-weights (model.Linear): q, k, v and W1, W3 run as separate products on the weights FSDP gathers each time. AdamW and gradient clipping need nothing
-special either: their ``torch._foreach_*`` ops run on the local shards, and the norm's sum of squares, a
-``Partial`` DTensor, is all-reduced by DTensor itself, so clipping uses the global norm. Muon keeps its momentum
-sharded too and gathers each whole matrix only to orthogonalize it (train/muon.py says how, and what it costs).
+weights (model.Linear): q, k, v and W1, W3 run as separate products on the weights FSDP gathers each time. AdamW
+and gradient clipping need nothing special either: their ``torch._foreach_*`` ops run on the local shards, and the
+norm's sum of squares, a ``Partial`` DTensor, is all-reduced by DTensor itself, so clipping uses the global norm.
+Muon keeps its momentum sharded too and gathers each whole matrix only to orthogonalize it (train/muon.py says how,
+and what it costs).
 
 A sharded checkpoint is a step directory, written by every rank with ``torch.distributed.checkpoint`` (DCP)::
 
