@@ -2,15 +2,17 @@
 
 The model's q, k, v (and SwiGLU's W1, W3) are separate (out_i, d) parameters, so their names, checkpoints, the CS336
 adapters and the HF export stay as they are; the GEMM runs against their stacked copy in the compute dtype
-(kernels/weight_cache.py: made once per optimizer step, not cast by autocast on every forward). With N tokens,
-widths n = sum(out_i) and d, and 2-byte activations, against n separate products:
-    forward   x read once instead of n times:                    saves 2 N d (len - 1) bytes, len - 1 launches
-    backward  dx = dy [W1; ...] in one GEMM, no sum of len dx:    saves 2 N d (2 len - 2) + 2 N d (len - 1) bytes
-              dW = dy^T x in one GEMM, x read once:               saves 2 N d (len - 1) bytes, len - 1 launches
-              the weights' fp32 grads cast from one (n, d) product in one launch instead of len
-The split outputs are views of the one (N, n) product. Their gradients come back to one (N, n) buffer: as they are
-when the consumer wrote them side by side into one buffer (the SwiGLU backward does), else by one copy (torch.cat),
-which costs 4 N n bytes, about what the separate dx products and their sums cost more than the one GEMM.
+(kernels/weight_cache.py: made once per optimizer step, not cast by autocast on every forward). Bytes, for k
+weights of out_i rows (n = sum out_i), N tokens of width d and 2-byte activations, against k separate products:
+    forward   x read once, not k times:                              saves 2 N d (k - 1), and k - 1 launches
+    backward  dx = dy [W1; ...; Wk] in one GEMM: one dx written, not
+              k of them summed by k - 1 adds (read 2, write 1 each):  saves 8 N d (k - 1), and 2 (k - 1) launches
+              dW = dy^T x in one GEMM, x read once:                   saves 2 N d (k - 1), and k - 1 launches
+              the fp32 weight gradients cast from one product:        k - 1 launches
+The outputs are views of the one (N, n) product; their gradients must come back as one (N, n) tensor. They already
+are when the consumer wrote them side by side into one buffer (the SwiGLU backward does: free), else one torch.cat
+copies them (4 N n bytes, one launch). For q, k, v (k = 3, n = 3 d): 4 N d less in the forward, 20 N d less in the
+backward but 12 N d for the cat; for W1, W3 (k = 2): 2 N d and 10 N d less, no cat (bench.step counts exactly these).
 
 FLOPs are those of the separate products: 2 N n d each way for the activations, 2 N n d for dW.
 
