@@ -143,3 +143,17 @@ def test_w1_w3_take_the_swiglu_gradient_back_without_a_copy(monkeypatch):
         close(g, e)
     gate, up = torch.randn(3, 5, 48, requires_grad=True).split(24, -1)
     assert _side_by_side(list(torch.autograd.grad(kernels.eager.swiglu(gate, up), (gate, up), dy))) is None
+
+
+def test_a_copy_made_under_inference_mode_serves_training():
+    """generate() and evaluation run under inference_mode: the copy they make must still serve a training step."""
+    stacked, separate = pair()
+    ids, targets = batch(0)
+    with torch.inference_mode():
+        stacked(ids)
+    with torch.no_grad():  # the copy is remade (an inference tensor could not be written in place out here)
+        for m in (stacked, separate):
+            m.layers[0].ffn.w1.weight.mul_(1.5)
+    for m in (stacked, separate):
+        m(ids, targets).backward()
+    assert_same_grads(stacked, separate)
