@@ -31,7 +31,8 @@ class Linear(nn.Module):
     """y = x W^T without a bias; W is (out_features, in_features).
 
     Under autocast the product reads a copy of W in the autocast dtype made once per optimizer step
-    (kernels/weight_cache.py); ``per_step_copy = False`` casts it on every call instead (FSDP2, which gathers W anew).
+    (kernels/weight_cache.py), and ``project`` stacks several Linears' copies into one GEMM. ``per_step_copy = False``
+    multiplies by W itself, one product per Linear: what train/fsdp.py sets, since FSDP2 gathers W anew each forward.
     """
 
     per_step_copy = True
