@@ -25,10 +25,15 @@ def rows(step, phase, backward=False):
     return [(r.op, r.read, r.written, r.flops) for r in step.records if r.phase == phase and r.backward == backward]
 
 
-def linear(inp: int, out: int, x_bytes: int = 2):
-    """autocast's cast of the fp32 weight, then the bf16 GEMM of the N tokens."""
-    return [("_to_copy", 4 * inp * out, 2 * inp * out, 0), ("mm", x_bytes * N * inp + 2 * inp * out, 2 * N * out,
-                                                              2 * N * inp * out)]  # fmt: skip
+def copy(inp: int, out: int):
+    """The per-step bf16 copy of an fp32 weight (kernels/weight_cache.py; the counted step follows an optimizer step):
+    the weight read, its rows of the stacked copy written."""
+    return ("copy_", 4 * inp * out, 2 * inp * out, 0)
+
+
+def gemm(inp: int, out: int):
+    """The bf16 GEMM of the N tokens against a (stacked) copy with ``out`` rows."""
+    return ("mm", 2 * N * inp + 2 * inp * out, 2 * N * out, 2 * N * inp * out)
 
 
 def test_block_forward_counted_by_hand(adamw_step):
@@ -41,15 +46,15 @@ def test_block_forward_counted_by_hand(adamw_step):
     rope = ("_rope_kernel", 2 * 2 * N * D + 8 * T + 4 * DH // 2, 2 * 2 * N * D, 0)  # q, k, positions, inv_freq
     attn = ("_attn_fwd", 3 * 2 * N * D, 2 * N * D + 4 * B * H * T, 2 * 2 * B * H * T * T * DH / 2)  # causal half
     assert rows(adamw_step, "attention") == [
-        *linear(D, D), *linear(D, D), *linear(D, D),  # q, k, v
+        copy(D, D), copy(D, D), copy(D, D), gemm(D, 3 * D),  # q, k, v: one GEMM on their stacked copy
         ("arange", 0, 8 * T, 0), rope, attn,
         ("clone", 2 * N * D, 2 * N * D, 0),  # (B, H, T, dh) -> (B, T, H dh) for output_proj
-        *linear(D, D),
+        copy(D, D), gemm(D, D),
     ]  # fmt: skip
     assert rows(adamw_step, "ffn") == [
-        *linear(D, FF), *linear(D, FF),
-        ("_swiglu_fwd_kernel", 2 * 2 * N * FF, 2 * N * FF, 0),
-        *linear(FF, D),
+        copy(D, FF), copy(D, FF), gemm(D, 2 * FF),  # W1, W3
+        ("_swiglu_fwd_kernel", 2 * 2 * N * FF, 2 * N * FF, 0),  # reads the two halves in place
+        copy(FF, D), gemm(FF, D),
     ]  # fmt: skip
     assert rows(adamw_step, "residual") == []  # every residual add rides in a norm
     assert rows(adamw_step, "embedding") == [("embedding", 8 * N + 4 * N * D, 4 * N * D, 0)]  # the gathered rows
@@ -77,20 +82,22 @@ def test_launches_by_phase_counted_by_hand(adamw_step):
     assert launches == {
         "embedding (forward)": 1,
         "norm (forward)": 2,
-        "attention (forward)": 4 * 2 + 4,  # 4 casts + GEMMs, arange, RoPE, attention, the transpose copy
-        "ffn (forward)": 3 * 2 + 1,
+        "attention (forward)": 4 + 2 + 4,  # 4 weight copies, 2 GEMMs, arange, RoPE, attention, the transpose copy
+        "ffn (forward)": 3 + 2 + 1,
         "final norm (forward)": 1,
-        # count of valid targets (ne, sum), dW zeros, then the chunk: GEMM, CE, dh GEMM, dW GEMM; cat and sum the
-        # losses; ones_like, the loss's gradient, made by backward() before any node runs
-        "head + loss (forward)": 10,
+        # lm_head's copy; count of valid targets (ne, sum), dW zeros, then the chunk: GEMM, CE, dh GEMM, dW GEMM; cat
+        # and sum the losses; ones_like, the loss's gradient, made by backward() before any node runs
+        "head + loss (forward)": 11,
         "head + loss (backward)": 2 + 2,  # zero gradients for the op's dh and dw outputs, then dh and dw scaled
         "final norm (backward)": 2,  # the kernel (dx in fp32 and in the branch's bf16), the sum of its dw partials
-        # w2, w3, w1: dx and dW GEMMs and dW's cast to fp32 each; the SwiGLU kernel; w1's and w3's dx summed
-        "ffn (backward)": 3 * 3 + 1 + 1,
+        # w2, then [W1; W3]: dx and dW GEMMs and dW's cast to fp32 each; the SwiGLU kernel writes dg and du side by
+        # side, which is the stacked GEMM's gradient as it is
+        "ffn (backward)": 3 + 1 + 3,
         # kernel, dw sum each; the engine adds ln1's dx into the residual's gradient
         "norm (backward)": 2 * 2 + 1,
-        # output_proj 3; zero grad of lse, 3 attention kernels; RoPE; q, k, v: copy, 2 GEMMs, cast each; 2 dx adds
-        "attention (backward)": 3 + 4 + 1 + 3 * 4 + 2,
+        # output_proj 3; zero grad of lse, 3 attention kernels; RoPE; q, k, v: a copy each to (B, T, H dh), their cat,
+        # then the stacked GEMM's dx and dW GEMMs and dW's cast
+        "attention (backward)": 3 + 4 + 1 + 3 + 1 + 3,
         "embedding (backward)": 1,
         "clip": 8,  # foreach norm, stack, norm, + eps, reciprocal, mul, clamp, foreach scale
         "optimizer": 4,  # per group: steps + 1 and fused AdamW

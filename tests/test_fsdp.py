@@ -249,14 +249,16 @@ def test_activation_checkpointing_same_loss_and_gradients_fewer_saved_bytes(kern
 # ---- the memory estimate -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [dict(d_model=64, num_heads=4, num_kv_heads=2), dict(d_model=48, num_heads=3)])
+@pytest.mark.parametrize("shape", [dict(d_model=64, num_heads=4, num_kv_heads=2), dict(d_model=48, num_heads=3),
+                                   dict(d_model=48, num_heads=3, value_embeddings=False)])  # fmt: skip
 def test_block_activation_estimate_is_what_the_kernels_save(shape):
     """The per-token count in train/memory.py against the bytes our Triton kernels (interpreted) save for one
     block, in fp32: exact, since both count the same tensors (integer positions left out)."""
     config = ModelConfig.preset("tiny", vocab_size=64, context_length=32, num_layers=1, kernels="triton", **shape)
     block = TransformerLM(config).layers[0]
     x = torch.randn(2, 19, config.d_model, requires_grad=True)
-    saved = _saved_bytes(lambda: block(x), skip=[*block.parameters(), x])
+    value = torch.randn(2, 19, config.num_kv_heads * config.head_dim) if config.value_embeddings else None
+    saved = _saved_bytes(lambda: block(x, value_embedding=value), skip=[*block.parameters(), x])
     elements, stats = block_activation_elements(config)
     assert saved == 2 * 19 * 4 * (elements - config.d_model + stats)  # x itself is the caller's
 

@@ -52,6 +52,9 @@ OPS = {
     "add_rms_norm_y_only": (lambda x, r, w: kernels.add_rms_norm(x, r, w, out_dtype=torch.float16)[1],
                             [torch.randn(2, 7, 24), torch.randn(2, 7, 24).half(), torch.randn(24)]),
     "swiglu": (kernels.swiglu, [torch.randn(2, 7, 24), torch.randn(2, 7, 24)]),
+    "swiglu_halves": (lambda h: kernels.swiglu(*h.split(24, -1)), [torch.randn(2, 7, 48)]),  # W1 x, W3 x in one
+    "stacked_linear": (lambda x, a, b: torch.cat(kernels.stacked_linear(x, [a, b]), -1),
+                       [torch.randn(2, 7, 16), torch.randn(12, 16), torch.randn(4, 16)]),
     "apply_rope": (lambda x: kernels.apply_rope(x, positions), [torch.randn(2, 3, 7, 8)]),
     "apply_rope_qk": (lambda q, k: torch.cat([y.flatten() for y in apply_rope_qk(q, k, positions)]),
                       [torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8)]),

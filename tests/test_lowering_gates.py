@@ -114,6 +114,9 @@ for name, p in PRESETS.items():
     CASES.update({
         f"rms_norm {name}": fwd_bwd(kernels.rms_norm, leaf(N, p["d_model"]), leaf(p["d_model"], dtype=torch.float32)),
         f"swiglu {name}": fwd_bwd(kernels.swiglu, leaf(N, p["d_ff"]), leaf(N, p["d_ff"])),
+        # what training runs: W1 x and W3 x, the halves of one stacked GEMM's output, read in place
+        f"swiglu halves {name}": fwd_bwd(lambda h, n=p["d_ff"]: kernels.swiglu(*h.split(n, -1)),
+                                         leaf(N, 2 * p["d_ff"])),
         f"rope {name}": fwd_bwd(kernels.apply_rope, leaf(N // T, p["heads"], T, p["d_model"] // p["heads"]),
                                 torch.arange(T)),
         # what training runs: autocast's fp32 residual into a bf16 norm, and q and k rotated in one launch

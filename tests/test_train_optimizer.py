@@ -72,10 +72,13 @@ def test_unknown_optimizer_is_a_config_error():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_the_fused_losss_cast_weight_follows_every_optimizer_step(fused):
-    """kernels.linear_cross_entropy keeps the lm_head's last low-precision cast; a fused AdamW step leaves the
-    weight's version counter as it was, so only the optimizer post-step hook keeps the copy from going stale."""
-    from smollm_stack.kernels.linear_cross_entropy import cast_weight
+def test_the_per_step_weight_copy_follows_every_optimizer_step(fused):
+    """kernels.weight_cache keeps the weights' low-precision copy; a fused AdamW step leaves the weight's version
+    counter as it was, so only the optimizer post-step hook keeps the copy from going stale."""
+    from smollm_stack.kernels.weight_cache import stacked_weight
+
+    def cast_weight(w, dtype):
+        return stacked_weight((w,), dtype)
 
     w = torch.nn.Parameter(torch.randn(16, 8))
     optimizer = torch.optim.AdamW([w], lr=0.1, fused=fused)

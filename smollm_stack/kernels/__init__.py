@@ -4,8 +4,9 @@ Every op exists three times under the same name and signature: in the Triton mod
 backward kernels), in ``kernels.eager`` (PyTorch's best built-in ops: what the model runs without Triton) and in
 ``kernels.reference`` (the obviously-correct fp32/fp64 oracle of the tests, the preflight and the benchmarks'
 correctness checks). Model code asks ``ops(backend)`` once and calls ``ops.rms_norm(...)`` and friends, so it never
-branches on the device itself. The one product outside that scheme, ``linear`` (x W^T), has no Triton kernel: it is
-the vendor's BLAS on every device, with ``kernels.cpu_blas`` choosing between two on a CPU.
+branches on the device itself. The products outside that scheme, ``linear`` (x W^T) and ``stacked_linear``
+(several of them on one x: one GEMM on a per-step copy of the weights), have no Triton kernel: they are the
+vendor's BLAS on every device, with ``kernels.cpu_blas`` choosing between two on a CPU.
 
 Triton is imported only if it is installed, so the eager path, and everything built on it, works where triton has
 no wheels (macOS, Windows); asking for the Triton backend there raises a RuntimeError that says so. On a CPU the
@@ -21,6 +22,7 @@ import torch
 from smollm_stack.kernels import eager, reference
 from smollm_stack.kernels._utils import INTERPRET
 from smollm_stack.kernels.cpu_blas import linear
+from smollm_stack.kernels.stacked_linear import stacked_linear
 
 __all__ = [
     "add_rms_norm",
@@ -35,6 +37,7 @@ __all__ = [
     "reference",
     "resolve_backend",
     "rms_norm",
+    "stacked_linear",
     "swiglu",
     "triton_available",
 ]

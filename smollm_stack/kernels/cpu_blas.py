@@ -120,7 +120,7 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"mm needs (m, k) @ (k, n); got {tuple(a.shape)} @ {tuple(b.shape)}")
     if not (b.dtype == a.dtype and _use_openblas(a, *a.shape, b.shape[1])):
-        return a @ b
+        return torch.mm(a, b)
     return _openblas_mm(a, b)
 
 

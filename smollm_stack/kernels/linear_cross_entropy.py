@@ -21,26 +21,19 @@ are the same as eager's, and the loss and its gradient cost one Triton pass inst
 Casts. dW accumulates in fp32 inside the matmul (cuBLAS's fp32-output GEMM for bf16/fp16 inputs), where the old
 loop wrote each chunk's V x d product in bf16 and cast it up: per chunk 2Vd + 6Vd extra bytes (0.3 GB at 125M) and
 one more rounding. The fp32 lm_head weight is cast to the activation dtype once per optimizer step, not once per
-call (grad accumulation calls the loss once per micro-batch with the same weight): cast_weight keeps the last cast
-copy keyed on the weight tensor and its version counter, which in-place updates through torch ops bump
-(load_state_dict, init, foreach optimizers). Fused optimizers (torch's fused AdamW, the trainer's default) write the
-parameters without bumping it, so every optimizer step also clears the copy, through torch's global post-step hook
-(every torch.optim.Optimizer runs it); writes through ``.data`` bypass both and must call clear_weight_cache().
-It saves 6Vd bytes of traffic (0.23 GB at 125M) per micro-batch after the first, for Vd bytes of bf16 kept between
-steps, as autocast's own cast cache keeps within one autocast region.
+call (grad accumulation calls the loss once per micro-batch with the same weight), by kernels/weight_cache.py, which
+says when its copy is remade. It saves 6Vd bytes of traffic (0.23 GB at 125M) per micro-batch after the first.
 
 The op is registered as a torch.library custom op (smollm_stack::linear_cross_entropy) with a fake implementation and
 autograd, so torch.compile traces through it without a graph break.
 """
 
-import weakref
-
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 import triton
 
 from smollm_stack.kernels import _utils
 from smollm_stack.kernels.cross_entropy import cross_entropy_forward, scale_
+from smollm_stack.kernels.weight_cache import stacked_weight
 
 CHUNK_BUDGET_BYTES = 256 * 2**20  # the most one chunk's logits buffer may take, on any device (module docstring)
 
@@ -72,27 +65,6 @@ def add_dw(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> torch.Te
     if dw.is_cuda and _HAS_FP32_OUT_ADDMM:
         return torch.addmm(dw, dlogits.t(), h, out_dtype=torch.float32)
     return dw.add_(dlogits.t() @ h)  # CPUs (tests) and old torch: the product rounds before the fp32 sum
-
-
-_CAST: dict = {}  # the last cast weight: {"ref": weakref to the weight, "version", "dtype", "cast"}
-
-
-def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """weight in dtype, reusing the copy cast last time while the weight is the same tensor, unchanged (see above)."""
-    if weight.dtype == dtype:
-        return weight
-    c = _CAST
-    if not (c and c["ref"]() is weight and c["version"] == weight._version and c["dtype"] == dtype):
-        c.update(ref=weakref.ref(weight), version=weight._version, dtype=dtype, cast=weight.to(dtype))
-    return c["cast"]
-
-
-def clear_weight_cache(*_) -> None:
-    """Forget the cached cast weight (for code that writes a weight through .data, which the version misses)."""
-    _CAST.clear()
-
-
-register_optimizer_step_post_hook(clear_weight_cache)  # a fused optimizer's step leaves the version as it was
 
 
 def linear_cross_entropy_chunks(
@@ -136,7 +108,7 @@ def _linear_cross_entropy_op(
     # dtype, on the weight cast once per step, and each gradient returns in its own input's dtype.
     with torch.autocast(h.device.type, enabled=False):
         loss, dh, dw = linear_cross_entropy_chunks(
-            h, cast_weight(weight, h.dtype), t, ignore_index, rows, need_dh, need_dw
+            h, stacked_weight((weight,), h.dtype), t, ignore_index, rows, need_dh, need_dw
         )
     dh = h.new_empty(0) if dh is None else dh
     return loss, dh, weight.new_empty(0) if dw is None else dw.to(weight.dtype)

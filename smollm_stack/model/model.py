@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smollm_stack.kernels import ops as backend_ops
-from smollm_stack.kernels import linear, resolve_backend
+from smollm_stack.kernels import linear, resolve_backend, stacked_linear
 from smollm_stack.kernels.reference import silu
 from smollm_stack.model.config import ModelConfig
 
@@ -28,7 +28,14 @@ def _ops(choice: str, x: torch.Tensor):
 
 
 class Linear(nn.Module):
-    """y = x W^T without a bias; W is (out_features, in_features)."""
+    """y = x W^T without a bias; W is (out_features, in_features).
+
+    Under autocast the product reads a copy of W in the autocast dtype made once per optimizer step
+    (kernels/weight_cache.py), and ``project`` stacks several Linears' copies into one GEMM. ``per_step_copy = False``
+    multiplies by W itself, one product per Linear: what train/fsdp.py sets, since FSDP2 gathers W anew each forward.
+    """
+
+    per_step_copy = True
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
         super().__init__()
@@ -41,7 +48,17 @@ class Linear(nn.Module):
         nn.init.trunc_normal_(self.weight, std=std, a=-3 * std, b=3 * std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_step_copy:
+            return stacked_linear(x, [self.weight])[0]
         return linear(x, self.weight)  # F.linear, or OpenBLAS where it is faster (kernels/cpu_blas.py)
+
+
+def project(x: torch.Tensor, linears) -> tuple[torch.Tensor, ...]:
+    """Each Linear of ``linears`` applied to x, as one GEMM against their stacked per-step copy (views of its output;
+    kernels/stacked_linear.py), or one product each where the Linears keep no copy."""
+    if all(m.per_step_copy for m in linears):
+        return stacked_linear(x, [m.weight for m in linears])
+    return tuple(m(x) for m in linears)
 
 
 class Embedding(nn.Module):
@@ -178,9 +195,9 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """value_embedding (B, T, Hkv * dh), if given, is added to the values (TransformerLM's value embeddings)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
-        v = self.v_proj(x)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))  # one GEMM
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dh)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
         if value_embedding is not None:  # (an fp32 table under autocast: added in v's dtype, so q, k, v share one)
             v = v + value_embedding.to(v.dtype)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
@@ -206,7 +223,8 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(config.d_model, config.d_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(_ops(self.kernels, x).swiglu(self.w1(x), self.w3(x)))
+        gate, up = project(x, (self.w1, self.w3))  # one GEMM
+        return self.w2(_ops(self.kernels, x).swiglu(gate, up))
 
 
 class SiLUMLP(nn.Module):

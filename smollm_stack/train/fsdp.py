@@ -5,10 +5,12 @@ keeps 1/W of each parameter, its gradient and its AdamW moments (DTensors, ``Sha
 parameters in the compute dtype just before the block runs (forward, and again in backward), and reduce-scatters
 its gradients in fp32 right after. The root unit (embeddings, final norm, lm_head) is gathered for the whole
 forward, which matters because the fused loss reads ``lm_head.weight`` itself rather than calling ``lm_head``.
-Our Triton kernels run inside unchanged: they see ordinary tensors. AdamW and gradient clipping need nothing
-special either: their ``torch._foreach_*`` ops run on the local shards, and the norm's sum of squares, a
-``Partial`` DTensor, is all-reduced by DTensor itself, so clipping uses the global norm. Muon keeps its momentum
-sharded too and gathers each whole matrix only to orthogonalize it (train/muon.py says how, and what it costs).
+Our Triton kernels run inside unchanged: they see ordinary tensors. The Linears keep no per-step copy of their
+weights (model.Linear): q, k, v and W1, W3 run as separate products on the weights FSDP gathers each time. AdamW
+and gradient clipping need nothing special either: their ``torch._foreach_*`` ops run on the local shards, and the
+norm's sum of squares, a ``Partial`` DTensor, is all-reduced by DTensor itself, so clipping uses the global norm.
+Muon keeps its momentum sharded too and gathers each whole matrix only to orthogonalize it (train/muon.py says how,
+and what it costs).
 
 A sharded checkpoint is a step directory, written by every rank with ``torch.distributed.checkpoint`` (DCP)::
 
@@ -56,7 +58,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from smollm_stack.files import atomic_file, make_dir, refuse_link, write_atomic
-from smollm_stack.model import ModelConfig, TransformerLM
+from smollm_stack.model import Linear, ModelConfig, TransformerLM
 from smollm_stack.train.checkpoint import checksum_path, save_checkpoint, set_rng_state, sha256_file
 from smollm_stack.train.distributed import Dist
 from smollm_stack.train.muon import Optimizers
@@ -72,6 +74,9 @@ def shard(model: TransformerLM, device: torch.device, dtype: torch.dtype, world_
     Mixed precision: fp32 master parameters, computed in ``dtype`` (bf16 on CUDA), gradients reduced in fp32.
     """
     mesh = init_device_mesh(device.type, (world_size,))
+    for module in model.modules():  # a copy kept across forwards would hold every whole weight on every rank
+        if isinstance(module, Linear):
+            module.per_step_copy = False
     compute = None if dtype == torch.float32 else dtype
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for block in model.layers:

@@ -58,8 +58,10 @@ def block_activation_elements(config: ModelConfig) -> tuple[int, int]:
     ffn = 3 * config.d_ff if config.ffn == "swiglu" else 2 * config.d_ff  # gate and up, w2's input (silu: 2)
     norms = 0 if config.norm == "none" else 2  # one rstd a row each
     # ln1's input, q/k/v's input, q, attention's output, output_proj's input (a reshaped copy), ln2's input and
-    # the FFN's input: 7 d_model (pre-norm); k and v: 2 d_kv
-    return 7 * config.d_model + 2 * d_kv + ffn, norms + config.num_heads
+    # the FFN's input: 7 d_model (pre-norm); k and v: 2 d_kv. Without value embeddings v is a view of the one q/k/v
+    # product (kernels/stacked_linear.py), which attention's saved v keeps whole: d_model + d_kv more.
+    stacked = 0 if config.value_embeddings else config.d_model + d_kv
+    return 7 * config.d_model + 2 * d_kv + stacked + ffn, norms + config.num_heads
 
 
 def bytes_per_gpu(
