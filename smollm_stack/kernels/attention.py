@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from smollm_stack.kernels._utils import INTERPRET, check_doc_ids, check_float, check_same_device, empty
+from smollm_stack.kernels._utils import INTERPRET, check_doc_ids, check_float, check_same_device, empty, empty_like
 from smollm_stack.kernels._utils import document_ends, document_starts
 
 __all__ = ["flash_attention"]
@@ -429,13 +429,14 @@ def _attn_bwd_dkdv_blocks(
 @triton.autotune(**_autotune("_attn_bwd_dkdv"))
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: contiguous like K
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: laid out like K and V
     DOC_START, DOC_END,  # DOCS: (B, S) int32, the first and one past the last position of each key's document
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     H, T, S, group, sm_scale, qk_scale,
     tuning_len,  # only an autotune key
     HEAD_DIM: tl.constexpr,
@@ -495,9 +496,10 @@ def _attn_bwd_dkdv(
                                        stride_dod, DOC_START, offs_n, offs_d, full_end, hi, T, offset, qk_scale,
                                        BLOCK_M, True, CAUSAL, DOCS, DOT_PRECISION)
 
-    out = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
@@ -527,7 +529,7 @@ def _attn_bwd_dq_blocks(
 @triton.autotune(**_autotune("_attn_bwd_dq"))
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,  # DQ: contiguous like Q
+    Q, K, V, DO, LSE, DELTA, DQ,  # DQ: laid out like Q
     DOC_START,  # DOCS: (B, S) int32, the first position of each key position's document
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -589,7 +591,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _forward(q, k, v, causal: bool, scale: float, doc_start=None) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, d = q.shape
     S = k.shape[2]
-    o = empty(q.shape, q.dtype, q.device)
+    o = empty_like(q)  # q's layout: (B, T, H, d) storage when q is the projection's view
     lse = empty((B, H, T), torch.float32, q.device)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _attn_fwd[grid](
@@ -610,13 +612,11 @@ def _backward(
     _attn_bwd_delta[(triton.cdiv(T, block), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, T, HEAD_DIM=d, BLOCK_M=block
     )
-    dq = empty(q.shape, q.dtype, q.device)
-    dk = empty(k.shape, k.dtype, k.device)
-    dv = empty(v.shape, v.dtype, v.device)
+    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)  # each in its input's layout
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_len(S), **common,
     )
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
@@ -638,7 +638,7 @@ def _attention_op(
 
 @_attention_op.register_fake
 def _(q, k, v, doc_start, doc_end, causal, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)  # contiguous, like _forward's
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # the layouts of _forward's
 
 
 @torch.library.custom_op("smollm_stack::flash_attention_backward", mutates_args=())
@@ -651,7 +651,7 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _(do, q, k, v, o, lse, doc_start, doc_end, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # the layouts of _backward's
 
 
 def _setup_context(ctx, inputs, output):

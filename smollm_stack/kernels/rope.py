@@ -44,12 +44,12 @@ from smollm_stack.kernels.reference import rope_angles
 @triton.jit
 def _rope_heads(
     x_ptr,  # this sequence's first head of the input
-    y_ptr,  # this sequence's first head of the contiguous output
+    y_ptr,  # this sequence's first head of the output
     n_heads,
     stride_xh,
+    stride_yh,
     x_offs,  # (BLOCK_T, 2 BLOCK_HALF) offsets of the tile within a head of x
     y_offs,  # the same within a head of y
-    y_head,  # elements per head of y: T * d
     mask,
     cos,
     sin,
@@ -65,7 +65,7 @@ def _rope_heads(
             x_next = tl.load(x_ptr + tl.minimum(h + 1, n_heads - 1) * stride_xh + x_offs, mask=mask, other=0.0)
             x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_T, BLOCK_HALF, 2)))
             y = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK_T, 2 * BLOCK_HALF))
-            tl.store(y_ptr + h * y_head + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + h * stride_yh + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
             x = x_next
 
 
@@ -75,14 +75,20 @@ def _rope_kernel(
     k_ptr,  # (B, Hkv, T, d) input, the same; Hkv may be 0
     pos_ptr,  # (T,) or (B, T) positions, any int or float dtype
     inv_freq_ptr,  # (d/2,) fp32 theta^(-2i/d)
-    qo_ptr,  # (B, H, T, d) output, contiguous
-    ko_ptr,  # (B, Hkv, T, d) output, contiguous
+    qo_ptr,  # (B, H, T, d) output, laid out like q (its strides below)
+    ko_ptr,  # (B, Hkv, T, d) output, laid out like k
     stride_qb,
     stride_qh,
     stride_qt,
     stride_kb,
     stride_kh,
     stride_kt,
+    stride_qob,
+    stride_qoh,
+    stride_qot,
+    stride_kob,
+    stride_koh,
+    stride_kot,
     stride_pb,  # 0 when positions are shared by the batch
     stride_pt,
     H,
@@ -111,12 +117,12 @@ def _rope_kernel(
     j = tl.arange(0, 2 * BLOCK_HALF)
     mask = t_ok[:, None] & (j[None, :] < 2 * HALF)
     t64 = t.to(tl.int64)
-    y_offs = t64[:, None] * (2 * HALF) + j[None, :]
-    y_head = T * (2 * HALF)
-    _rope_heads(q_ptr + b * stride_qb, qo_ptr + b * H * y_head, H, stride_qh, t64[:, None] * stride_qt + j[None, :],
-                y_offs, y_head, mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
-    _rope_heads(k_ptr + b * stride_kb, ko_ptr + b * HKV * y_head, HKV, stride_kh, t64[:, None] * stride_kt + j[None, :],
-                y_offs, y_head, mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
+    _rope_heads(q_ptr + b * stride_qb, qo_ptr + b * stride_qob, H, stride_qh, stride_qoh,
+                t64[:, None] * stride_qt + j[None, :], t64[:, None] * stride_qot + j[None, :], mask, cos, sin,
+                BLOCK_T, BLOCK_HALF)  # fmt: skip
+    _rope_heads(k_ptr + b * stride_kb, ko_ptr + b * stride_kob, HKV, stride_kh, stride_koh,
+                t64[:, None] * stride_kt + j[None, :], t64[:, None] * stride_kot + j[None, :], mask, cos, sin,
+                BLOCK_T, BLOCK_HALF)  # fmt: skip
 
 
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
@@ -147,20 +153,19 @@ def _as_bhtd(x: torch.Tensor) -> torch.Tensor:
 def rope_launch(
     q4: torch.Tensor, k4: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate (B, H, T, d) q4 and (B, Hkv, T, d) k4 in one launch; returns fresh contiguous tensors."""
+    """Rotate (B, H, T, d) q4 and (B, Hkv, T, d) k4 in one launch; returns fresh tensors laid out like q4 and k4."""
     B, H, T, d = q4.shape
     half = d // 2
     inv_freq = _inv_freq(d, theta, q4.device)
-    qo = _utils.empty(q4.shape, q4.dtype, q4.device)
-    ko = _utils.empty(k4.shape, k4.dtype, k4.device)
+    qo, ko = _utils.empty_like(q4), _utils.empty_like(k4)
     stride_pb = positions.stride(0) if positions.dim() == 2 else 0
     block_half = triton.next_power_of_2(half)
     # ~1024 pairs a tile: enough programs (B x T / block_t) to fill the SMs even for one head group per sequence.
     block_t = max(1, min(triton.next_power_of_2(T), 1024 // block_half))
     grid = (B, triton.cdiv(T, block_t))
     _rope_kernel[grid](
-        q4, k4, positions, inv_freq, qo, ko, q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1),
-        k4.stride(2), stride_pb, positions.stride(-1), H, k4.shape[1], T, half, INVERSE=inverse, BLOCK_T=block_t,
+        q4, k4, positions, inv_freq, qo, ko, *q4.stride()[:3], *k4.stride()[:3], *qo.stride()[:3], *ko.stride()[:3],
+        stride_pb, positions.stride(-1), H, k4.shape[1], T, half, INVERSE=inverse, BLOCK_T=block_t,
         BLOCK_HALF=block_half, num_warps=_utils.num_warps_for(2 * block_t * block_half),
     )
     return qo, ko
@@ -175,7 +180,7 @@ def _rope_op(
 
 @_rope_op.register_fake
 def _(q4, k4, positions, theta, inverse):
-    return q4.new_empty(q4.shape), k4.new_empty(k4.shape)
+    return torch.empty_like(q4), torch.empty_like(k4)  # the layouts of rope_launch's
 
 
 def _setup_context(ctx, inputs, output):
