@@ -150,8 +150,12 @@ def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, docs: bool, tar
 
 def _autotune(kernel: str):
     """Autotune arguments for one kernel: every candidate, pruned by kept_configs (one config in the interpreter,
-    which also skips benchmarking)."""
-    key = ["HEAD_DIM", "CAUSAL", "DOCS", "tuning_len"]
+    which also skips benchmarking).
+
+    The key holds what changes the grid, (length / block, batch x heads), as tuning_len and tuning_heads: the best
+    tiles for 24 (batch, head) programs a query block (a preflight's batch 2) are not those for 192 (batch 16), where
+    smaller tiles no longer buy a fuller wave. (The autotuner adds the tensors' dtypes itself.)"""
+    key = ["HEAD_DIM", "CAUSAL", "DOCS", "tuning_len", "tuning_heads"]
     if INTERPRET:
         return dict(configs=kept_configs(kernel, torch.float32, 0, False), key=key)
 
@@ -163,9 +167,9 @@ def _autotune(kernel: str):
     return dict(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
 
 
-def _tuning_len(n: int) -> int:
-    """Autotune key for a length: powers of two up to 4096, so a generation loop (T = 1, S growing) or a new prompt
-    length reuses an earlier choice instead of benchmarking again on every call."""
+def _tuning_size(n: int) -> int:
+    """Autotune key for a length or a batch x heads: powers of two up to 4096, so a generation loop (T = 1, S
+    growing) or a new prompt length or batch reuses an earlier choice instead of benchmarking again on every call."""
     return min(triton.next_power_of_2(n), 4096)
 
 
@@ -288,7 +292,7 @@ def _attn_fwd(
     H, T, S,
     group,  # query heads per K/V head
     qk_scale,  # scale * log2(e)
-    tuning_len,  # only an autotune key
+    tuning_len, tuning_heads,  # only autotune keys
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,  # mask across documents (CAUSAL only)
@@ -438,7 +442,7 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     H, T, S, group, sm_scale, qk_scale,
-    tuning_len,  # only an autotune key
+    tuning_len, tuning_heads,  # only autotune keys
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,
@@ -537,7 +541,7 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T, S, group, sm_scale, qk_scale,
-    tuning_len,  # only an autotune key
+    tuning_len, tuning_heads,  # only autotune keys
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,
@@ -596,7 +600,7 @@ def _forward(q, k, v, causal: bool, scale: float, doc_start=None) -> tuple[torch
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _attn_fwd[grid](
         q, k, v, o, lse, doc_start, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, T, S, H // k.shape[1], scale * LOG2E, _tuning_len(T),
+        H, T, S, H // k.shape[1], scale * LOG2E, _tuning_size(T), _tuning_size(B * H),
         HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return o, lse
@@ -617,11 +621,11 @@ def _backward(
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_len(S), **common,
+        H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(S), _tuning_size(B * Hkv), **common,
     )
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, doc_start, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_len(T), **common,
+        H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(T), _tuning_size(B * H), **common,
     )
     return dq, dk, dv
 
