@@ -109,7 +109,8 @@ for name, p in PRESETS.items():
                                                  leaf(p["d_model"], dtype=torch.float32)),
         f"rope qk {name}": fwd_bwd(lambda q, k, pos=torch.arange(T): torch.cat([y.flatten() for y in
                                                                                 apply_rope_qk(q, k, pos)]),
-                                   *[leaf(N // T, p["heads"], T, p["d_model"] // p["heads"]) for _ in range(2)]),
+                                   *[leaf(N // T, T, p["heads"], p["d_model"] // p["heads"]).transpose(1, 2)
+                                     for _ in range(2)]),  # (B, H, T, d) views of the projections, as the model
         f"cross_entropy {name}": fwd_bwd(kernels.cross_entropy, leaf(N, p["vocab"]), torch.zeros(N, dtype=torch.int64)),
         f"flce_chunk {name}": flce_chunk(8192, p["vocab"]),
     })
@@ -190,6 +191,12 @@ def test_memory_bound_kernels_move_data_in_16_byte_vectors(memory_bound_launches
             assert records, label
             problems += _problems(records, label, _vectors)
     assert not problems, "\n".join(problems)
+
+
+def test_rope_fills_the_gpu_at_125m(memory_bound_launches):
+    """RoPE's grid (kernels/rope.py: head groups on its third axis) puts at least one full wave on the 132 SMs."""
+    records = memory_bound_launches["rope qk 125m"]
+    assert records and all(r["waves"] >= 1 for r in records), [(r["grid"], r["waves"]) for r in records]
 
 
 def test_memory_bound_kernels_do_not_spill(memory_bound_launches):

@@ -9,13 +9,28 @@ Eager PyTorch builds the angle table, its cos and sin, splits, multiplies, stack
 x-sized tensors. Here each element is read once and written once; the angles are computed in registers from the
 positions and a cached (d/2,) vector of frequencies, with the product rounded to fp32 exactly as the reference does.
 
-q and k rotate in one launch (apply_rope_qk): a program computes the sin/cos of its positions once and walks the H
-query heads and then the Hkv key heads, which halves the launches and the angle math of rotating them apart. The
-head loops are pipelined by hand: the next head's tile is loaded before the current one is rotated and stored, so
-the (B x T / BLOCK_T)-program grid (512 programs at 125M) keeps two tile loads in flight per thread instead of one
-latency-bound load-rotate-store round trip per head. ``tl.range(num_stages=2 or 3)`` does the same through cp.async
-and shared memory, but lowered for sm_90a it made ptxas spill (32 STL / 48 LDL: libdevice sinf's local array);
-the register prefetch costs 12 registers (68 in all) and spills nothing.
+q and k rotate in one launch (apply_rope_qk): a program computes the sin/cos of its positions once and walks a group
+of HEADS_PER_PROGRAM heads (the H query heads, then the Hkv key heads), which halves the launches of rotating them
+apart. The head loops are pipelined by hand: the next head's tile is loaded before the current one is
+rotated and stored, two tile loads in flight per thread instead of one latency-bound load-rotate-store round trip per
+head. ``tl.range(num_stages=2 or 3)`` does the same through cp.async and shared memory, but lowered for sm_90a it made
+ptxas spill (32 STL / 48 LDL: libdevice sinf's local array); the register prefetch costs 12 registers and spills nothing.
+
+The grid, (B, T / BLOCK_T, (H + Hkv) / HEADS_PER_PROGRAM), fills the GPU. Without the head axis it was B x T / BLOCK_T
+= 512 programs of 4 warps at 125M (B 16, T 1024, H = Hkv = 12, d 64), where an H100 SM holds 7 (69 registers a
+thread: 28 warps): 0.55 of a wave, so about half the warp slots, and with them the bytes in flight that a
+memory-bound kernel lives on, stayed empty. Groups of 4 of the 24 heads make 3072 programs, 3.3 waves: every SM is
+full until the last round, which leaves at most one program of its ~23 unbalanced. The price is the angles: each group
+computes its own, ~40 instructions of sin and cos per pair shared by 4 heads instead of 24, so ~10 per rotated pair
+instead of ~2, beside ~10 for the rotation itself; at full HBM rate the SMs issue ~80 per pair (12.6M pairs, 101 MB,
+in ~34 us at 3 TB/s; 132 SMs x 4 x 32 lanes x 1.75 GHz), so it stays memory-bound. Bytes are unchanged: every
+element read once and written once.
+
+Layout: the outputs (forward and backward) are written in the layout of the inputs (``_utils.empty_like``). The
+model's q and k are (B, H, T, d) views of (B, T, H, d) projections, so what RoPE writes is such a view again, which
+attention reads in place, and the gradients it hands back are views of the projections' gradients: no transpose copy
+on either side. Each row of d elements is contiguous in either layout (128 bytes at d 64 in bf16), so the loads and
+stores keep their 16-byte vectors.
 
 Sin and cos are libdevice's sinf/cosf (within 2 ulp): a Cody-Waite reduction for |a| < 105615 and, past that, a
 Payne-Hanek reduction that reads the bits of 2/pi from a 24-byte constant array in the module, one scalar load at a
@@ -98,9 +113,12 @@ def _rope_kernel(
     INVERSE: tl.constexpr,  # rotate by -a (the backward)
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    HEADS: tl.constexpr,  # heads a program rotates (HEADS_PER_PROGRAM)
 ):
-    # One program per (sequence, block of positions), looping over heads: the angles do not depend on the head,
-    # and accurate sin/cos (libdevice, tens of instructions each) would otherwise cost more than the memory traffic.
+    # One program per (sequence, block of positions, group of HEADS heads), looping over its heads: the angles do not
+    # depend on the head, and accurate sin/cos (libdevice, tens of instructions each) would otherwise cost more than
+    # the memory traffic. The groups run over the H query heads and then the Hkv key heads: group g holds q's heads
+    # [g HEADS, min((g + 1) HEADS, H)) and k's [max(g HEADS - H, 0), min((g + 1) HEADS - H, Hkv)), either maybe empty.
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     i = tl.arange(0, BLOCK_HALF)
@@ -117,14 +135,17 @@ def _rope_kernel(
     j = tl.arange(0, 2 * BLOCK_HALF)
     mask = t_ok[:, None] & (j[None, :] < 2 * HALF)
     t64 = t.to(tl.int64)
-    _rope_heads(q_ptr + b * stride_qb, qo_ptr + b * stride_qob, H, stride_qh, stride_qoh,
-                t64[:, None] * stride_qt + j[None, :], t64[:, None] * stride_qot + j[None, :], mask, cos, sin,
-                BLOCK_T, BLOCK_HALF)  # fmt: skip
-    _rope_heads(k_ptr + b * stride_kb, ko_ptr + b * stride_kob, HKV, stride_kh, stride_koh,
-                t64[:, None] * stride_kt + j[None, :], t64[:, None] * stride_kot + j[None, :], mask, cos, sin,
-                BLOCK_T, BLOCK_HALF)  # fmt: skip
+    h0 = tl.program_id(2).to(tl.int64) * HEADS
+    q_end, k_start = tl.minimum(h0 + HEADS, H), tl.maximum(h0 - H, 0)
+    _rope_heads(q_ptr + b * stride_qb + h0 * stride_qh, qo_ptr + b * stride_qob + h0 * stride_qoh, q_end - h0,
+                stride_qh, stride_qoh, t64[:, None] * stride_qt + j[None, :], t64[:, None] * stride_qot + j[None, :],
+                mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
+    _rope_heads(k_ptr + b * stride_kb + k_start * stride_kh, ko_ptr + b * stride_kob + k_start * stride_koh,
+                tl.minimum(h0 + HEADS - H, HKV) - k_start, stride_kh, stride_koh, t64[:, None] * stride_kt + j[None, :],
+                t64[:, None] * stride_kot + j[None, :], mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
 
 
+HEADS_PER_PROGRAM = 4  # heads a program rotates: the grid's third axis splits H + Hkv into groups of these (docstring)
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
 
 
@@ -160,13 +181,12 @@ def rope_launch(
     qo, ko = _utils.empty_like(q4), _utils.empty_like(k4)
     stride_pb = positions.stride(0) if positions.dim() == 2 else 0
     block_half = triton.next_power_of_2(half)
-    # ~1024 pairs a tile: enough programs (B x T / block_t) to fill the SMs even for one head group per sequence.
-    block_t = max(1, min(triton.next_power_of_2(T), 1024 // block_half))
-    grid = (B, triton.cdiv(T, block_t))
+    block_t = max(1, min(triton.next_power_of_2(T), 1024 // block_half))  # ~1024 pairs a tile
+    grid = (B, triton.cdiv(T, block_t), triton.cdiv(H + k4.shape[1], HEADS_PER_PROGRAM))
     _rope_kernel[grid](
         q4, k4, positions, inv_freq, qo, ko, *q4.stride()[:3], *k4.stride()[:3], *qo.stride()[:3], *ko.stride()[:3],
         stride_pb, positions.stride(-1), H, k4.shape[1], T, half, INVERSE=inverse, BLOCK_T=block_t,
-        BLOCK_HALF=block_half, num_warps=_utils.num_warps_for(2 * block_t * block_half),
+        BLOCK_HALF=block_half, HEADS=HEADS_PER_PROGRAM, num_warps=_utils.num_warps_for(2 * block_t * block_half),
     )
     return qo, ko
 
