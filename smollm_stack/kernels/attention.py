@@ -83,8 +83,15 @@ class Tuning:
     at head dims 32, 64 and 128: a candidate is kept for a head dim only where every tl.dot became a wgmma and
     ptxas spilled nothing (tests/test_lowering_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
     per warpgroup, so the dK/dV kernel, whose accumulators are BLOCK_N rows, takes BLOCK_N >= 64 (at BLOCK_N = 32
-    every dot is a legacy mma.sync); at head dim 128 its BLOCK_M = 64 candidates spill (the two BLOCK_N x 128 fp32
-    accumulators already take 128 registers a thread), so they stop at 64; with documents (DOCS) the dQ kernel's
+    every dot is a legacy mma.sync). Its S^T = K Q^T and dP^T = V dO^T dots have N = BLOCK_M, and at BLOCK_M = 32 they
+    are wgmma m64n32k16, which Hopper runs far below peak: at head dim 128, 48 of the 60 wgmma of a 32 x 64 config,
+    half its FLOPs. So on Hopper (full_width_m) the candidates with BLOCK_M >= 64 are the only ones kept wherever one
+    is: at head dims up to 64, where every wgmma is then m64n64 or wider (at 32 the dV and dK dots are n32 by the head
+    dim itself). At head dim 128 every BLOCK_M = 64 candidate spills (the two BLOCK_N x 128 fp32 accumulators take
+    128 registers a thread; the least, 128 x 64 with 8 warps and one stage, 9 STL / 11 LDL; with 4 warps 25-44; 8
+    warps on 64 x 64 spill nothing but split N, so their S^T and dP^T are n32 again), so the BLOCK_M = 32 ones stay
+    there, until a kernel holds less (FA3 gives its two MMA warpgroups 240 registers each with setmaxnreg); with
+    documents (DOCS) the dQ kernel's
     128 x 64 candidate spills at head dim 128 (24 spill instructions at 255 registers: the row starts and the third
     loop on top of its 128 x 128 fp32 accumulator), so it stops at 64 there. Stage variants let the tuner trade shared
     memory (K/V or Q/dO tiles in flight) against occupancy. fp32 inputs take the FMA path (input_precision="ieee"),
@@ -97,6 +104,7 @@ class Tuning:
     fp32: tuple  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     interpreter: tuple  # (BLOCK_M, BLOCK_N)
     smem_rows: Callable[[int, int, int], int]  # (BLOCK_M, BLOCK_N, stages) -> head-dim-wide rows kept in shared memory
+    full_width_m: int = 0  # Hopper: where a candidate with BLOCK_M >= this is kept, only those (0: no such rule)
 
 
 # Shared memory, as an upper bound: every pipeline stage of the streamed tiles (K and V in the forward and dQ
@@ -107,9 +115,10 @@ TUNING = {
     "_attn_fwd": Tuning(gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
                              (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(16, 32),
                         smem_rows=lambda m, n, stages: 2 * stages * n + m),
-    "_attn_bwd_dkdv": Tuning(gpu=[(32, 128, 8, 3, 128), (32, 64, 4, 3, 128), (32, 64, 4, 4, 128), (64, 128, 8, 3, 64)],
+    "_attn_bwd_dkdv": Tuning(gpu=[(64, 128, 8, 3, 64), (64, 64, 4, 3, 64), (64, 64, 4, 2, 64), (32, 128, 8, 3, 128),
+                                  (32, 64, 4, 3, 128), (32, 64, 4, 4, 128)],
                              fp32=(32, 32, 8, 2), interpreter=(16, 32),
-                             smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n),
+                             smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n, full_width_m=64),
     "_attn_bwd_dq": Tuning(gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128),
                                 (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(32, 16),
                            smem_rows=lambda m, n, stages: 2 * stages * n + 2 * m),
@@ -132,7 +141,8 @@ def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, docs: bool, tar
     block); default: the device Triton compiles for): its pruner, also what gpu_check's device section reports.
 
     A candidate is kept up to its largest head dim, where its shared-memory bound fits the card, and, below Hopper,
-    unless it spills there (MMA_SPILLS); where none is left (head dim 128 on an RTX 3090's 99 KB), the small fp32
+    unless it spills there (MMA_SPILLS); on Hopper only those with BLOCK_M >= full_width_m where there are any (full
+    width wgmma, see Tuning); where none is left (head dim 128 on an RTX 3090's 99 KB), the small fp32
     config, whose bound fits every card. Where the dots are FMA (fp32 inputs; capability below 8.0, where Triton
     gives tl.dot no tensor cores and the large tiles spill hundreds of registers and need more shared memory than the
     bound), only the small config."""
@@ -145,6 +155,8 @@ def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, docs: bool, tar
     kept = [_config(*c[:4]) for c in tuning.gpu
             if head_dim <= (c[-1] if docs else c[4]) and 2 * head_dim * tuning.smem_rows(c[0], c[1], c[3]) <= smem
             and not (capability < 90 and (kernel, c[:4], head_dim) in MMA_SPILLS)]  # fmt: skip
+    if capability >= 90 and tuning.full_width_m:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= tuning.full_width_m] or kept
     return kept or [_config(*tuning.fp32)]
 
 

@@ -41,8 +41,9 @@ resident_ctas / resident_warps (per SM, from registers, shared memory and the SM
 resident CTAs)). Stats: regs, spill_stores / spill_loads (STL / LDL instructions in the SASS: register spills to
 local memory), local (the STL + LDL of local arrays the PTX itself declares, such as libdevice sinf's, counted here
 instead when ptxas reports no spill for the kernel), stack (stack frame bytes per thread), shared (bytes), wgmma /
-mma_sync (PTX tensor-core instructions; wgmma_n: the wgmma by their N, m64nNk16), dots / tensor_core_dots (the tl.dots of the TTGIR, and those of them
-whose result has a tensor-core layout: a dot the backend could not put on tensor cores runs as FMA), cp_async / tma
+mma_sync (PTX tensor-core instructions), wgmma_n (the wgmma by their N: m64nNk16 -> {N: count}), dots /
+tensor_core_dots (the tl.dots of the TTGIR, and those of them whose result has a tensor-core layout: a dot the backend
+could not put on tensor cores runs as FMA), cp_async / tma
 (PTX cp.async and cp.async.bulk), loads / stores (PTX ld.global / st.global counts by access width in bytes, of the
 kernel's tensors), table_loads (the loads of constant arrays compiled into the module, such as libdevice sinf's 2/pi
 table, apart), vector_share(kind) (the share of the tensors' bytes moved by 16-byte vectors).

@@ -13,8 +13,9 @@ q and k rotate in one launch (apply_rope_qk): a program computes the sin/cos of 
 of HEADS_PER_PROGRAM heads (the H query heads, then the Hkv key heads), which halves the launches of rotating them
 apart. The head loops are pipelined by hand: the next head's tile is loaded before the current one is
 rotated and stored, two tile loads in flight per thread instead of one latency-bound load-rotate-store round trip per
-head. ``tl.range(num_stages=2 or 3)`` does the same through cp.async and shared memory, but lowered for sm_90a it made
-ptxas spill (32 STL / 48 LDL: libdevice sinf's local array); the register prefetch costs 12 registers and spills nothing.
+head. ``tl.range(num_stages=2 or 3)`` does the same through cp.async and shared memory, but lowered for sm_90a it
+made ptxas spill (32 STL / 48 LDL: libdevice sinf's local array); the register prefetch costs 12 registers and spills
+nothing.
 
 The grid, (B, T / BLOCK_T, (H + Hkv) / HEADS_PER_PROGRAM), fills the GPU. Without the head axis it was B x T / BLOCK_T
 = 512 programs of 4 warps at 125M (B 16, T 1024, H = Hkv = 12, d 64), where an H100 SM holds 7 (69 registers a
