@@ -48,9 +48,9 @@ Precision: tiles are multiplied with ``tl.dot`` accumulating in fp32. fp16/bf16 
 fp32 inputs use input_precision="ieee" (no tf32), because tf32's 10-bit mantissa would put the kernel far above the
 FlashAttention rule's bound of 2x eager fp32's own error. That makes fp32 correct but slow on a GPU; train in bf16.
 
-Layouts: O is allocated in q's layout and dq, dk, dv each in its input's (``_utils.empty_like``: the input's strides
-where it is dense). The model's q, k, v are (B, H, T, d) views of its (B, T, H, d) projections (RoPE keeps that
-layout), so O is (B, T, H, d) storage that output_proj reads as a view, and the gradients reach the projections'
+Layouts: O and dq are allocated in q's layout, dk and dv in k's (``_utils.empty_like``: the input's strides where it
+is dense). The model's q, k, v are (B, H, T, d) views of its (B, T, H, d) projections (RoPE keeps that layout, and v
+shares k's), so O is (B, T, H, d) storage that output_proj reads as a view, and the gradients reach the projections'
 backward as views too. Contiguous (B, H, T, d) outputs made each of the four a transpose copy reading and writing
 2·B·T·H·d bytes in bf16: at 125M, 48 launches and 2.4 GB a step (bench.step), 3% of the step's HBM bytes. Inside the
 kernels it costs nothing: every tensor is addressed by its strides, and a row of d elements is contiguous in either
@@ -123,8 +123,8 @@ TUNING = {
     "_attn_fwd": Tuning(gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
                              (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(16, 32),
                         smem_rows=lambda m, n, stages: 2 * stages * n + m),
-    "_attn_bwd_dkdv": Tuning(gpu=[(64, 128, 8, 3, 64), (64, 64, 4, 3, 64), (64, 64, 4, 2, 64), (32, 128, 8, 3, 128),
-                                  (32, 64, 4, 3, 128), (32, 64, 4, 4, 128)],
+    "_attn_bwd_dkdv": Tuning(gpu=[(64, 128, 8, 3, 64), (64, 64, 4, 3, 64), (32, 128, 8, 3, 128), (32, 64, 4, 3, 128),
+                                  (32, 64, 4, 4, 128)],
                              fp32=(32, 32, 8, 2), interpreter=(16, 32),
                              smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n, full_width_m=64),
     "_attn_bwd_dq": Tuning(gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128),
@@ -453,14 +453,13 @@ def _attn_bwd_dkdv_blocks(
 @triton.autotune(**_autotune("_attn_bwd_dkdv"))
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: laid out like K and V
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: both laid out like K
     DOC_START, DOC_END,  # DOCS: (B, S) int32, the first and one past the last position of each key's document
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     H, T, S, group, sm_scale, qk_scale,
     tuning_len, tuning_heads,  # only autotune keys
     HEAD_DIM: tl.constexpr,
@@ -520,10 +519,9 @@ def _attn_bwd_dkdv(
                                        stride_dod, DOC_START, offs_n, offs_d, full_end, hi, T, offset, qk_scale,
                                        BLOCK_M, True, CAUSAL, DOCS, DOT_PRECISION)
 
-    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    out = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
@@ -636,11 +634,13 @@ def _backward(
     _attn_bwd_delta[(triton.cdiv(T, block), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, T, HEAD_DIM=d, BLOCK_M=block
     )
-    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)  # each in its input's layout
+    # dq in q's layout; dk and dv in k's, which is v's in the model (views of (B, T, Hkv, d) projections): one set of
+    # strides for both (four more kept sm_80's 64 x 128 dK/dV config from fitting its registers)
+    dq, dk, dv = empty_like(q), empty_like(k), empty_like(k)
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(S), _tuning_size(B * Hkv), **common,
     )
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
@@ -675,7 +675,7 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _(do, q, k, v, o, lse, doc_start, doc_end, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)  # the layouts of _backward's
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)  # the layouts of _backward's
 
 
 def _setup_context(ctx, inputs, output):
