@@ -98,8 +98,9 @@ class Tuning:
     dim itself). At head dim 128 every BLOCK_M = 64 candidate spills (the two BLOCK_N x 128 fp32 accumulators take
     128 registers a thread; the least, 64 x 128 with 8 warps and one stage, 9 STL / 10 LDL; 64 x 64 with 4 warps
     15-44; 8 warps on 64 x 64 spill nothing but split N, so their S^T and dP^T are n32 again), so the BLOCK_M = 32 stay
-    there until the kernel holds less. With documents (DOCS) the dQ kernel's 128 x 64 candidate spills at head dim 128 (24 spill instructions at 255 registers: the row starts and the third
-    loop on top of its 128 x 128 fp32 accumulator), so it stops at 64 there. Stage variants let the tuner trade shared
+    there until the kernel holds less. With documents (DOCS) the dQ kernel's 128 x 64 candidate spills at head dim
+    128 (24 spill instructions at 255 registers: the row starts and the third loop on top of its 128 x 128 fp32
+    accumulator), so it stops at 64 there. Stage variants let the tuner trade shared
     memory (K/V or Q/dO tiles in flight) against occupancy. fp32 inputs take the FMA path (input_precision="ieee"),
     with twice the bytes per tile and far more registers, so they get the one small config fp32. Under the
     interpreter a single config, which also skips benchmarking; its blocks are deliberately unequal so that the
