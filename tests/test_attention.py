@@ -93,7 +93,7 @@ def test_matches_reference(case, dtype):
 
 def test_strided_inputs_as_the_model_passes_them():
     """q, k, v as (B, T, H, d) transposes, K/V as the prefix of a longer cache, dO non-contiguous: read in place,
-    never written."""
+    never written; O, dq in q's layout and dk, dv in k's (torch.autograd.grad hands them over as made)."""
     case = Case(2, 4, 2, 19, 19, 32)
     q, k, v, do = make_inputs(case, torch.float32)
     cache = torch.zeros(2, 2, 40, 32, device=DEVICE)
@@ -105,9 +105,11 @@ def test_strided_inputs_as_the_model_passes_them():
     assert not (q_strided.is_contiguous() or k_strided.is_contiguous() or do_strided.is_contiguous())
     before = [t.detach().clone() for t in (q_strided, k_strided, v_strided, do_strided)]
     out = kernels.flash_attention(q_strided, k_strided, v_strided)
-    out.backward(do_strided)
-    actual = out.detach(), q_strided.grad, k_strided.grad, v_strided.grad
+    actual = out.detach(), *torch.autograd.grad(out, (q_strided, k_strided, v_strided), do_strided)
     assert_all_close(actual, fp32_reference(q, k, v, do, case), torch.float32)
+    # O and dq come in q's layout, dk and dv in k's (a cache prefix's: packed; v shares it in the model)
+    layouts = [t.stride() for t in (q_strided, q_strided, k_strided.contiguous(), k_strided.contiguous())]
+    assert [t.stride() for t in actual] == layouts
     for b, t in zip(before, (q_strided, k_strided, v_strided, do_strided)):
         assert torch.equal(b, t.detach())
 

@@ -47,8 +47,7 @@ def test_block_forward_counted_by_hand(adamw_step):
     attn = ("_attn_fwd", 3 * 2 * N * D, 2 * N * D + 4 * B * H * T, 2 * 2 * B * H * T * T * DH / 2)  # causal half
     assert rows(adamw_step, "attention") == [
         copy(D, D), copy(D, D), copy(D, D), gemm(D, 3 * D),  # q, k, v: one GEMM on their stacked copy
-        ("arange", 0, 8 * T, 0), rope, attn,
-        ("clone", 2 * N * D, 2 * N * D, 0),  # (B, H, T, dh) -> (B, T, H dh) for output_proj
+        ("arange", 0, 8 * T, 0), rope, attn,  # O laid out (B, T, H, dh): output_proj reads it as a view
         copy(D, D), gemm(D, D),
     ]  # fmt: skip
     assert rows(adamw_step, "ffn") == [
@@ -82,7 +81,7 @@ def test_launches_by_phase_counted_by_hand(adamw_step):
     assert launches == {
         "embedding (forward)": 1,
         "norm (forward)": 2,
-        "attention (forward)": 4 + 2 + 4,  # 4 weight copies, 2 GEMMs, arange, RoPE, attention, the transpose copy
+        "attention (forward)": 4 + 2 + 3,  # 4 weight copies, 2 GEMMs, arange, RoPE, attention (no transpose copy)
         "ffn (forward)": 3 + 2 + 1,
         "final norm (forward)": 1,
         # lm_head's copy; count of valid targets (ne, sum), dW zeros, then the chunk: GEMM, CE, dh GEMM, dW GEMM; cat
@@ -95,9 +94,9 @@ def test_launches_by_phase_counted_by_hand(adamw_step):
         "ffn (backward)": 3 + 1 + 3,
         # kernel, dw sum each; the engine adds ln1's dx into the residual's gradient
         "norm (backward)": 2 * 2 + 1,
-        # output_proj 3; zero grad of lse, 3 attention kernels; RoPE; q, k, v: a copy each to (B, T, H dh), their cat,
-        # then the stacked GEMM's dx and dW GEMMs and dW's cast
-        "attention (backward)": 3 + 4 + 1 + 3 + 1 + 3,
+        # output_proj 3; zero grad of lse, 3 attention kernels; RoPE; q, k, v: their gradients come laid out as the
+        # projections' outputs, joined by one cat for the stacked GEMM's dx and dW GEMMs and dW's cast
+        "attention (backward)": 3 + 4 + 1 + 1 + 3,
         "embedding (backward)": 1,
         "clip": 8,  # foreach norm, stack, norm, + eps, reciprocal, mul, clamp, foreach scale
         "optimizer": 4,  # per group: steps + 1 and fused AdamW

@@ -181,6 +181,22 @@ def test_rope_strided_heads_view():
                    torch.float32)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_qk_writes_in_the_layout_it_reads(dtype):
+    # q, k as attention gets them, (B, H, T, d) views of (B, T, H, d) projections: outputs and gradients keep that
+    # layout, so attention reads them in place and the projections' backward gets its gradient as a view.
+    q, k = (randn(2, 37, h, 26, dtype=dtype).transpose(1, 2).requires_grad_() for h in (6, 2))
+    dq_out, dk_out = (randn(2, 37, h, 26, dtype=dtype).transpose(1, 2) for h in (6, 2))
+    positions = torch.arange(37, device=DEVICE)
+    out = apply_rope_qk(q, k, positions, theta=500.0)
+    grads = torch.autograd.grad(out, (q, k), (dq_out, dk_out))  # as made: no leaf's layout imposed on them
+    assert [t.stride() for t in (*out, *grads)] == [q.stride(), k.stride(), q.stride(), k.stride()]
+    for x, y, dy, dx in ((q, out[0], dq_out, grads[0]), (k, out[1], dk_out, grads[1])):
+        ref_y, (ref_dx,) = run(lambda x: reference.apply_rope(x, positions, 500.0), [x.detach()], dy)
+        assert_close(y.detach(), ref_y, dtype)
+        assert_close(dx, ref_dx, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("positions_shape", [(37,), (2, 37)])
 def test_rope_qk_in_one_launch(positions_shape, dtype):

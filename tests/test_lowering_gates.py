@@ -8,7 +8,9 @@ of 16; `python -m smollm_stack.bench.lowering` reports it.) A change that regres
 before any GPU sees it:
 
 - attention: every tl.dot of the forward, dK/dV and dQ kernels is a wgmma (none falls back to mma.sync, which runs
-  Hopper's tensor cores at a fraction of their rate), at head dims 32, 64 and 128;
+  Hopper's tensor cores at a fraction of their rate), at head dims 32, 64 and 128; the dK/dV kernel's are full
+  width (N >= 64, no m64n32k16) at head dim 64;
+- RoPE's grid puts at least one full wave on the H100's SMs at the 125M shape;
 - memory-bound kernels: at least 3/4 of the bytes each moves go in 16-byte vector loads and stores (only per-row
   scalars may go narrower), add_rms_norm's as a pre-norm block runs it (with the sum's gradient, and without for
   the last norm), including the odd vocabulary V = 50257, standalone and in FLCE's padded buffer. Counted
@@ -127,7 +129,8 @@ for name, p in PRESETS.items():
         f"add_rms_norm last {name}": add_norm(N, p["d_model"], h_used=False),
         f"rope qk {name}": fwd_bwd(lambda q, k, pos=torch.arange(T): torch.cat([y.flatten() for y in
                                                                                 apply_rope_qk(q, k, pos)]),
-                                   *[leaf(N // T, p["heads"], T, p["d_model"] // p["heads"]) for _ in range(2)]),
+                                   *[leaf(N // T, T, p["heads"], p["d_model"] // p["heads"]).transpose(1, 2)
+                                     for _ in range(2)]),  # (B, H, T, d) views of the projections, as the model
         f"cross_entropy {name}": fwd_bwd(kernels.cross_entropy, leaf(N, p["vocab"]), torch.zeros(N, dtype=torch.int64)),
         f"flce_chunk {name}": flce_chunk(N, p["vocab"]),
     })
@@ -190,6 +193,17 @@ def test_attention_dots_are_wgmma_without_spills(attention_launches):
     assert not problems, "\n".join(problems)
 
 
+def test_dkdv_wgmma_are_full_width(attention_launches):
+    """Every kept dK/dV config issues wgmma of N >= 64 at head dim 64: N is BLOCK_M for S^T = K Q^T and dP^T = V dO^T
+    and the head dim for dV and dK, and Hopper runs m64n32k16 far below its peak. Not yet at head dim 128, where every
+    BLOCK_M = 64 candidate spills (kernels.attention.Tuning): the kept 32-row configs issue 48 n32 wgmma of 60."""
+    records = [r for r in attention_launches["d64 T4096 backward"] if r["name"] == "_attn_bwd_dkdv"]
+    assert records
+    problems = [f"{_describe(r)}: wgmma by N {r['wgmma_n']}" for r in records
+                if not r["wgmma_n"] or min(map(int, r["wgmma_n"])) < 64]  # fmt: skip
+    assert not problems, "\n".join(problems)
+
+
 def test_document_masked_attention_dots_are_wgmma_without_spills(doc_attention_launches):
     problems = []
     for label, records in doc_attention_launches.items():
@@ -233,6 +247,12 @@ def test_cross_entropy_rows_in_flight(memory_bound_launches):
                     problems.append(f"{label}: {_describe(r)}: {in_flight / 1e6:.0f} MB of rows in flight")
     assert paths == {("125m", False), ("tinystories-17m", True)}, paths
     assert not problems, "\n".join(problems)
+
+
+def test_rope_fills_the_gpu_at_125m(memory_bound_launches):
+    """RoPE's grid (kernels/rope.py: head groups on its third axis) puts at least one full wave on the 132 SMs."""
+    records = memory_bound_launches["rope qk 125m"]
+    assert records and all(r["waves"] >= 1 for r in records), [(r["grid"], r["waves"]) for r in records]
 
 
 def test_memory_bound_kernels_do_not_spill(memory_bound_launches):

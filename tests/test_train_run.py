@@ -189,12 +189,23 @@ def test_kernel_preflight_aborts_with_a_table(monkeypatch):
     table = "| op | ... |\n| rms_norm | dx | FAIL |"
     fake = SimpleNamespace(check_kernels=lambda **shapes: rows, format_check_table=lambda results: table)
     monkeypatch.setitem(sys.modules, "smollm_stack.kernels.check", fake)
+    tuned = []  # attention's tuning pass: (q, k, v) as the model would pass them
+
+    def attention(q, k, v):
+        tuned.append([(tuple(t.shape), t.transpose(1, 2).is_contiguous()) for t in (q, k, v)])
+        return q.clone()
+
+    monkeypatch.setattr(loop.kernels, "ops", lambda backend, device: SimpleNamespace(flash_attention=attention))
     config = model_pkg.ModelConfig.preset("tiny")
     failed = r"(?s)kernel preflight failed.*\| rms_norm \| dx \| FAIL \|"
     with pytest.raises(smollm_stack.train.loop.PreflightError, match=failed):
-        smollm_stack.train.loop.preflight(config, 128, torch.bfloat16, torch.device("cpu"), seed=0)
+        smollm_stack.train.loop.preflight(config, 128, torch.bfloat16, torch.device("cpu"), 0, batch_size=8)
+    assert not tuned
     rows[0].ok = True
-    smollm_stack.train.loop.preflight(config, 128, torch.bfloat16, torch.device("cpu"), seed=0)  # all ok: no error
+    smollm_stack.train.loop.preflight(config, 128, torch.bfloat16, torch.device("cpu"), 0, batch_size=8)  # no error
+    # then attention ran at the training batch, q, k, v (B, H, T, d) views of (B, T, H, d) projections
+    H, Hkv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    assert tuned == [[((8, H, 128, d), True), ((8, Hkv, 128, d), True), ((8, Hkv, 128, d), True)]]
 
 
 def test_default_run_shortened(tmp_path, monkeypatch, capsys):
@@ -235,4 +246,4 @@ def test_kernel_preflight_passes_on_our_kernels():
     """The real check (Triton on its interpreter here, fp32) accepts our kernels on a small run's shapes."""
     shapes = dict(vocab_size=96, context_length=16, d_model=32, num_layers=1, num_heads=2)
     config = model_pkg.ModelConfig.preset("tiny", **shapes)
-    smollm_stack.train.loop.preflight(config, 16, torch.float32, torch.device("cpu"), seed=0)
+    smollm_stack.train.loop.preflight(config, 16, torch.float32, torch.device("cpu"), 0, batch_size=3)

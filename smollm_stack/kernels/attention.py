@@ -48,6 +48,14 @@ Precision: tiles are multiplied with ``tl.dot`` accumulating in fp32. fp16/bf16 
 fp32 inputs use input_precision="ieee" (no tf32), because tf32's 10-bit mantissa would put the kernel far above the
 FlashAttention rule's bound of 2x eager fp32's own error. That makes fp32 correct but slow on a GPU; train in bf16.
 
+Layouts: O and dq are allocated in q's layout, dk and dv in k's (``_utils.empty_like``: the input's strides where it
+is dense). The model's q, k, v are (B, H, T, d) views of its (B, T, H, d) projections (RoPE keeps that layout, and v
+shares k's), so O is (B, T, H, d) storage that output_proj reads as a view, and the gradients reach the projections'
+backward as views too. Contiguous (B, H, T, d) outputs made each of the four a transpose copy reading and writing
+2·B·T·H·d bytes in bf16: at 125M, 48 launches and 2.4 GB a step (bench.step), 3% of the step's HBM bytes. Inside the
+kernels it costs nothing: every tensor is addressed by its strides, and a row of d elements is contiguous in either
+layout (128 bytes at d 64 in bf16), so the tiles load in the same whole 128-byte lines.
+
 Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies of q, k, v, dO); T, S of any length;
 doc_ids with causal attention, also when T < S (the ids then cover all S key positions).
 """
@@ -60,7 +68,7 @@ import torch
 import triton
 import triton.language as tl
 
-from smollm_stack.kernels._utils import INTERPRET, check_doc_ids, check_float, check_same_device, empty
+from smollm_stack.kernels._utils import INTERPRET, check_doc_ids, check_float, check_same_device, empty, empty_like
 from smollm_stack.kernels._utils import document_ends, document_starts
 
 __all__ = ["flash_attention"]
@@ -83,10 +91,16 @@ class Tuning:
     at head dims 32, 64 and 128: a candidate is kept for a head dim only where every tl.dot became a wgmma and
     ptxas spilled nothing (tests/test_lowering_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
     per warpgroup, so the dK/dV kernel, whose accumulators are BLOCK_N rows, takes BLOCK_N >= 64 (at BLOCK_N = 32
-    every dot is a legacy mma.sync); at head dim 128 its BLOCK_M = 64 candidates spill (the two BLOCK_N x 128 fp32
-    accumulators already take 128 registers a thread), so they stop at 64; with documents (DOCS) the dQ kernel's
-    128 x 64 candidate spills at head dim 128 (24 spill instructions at 255 registers: the row starts and the third
-    loop on top of its 128 x 128 fp32 accumulator), so it stops at 64 there. Stage variants let the tuner trade shared
+    every dot is a legacy mma.sync). Its S^T = K Q^T and dP^T = V dO^T dots have N = BLOCK_M, and at BLOCK_M = 32 they
+    are wgmma m64n32k16, which Hopper runs far below peak: at head dim 128, 48 of the 60 wgmma of a 32 x 64 config,
+    half its FLOPs. So on Hopper (full_width_m) the candidates with BLOCK_M >= 64 are the only ones kept wherever one
+    is: at head dims up to 64, where every wgmma is then m64n64 or wider (at 32 the dV and dK dots are n32 by the head
+    dim itself). At head dim 128 every BLOCK_M = 64 candidate spills (the two BLOCK_N x 128 fp32 accumulators take
+    128 registers a thread; the least, 64 x 128 with 8 warps and one stage, 9 STL / 10 LDL; 64 x 64 with 4 warps
+    15-44; 8 warps on 64 x 64 spill nothing but split N, so their S^T and dP^T are n32 again), so the BLOCK_M = 32 stay
+    there until the kernel holds less. With documents (DOCS) the dQ kernel's 128 x 64 candidate spills at head dim
+    128 (24 spill instructions at 255 registers: the row starts and the third loop on top of its 128 x 128 fp32
+    accumulator), so it stops at 64 there. Stage variants let the tuner trade shared
     memory (K/V or Q/dO tiles in flight) against occupancy. fp32 inputs take the FMA path (input_precision="ieee"),
     with twice the bytes per tile and far more registers, so they get the one small config fp32. Under the
     interpreter a single config, which also skips benchmarking; its blocks are deliberately unequal so that the
@@ -97,6 +111,7 @@ class Tuning:
     fp32: tuple  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     interpreter: tuple  # (BLOCK_M, BLOCK_N)
     smem_rows: Callable[[int, int, int], int]  # (BLOCK_M, BLOCK_N, stages) -> head-dim-wide rows kept in shared memory
+    full_width_m: int = 0  # Hopper: where a candidate with BLOCK_M >= this is kept, only those (0: no such rule)
 
 
 # Shared memory, as an upper bound: every pipeline stage of the streamed tiles (K and V in the forward and dQ
@@ -107,9 +122,10 @@ TUNING = {
     "_attn_fwd": Tuning(gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
                              (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(16, 32),
                         smem_rows=lambda m, n, stages: 2 * stages * n + m),
-    "_attn_bwd_dkdv": Tuning(gpu=[(32, 128, 8, 3, 128), (32, 64, 4, 3, 128), (32, 64, 4, 4, 128), (64, 128, 8, 3, 64)],
+    "_attn_bwd_dkdv": Tuning(gpu=[(64, 128, 8, 3, 64), (64, 64, 4, 3, 64), (32, 128, 8, 3, 128), (32, 64, 4, 3, 128),
+                                  (32, 64, 4, 4, 128)],
                              fp32=(32, 32, 8, 2), interpreter=(16, 32),
-                             smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n),
+                             smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n, full_width_m=64),
     "_attn_bwd_dq": Tuning(gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128),
                                 (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(32, 16),
                            smem_rows=lambda m, n, stages: 2 * stages * n + 2 * m),
@@ -132,7 +148,8 @@ def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, docs: bool, tar
     block); default: the device Triton compiles for): its pruner, also what gpu_check's device section reports.
 
     A candidate is kept up to its largest head dim, where its shared-memory bound fits the card, and, below Hopper,
-    unless it spills there (MMA_SPILLS); where none is left (head dim 128 on an RTX 3090's 99 KB), the small fp32
+    unless it spills there (MMA_SPILLS); on Hopper only those with BLOCK_M >= full_width_m where there are any (full
+    width wgmma, see Tuning); where none is left (head dim 128 on an RTX 3090's 99 KB), the small fp32
     config, whose bound fits every card. Where the dots are FMA (fp32 inputs; capability below 8.0, where Triton
     gives tl.dot no tensor cores and the large tiles spill hundreds of registers and need more shared memory than the
     bound), only the small config."""
@@ -145,13 +162,19 @@ def kept_configs(kernel: str, dtype: torch.dtype, head_dim: int, docs: bool, tar
     kept = [_config(*c[:4]) for c in tuning.gpu
             if head_dim <= (c[-1] if docs else c[4]) and 2 * head_dim * tuning.smem_rows(c[0], c[1], c[3]) <= smem
             and not (capability < 90 and (kernel, c[:4], head_dim) in MMA_SPILLS)]  # fmt: skip
+    if capability >= 90 and tuning.full_width_m:
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] >= tuning.full_width_m] or kept
     return kept or [_config(*tuning.fp32)]
 
 
 def _autotune(kernel: str):
     """Autotune arguments for one kernel: every candidate, pruned by kept_configs (one config in the interpreter,
-    which also skips benchmarking)."""
-    key = ["HEAD_DIM", "CAUSAL", "DOCS", "tuning_len"]
+    which also skips benchmarking).
+
+    The key holds what changes the grid, (length / block, batch x heads), as tuning_len and tuning_heads: the best
+    tiles for 24 (batch, head) programs a query block (a preflight's batch 2) are not those for 192 (batch 16), where
+    smaller tiles no longer buy a fuller wave. (The autotuner adds the tensors' dtypes itself.)"""
+    key = ["HEAD_DIM", "CAUSAL", "DOCS", "tuning_len", "tuning_heads"]
     if INTERPRET:
         return dict(configs=kept_configs(kernel, torch.float32, 0, False), key=key)
 
@@ -163,9 +186,9 @@ def _autotune(kernel: str):
     return dict(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
 
 
-def _tuning_len(n: int) -> int:
-    """Autotune key for a length: powers of two up to 4096, so a generation loop (T = 1, S growing) or a new prompt
-    length reuses an earlier choice instead of benchmarking again on every call."""
+def _tuning_size(n: int) -> int:
+    """Autotune key for a length or a batch x heads: powers of two up to 4096, so a generation loop (T = 1, S
+    growing) or a new prompt length or batch reuses an earlier choice instead of benchmarking again on every call."""
     return min(triton.next_power_of_2(n), 4096)
 
 
@@ -288,7 +311,7 @@ def _attn_fwd(
     H, T, S,
     group,  # query heads per K/V head
     qk_scale,  # scale * log2(e)
-    tuning_len,  # only an autotune key
+    tuning_len, tuning_heads,  # only autotune keys
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,  # mask across documents (CAUSAL only)
@@ -429,7 +452,7 @@ def _attn_bwd_dkdv_blocks(
 @triton.autotune(**_autotune("_attn_bwd_dkdv"))
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: contiguous like K
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: both laid out like K
     DOC_START, DOC_END,  # DOCS: (B, S) int32, the first and one past the last position of each key's document
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -437,7 +460,7 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     H, T, S, group, sm_scale, qk_scale,
-    tuning_len,  # only an autotune key
+    tuning_len, tuning_heads,  # only autotune keys
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,
@@ -527,7 +550,7 @@ def _attn_bwd_dq_blocks(
 @triton.autotune(**_autotune("_attn_bwd_dq"))
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,  # DQ: contiguous like Q
+    Q, K, V, DO, LSE, DELTA, DQ,  # DQ: laid out like Q
     DOC_START,  # DOCS: (B, S) int32, the first position of each key position's document
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -535,7 +558,7 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T, S, group, sm_scale, qk_scale,
-    tuning_len,  # only an autotune key
+    tuning_len, tuning_heads,  # only autotune keys
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,
@@ -589,12 +612,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _forward(q, k, v, causal: bool, scale: float, doc_start=None) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, d = q.shape
     S = k.shape[2]
-    o = empty(q.shape, q.dtype, q.device)
+    o = empty_like(q)  # q's layout: (B, T, H, d) storage when q is the projection's view
     lse = empty((B, H, T), torch.float32, q.device)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _attn_fwd[grid](
         q, k, v, o, lse, doc_start, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, T, S, H // k.shape[1], scale * LOG2E, _tuning_len(T),
+        H, T, S, H // k.shape[1], scale * LOG2E, _tuning_size(T), _tuning_size(B * H),
         HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype),
     )
     return o, lse
@@ -610,18 +633,18 @@ def _backward(
     _attn_bwd_delta[(triton.cdiv(T, block), B * H)](
         o, do, delta, *o.stride(), *do.stride(), H, T, HEAD_DIM=d, BLOCK_M=block
     )
-    dq = empty(q.shape, q.dtype, q.device)
-    dk = empty(k.shape, k.dtype, k.device)
-    dv = empty(v.shape, v.dtype, v.device)
+    # dq in q's layout; dk and dv in k's, which is v's in the model (views of (B, T, Hkv, d) projections): one set of
+    # strides for both (four more kept sm_80's 64 x 128 dK/dV config from fitting its registers)
+    dq, dk, dv = empty_like(q), empty_like(k), empty_like(k)
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-        H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_len(S), **common,
+        H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(S), _tuning_size(B * Hkv), **common,
     )
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, doc_start, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_len(T), **common,
+        H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(T), _tuning_size(B * H), **common,
     )
     return dq, dk, dv
 
@@ -638,7 +661,7 @@ def _attention_op(
 
 @_attention_op.register_fake
 def _(q, k, v, doc_start, doc_end, causal, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)  # contiguous, like _forward's
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # the layouts of _forward's
 
 
 @torch.library.custom_op("smollm_stack::flash_attention_backward", mutates_args=())
@@ -651,7 +674,7 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _(do, q, k, v, o, lse, doc_start, doc_end, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)  # the layouts of _backward's
 
 
 def _setup_context(ctx, inputs, output):

@@ -41,8 +41,9 @@ resident_ctas / resident_warps (per SM, from registers, shared memory and the SM
 resident CTAs)). Stats: regs, spill_stores / spill_loads (STL / LDL instructions in the SASS: register spills to
 local memory), local (the STL + LDL of local arrays the PTX itself declares, such as libdevice sinf's, counted here
 instead when ptxas reports no spill for the kernel), stack (stack frame bytes per thread), shared (bytes), wgmma /
-mma_sync (PTX tensor-core instructions), dots / tensor_core_dots (the tl.dots of the TTGIR, and those of them
-whose result has a tensor-core layout: a dot the backend could not put on tensor cores runs as FMA), cp_async / tma
+mma_sync (PTX tensor-core instructions), wgmma_n (the wgmma by their N: m64nNk16 -> {N: count}), dots /
+tensor_core_dots (the tl.dots of the TTGIR, and those of them whose result has a tensor-core layout: a dot the backend
+could not put on tensor cores runs as FMA), cp_async / tma
 (PTX cp.async and cp.async.bulk), loads / stores (PTX ld.global / st.global counts by access width in bytes, of the
 kernel's tensors), table_loads (the loads of constant arrays compiled into the module, such as libdevice sinf's 2/pi
 table, apart), vector_share(kind) (the share of the tensors' bytes moved by 16-byte vectors).
@@ -117,6 +118,7 @@ class Stats:
     local: int  # STL + LDL of the PTX's own local arrays, not spills
     shared: int
     wgmma: int
+    wgmma_n: dict  # N of wgmma.mma_async m64nNk16 -> count: Hopper runs narrow N (32) far below its peak
     mma_sync: int
     dots: int
     tensor_core_dots: int
@@ -178,6 +180,7 @@ _NAME = re.compile(r"%?[A-Za-z_$][\w$]*")
 _MODULE_ARRAY = re.compile(r"^\.(?:global|const)\s+(?:\.\w+\s+(?:\d+\s+)?)*([A-Za-z_$][\w$]*)\[\d*\]\s*=", re.M)
 _LOCAL_ARRAY = re.compile(r"^\s*\.local\s", re.M)
 _ADDRESS_OPS = {"mov", "add", "sub", "cvta", "selp", "mad"}  # what carries a base address into a register
+_WGMMA_N = re.compile(r"\bwgmma\.mma_async[\w.]*?\.m64n(\d+)k\d+")
 
 
 def _width(suffixes: str) -> int | None:
@@ -309,7 +312,8 @@ def _stats(name: str, cubin: bytes, ptx: str, ttgir: str, shared: int, device: D
     dots, tensor_core_dots = _dots(ttgir)
     return Stats(
         regs=regs, stack=stack, spill_stores=stl, spill_loads=ldl, local=local, shared=shared,
-        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+        wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), wgmma_n=dict(Counter(map(int, _WGMMA_N.findall(ptx)))),
+        mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
         dots=dots, tensor_core_dots=tensor_core_dots,
         cp_async=len(re.findall(r"\bcp\.async\.(?!bulk)", ptx)), tma=len(re.findall(r"\bcp\.async\.bulk", ptx)),
         loads=dict(loads), stores=dict(stores), table_loads=dict(table_loads),

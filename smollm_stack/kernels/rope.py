@@ -9,13 +9,29 @@ Eager PyTorch builds the angle table, its cos and sin, splits, multiplies, stack
 x-sized tensors. Here each element is read once and written once; the angles are computed in registers from the
 positions and a cached (d/2,) vector of frequencies, with the product rounded to fp32 exactly as the reference does.
 
-q and k rotate in one launch (apply_rope_qk): a program computes the sin/cos of its positions once and walks the H
-query heads and then the Hkv key heads, which halves the launches and the angle math of rotating them apart. The
-head loops are pipelined by hand: the next head's tile is loaded before the current one is rotated and stored, so
-the (B x T / BLOCK_T)-program grid (512 programs at 125M) keeps two tile loads in flight per thread instead of one
-latency-bound load-rotate-store round trip per head. ``tl.range(num_stages=2 or 3)`` does the same through cp.async
-and shared memory, but lowered for sm_90a it made ptxas spill (32 STL / 48 LDL: libdevice sinf's local array);
-the register prefetch costs 12 registers (68 in all) and spills nothing.
+q and k rotate in one launch (apply_rope_qk): a program computes the sin/cos of its positions once and walks a group
+of HEADS_PER_PROGRAM heads (the H query heads, then the Hkv key heads), which halves the launches of rotating them
+apart. The head loops are pipelined by hand: the next head's tile is loaded before the current one is
+rotated and stored, two tile loads in flight per thread instead of one latency-bound load-rotate-store round trip per
+head. ``tl.range(num_stages=2 or 3)`` does the same through cp.async and shared memory, but lowered for sm_90a it
+made ptxas spill (32 STL / 48 LDL: libdevice sinf's local array); the register prefetch costs 12 registers and spills
+nothing.
+
+The grid, (B, T / BLOCK_T, (H + Hkv) / HEADS_PER_PROGRAM), fills the GPU. Without the head axis it was B x T / BLOCK_T
+= 512 programs of 4 warps at 125M (B 16, T 1024, H = Hkv = 12, d 64), where an H100 SM holds 7 (69 registers a
+thread: 28 warps): 0.55 of a wave, so about half the warp slots, and with them the bytes in flight that a
+memory-bound kernel lives on, stayed empty. Groups of 4 of the 24 heads make 3072 programs, 3.3 waves: every SM is
+full until the last round, which leaves at most one program of its ~23 unbalanced. The price is the angles: each group
+computes its own, ~40 instructions of sin and cos per pair shared by 4 heads instead of 24, so ~10 per rotated pair
+instead of ~2, beside ~10 for the rotation itself; at full HBM rate the SMs issue ~80 per pair (12.6M pairs, 101 MB,
+in ~34 us at 3 TB/s; 132 SMs x 4 x 32 lanes x 1.75 GHz), so it stays memory-bound. Bytes are unchanged: every
+element read once and written once.
+
+Layout: the outputs (forward and backward) are written in the layout of the inputs (``_utils.empty_like``). The
+model's q and k are (B, H, T, d) views of (B, T, H, d) projections, so what RoPE writes is such a view again, which
+attention reads in place, and the gradients it hands back are views of the projections' gradients: no transpose copy
+on either side. Each row of d elements is contiguous in either layout (128 bytes at d 64 in bf16), so the loads and
+stores keep their 16-byte vectors.
 
 Sin and cos are libdevice's sinf/cosf (within 2 ulp): a Cody-Waite reduction for |a| < 105615 and, past that, a
 Payne-Hanek reduction that reads the bits of 2/pi from a 24-byte constant array in the module, one scalar load at a
@@ -44,12 +60,12 @@ from smollm_stack.kernels.reference import rope_angles
 @triton.jit
 def _rope_heads(
     x_ptr,  # this sequence's first head of the input
-    y_ptr,  # this sequence's first head of the contiguous output
+    y_ptr,  # this sequence's first head of the output
     n_heads,
     stride_xh,
+    stride_yh,
     x_offs,  # (BLOCK_T, 2 BLOCK_HALF) offsets of the tile within a head of x
     y_offs,  # the same within a head of y
-    y_head,  # elements per head of y: T * d
     mask,
     cos,
     sin,
@@ -65,7 +81,7 @@ def _rope_heads(
             x_next = tl.load(x_ptr + tl.minimum(h + 1, n_heads - 1) * stride_xh + x_offs, mask=mask, other=0.0)
             x0, x1 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_T, BLOCK_HALF, 2)))
             y = tl.reshape(tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos), (BLOCK_T, 2 * BLOCK_HALF))
-            tl.store(y_ptr + h * y_head + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + h * stride_yh + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
             x = x_next
 
 
@@ -75,14 +91,20 @@ def _rope_kernel(
     k_ptr,  # (B, Hkv, T, d) input, the same; Hkv may be 0
     pos_ptr,  # (T,) or (B, T) positions, any int or float dtype
     inv_freq_ptr,  # (d/2,) fp32 theta^(-2i/d)
-    qo_ptr,  # (B, H, T, d) output, contiguous
-    ko_ptr,  # (B, Hkv, T, d) output, contiguous
+    qo_ptr,  # (B, H, T, d) output, laid out like q (its strides below)
+    ko_ptr,  # (B, Hkv, T, d) output, laid out like k
     stride_qb,
     stride_qh,
     stride_qt,
     stride_kb,
     stride_kh,
     stride_kt,
+    stride_qob,
+    stride_qoh,
+    stride_qot,
+    stride_kob,
+    stride_koh,
+    stride_kot,
     stride_pb,  # 0 when positions are shared by the batch
     stride_pt,
     H,
@@ -92,9 +114,12 @@ def _rope_kernel(
     INVERSE: tl.constexpr,  # rotate by -a (the backward)
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    HEADS: tl.constexpr,  # heads a program rotates (HEADS_PER_PROGRAM)
 ):
-    # One program per (sequence, block of positions), looping over heads: the angles do not depend on the head,
-    # and accurate sin/cos (libdevice, tens of instructions each) would otherwise cost more than the memory traffic.
+    # One program per (sequence, block of positions, group of HEADS heads), looping over its heads: the angles do not
+    # depend on the head, and accurate sin/cos (libdevice, tens of instructions each) would otherwise cost more than
+    # the memory traffic. The groups run over the H query heads and then the Hkv key heads: group g holds q's heads
+    # [g HEADS, min((g + 1) HEADS, H)) and k's [max(g HEADS - H, 0), min((g + 1) HEADS - H, Hkv)), either maybe empty.
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     i = tl.arange(0, BLOCK_HALF)
@@ -111,14 +136,17 @@ def _rope_kernel(
     j = tl.arange(0, 2 * BLOCK_HALF)
     mask = t_ok[:, None] & (j[None, :] < 2 * HALF)
     t64 = t.to(tl.int64)
-    y_offs = t64[:, None] * (2 * HALF) + j[None, :]
-    y_head = T * (2 * HALF)
-    _rope_heads(q_ptr + b * stride_qb, qo_ptr + b * H * y_head, H, stride_qh, t64[:, None] * stride_qt + j[None, :],
-                y_offs, y_head, mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
-    _rope_heads(k_ptr + b * stride_kb, ko_ptr + b * HKV * y_head, HKV, stride_kh, t64[:, None] * stride_kt + j[None, :],
-                y_offs, y_head, mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
+    h0 = tl.program_id(2).to(tl.int64) * HEADS
+    q_end, k_start = tl.minimum(h0 + HEADS, H), tl.maximum(h0 - H, 0)
+    _rope_heads(q_ptr + b * stride_qb + h0 * stride_qh, qo_ptr + b * stride_qob + h0 * stride_qoh, q_end - h0,
+                stride_qh, stride_qoh, t64[:, None] * stride_qt + j[None, :], t64[:, None] * stride_qot + j[None, :],
+                mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
+    _rope_heads(k_ptr + b * stride_kb + k_start * stride_kh, ko_ptr + b * stride_kob + k_start * stride_koh,
+                tl.minimum(h0 + HEADS - H, HKV) - k_start, stride_kh, stride_koh, t64[:, None] * stride_kt + j[None, :],
+                t64[:, None] * stride_kot + j[None, :], mask, cos, sin, BLOCK_T, BLOCK_HALF)  # fmt: skip
 
 
+HEADS_PER_PROGRAM = 4  # heads a program rotates: the grid's third axis splits H + Hkv into groups of these (docstring)
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
 
 
@@ -147,21 +175,19 @@ def _as_bhtd(x: torch.Tensor) -> torch.Tensor:
 def rope_launch(
     q4: torch.Tensor, k4: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate (B, H, T, d) q4 and (B, Hkv, T, d) k4 in one launch; returns fresh contiguous tensors."""
+    """Rotate (B, H, T, d) q4 and (B, Hkv, T, d) k4 in one launch; returns fresh tensors laid out like q4 and k4."""
     B, H, T, d = q4.shape
     half = d // 2
     inv_freq = _inv_freq(d, theta, q4.device)
-    qo = _utils.empty(q4.shape, q4.dtype, q4.device)
-    ko = _utils.empty(k4.shape, k4.dtype, k4.device)
+    qo, ko = _utils.empty_like(q4), _utils.empty_like(k4)
     stride_pb = positions.stride(0) if positions.dim() == 2 else 0
     block_half = triton.next_power_of_2(half)
-    # ~1024 pairs a tile: enough programs (B x T / block_t) to fill the SMs even for one head group per sequence.
-    block_t = max(1, min(triton.next_power_of_2(T), 1024 // block_half))
-    grid = (B, triton.cdiv(T, block_t))
+    block_t = max(1, min(triton.next_power_of_2(T), 1024 // block_half))  # ~1024 pairs a tile
+    grid = (B, triton.cdiv(T, block_t), triton.cdiv(H + k4.shape[1], HEADS_PER_PROGRAM))
     _rope_kernel[grid](
-        q4, k4, positions, inv_freq, qo, ko, q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1),
-        k4.stride(2), stride_pb, positions.stride(-1), H, k4.shape[1], T, half, INVERSE=inverse, BLOCK_T=block_t,
-        BLOCK_HALF=block_half, num_warps=_utils.num_warps_for(2 * block_t * block_half),
+        q4, k4, positions, inv_freq, qo, ko, *q4.stride()[:3], *k4.stride()[:3], *qo.stride()[:3], *ko.stride()[:3],
+        stride_pb, positions.stride(-1), H, k4.shape[1], T, half, INVERSE=inverse, BLOCK_T=block_t,
+        BLOCK_HALF=block_half, HEADS=HEADS_PER_PROGRAM, num_warps=_utils.num_warps_for(2 * block_t * block_half),
     )
     return qo, ko
 
@@ -175,7 +201,7 @@ def _rope_op(
 
 @_rope_op.register_fake
 def _(q4, k4, positions, theta, inverse):
-    return q4.new_empty(q4.shape), k4.new_empty(k4.shape)
+    return torch.empty_like(q4), torch.empty_like(k4)  # the layouts of rope_launch's
 
 
 def _setup_context(ctx, inputs, output):

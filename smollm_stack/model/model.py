@@ -209,6 +209,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, kv_cache.attention_mask(T), enable_gqa=True)  # (B, H, T, dh)
         else:  # the kernel reads each K/V head for its group of query heads (no repeat), mask aligned to the end
             y = _ops(self.kernels, x).flash_attention(q, k, v, causal=True, doc_ids=doc_ids)  # (B, H, T, dh)
+        # y is laid out like q, (B, T, H, dh) storage (our kernels' O, SDPA's on most paths): the reshape is a view
         return self.output_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 

@@ -281,7 +281,7 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
     torch.manual_seed(cfg.seed)
     raw = TransformerLM(config).to(device)
     if cfg.preflight and device.type == "cuda" and backend == "triton":
-        preflight(config, data.context_length, dtype, device, cfg.seed)
+        preflight(config, data.context_length, dtype, device, cfg.seed, cfg.batch_size)
     if cfg.activation_checkpointing:
         checkpoint_blocks(raw)
     if cfg.parallel == "fsdp" and info.enabled:
@@ -590,8 +590,11 @@ def sample_story(model, data: Data, cfg: TrainConfig, run_dir: RunDir) -> str:
     return story
 
 
-def preflight(model_config: ModelConfig, seq_len: int, dtype: torch.dtype, device: torch.device, seed: int):
-    """Check every Triton kernel's forward and backward against eager PyTorch on this run's shapes (batch 2)."""
+def preflight(
+    model_config: ModelConfig, seq_len: int, dtype: torch.dtype, device: torch.device, seed: int, batch_size: int
+):
+    """Check every Triton kernel's forward and backward against eager PyTorch on this run's shapes (batch 2: the fp64
+    references fit beside it at any training batch), then tune attention at the training batch."""
     from smollm_stack.kernels.check import check_kernels, format_check_table
 
     results = check_kernels(
@@ -612,3 +615,14 @@ def preflight(model_config: ModelConfig, seq_len: int, dtype: torch.dtype, devic
             "kernel preflight failed: a Triton kernel disagrees with eager PyTorch on this run's shapes "
             "(--no-preflight skips this check; --kernels eager avoids the kernels)\n" + format_check_table(results)
         )
+    tune_attention(model_config, batch_size, seq_len, dtype, device)
+
+
+def tune_attention(config: ModelConfig, batch_size: int, seq_len: int, dtype: torch.dtype, device: torch.device):
+    """Attention's forward and backward once at the training shape, q, k, v laid out as the model passes them, so its
+    autotuner (keyed by batch x heads and length) picks the tiles of the training grid here, before the first step."""
+    heads = (config.num_heads, config.num_kv_heads, config.num_kv_heads)
+    q, k, v = (torch.randn(batch_size, seq_len, h, config.head_dim, device=device, dtype=dtype, requires_grad=True)
+               for h in heads)  # fmt: skip
+    out = kernels.ops("triton", device).flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out.backward(torch.randn_like(out))
