@@ -14,7 +14,7 @@ Activations are what backward reads, counted per token and layer from what our k
 the q/k/v and output projections: their inputs; attention: q, k, v, its output and a log-sum-exp per head, no
 T x T scores; SwiGLU: gate and up; w2: its input), in the activation dtype::
 
-    7 d_model + 2 d_kv + 3 d_ff elements, + (2 + num_heads) fp32 statistics
+    6 d_model + 2 d_kv + 3 d_ff elements, + (2 + num_heads) fp32 statistics
 
 (``tests/test_fsdp.py`` holds this equal to the bytes autograd saves). With activation checkpointing a block keeps
 only its input (d_model elements a token) and recomputes the rest during backward, one block at a time, so the
@@ -57,11 +57,12 @@ def block_activation_elements(config: ModelConfig) -> tuple[int, int]:
     d_kv = config.num_kv_heads * config.head_dim
     ffn = 3 * config.d_ff if config.ffn == "swiglu" else 2 * config.d_ff  # gate and up, w2's input (silu: 2)
     norms = 0 if config.norm == "none" else 2  # one rstd a row each
-    # ln1's input, q/k/v's input, q, attention's output, output_proj's input (a reshaped copy), ln2's input and
-    # the FFN's input: 7 d_model (pre-norm); k and v: 2 d_kv. Without value embeddings v is a view of the one q/k/v
-    # product (kernels/stacked_linear.py), which attention's saved v keeps whole: d_model + d_kv more.
+    # ln1's input, q/k/v's input, q, attention's output (which output_proj reads as a view: attention writes it in
+    # the projections' layout), ln2's input and the FFN's input: 6 d_model (pre-norm); k and v: 2 d_kv. Without
+    # value embeddings v is a view of the one q/k/v product (kernels/stacked_linear.py), which attention's saved v
+    # keeps whole: d_model + d_kv more.
     stacked = 0 if config.value_embeddings else config.d_model + d_kv
-    return 7 * config.d_model + 2 * d_kv + stacked + ffn, norms + config.num_heads
+    return 6 * config.d_model + 2 * d_kv + stacked + ffn, norms + config.num_heads
 
 
 def bytes_per_gpu(
