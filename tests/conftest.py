@@ -13,9 +13,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Muon's CPU iteration in fp32 on every CPU, so the suite's numbers do not depend on the CPU's bf16 instructions
-# (tests/test_muon.py checks the automatic choice)
-os.environ.setdefault("SMOLLM_MUON_CPU_DTYPE", "float32")
 
 if importlib.util.find_spec("triton") is None:  # off Linux triton has no wheels: its kernels' tests have nothing to run
     collect_ignore_glob = ["test_attention*.py", "test_kernels*.py", "test_lowering*.py"]

@@ -97,21 +97,21 @@ def test_bf16_iteration_stays_in_the_band(scale):
     assert torch.linalg.svdvals(orthogonalize(rank_one)).tolist() == pytest.approx([1.0, 0, 0], abs=0.35)
 
 
-def test_the_cpu_iteration_dtype_follows_the_cpu_or_the_override(monkeypatch):
+def test_the_cpu_iteration_is_fp32_unless_the_environment_names_bf16(monkeypatch):
     from smollm_stack.train import muon
 
-    cases = ((True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32))
-    for bf16, amx, want in cases:
-        monkeypatch.setenv("SMOLLM_MUON_CPU_DTYPE", "auto")
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+    for value, want in ((None, torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        if value is None:
+            monkeypatch.delenv("SMOLLM_MUON_CPU_DTYPE", raising=False)
+        else:
+            monkeypatch.setenv("SMOLLM_MUON_CPU_DTYPE", value)
         muon.cpu_iteration_dtype.cache_clear()
         assert muon.iteration_dtype(torch.zeros(2, 2)) == want
     monkeypatch.setenv("SMOLLM_MUON_CPU_DTYPE", "fp16")
     muon.cpu_iteration_dtype.cache_clear()
     with pytest.raises(ValueError, match="SMOLLM_MUON_CPU_DTYPE"):
         muon.iteration_dtype(torch.zeros(2, 2))
-    monkeypatch.setenv("SMOLLM_MUON_CPU_DTYPE", "float32")
+    monkeypatch.delenv("SMOLLM_MUON_CPU_DTYPE")
     muon.cpu_iteration_dtype.cache_clear()
 
 

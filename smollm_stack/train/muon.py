@@ -23,12 +23,12 @@ the Muon write-up trade exactness for speed: the slope p'(0) = 3.44 lifts small 
 the iterates do not converge to 1 but into a band: p maps [0, 1] into [0, 1.2024] and [0.68, 1.2024] into itself, and
 after 5 iterations every singular value that started at >= 0.003 of the norm lies in [0.68, 1.2024] (a grid over s
 shows it; tests/test_muon.py checks it). Since the band is attracting, rounding errors do not accumulate, which is
-why the iteration runs in bf16 on a GPU (tensor cores), and on a CPU with bf16 vector instructions (AVX512-BF16 or
-AMX: on a Zen 4 core the 17M preset's iteration takes half the time of fp32's); on other CPUs, where bf16 matmuls are
-emulated and slow, it runs in fp32. Tall matrices are transposed first so X X^T is the smaller k x k Gram matrix,
-k = min(m, n): an iteration costs 4 k^2 max(m, n) + 2 k^3 FLOPs, at d_model 768 about 14 GFLOP for a square
-matrix's 5 iterations, against the 6 * 768^2 = 3.5 MFLOP per token of its forward and backward: small next to a
-step of 10^5 tokens or more.
+why the iteration runs in bf16 on a GPU (tensor cores). On a CPU it runs in fp32: bf16 matmuls are emulated on most,
+and where the vector units multiply bf16 (AVX512-BF16, AMX) ``$SMOLLM_MUON_CPU_DTYPE=bfloat16`` halves the 17M
+preset's iteration but ends the tiny default run worse (bench/RESULTS.md, Training). Tall matrices are transposed
+first so X X^T is the smaller k x k Gram matrix, k = min(m, n): an iteration costs 4 k^2 max(m, n) + 2 k^3 FLOPs,
+at d_model 768 about 14 GFLOP for a square matrix's 5 iterations, against the 6 * 768^2 = 3.5 MFLOP per token of
+its forward and backward: small next to a step of 10^5 tokens or more.
 
 The step is batched, since a model has few distinct matrix shapes (the 125M preset: 84 matrices, 3 shapes): one
 foreach launch updates every momentum and one decays every weight; then per shape the gradients are stacked into a
@@ -138,15 +138,11 @@ CPU_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @functools.cache
 def cpu_iteration_dtype() -> torch.dtype:
-    """bf16 on a CPU whose vector units multiply it (AVX512-BF16 or AMX: half the bytes, about twice fp32's rate),
-    else fp32 (bf16 products are emulated there, slower than fp32); ``$SMOLLM_MUON_CPU_DTYPE`` (auto, float32,
-    bfloat16) overrides the choice, e.g. to get the same numbers on every CPU."""
-    choice = os.environ.get("SMOLLM_MUON_CPU_DTYPE", "auto")
-    if choice == "auto":
-        fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if fast else torch.float32
+    """fp32, or what ``$SMOLLM_MUON_CPU_DTYPE`` (float32, bfloat16) names: bf16 pays only on a CPU whose vector units
+    multiply it (AVX512-BF16, AMX), and there it trades the default run's loss for the 17M preset's speed."""
+    choice = os.environ.get("SMOLLM_MUON_CPU_DTYPE", "float32")
     if choice not in CPU_DTYPES:
-        raise ValueError(f"$SMOLLM_MUON_CPU_DTYPE must be auto, float32 or bfloat16, got {choice!r}")
+        raise ValueError(f"$SMOLLM_MUON_CPU_DTYPE must be float32 or bfloat16, got {choice!r}")
     return CPU_DTYPES[choice]
 
 
