@@ -39,14 +39,14 @@ correct the unit costs), after ~15 s of start-up (import torch and triton, CUDA 
 
     device                                                                                 ~0 s
     env        2 ceilings                                                                  ~5 s
-    check      20 kernel compiles, 26 attention compiles, 26 autotune trials, 12 op checks ~82 s
+    check      20 kernel compiles, 28 attention compiles, 28 autotune trials, 12 op checks ~86 s
     kernels    72 timed rows, 12 torch.compile compiles                                    ~108 s (~24 s --no-compile)
-    attention  13 attention compiles, 143 autotune trials, 84 timed rows, 14 op checks     ~96 s
+    attention  14 attention compiles, 154 autotune trials, 84 timed rows, 14 op checks     ~100 s
     train      6 trainer rows, 2 whole-model compiles                                      ~240 s (~80 s --no-compile)
-    dtypes     20 kernel compiles, 26 attention compiles, 26 autotune trials, 12 op checks ~82 s
+    dtypes     20 kernel compiles, 28 attention compiles, 28 autotune trials, 12 op checks ~86 s
 
-so the default 420 s budget runs device to attention in ~306 s with start-up, then train without torch.compile
-(~80 s), and skips dtypes; ``--no-compile`` runs every section in ~384 s. Exit status 1 when any correctness check or
+so the default 420 s budget runs device to attention in ~314 s with start-up, then train without torch.compile
+(~80 s), and skips dtypes; ``--no-compile`` runs every section in ~396 s. Exit status 1 when any correctness check or
 any section fails, 2 on bad flags or no GPU.
 """
 
