@@ -22,18 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-EOT = "<|endoftext|>"
+from smollm_stack.bench.tokenizer import EOT, document_blocks
 
 
-def documents(corpus: Path, block: int = 16 << 20):
-    """The corpus's documents, read a block at a time (memory bounded by the longest document)."""
-    rest = ""
-    with open(corpus, encoding="utf-8") as f:
-        for text in iter(lambda: f.read(block), ""):
-            *docs, rest = (rest + text).split(EOT)
-            yield from (d.strip("\n") for d in docs if d.strip())
-    if rest.strip():
-        yield rest.strip("\n")
+def documents(corpus: Path):
+    """The corpus's documents, read a block of whole documents at a time."""
+    for block in document_blocks(corpus, 16 << 20):
+        yield from (d.strip("\n") for d in block.split(EOT) if d.strip())
 
 
 def cut_into_shards(corpus: Path, n: int, out: Path) -> list[Path]:
