@@ -13,7 +13,7 @@ from conftest import check_ratio
 from smollm_stack.bench import kernels as bench_kernels
 from smollm_stack.bench import train as bench_train
 from smollm_stack.model import flops_per_token
-from smollm_stack.train.dataset import BatchSampler
+from smollm_stack.train.data.tokens import BatchSampler
 
 CPU_SHAPE = bench_kernels.BenchShape("tinystories-17m", batch=8, seq=256, d_model=512, d_ff=1344, heads=16, vocab=10000)
 CASES = {c.op: c for c in bench_kernels._cases(CPU_SHAPE, torch.float32, torch.device("cpu")) if c.reference}

@@ -1,4 +1,4 @@
-"""Tokenizer races on the shipped corpus (smollm_stack/train/data/train.txt, 2.1 MB of TinyStories), one worker:
+"""Tokenizer races on the shipped corpus (train/data/embedded/train.txt, 2.1 MB of TinyStories), one worker:
 BPE training, ours vs Hugging Face ``tokenizers``; encoding with GPT-2's vocabulary, ours vs tiktoken. The
 providers are bench.tokenizer's (the report's own), so both time the same calls."""
 
@@ -6,7 +6,7 @@ import pytest
 from conftest import check_ratio
 
 from smollm_stack.bench import tokenizer as bench
-from smollm_stack.train.dataset import default_corpus
+from smollm_stack.train.data.tokens import default_corpus
 
 CORPUS = default_corpus()[0]
 VOCAB = 2000

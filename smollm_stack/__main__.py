@@ -14,12 +14,12 @@ from smollm_stack import __version__
 COMMANDS = {
     "train": ("smollm_stack.train.__main__", "train a model (the default: the whole pipeline on the embedded corpus)"),
     "tokenizer": ("smollm_stack.tokenizer.__main__", "train a BPE tokenizer, or encode a text file with one"),
-    "prepare": ("smollm_stack.train.prepare", "train a tokenizer and encode the train and validation splits"),
+    "prepare": ("smollm_stack.train.data.prepare", "train a tokenizer and encode the train and validation splits"),
     "lm": ("smollm_stack.train.lm", "sample from a run, export it to Hugging Face, or import a Llama"),
     "eval": ("smollm_stack.train.eval", "score a run on downstream tasks (HellaSwag, ARC, PIQA, OpenBookQA)"),
     "experiments": ("smollm_stack.train.experiments.__main__", "run suites of variants and report them"),
-    "consolidate": ("smollm_stack.train.consolidate", "turn a sharded (FSDP) checkpoint into one file"),
-    "download": ("smollm_stack.train.download", "download a public corpus (TinyStories, OpenWebText)"),
+    "consolidate": ("smollm_stack.train.store.consolidate", "turn a sharded (FSDP) checkpoint into one file"),
+    "download": ("smollm_stack.train.data.download", "download a public corpus (TinyStories, OpenWebText)"),
 }
 
 

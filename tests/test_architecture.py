@@ -108,3 +108,127 @@ def test_the_check_sees_every_kind_of_import(tmp_path):
         f"{source}:9: bench imports bare kernels (rule: {BARE})",
         f"{source}:10: bench imports bare model (rule: {BARE})",
     ]
+
+
+# The trainer's rooms: what each lower room may import from the rest of train/ (besides itself). The top floor
+# (the run loop, the command lines, experiments, the CS336 adapters, the package face) may import any room, and
+# no room imports it.
+ROOMS = {
+    "precision": set(),
+    "loggers": set(),
+    "metrics": set(),
+    "schedule": set(),  # pure learning-rate math: resuming's file moves live in store/resume.py
+    "data": set(),
+    "parallel": set(),
+    "config": {"precision", "loggers"},  # the lowest floor of the trainer's own: argument parsing lives in cli
+    "optim": {"config"},
+    "store": {"config", "schedule", "optim", "parallel"},
+    "log": {"store", "loggers"},
+    "eval": {"data", "lm"},
+    "lm": {"store"},
+}
+TOP_FLOOR = {"loop", "cli", "__main__", "__init__", "experiments", "cs336"}
+TRAIN = REPO / TOP / "train"
+
+
+def train_module(path: Path) -> str:
+    """smollm_stack/train/store/resume.py -> store.resume; a package's __init__.py -> the package."""
+    parts = path.relative_to(TRAIN).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
+def room(module: str) -> str:
+    return module.split(".")[0]
+
+
+def train_imports(path: Path) -> set[str]:
+    """The train modules that `path` imports, at module level or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.startswith(f"{TOP}.train."):
+                module = name.removeprefix(f"{TOP}.train.")
+                parts = module.split(".")
+                while parts and not (
+                    (TRAIN / "/".join(parts)).with_suffix(".py").is_file()
+                    or (TRAIN / "/".join(parts) / "__init__.py").is_file()
+                ):
+                    parts.pop()
+                if parts:
+                    found.add(".".join(parts))
+    return found - {train_module(path)}
+
+
+def train_graph() -> dict[str, set[str]]:
+    return {train_module(p): train_imports(p) for p in sorted(TRAIN.rglob("*.py"))}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of `graph` (Tarjan's strongly connected components of more than one module)."""
+    index, low, stack, found, counter = {}, {}, [], [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def room_violations(graph: dict[str, set[str]]) -> list[str]:
+    broken = []
+    for module, imported in sorted(graph.items()):
+        for target in sorted(imported):
+            source_room, target_room = room(module), room(target)
+            if source_room == target_room or source_room in TOP_FLOOR:
+                continue
+            if target_room in TOP_FLOOR:
+                broken.append(f"{module} imports {target}: nothing below the top floor imports it")
+            elif target_room not in ROOMS.get(source_room, set()):
+                broken.append(f"{module} imports {target}: {source_room} may import only {sorted(ROOMS[source_room])}")
+    return broken
+
+
+def test_the_trainer_keeps_its_rooms():
+    graph = train_graph()
+    unknown = {room(m) for m in graph} - set(ROOMS) - TOP_FLOOR
+    assert not unknown, f"rooms with no rule in ROOMS or TOP_FLOOR: {sorted(unknown)}"
+    assert not circles(graph), f"import circles in train/: {circles(graph)}"
+    broken = room_violations(graph)
+    assert not broken, "room rules broken:\n" + "\n".join(broken)
+
+
+def test_the_room_check_sees_circles_and_upward_arrows():
+    graph = {"config": {"loop"}, "loop": {"config"}, "data.tokens": {"optim.muon"}, "optim.muon": set()}
+    assert circles(graph) == [["config", "loop"]]
+    assert room_violations(graph) == [
+        "config imports loop: nothing below the top floor imports it",
+        "data.tokens imports optim.muon: data may import only []",
+    ]
+    assert (
+        train_module(TRAIN / "store" / "resume.py") == "store.resume"
+        and train_module(TRAIN / "data" / "__init__.py") == "data"
+    )

@@ -8,7 +8,7 @@ import torch
 
 from smollm_stack.model import ModelConfig, TransformerLM
 from smollm_stack.tokenizer import Tokenizer
-from smollm_stack.train.dataset import EOT, batch_from_starts, eval_starts
+from smollm_stack.train.data.tokens import EOT, batch_from_starts, eval_starts
 from smollm_stack.train.log import format_row
 from smollm_stack.train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from smollm_stack.tokenizer import Tokenizer
-from smollm_stack.train import dataset
-from smollm_stack.train.dataset import AlignedBatchSampler, BatchSampler, open_tokens, piece_starts, resolve_data
-from smollm_stack.train.prepare import main as prepare_main
-from smollm_stack.train.shards import MANIFEST, ShardedTokens, write_shards
-from smollm_stack.train.sources import EOT, resolve
+from smollm_stack.train.data import tokens as dataset
+from smollm_stack.train.data.tokens import AlignedBatchSampler, BatchSampler, open_tokens, piece_starts, resolve_data
+from smollm_stack.train.data.prepare import main as prepare_main
+from smollm_stack.train.data.shards import MANIFEST, ShardedTokens, write_shards
+from smollm_stack.train.data.sources import EOT, resolve
 from tests.test_train_data import fake_hub
 
 WORDS = ["fox", "cat", "owl", "bee", "ant", "elk"]
@@ -240,7 +240,7 @@ def test_the_text_field_is_chosen_recorded_and_a_changed_one_is_noticed(tmp_path
 def test_the_scale_benchmark_cuts_a_corpus_into_shards_of_whole_documents(tmp_path):
     pytest.importorskip("pyarrow")
     from smollm_stack.bench.data import cut_into_shards
-    from smollm_stack.train.sources import text_batches
+    from smollm_stack.train.data.sources import text_batches
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"{d}\n{EOT}\n" for d in DOCS))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smollm_stack.model import TransformerLM
-from smollm_stack.train.dataset import AlignedBatchSampler, BatchSampler, batch_sampler, document_ids, piece_starts
+from smollm_stack.train.data.tokens import AlignedBatchSampler, BatchSampler, batch_sampler, document_ids, piece_starts
 from smollm_stack.train.loop import run
 
 EOT, T = 0, 4  # the separator's id, and the window length

@@ -61,7 +61,11 @@ def test_spec_files_and_bad_suites(tmp_path):
     assert name == "mine" and [v.name for v in variants] == ["a", "b"]
     assert variants[1].overrides == {"max_lr": 1e-3, "model_args": {"norm": "post"}}
     cfg = variants[1].config(make_config({}), tmp_path / "b")
-    assert cfg.max_lr == 1e-3 and cfg.model_args == {"norm": "post"} and cfg.out_dir == str(tmp_path / "b")
+    assert (
+        cfg.schedule.max_lr == 1e-3
+        and cfg.model.args == {"norm": "post"}
+        and cfg.checkpoint.out_dir == str(tmp_path / "b")
+    )
 
     (tmp_path / "j.json").write_text(json.dumps({"variants": [{"name": "x", "model": {"d_model": 7}}]}))
     with pytest.raises(ValueError, match="variant x"):  # 7 is not divisible by the heads: named before any run
@@ -100,9 +104,9 @@ def first_run(tokens, tmp_path_factory):
 @pytest.fixture(scope="module")
 def second_run(first_run, tokens):
     """The same command again, in this process (jobs=1), after a variant was added that fails at run time (its
-    context is longer than the data) and "a" was killed between its step-8 checkpoint and its end (no summary, no
-    last checkpoint). Returns the spec, the suite dir, the rows, what it printed, a's metrics before and after, and
-whether the diverged variant was skipped."""
+        context is longer than the data) and "a" was killed between its step-8 checkpoint and its end (no summary, no
+        last checkpoint). Returns the spec, the suite dir, the rows, what it printed, a's metrics before and after, and
+    whether the diverged variant was skipped."""
     spec, suite_dir, _, _ = first_run
     broken = {"name": "broken", "context_length": 10_000}
     spec.write_text(json.dumps({"name": "smoke", "variants": [*SMOKE_VARIANTS, broken]}))
@@ -179,10 +183,20 @@ def test_webtext_preset_is_the_recipe_and_runs_at_toy_scale(tokens, tmp_path, ca
     cfg = webtext_config(world_size=1)
     total = param_counts(webtext_model_config())[0]
     assert 90e6 < total < 130e6
-    assert cfg.batch_size * cfg.grad_accum * cfg.context_length == TOKENS_PER_STEP == 2**20
-    assert cfg.steps * TOKENS_PER_STEP == pytest.approx(20 * total, rel=0.01)  # Chinchilla's 20 tokens / parameter
-    assert cfg.optimizer == "torch"  # AdamW, whatever the trainer's default optimizer
-    assert (cfg.max_lr, cfg.min_lr, cfg.beta1, cfg.beta2, cfg.weight_decay, cfg.grad_clip, cfg.dtype) == (
+    assert cfg.training.batch_size * cfg.training.grad_accum * cfg.model.context_length == TOKENS_PER_STEP == 2**20
+    assert cfg.training.steps * TOKENS_PER_STEP == pytest.approx(
+        20 * total, rel=0.01
+    )  # Chinchilla's 20 tokens / parameter
+    assert cfg.optimizer.name == "torch"  # AdamW, whatever the trainer's default optimizer
+    assert (
+        cfg.schedule.max_lr,
+        cfg.schedule.min_lr,
+        cfg.optimizer.beta1,
+        cfg.optimizer.beta2,
+        cfg.optimizer.weight_decay,
+        cfg.optimizer.grad_clip,
+        cfg.system.dtype,
+    ) == (
         3e-3,
         3e-4,
         0.9,
@@ -191,15 +205,16 @@ def test_webtext_preset_is_the_recipe_and_runs_at_toy_scale(tokens, tmp_path, ca
         1.0,
         "bfloat16",
     )
-    assert 0 < cfg.warmup_steps < cfg.steps // 10
+    assert 0 < cfg.schedule.warmup_steps < cfg.training.steps // 10
     eight = webtext_config(world_size=8)
-    assert eight.grad_accum * 8 == cfg.grad_accum  # data parallel keeps the 1M-token step
+    assert eight.training.grad_accum * 8 == cfg.training.grad_accum  # data parallel keeps the 1M-token step
     with pytest.raises(ValueError, match="processes"):
         webtext_config(world_size=3)
     assert "ESTIMATE" in plan() and "H100-hours" in plan()
 
     smoke = webtext_config(smoke=True, train_data=tokens[0], val_data=tokens[1], out_dir=str(tmp_path / "w"))
-    assert (smoke.max_lr, smoke.beta2, smoke.weight_decay, smoke.dtype, smoke.grad_accum) == (
+    s, o = smoke, smoke.optimizer
+    assert (s.schedule.max_lr, o.beta2, o.weight_decay, s.system.dtype, s.training.grad_accum) == (
         3e-3,
         0.95,
         0.1,
@@ -243,7 +258,7 @@ def test_budget_cli(capsys):
     # The printed preset is a TOML config that the trainer's --config accepts as it is.
     toml_text = out.split("# TOML preset", 1)[1].split("\n", 1)[1]
     cfg = make_config(tomllib.loads(toml_text))
-    assert cfg.model == "125m" and cfg.model_args["num_layers"] > 0 and cfg.tokens > 0
+    assert cfg.model.preset == "125m" and cfg.model.args["num_layers"] > 0 and cfg.training.tokens > 0
     assert main(["budget", "--hours", "2"]) == 2  # no throughput given
     assert "needs exactly one throughput" in capsys.readouterr().err
     assert main(["budget", "--flops", "1e18", "--gpu", "nosuch"]) == 2
@@ -251,13 +266,15 @@ def test_budget_cli(capsys):
 
 def test_prepare_resumes_restarts_or_skips_a_run_directory(tmp_path):
     cfg = make_config(RUN, out_dir=str(tmp_path / "r"))
-    assert prepare(cfg) == "start" and cfg.resume == "auto"  # the trainer then starts, resumes or restarts it
+    assert (
+        prepare(cfg) == "start" and cfg.checkpoint.resume == "auto"
+    )  # the trainer then starts, resumes or restarts it
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps(cfg.to_dict()))
     (tmp_path / "r" / "metrics.jsonl").write_text("")
     assert prepare(cfg) == "start" and (tmp_path / "r" / "metrics.jsonl").exists()  # dead: restarted, not deleted
     (tmp_path / "r" / "ckpt_000004.pt").write_bytes(b"")
-    assert prepare(cfg) == "resume" and cfg.resume == "auto"
+    assert prepare(cfg) == "resume" and cfg.checkpoint.resume == "auto"
     (tmp_path / "r" / "summary.json").write_text("{}")
     assert prepare(cfg) == "done"
     with pytest.raises(ValueError, match="differs in max_lr"):
@@ -270,7 +287,7 @@ def test_prepare_resumes_restarts_or_skips_a_run_directory(tmp_path):
 
 def test_a_run_saved_before_a_field_existed_is_reused_only_when_that_field_is_at_its_default(tmp_path):
     cfg = make_config(RUN, out_dir=str(tmp_path / "r"))
-    old = {k: v for k, v in cfg.to_dict().items() if k != "doc_mask"}  # written by a trainer without --doc-mask
+    old = {k: v for k, v in cfg.flat().items() if k != "doc_mask"}  # flat, by a trainer without --doc-mask
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps(old))
     (tmp_path / "r" / "summary.json").write_text("{}")

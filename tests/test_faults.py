@@ -30,13 +30,13 @@ from smollm_stack.files import TMP_MARK, atomic_file, open_append, write_atomic
 from smollm_stack.tokenizer import Tokenizer
 from smollm_stack.tokenizer.__main__ import main as tokenizer_main
 from smollm_stack.train.__main__ import main as train_main
-from smollm_stack.train.consolidate import main as consolidate_main
+from smollm_stack.train.store.consolidate import main as consolidate_main
 from smollm_stack.train.cs336 import run_load_checkpoint
 from smollm_stack.train.lm import main as lm_main
 from smollm_stack.train.experiments.__main__ import main as experiments_main
 from smollm_stack.train.log import RunLogger, read_metrics
 from smollm_stack.train.loop import Interrupted, StopRequest
-from smollm_stack.train.prepare import main as prepare_main
+from smollm_stack.train.data.prepare import main as prepare_main
 
 FLAGS = as_flags(  # conftest's tiny run as command-line flags; a cosine run extends with its schedule unchanged
     {**TINY, "eval_interval": 5, "log_interval": 5, "ckpt_interval": 5, "keep_ckpts": 4}
@@ -169,9 +169,9 @@ def test_3_two_processes_racing_for_one_run_dir(tokens, tmp_path):
     winner = [seed for seed, (code, _) in zip((1, 2), results) if code == 0][0]
     loser_err = next(err for code, err in results if code == 2)
     assert "in use by another run" in loser_err or "already holds a run" in loser_err
-    assert json.loads((run_dir / "config.json").read_text())["seed"] == winner
+    assert json.loads((run_dir / "config.json").read_text())["training"]["seed"] == winner
     checkpoint = torch.load(run_dir / "ckpt_000010.pt", weights_only=True)
-    assert checkpoint["train_config"]["seed"] == winner
+    assert checkpoint["train_config"]["training"]["seed"] == winner
     assert [r["step"] for r in read_metrics(run_dir)] == [0, 5, 10]  # one run's rows, not two interleaved
 
 
@@ -332,7 +332,7 @@ def test_10_prepare_into_an_existing_dir_needs_force_and_then_replaces_the_token
 
 
 def test_10_a_prepare_stopped_after_its_tokenizer_resumes_with_the_same_command(text_file, tmp_path, capsys):
-    from smollm_stack.train import prepare
+    from smollm_stack.train.data import prepare
 
     out = tmp_path / "prepared"
     argv = ["--train", str(text_file), "--val", str(text_file), "--out", str(out), "--vocab-size", "260"]
@@ -577,12 +577,13 @@ def _plant_in_shards(step_dir: Path):
 
     from smollm_stack.model import ModelConfig, TransformerLM
     from smollm_stack.train.config import make_config
-    from smollm_stack.train.fsdp import read_meta, torch_optimizers
-    from smollm_stack.train.optimizers import build_optimizer
+    from smollm_stack.train.store.sharded import read_meta, torch_optimizers
+    from smollm_stack.train.optim.builder import build_optimizer
 
     meta = read_meta(step_dir)
     model = TransformerLM(ModelConfig(**meta["model_config"]))
-    optimizer = build_optimizer(make_config(meta["train_config"]), model, torch.device("cpu"))
+    saved = make_config(meta["train_config"])
+    optimizer = build_optimizer(saved.optimizer, model, torch.device("cpu"), saved.schedule.max_lr)
     model_state, optimizer_state = get_state_dict(model, torch_optimizers(optimizer))
     optimizer_state["param_groups"][0]["lr"] = _Payload()
     for shard in step_dir.glob("*.distcp"):

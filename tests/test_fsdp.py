@@ -19,13 +19,20 @@ import torch
 
 from smollm_stack.model import ModelConfig, TransformerLM, load_model, param_counts
 from smollm_stack.model.hf import export_hf
-from smollm_stack.train.distributed import Dist
-from smollm_stack.train.consolidate import main as consolidate_main
-from smollm_stack.train.dataset import default_corpus
-from smollm_stack.train.fsdp import MANIFEST_FILE, check_kind, damage
+from smollm_stack.train.parallel.distributed import Dist
+from smollm_stack.train.store.consolidate import main as consolidate_main
+from smollm_stack.train.data.tokens import default_corpus
+from smollm_stack.train.store.resume import check_kind
+from smollm_stack.train.store.sharded import MANIFEST_FILE, damage
 from smollm_stack.train.log import read_metrics
-from smollm_stack.train.rundir import RunDir
-from smollm_stack.train.memory import GiB, block_activation_elements, bytes_per_gpu, checkpoint_blocks, memory_table
+from smollm_stack.train.store.rundir import RunDir
+from smollm_stack.train.parallel.memory import (
+    GiB,
+    block_activation_elements,
+    bytes_per_gpu,
+    checkpoint_blocks,
+    memory_table,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = [  # 6 steps of the tiny model on byte-level text; checkpoints at 3 and 6; evals on every window
@@ -237,7 +244,7 @@ def test_activation_checkpointing_same_loss_and_gradients_fewer_saved_bytes(kern
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
         assert torch.equal(a.grad, b.grad), name
     # Checkpointed, each block keeps only its input, (2 x 11) x 48 fp32: of the blocks' share of the saved bytes
-    # (at least 7 such tensors a block, see train/memory.py) only 1 in 7 remains.
+    # (at least 7 such tensors a block, see train/parallel/memory.py) only 1 in 7 remains.
     block_input = 2 * 11 * 48 * 4
     outside = saved[1] - 2 * block_input  # the embedding's output, ln_final's input: saved either way
     assert saved[0] - outside >= 2 * 7 * block_input
@@ -252,7 +259,7 @@ def test_activation_checkpointing_same_loss_and_gradients_fewer_saved_bytes(kern
 @pytest.mark.parametrize("shape", [dict(d_model=64, num_heads=4, num_kv_heads=2), dict(d_model=48, num_heads=3),
                                    dict(d_model=48, num_heads=3, value_embeddings=False)])  # fmt: skip
 def test_block_activation_estimate_is_what_the_kernels_save(shape):
-    """The per-token count in train/memory.py against the bytes our Triton kernels (interpreted) save for one
+    """The per-token count in train/parallel/memory.py against the bytes our Triton kernels (interpreted) save for one
     block, in fp32: exact, since both count the same tensors (integer positions left out)."""
     config = ModelConfig.preset("tiny", vocab_size=64, context_length=32, num_layers=1, kernels="triton", **shape)
     block = TransformerLM(config).layers[0]

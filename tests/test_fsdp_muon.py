@@ -13,7 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from test_fsdp import _data, _free_port, _losses, _train, _wait
 
-from smollm_stack.train.fsdp import consolidate
+from smollm_stack.train.store.sharded import consolidate
 from smollm_stack.train.log import read_metrics
 
 MUON = "--optimizer muon --d-ff 45 --num-kv-heads 1 --sample-tokens 0 --eval-batches 4".split()
@@ -55,7 +55,7 @@ def test_two_fsdp_processes_with_muon_follow_one_and_save_its_sharded_momenta(ru
 
 
 def test_consolidated_momenta_are_the_one_process_momenta(runs, tmp_path):
-    """The 2-rank momenta, gathered into one file by train.consolidate, are the 1-process run's (measured 3e-9
+    """The 2-rank momenta, gathered into one file by train.store.consolidate, are the 1-process run's (measured 3e-9
     apart at most, with the weights 1e-7 relative apart, as ``_assert_follows`` argues)."""
     whole = torch.load(consolidate(runs / "two" / "ckpt_000006.dcp", tmp_path / "whole.pt"), weights_only=True)
     ref = torch.load(runs / "one" / "ckpt_000006.pt", weights_only=True)

@@ -14,7 +14,7 @@ from smollm_stack.train.__main__ import main
 from smollm_stack.train.config import TrainConfig
 from smollm_stack.train.log import RunLogger, read_metrics
 from smollm_stack.train.loggers import parse_loggers, scalars
-from smollm_stack.train.rundir import RunDir
+from smollm_stack.train.store.rundir import RunDir
 
 ROWS = [
     {"step": 0, "tokens": 0, "time_s": 0.0, "val_loss": 4.5, "val_ppl": 90.0, "val_bpb": None},

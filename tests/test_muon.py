@@ -13,12 +13,14 @@ from test_train_run import ROOT, TINY_FLAGS, tiny
 
 from smollm_stack import model as model_pkg
 from smollm_stack.train import run
-from smollm_stack.train.config import load_run_config, make_config
+from smollm_stack.train.cli import load_run_config
+from smollm_stack.train.config import make_config
 from smollm_stack.train.log import read_metrics
-from smollm_stack.train.memory import bytes_per_gpu
-from smollm_stack.train.muon import BAND, NS_COEFFICIENTS, NS_STEPS, Muon, Optimizers, orthogonalize
-from smollm_stack.train.optim import AdamW
-from smollm_stack.train.optimizers import build_optimizer
+from smollm_stack.train.parallel.memory import bytes_per_gpu
+from smollm_stack.train.optim.builder import Optimizers
+from smollm_stack.train.optim.muon import BAND, NS_COEFFICIENTS, NS_STEPS, Muon, orthogonalize
+from smollm_stack.train.optim.adamw import AdamW
+from smollm_stack.train.optim.builder import build_optimizer
 
 SHAPES = [(6, 6), (7, 5), (5, 7), (1, 9), (33, 17), (17, 33)]  # square, tall, wide, a row, ragged
 
@@ -98,7 +100,7 @@ def test_bf16_iteration_stays_in_the_band(scale):
 
 
 def test_the_cpu_iteration_is_fp32_unless_the_environment_names_bf16(monkeypatch):
-    from smollm_stack.train import muon
+    from smollm_stack.train.optim import muon
 
     for value, want in ((None, torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         if value is None:
@@ -138,7 +140,7 @@ def test_muon_step_is_the_documented_update():
 def test_build_optimizer_splits_hidden_matrices_from_the_rest():
     model = model_pkg.TransformerLM(model_pkg.ModelConfig.preset("tiny", d_model=32, num_heads=2, vocab_size=64))
     names = {id(p): n for n, p in model.named_parameters()}
-    opt = build_optimizer(make_config(optimizer="muon"), model, torch.device("cpu"))
+    opt = build_optimizer(make_config(optimizer="muon").optimizer, model, torch.device("cpu"), lr=0.01)
     muon, adamw = opt.optimizers
     assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
@@ -148,16 +150,16 @@ def test_build_optimizer_splits_hidden_matrices_from_the_rest():
     embeddings = {"token_embeddings.weight", "lm_head.weight"} | {f"value_embeddings.{i}.weight" for i in range(4)}
     assert embeddings | {n for n, p in shapes.items() if p.dim() == 1} == in_adamw
     assert in_muon.isdisjoint(in_adamw) and len(in_muon | in_adamw) == len(names)
-    ours = build_optimizer(make_config(optimizer="ours"), model, torch.device("cpu"))
+    ours = build_optimizer(make_config(optimizer="ours").optimizer, model, torch.device("cpu"), lr=0.01)
     assert isinstance(ours, AdamW)  # AdamW on everything
 
 
 @pytest.mark.parametrize("optimizer", ["torch", "muon"])
 def test_memory_estimate_counts_the_optimizer_state_it_holds(optimizer):
-    """train/memory.py's optimizer bytes are what the optimizer keeps after a step (Muon: one momentum per matrix)."""
+    """memory.py's optimizer bytes are what the optimizer keeps after a step (Muon: one momentum per matrix)."""
     config = model_pkg.ModelConfig.preset("tiny", d_model=32, num_heads=2, vocab_size=64, num_kv_heads=1)
     model = model_pkg.TransformerLM(config)
-    opt = build_optimizer(make_config(optimizer=optimizer), model, torch.device("cpu"))
+    opt = build_optimizer(make_config(optimizer=optimizer).optimizer, model, torch.device("cpu"), lr=0.01)
     model(torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 9))).backward()
     opt.step()
     inner = opt.optimizers if isinstance(opt, Optimizers) else [opt]

@@ -15,8 +15,8 @@ import torch
 from smollm_stack import files
 from smollm_stack.files import TMP_MARK, write_atomic
 from smollm_stack.train.config import TrainConfig
-from smollm_stack.train.distributed import resolve_device
-from smollm_stack.train.rundir import LOCK_FILE, RunDir
+from smollm_stack.train.parallel.distributed import resolve_device
+from smollm_stack.train.store.rundir import LOCK_FILE, RunDir
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_the_trainer_imports_without_fcntl():
 
 
 def test_device_mps_only_where_torch_has_it(monkeypatch, capsys):
-    assert TrainConfig(device="mps").device == "mps"
+    assert TrainConfig(device="mps").system.device == "mps"
     with pytest.raises(ValueError, match="cuda:N or mps"):
         TrainConfig(device="metal")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)

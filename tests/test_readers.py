@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from smollm_stack.model import ModelConfig, TransformerLM
-from smollm_stack.train import checkpoint
+from smollm_stack.train.store import checkpoint
 from smollm_stack.train.lm import main
 from test_model_cli import error_of, make_tokenizer, run_dir  # noqa: F401 (run_dir: a fixture)
 

@@ -17,7 +17,8 @@ import torch
 from smollm_stack import kernels
 from smollm_stack.kernels.stacked_linear import _side_by_side
 from smollm_stack.model import Linear, ModelConfig, TransformerLM
-from smollm_stack.train.muon import Muon, Optimizers
+from smollm_stack.train.optim.builder import Optimizers
+from smollm_stack.train.optim.muon import Muon
 
 CONFIG = dict(vocab_size=61, context_length=16, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=96,
               kernels="eager")  # fmt: skip

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import smollm_stack.train.checkpoint
+import smollm_stack.train.store.checkpoint
 from smollm_stack.model import ModelConfig
 from smollm_stack.train import AdamW, clip_grad_norm, cosine_lr, get_batch, load_checkpoint, save_checkpoint
-from smollm_stack.train.checkpoint import read_checkpoint, set_rng_state
-from smollm_stack.train.rundir import RunDir
-from smollm_stack.train.config import make_config, parse_args, read_toml
-from smollm_stack.train.dataset import BatchSampler, eval_starts, open_tokens
+from smollm_stack.train.store.checkpoint import read_checkpoint, set_rng_state
+from smollm_stack.train.store.rundir import RunDir
+from smollm_stack.train.cli import parse_args, read_toml
+from smollm_stack.train.config import make_config
+from smollm_stack.train.data.tokens import BatchSampler, eval_starts, open_tokens
 
 
 def _params(seed=0):
@@ -158,7 +159,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # as if killed mid-save
 
-    monkeypatch.setattr(smollm_stack.train.checkpoint.torch, "save", crash_mid_write)
+    monkeypatch.setattr(smollm_stack.train.store.checkpoint.torch, "save", crash_mid_write)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(model, optimizer, 2, path)
     monkeypatch.undo()
@@ -196,31 +197,45 @@ def test_open_tokens_errors(tmp_path):
 
 def test_config_flags_toml_and_resume(tmp_path):
     cfg = parse_args(["--batch-size", "4", "--d-model", "64", "--norm", "post", "--no-progress", "--compile"])
-    assert cfg.batch_size == 4 and cfg.model_args == {"d_model": 64, "norm": "post"}
-    assert cfg.progress is False and cfg.compile is True and cfg.steps == make_config().steps
+    assert cfg.training.batch_size == 4 and cfg.model.args == {"d_model": 64, "norm": "post"}
+    assert (
+        cfg.logging.progress is False
+        and cfg.system.compile is True
+        and cfg.training.steps == make_config().training.steps
+    )
     (tmp_path / "c.toml").write_text('steps = 7\nmax_lr = 1e-3\nmodel = "tiny"\n[model_args]\nnum_layers = 2\n')
     expected = {"steps": 7, "max_lr": 1e-3, "model": "tiny", "model_args": {"num_layers": 2}}
     assert read_toml(tmp_path / "c.toml") == expected
     cfg = parse_args(["--config", str(tmp_path / "c.toml"), "--steps", "9", "--d-model", "32"])
-    assert cfg.steps == 9 and cfg.max_lr == 1e-3 and cfg.model_args == {"num_layers": 2, "d_model": 32}
+    assert (
+        cfg.training.steps == 9 and cfg.schedule.max_lr == 1e-3 and cfg.model.args == {"num_layers": 2, "d_model": 32}
+    )
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text('{"steps": 50, "batch_size": 3, "model_args": {"d_model": 16}}')
     cfg = parse_args(["--resume", str(run_dir), "--steps", "80"])
-    assert (cfg.steps, cfg.batch_size, cfg.model_args, cfg.out_dir) == (80, 3, {"d_model": 16}, str(run_dir))
+    assert (cfg.training.steps, cfg.training.batch_size, cfg.model.args, cfg.checkpoint.out_dir) == (
+        80,
+        3,
+        {"d_model": 16},
+        str(run_dir),
+    )
 
 
 def test_steps_on_the_command_line_win_over_a_token_budget_and_one_source_gives_one(tmp_path):
     (tmp_path / "budget.toml").write_text("tokens = 6400\n")
-    assert parse_args(["--config", str(tmp_path / "budget.toml")]).tokens == 6400
+    assert parse_args(["--config", str(tmp_path / "budget.toml")]).training.tokens == 6400
     cfg = parse_args(["--config", str(tmp_path / "budget.toml"), "--steps", "9"])
-    assert (cfg.steps, cfg.tokens) == (9, None)  # the flag wins: the file's budget no longer sets the length
+    assert (cfg.training.steps, cfg.training.tokens) == (
+        9,
+        None,
+    )  # the flag wins: the file's budget no longer sets the length
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text('{"steps": 50, "tokens": 6400}')
-    assert parse_args(["--resume", str(run_dir), "--steps", "80"]).tokens is None
-    assert parse_args(["--resume", str(run_dir)]).tokens == 6400
+    assert parse_args(["--resume", str(run_dir), "--steps", "80"]).training.tokens is None
+    assert parse_args(["--resume", str(run_dir)]).training.tokens == 6400
     (tmp_path / "both.toml").write_text("steps = 7\ntokens = 6400\n")
     with pytest.raises(ValueError, match="both.toml: steps and tokens both set the run's length"):
         parse_args(["--config", str(tmp_path / "both.toml")])
@@ -242,7 +257,7 @@ def test_config_errors(tmp_path):
 
 
 def test_a_checkpoint_saved_before_the_init_and_value_embedding_fields_resumes_as_it_trained():
-    from smollm_stack.train.loop import resumed_model_config
+    from smollm_stack.train.store.resume import resumed_model_config
 
     config = ModelConfig.preset("tiny")  # zero_init_residual and value_embeddings on
     new = {"zero_init_residual", "value_embeddings"}

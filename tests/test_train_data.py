@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from smollm_stack.tokenizer import Tokenizer
-from smollm_stack.train.dataset import open_tokens
-from smollm_stack.train.download import CORPORA, download
-from smollm_stack.train.prepare import main as prepare_main
+from smollm_stack.train.data.tokens import open_tokens
+from smollm_stack.train.data.download import CORPORA, download
+from smollm_stack.train.data.prepare import main as prepare_main
 
 STORY = "Once upon a time, a little fox found a red ball. She was happy and played all day.\n<|endoftext|>\n"
 

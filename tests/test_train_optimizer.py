@@ -13,7 +13,7 @@ import torch
 
 import smollm_stack.train.loop
 from smollm_stack.train.config import make_config
-from smollm_stack.train.optim import AdamW, clip_gradients, make_adamw
+from smollm_stack.train.optim.adamw import AdamW, clip_gradients, make_adamw
 
 
 def _groups(seed=0):

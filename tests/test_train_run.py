@@ -64,7 +64,7 @@ def test_evals_between_score_a_subset_and_best_val_only_whole_splits(tokens, tmp
     assert [(r["step"], r["val_windows"]) for r in rows] == [(0, 4), (5, 4), (10, 4), (15, 4), (20, 16)]
     assert [r["val_loss"] for r in rows[:-1]] == [0.01] * 4
     assert summary["best_val_loss"] == summary["final_val_loss"] == rows[-1]["val_loss"]
-    assert TrainConfig().steps // TrainConfig().eval_interval + 1 >= 5  # the default run: at least five points
+    assert TrainConfig().training.steps // TrainConfig().eval.interval + 1 >= 5  # the default run: at least five points
 
 
 def _losses(run_dir) -> list[tuple]:
@@ -210,9 +210,9 @@ def test_kernel_preflight_aborts_with_a_table(monkeypatch):
 
 def test_default_run_shortened(tmp_path, monkeypatch, capsys):
     """`smollm train` as shipped, shortened: the embedded corpus (an excerpt), a small vocab, 30 steps."""
-    import smollm_stack.train.dataset
+    import smollm_stack.train.data.tokens
 
-    train_txt, valid_txt = smollm_stack.train.dataset.default_corpus()
+    train_txt, valid_txt = smollm_stack.train.data.tokens.default_corpus()
     assert train_txt.stat().st_size > 2_000_000 and valid_txt.stat().st_size > 700_000
     assert "CDLA-Sharing-1.0" in (train_txt.parent / "LICENSE.md").read_text()
     excerpt = []
@@ -220,7 +220,7 @@ def test_default_run_shortened(tmp_path, monkeypatch, capsys):
         text = path.read_text()[:size]
         (tmp_path / path.name).write_text(text)
         excerpt.append(tmp_path / path.name)
-    monkeypatch.setattr(smollm_stack.train.dataset, "default_corpus", lambda: tuple(excerpt))
+    monkeypatch.setattr(smollm_stack.train.data.tokens, "default_corpus", lambda: tuple(excerpt))
     monkeypatch.setenv("SMOLLM_CACHE", str(tmp_path / "cache"))
     run_dir = tmp_path / "run"
     flags = "--vocab-size 300 --steps 30 --eval-interval 15 --eval-batches 2 --batch-size 8 --context-length 64"

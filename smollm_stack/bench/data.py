@@ -60,7 +60,7 @@ def cut_into_shards(corpus: Path, n: int, out: Path) -> list[Path]:
 
 PREPARE = """import json, sys
 from smollm_stack.bench.tokenizer import peak_rss_mb
-from smollm_stack.train.prepare import main
+from smollm_stack.train.data.prepare import main
 code = main(sys.argv[1:])
 print(json.dumps(peak_rss_mb()))
 sys.exit(code)"""
@@ -92,8 +92,8 @@ def prepare_rows(corpus: Path, n_shards: int, vocab_size: int, out: Path) -> lis
 
 def past_2_31_rows(out: Path) -> list[str]:
     """Two sparse shards of 2**31 + 5 and 2**31 tokens, marked near the seam, read through open_tokens and sampled."""
-    from smollm_stack.train.dataset import BatchSampler, open_tokens
-    from smollm_stack.train.shards import FORMAT, MANIFEST
+    from smollm_stack.train.data.tokens import BatchSampler, open_tokens
+    from smollm_stack.train.data.shards import FORMAT, MANIFEST
 
     big = 1 << 31
     sizes = [big + 5, big]

@@ -5,7 +5,7 @@
     python -m smollm_stack.bench.step --dry-run            # a tiny model: the plumbing
 
 The step is the trainer's (train/loop.py): forward under bf16 autocast, backward, clip_gradients, the optimizer of
-``--optimizer`` (train/optimizers.py's build_optimizer) and zero_grad, on the Triton kernels. No tensor holds data:
+``--optimizer`` (train/optim/builder.py's build_optimizer) and zero_grad, on the Triton kernels. No tensor holds data:
 the model lives in ``FakeTensorMode`` and a ``TorchDispatchMode`` records every aten op and, inside our custom ops
 (whose Python bodies it runs), every Triton launch, which it records instead of running. The second of two steps is
 counted, so lazily built optimizer state and cast caches are as in a long run.
@@ -72,10 +72,10 @@ from smollm_stack.kernels import linear_cross_entropy as flce
 from smollm_stack.model import ModelConfig, TransformerLM
 from smollm_stack.model.accounting import flops_per_token
 from smollm_stack.model.config import PRESETS
-from smollm_stack.train import muon
+from smollm_stack.train.optim import muon
 from smollm_stack.train.config import TrainConfig
-from smollm_stack.train.optim import clip_gradients
-from smollm_stack.train.optimizers import build_optimizer
+from smollm_stack.train.optim.adamw import clip_gradients
+from smollm_stack.train.optim.builder import build_optimizer
 
 PEAK_FLOPS = 989e12  # H100 SXM, bf16 dense tensor cores
 MATMUL_EFFICIENCY = 0.7  # of PEAK_FLOPS, what cuBLAS and our attention sustain at these shapes (assumed)
@@ -344,7 +344,7 @@ def count_step(case: BenchCase, optimizer: str) -> Step:
             model.lm_head.weight = model.token_embeddings.weight
         ids = torch.zeros(case.batch, case.context, dtype=torch.long)
         train_cfg = TrainConfig(optimizer=optimizer)
-        opt = build_optimizer(train_cfg, model, torch.device("cuda"))
+        opt = build_optimizer(train_cfg.optimizer, model, torch.device("cuda"), train_cfg.schedule.max_lr)
         params = list(model.parameters())
         recorder = Recorder()
 
@@ -353,7 +353,7 @@ def count_step(case: BenchCase, optimizer: str) -> Step:
                 loss = model(ids, ids)
             loss.backward()
             for recorder.phase, action in (
-                ("clip", lambda: clip_gradients(optimizer, params, train_cfg.grad_clip or math.inf)),
+                ("clip", lambda: clip_gradients(optimizer, params, train_cfg.optimizer.grad_clip or math.inf)),
                 ("optimizer", opt.step),
                 ("zero_grad", lambda: opt.zero_grad(set_to_none=True)),
             ):

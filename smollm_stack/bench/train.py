@@ -36,9 +36,9 @@ from smollm_stack.kernels import cpu_blas
 from smollm_stack.model import ModelConfig, TransformerLM
 from smollm_stack.train import run as train_run
 from smollm_stack.train.config import TrainConfig, make_config
-from smollm_stack.train.dataset import BatchSampler
+from smollm_stack.train.data.tokens import BatchSampler
 from smollm_stack.train.log import read_metrics
-from smollm_stack.train.optim import clip_gradients, make_adamw
+from smollm_stack.train.optim.adamw import clip_gradients, make_adamw
 
 
 @dataclass
@@ -128,7 +128,7 @@ def ours_step_fn(config: ModelConfig, blas: str = "auto"):
     is kernels.cpu_blas's route; "torch" gives the same step on torch's BLAS, to show what the choice of BLAS is worth.
     """
     model = TransformerLM(config)
-    decay = TrainConfig().weight_decay
+    decay = TrainConfig().optimizer.weight_decay
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": decay},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
     optimizer = make_adamw("torch", groups, torch.device("cpu"), lr=ADAMW_LR, betas=(0.9, 0.95))

@@ -26,7 +26,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     """The TransformerLM of a checkpoint file, in eval mode on device (reads only "model" and "model_config").
 
     Loaded with weights_only=True, so no code in the file runs; its .sha256 sidecar is the trainer's to check (the
-    model knows no trainer): commands verify it first (train.checkpoint.verify), as `smollm lm` does.
+    model knows no trainer): commands verify it first (train.store.checkpoint.verify), as `smollm lm` does.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file at {path}")

@@ -32,7 +32,7 @@ class Linear(nn.Module):
 
     Under autocast the product reads a copy of W in the autocast dtype made once per optimizer step
     (kernels/weight_cache.py), and ``project`` stacks several Linears' copies into one GEMM. ``per_step_copy = False``
-    multiplies by W itself, one product per Linear: what train/fsdp.py sets, since FSDP2 gathers W anew each forward.
+    multiplies by W itself, one product per Linear: what train/parallel/fsdp.py sets (FSDP2 gathers W each forward).
     """
 
     per_step_copy = True

@@ -1,4 +1,5 @@
-"""The trainer: ``smollm train`` (see ``train.config`` for every option) and the pieces it is made of."""
+"""The trainer: ``smollm train`` (``train.config`` has every option, ``train.cli`` the flags) and its rooms: ``store/``,
+``optim/``, ``parallel/``, ``data/``."""
 
 import os
 
@@ -12,15 +13,16 @@ import importlib
 # name -> its module, imported on first use (PEP 562): `smollm lm sample` needs none of the trainer's machinery
 # (FSDP, distributed checkpoints: ~2 s of imports), and `from smollm_stack.train import run` works as before.
 _EXPORTS = {
-    "AdamW": "optim",
+    "AdamW": "optim.adamw",
     "TrainConfig": "config",
-    "clip_grad_norm": "optim",
+    "clip_grad_norm": "optim.adamw",
     "cosine_lr": "schedule",
-    "get_batch": "dataset",
-    "load_checkpoint": "checkpoint",
-    "parse_args": "config",
+    "get_batch": "data.tokens",
+    "load_checkpoint": "run.checkpoint",
+    "make_config": "config",
+    "parse_args": "cli",
     "run": "loop",
-    "save_checkpoint": "checkpoint",
+    "save_checkpoint": "run.checkpoint",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -6,7 +6,7 @@ by SIGINT (Ctrl-C) / SIGTERM (one line saying what was saved and how to resume).
 
 import sys
 
-from smollm_stack.train.config import parse_args
+from smollm_stack.train.cli import parse_args
 from smollm_stack.train.loop import Interrupted, PreflightError, run
 
 

@@ -20,9 +20,9 @@ from smollm_stack.kernels.reference import cross_entropy, scaled_dot_product_att
 from smollm_stack.model import CausalSelfAttention, Embedding, Linear, ModelConfig, RMSNorm, RotaryEmbedding, SwiGLU
 from smollm_stack.model import TransformerBlock, TransformerLM
 from smollm_stack.tokenizer import Tokenizer, train_bpe
-from smollm_stack.train.checkpoint import load_checkpoint, save_checkpoint
-from smollm_stack.train.dataset import get_batch
-from smollm_stack.train.optim import AdamW, clip_grad_norm
+from smollm_stack.train.store.checkpoint import load_checkpoint, save_checkpoint
+from smollm_stack.train.data.tokens import get_batch
+from smollm_stack.train.optim.adamw import AdamW, clip_grad_norm
 from smollm_stack.train.schedule import cosine_lr
 
 __all__ = [

@@ -36,7 +36,7 @@ import torch
 
 from smollm_stack.files import make_dir, write_atomic
 from smollm_stack.model.model import TransformerLM
-from smollm_stack.train.dataset import cache_dir
+from smollm_stack.train.data.tokens import cache_dir
 
 HUB = "https://huggingface.co/datasets"
 EOT = "<|endoftext|>"
@@ -128,7 +128,7 @@ def _fetch(task: Task, path: Path, offline: bool) -> Path:
         return path
     if offline:
         raise FileNotFoundError(f"offline, and {path} is not cached: run once with a network, or put it there")
-    from smollm_stack.train.download import download  # urllib and tqdm: only when downloading
+    from smollm_stack.train.data.download import download  # urllib and tqdm: only when downloading
 
     url = f"{HUB}/{task.repo}/resolve/refs%2Fconvert%2Fparquet/{task.config}/{task.split}/0000.parquet"
     make_dir(path.parent, exist_ok=True)

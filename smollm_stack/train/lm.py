@@ -27,8 +27,8 @@ from smollm_stack.files import atomic_file, make_dir, publish, refuse_link, writ
 from smollm_stack.model import load_model
 from smollm_stack.model.generate import generate_batch, stream
 from smollm_stack.model.hf import export_hf, import_hf
-from smollm_stack.train.checkpoint import verify
-from smollm_stack.train.rundir import RunDir
+from smollm_stack.train.store.checkpoint import verify
+from smollm_stack.train.store.rundir import RunDir
 
 
 def checkpoint_and_tokenizer(args) -> tuple[Path, Path]:

@@ -9,7 +9,7 @@ import torch
 
 from smollm_stack.files import open_append, write_atomic
 from smollm_stack.train.loggers import Dashboards
-from smollm_stack.train.rundir import RunDir
+from smollm_stack.train.store.rundir import RunDir
 
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(), most specific first.
 PEAK_BF16_FLOPS = (

@@ -4,7 +4,7 @@ bottom, each phase one function.
 Everything that can be checked is checked before the first step (data, tokenizer, sample prompt, the model against
 a resumed checkpoint, the kernels), so a bad input fails in seconds, not after the training it would have wasted.
 Host syncs (``.item()``) happen only on report steps (log, eval and checkpoint steps), so on a GPU the CPU queues
-steps ahead in between. Everything a run writes lands in its run directory, which ``train.rundir`` names, locks and
+steps ahead in between. Everything a run writes lands in its run directory, which ``store.rundir`` names, locks and
 lays out; ``summary.json`` is written last, so its presence marks a finished run (or a diverged one: its "status").
 """
 
@@ -23,24 +23,31 @@ import torch
 from smollm_stack import kernels
 from smollm_stack.files import write_atomic
 from smollm_stack.model import ModelConfig, TransformerLM, flops_per_token, generate, param_counts
-from smollm_stack.train.checkpoint import apply_checkpoint, read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from smollm_stack.train.config import TrainConfig
-from smollm_stack.train.dataset import EOT, batch_from_starts, batch_sampler, check_length, document_ids, eval_starts
-from smollm_stack.train.dataset import open_tokens, resolve_data, tokenizer_digest
-from smollm_stack.train.distributed import Dist, accumulating, init_distributed, shutdown
-from smollm_stack.train.eval import last_task_columns, task_columns, training_docs
-from smollm_stack.train.fsdp import check_kind, full_model, latest_sharded, load_sharded, save_sharded, shard
+from smollm_stack.train import precision
+from smollm_stack.train.config import EvalSection, TrainConfig
+from smollm_stack.train.data.sources import tokenizer_digest
+from smollm_stack.train.data.tokens import (
+    EOT,
+    batch_from_starts,
+    batch_sampler,
+    check_length,
+    document_ids,
+    eval_starts,
+)
+from smollm_stack.train.data.tokens import open_tokens, resolve_data
+from smollm_stack.train.eval import last_task_columns, parse_tasks, task_columns, training_docs
 from smollm_stack.train.log import RunLogger, console, peak_flops, perplexity, progress_bar
 from smollm_stack.train.metrics import bits_per_byte, bits_per_byte_factor, token_byte_lengths
-from smollm_stack.train.memory import checkpoint_blocks, memory_line
-from smollm_stack.train import precision
-from smollm_stack.train.optim import clip_gradients
-from smollm_stack.train.optimizers import build_optimizer
-from smollm_stack.train.rundir import RunDir, open_run, read_json, write_json
-from smollm_stack.train.schedule import Schedule, build_schedule, resume_schedule, warmup_note
-
-# ModelConfig fields a resumed run may change: which kernels compute the model, and an init its weights replace.
-FREE_ON_RESUME = ("kernels", "zero_init_residual")
+from smollm_stack.train.optim.adamw import clip_gradients
+from smollm_stack.train.optim.builder import build_optimizer
+from smollm_stack.train.parallel.distributed import Dist, accumulating, init_distributed, shutdown
+from smollm_stack.train.parallel.fsdp import full_model, shard
+from smollm_stack.train.parallel.memory import checkpoint_blocks, memory_line
+from smollm_stack.train.store.checkpoint import rng_state, save_checkpoint
+from smollm_stack.train.store.resume import claim_run, restore, resume_schedule, resumed_model_config
+from smollm_stack.train.store.rundir import RunDir, read_json, write_json
+from smollm_stack.train.store.sharded import save_sharded
+from smollm_stack.train.schedule import Schedule, build_schedule, warmup_note
 
 
 class PreflightError(RuntimeError):
@@ -95,6 +102,7 @@ class Data:
     tokenizer: object | None  # its Tokenizer (for the sample at the end)
     prompt: list[int] | None  # the sample prompt's ids; None: no sample
     eot_id: int | None  # the id of <|endoftext|>, where documents end; None: unknown (no tokenizer, or none in it)
+    doc_mask: bool  # attention stays inside documents (--doc-mask): the model gets doc_ids
     sampler: object  # the training batches (dataset.batch_sampler), built here so its checks run before training
 
 
@@ -131,17 +139,19 @@ def run(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; return the summary also written to ``<run dir>/summary.json``.
 
     Bad inputs raise ValueError / FileNotFoundError with a message naming the problem. A run whose loss turns
-    NaN/inf or passes ``cfg.diverge_loss`` stops early and returns ``{"status": "diverged", ...}`` instead of raising,
-    keeping its last good checkpoint.
+    NaN/inf or passes ``cfg.training.diverge_loss`` stops early and returns ``{"status": "diverged", ...}`` instead of
+    raising, keeping its last good checkpoint.
     """
-    info, device = init_distributed(cfg.device)
+    parse_tasks(cfg.eval.tasks)  # an unknown task: an error before anything starts
+    info, device = init_distributed(cfg.system.device)
     try:
         with StopRequest().installed() as stop:
             return _run(cfg, info, device, stop)
     except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
         if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e):
             raise ValueError(
-                f"a micro-batch of {cfg.batch_size} sequences of {cfg.context_length or 'the preset context'} tokens "
+                f"a micro-batch of {cfg.training.batch_size} sequences of "
+                f"{cfg.model.context_length or 'the preset context'} tokens "
                 f"does not fit in {device} memory: lower --batch-size (and raise --grad-accum to keep the global batch)"
             ) from None
         raise
@@ -150,10 +160,10 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _run(cfg: TrainConfig, info: Dist, device: torch.device, stop: StopRequest) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dtype = precision.resolve_dtype(cfg.dtype, device)
-    run_dir, checkpoint = claim_run(cfg, info)
+    if cfg.system.threads:
+        torch.set_num_threads(cfg.system.threads)
+    dtype = precision.resolve_dtype(cfg.system.dtype, device)
+    run_dir, checkpoint = claim_run(cfg.checkpoint, cfg.parallel.kind, cfg.model.preset, info)
     try:
         if checkpoint is not None and checkpoint["iteration"] >= total_steps(cfg, info) and run_dir.summary.is_file():
             print(f"{run_dir} has finished its steps: nothing to do (give a larger --steps to train it further)")
@@ -170,62 +180,30 @@ def _run(cfg: TrainConfig, info: Dist, device: torch.device, stop: StopRequest) 
 
 
 def total_steps(cfg: TrainConfig, info: Dist) -> int:
-    return max(1, cfg.tokens // tokens_per_step(cfg, info)) if cfg.tokens else cfg.steps
+    return max(1, cfg.training.tokens // tokens_per_step(cfg, info)) if cfg.training.tokens else cfg.training.steps
 
 
 def tokens_per_step(cfg: TrainConfig, info: Dist) -> int:
-    context_length = cfg.context_length or ModelConfig.preset(cfg.model).context_length
-    return cfg.batch_size * context_length * cfg.grad_accum * info.world_size
-
-
-# ---- open the run: rank 0 names, locks and checks the run directory, and finds the checkpoint to resume from ----
-
-
-def claim_run(cfg: TrainConfig, info: Dist) -> tuple[RunDir, dict | None]:
-    """The run directory (locked by rank 0) and the newest intact checkpoint to resume from (None: from step 0)."""
-    run_dir, ckpt_path, checkpoint = None, None, None
-    if info.main:
-        run_dir = open_run(cfg.out_dir, cfg.resume, cfg.model, cfg.force)
-        try:
-            if cfg.resume is not None and cfg.parallel == "ddp":
-                ckpt_path, checkpoint = run_dir.latest_checkpoint()
-                if checkpoint is None:
-                    check_kind(run_dir, cfg.parallel)
-        except BaseException:
-            run_dir.close()
-            raise
-    if info.enabled:  # the others follow rank 0's choice (ranks started a second apart would name different dirs)
-        shared = [str(run_dir) if info.main else None, str(ckpt_path) if ckpt_path else None]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        if not info.main:
-            run_dir = RunDir(shared[0])
-            checkpoint = read_checkpoint(shared[1]) if shared[1] else None
-    if cfg.resume is not None and cfg.parallel == "fsdp":  # every rank verifies its share of the shards
-        try:
-            ckpt_path, checkpoint = latest_sharded(run_dir.sharded_checkpoints(), info)
-            if checkpoint is None:
-                check_kind(run_dir, cfg.parallel)
-        except BaseException:
-            if info.main:
-                run_dir.close()
-            raise
-        if checkpoint is not None:
-            checkpoint["shards"] = ckpt_path
-    return run_dir, checkpoint
+    context_length = cfg.model.context_length or ModelConfig.preset(cfg.model.preset).context_length
+    return cfg.training.batch_size * context_length * cfg.training.grad_accum * info.world_size
 
 
 # ---- data: rank 0 trains the tokenizer and encodes first, the others then find it cached ------------------------
 
 
 def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
-    preset = ModelConfig.preset(cfg.model)  # the defaults of vocab_size and context_length
-    vocab_size = cfg.vocab_size or preset.vocab_size
-    context_length = cfg.context_length or preset.context_length
+    preset = ModelConfig.preset(cfg.model.preset)  # the defaults of vocab_size and context_length
+    vocab_size = cfg.data.vocab_size or preset.vocab_size
+    context_length = cfg.model.context_length or preset.context_length
     if not info.node_main:  # the first process of each node prepares its cache, the others then find it there
         info.barrier()
     train_path, val_path, tok_dir = resolve_data(
-        cfg.train_data, cfg.val_data, cfg.tokenizer, vocab_size, progress=cfg.progress and info.main,
-        field=cfg.text_field,
+        cfg.data.train_data,
+        cfg.data.val_data,
+        cfg.data.tokenizer,
+        vocab_size,
+        progress=cfg.logging.progress and info.main,
+        field=cfg.data.text_field,
     )
     if info.node_main:
         info.barrier()
@@ -239,31 +217,35 @@ def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
                 "resume with that one, or start a new run"
             )
         tokenizer = Tokenizer.load(tok_dir)
-        if cfg.vocab_size is not None and cfg.vocab_size < tokenizer.vocab_size:
+        if cfg.data.vocab_size is not None and cfg.data.vocab_size < tokenizer.vocab_size:
             raise ValueError(
                 f"vocabulary/model mismatch: the tokenizer in {tok_dir} has {tokenizer.vocab_size} tokens "
-                f"but --vocab-size is {cfg.vocab_size}"
+                f"but --vocab-size is {cfg.data.vocab_size}"
             )
-        vocab_size = cfg.vocab_size or tokenizer.vocab_size  # a larger model vocabulary is fine (padding)
+        vocab_size = cfg.data.vocab_size or tokenizer.vocab_size  # a larger model vocabulary is fine (padding)
     train_data, val_data = open_tokens(train_path, vocab_size), open_tokens(val_path, vocab_size)
     check_length(val_data, context_length, "validation data")  # (the sampler, below, checks the training data)
     eot_id = tokenizer.special_token_id(EOT) if tokenizer is not None and EOT in tokenizer.special_tokens else None
-    if cfg.doc_mask and eot_id is None:
+    if cfg.data.doc_mask and eot_id is None:
         raise ValueError(
             f"--doc-mask needs to know where documents end: a tokenizer with {EOT} "
             "(with .npy data, pass the --tokenizer it was encoded with)"
         )
     prompt = None
-    if tokenizer is not None and cfg.sample_tokens > 0:
-        prompt = tokenizer.encode(cfg.sample_prompt)
+    if tokenizer is not None and cfg.eval.sample_tokens > 0:
+        prompt = tokenizer.encode(cfg.eval.sample_prompt)
         if not 0 < len(prompt) < context_length:
             raise ValueError(
                 f"--sample-prompt is {len(prompt)} tokens: it needs 1 to {context_length - 1} to leave room in the "
                 f"context of {context_length} (or --sample-tokens 0 for no sample)"
             )
-    slots = cfg.grad_accum * info.world_size
-    sampler = batch_sampler(cfg.windows, train_data, cfg.batch_size, context_length, cfg.seed, slots, eot_id)
-    return Data(train_data, val_data, vocab_size, context_length, tok_dir, tokenizer, prompt, eot_id, sampler)
+    slots = cfg.training.grad_accum * info.world_size
+    sampler = batch_sampler(
+        cfg.data.windows, train_data, cfg.training.batch_size, context_length, cfg.training.seed, slots, eot_id
+    )
+    return Data(
+        train_data, val_data, vocab_size, context_length, tok_dir, tokenizer, prompt, eot_id, cfg.data.doc_mask, sampler
+    )
 
 
 # ---- model and optimizer --------------------------------------------------------------------------------------
@@ -271,59 +253,34 @@ def prepare_data(cfg: TrainConfig, info: Dist, run_dir: RunDir) -> Data:
 
 def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info: Dist, device, dtype) -> Model:
     sizes = dict(vocab_size=data.vocab_size, context_length=data.context_length)
-    config = ModelConfig.preset(cfg.model, **cfg.model_args, **sizes)
+    config = ModelConfig.preset(cfg.model.preset, **cfg.model.args, **sizes)
     if checkpoint is not None:
         config = resumed_model_config(checkpoint["model_config"], config)
     try:
         backend = kernels.resolve_backend(config.kernels, device)
     except RuntimeError as e:
         raise ValueError(f"--kernels {config.kernels}: {e}") from None
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.training.seed)
     raw = TransformerLM(config).to(device)
-    if cfg.preflight and device.type == "cuda" and backend == "triton":
-        preflight(config, data.context_length, dtype, device, cfg.seed, cfg.batch_size)
-    if cfg.activation_checkpointing:
+    if cfg.system.preflight and device.type == "cuda" and backend == "triton":
+        preflight(config, data.context_length, dtype, device, cfg.training.seed, cfg.training.batch_size)
+    if cfg.parallel.activation_checkpointing:
         checkpoint_blocks(raw)
-    if cfg.parallel == "fsdp" and info.enabled:
+    if cfg.parallel.kind == "fsdp" and info.enabled:
         shard(raw, device, dtype, info.world_size)  # before the optimizer: it swaps the parameters for shards
-    optimizer = build_optimizer(cfg, raw, device)
-    schedule = build_schedule(cfg, total_steps(cfg, info))
+    optimizer = build_optimizer(cfg.optimizer, raw, device, cfg.schedule.max_lr)
+    schedule = build_schedule(cfg.schedule, total_steps(cfg, info))
     schedule_note = warmup_note(schedule, total_steps(cfg, info))
     start, elapsed_s, scaler = 0, 0.0, precision.grad_scaler(device, dtype)
     if checkpoint is not None:  # (an extended WSD run may continue from its pre-decay checkpoint instead)
         schedule, checkpoint, schedule_note = resume_schedule(schedule, checkpoint, run_dir, info.main)
-        if "shards" in checkpoint:
-            load_sharded(checkpoint["shards"], raw, optimizer, info)
-            start = checkpoint["iteration"]
-        else:
-            start = apply_checkpoint(checkpoint, raw, optimizer)
-        set_rng_state(checkpoint["rng"])
-        elapsed_s = checkpoint.get("elapsed_s", 0.0)
-        scaler.load_state_dict(checkpoint.get("scaler", {}))
-    compiled = torch.compile(raw) if cfg.compile else raw
+        start, elapsed_s = restore(checkpoint, raw, optimizer, scaler, info)
+    compiled = torch.compile(raw) if cfg.system.compile else raw
     wrapped = compiled
-    if info.enabled and cfg.parallel == "ddp":
+    if info.enabled and cfg.parallel.kind == "ddp":
         device_ids = [device.index] if device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
     return Model(config, raw, wrapped, compiled, optimizer, schedule, schedule_note, backend, start, elapsed_s, scaler)
-
-
-def resumed_model_config(saved: dict, config: ModelConfig) -> ModelConfig:
-    """The model a resumed run trains: the checkpoint's. A field the checkpoint lacks is ModelConfig's default, the
-    model it trained before the field existed (say, a tiny-preset run from before value embeddings); every other field
-    but FREE_ON_RESUME must match ``config``, else say which."""
-    fields = dataclasses.fields(ModelConfig)
-    missing = {f.name: f.default for f in fields if f.name not in saved and f.default is not dataclasses.MISSING}
-    config, saved = dataclasses.replace(config, **missing), {**saved, **missing}
-    current = asdict(config)
-    changed = [
-        f"{k} ({saved.get(k)!r} in the checkpoint, {v!r} now)"
-        for k, v in current.items()
-        if k not in FREE_ON_RESUME and saved.get(k) != v
-    ]
-    if changed:
-        raise ValueError(f"cannot resume: the model differs from the checkpoint's in {', '.join(changed)}")
-    return config
 
 
 # ---- train ------------------------------------------------------------------------------------------------------
@@ -338,12 +295,11 @@ def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device
     write_json(run_dir.config, config_dict)
     if data.tok_dir is not None:
         run_dir.copy_tokenizer(data.tok_dir)
-    project = cfg.logger_project or cfg.wandb_project
-    logger = RunLogger(run_dir, config_dict, model.start or None, cfg.dashboards(), project)
+    logger = RunLogger(run_dir, config_dict, model.start or None, cfg.logging.dashboards(), cfg.logging.project())
     total, non_embedding = param_counts(model.config)
     resuming = f", resuming at step {model.start}" if model.start else ""
-    overrides = ", ".join(f"{k}={v}" for k, v in cfg.model_args.items())  # what runs: the preset as overridden
-    preset = f"{cfg.model} preset" + (f" ({overrides})" if overrides else "")
+    overrides = ", ".join(f"{k}={v}" for k, v in cfg.model.args.items())  # what runs: the preset as overridden
+    preset = f"{cfg.model.preset} preset" + (f" ({overrides})" if overrides else "")
     print(
         f"{run_dir}: {preset}, {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
         f"vocab {data.vocab_size}, {total_steps(cfg, info)} steps of {tokens_per_step(cfg, info):,} tokens on "
@@ -351,22 +307,25 @@ def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device
     )
     if model.schedule_note:
         print(model.schedule_note)
-    parallel = cfg.parallel if info.enabled else "ddp"  # one process: nothing is sharded
-    ckpt = cfg.activation_checkpointing
-    print(memory_line(model.config, cfg.batch_size, dtype, parallel, info.world_size, ckpt, cfg.optimizer))
+    parallel = cfg.parallel.kind if info.enabled else "ddp"  # one process: nothing is sharded
+    ckpt = cfg.parallel.activation_checkpointing
+    print(
+        memory_line(model.config, cfg.training.batch_size, dtype, parallel, info.world_size, ckpt, cfg.optimizer.name)
+    )
     return logger
 
 
 def saved_config(cfg: TrainConfig, run_dir: RunDir) -> dict:
     """The config as the run directory and its checkpoints keep it: what ``--resume`` starts from."""
-    return {**cfg.to_dict(), "out_dir": str(run_dir), "resume": None, "force": False}
+    ckpt = dataclasses.replace(cfg.checkpoint, out_dir=str(run_dir), resume=None, force=False)
+    return dataclasses.replace(cfg, checkpoint=ckpt).to_dict()
 
 
 def save(run_dir: RunDir, model: Model, sampler, cfg: TrainConfig, info: Dist, step: int, elapsed_s: float):
     """Rank 0 writes a checkpoint file; under FSDP every rank writes its shards of a step directory."""
     extra = dict(model_config=asdict(model.config), train_config=saved_config(cfg, run_dir), elapsed_s=elapsed_s)
     extra.update(sampler=sampler.state_dict(), schedule=model.schedule.state_dict(), scaler=model.scaler.state_dict())
-    if cfg.parallel == "fsdp":
+    if cfg.parallel.kind == "fsdp":
         meta = dict(iteration=step, rng=rng_state(), **extra)
         save_sharded(run_dir.sharded_checkpoint(step), model.raw, model.optimizer, meta, info)
     elif info.main:
@@ -375,34 +334,27 @@ def save(run_dir: RunDir, model: Model, sampler, cfg: TrainConfig, info: Dist, s
         if step == model.schedule.predecay_step:  # what a longer run re-decays from (the pruner keeps it)
             save_checkpoint(model.raw, model.optimizer, step, run_dir.predecay(step), **extra)
     if info.main:
-        run_dir.record(run_dir.sharded_checkpoint(step) if cfg.parallel == "fsdp" else run_dir.checkpoint(step))
-        run_dir.prune(cfg.keep_ckpts)
+        run_dir.record(run_dir.sharded_checkpoint(step) if cfg.parallel.kind == "fsdp" else run_dir.checkpoint(step))
+        run_dir.prune(cfg.checkpoint.keep)
 
 
-def doc_ids(x: torch.Tensor, cfg: TrainConfig, data: Data) -> torch.Tensor | None:
+def doc_ids(x: torch.Tensor, data: Data) -> torch.Tensor | None:
     """The model's doc_ids for input windows x under --doc-mask (evaluation masks as training did), else None."""
-    return document_ids(x, data.eot_id) if cfg.doc_mask else None
+    return document_ids(x, data.eot_id) if data.doc_mask else None
 
 
-def between_batches(cfg: TrainConfig) -> int:
-    """Validation batches of the evals between the first and the last: the subset, never more than the whole."""
-    if cfg.eval_subset_batches == 0 or 0 < cfg.eval_batches <= cfg.eval_subset_batches:
-        return cfg.eval_batches
-    return cfg.eval_subset_batches
-
-
-def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device, autocast) -> float:
+def evaluate(model: torch.nn.Module, data: Data, starts, batch_size: int, info: Dist, device, autocast) -> float:
     """Mean validation loss over the fixed windows; ranks split the batches and sum."""
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    stride = cfg.batch_size * info.world_size
+    stride = batch_size * info.world_size
     with torch.no_grad(), autocast:
-        for i in range(info.rank * cfg.batch_size, -(-len(starts) // stride) * stride, stride):
-            chunk = starts[i : i + cfg.batch_size]
+        for i in range(info.rank * batch_size, -(-len(starts) // stride) * stride, stride):
+            chunk = starts[i : i + batch_size]
             weight = len(chunk)  # 0 for a rank past the end: under FSDP it still joins the forward's all-gathers
-            chunk = chunk if weight else starts[: cfg.batch_size]
+            chunk = chunk if weight else starts[:batch_size]
             x, y = batch_from_starts(data.val, chunk, data.context_length, device)
-            total += model(x, y, doc_ids=doc_ids(x, cfg, data)).float() * weight
+            total += model(x, y, doc_ids=doc_ids(x, data)).float() * weight
             count += weight
     model.train()
     return (info.sum(total) / info.sum(count)).item()
@@ -410,18 +362,18 @@ def evaluate(model: torch.nn.Module, data: Data, starts, cfg, info: Dist, device
 
 def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model: Model, logger, stop) -> Outcome:
     steps, per_step, start = total_steps(cfg, info), tokens_per_step(cfg, info), model.start
-    tokenizer, sampler = data.tokenizer, data.sampler
+    tokenizer, sampler, batch = data.tokenizer, data.sampler, cfg.training.batch_size
     val_starts, between_starts = (
-        eval_starts(len(data.val), data.context_length, batches * cfg.batch_size * info.world_size)
-        for batches in (cfg.eval_batches, between_batches(cfg))
+        eval_starts(len(data.val), data.context_length, batches * cfg.training.batch_size * info.world_size)
+        for batches in (cfg.eval.batches, cfg.eval.between_batches())
     )  # the last eval's (the whole split by default), and the cheaper subset of the ones before
     bpb_factor = between_factor = None
     if tokenizer is not None:
         lengths = token_byte_lengths(tokenizer, data.vocab_size)
         bpb_factor = bits_per_byte_factor(data.val, val_starts, data.context_length, lengths)
         between_factor = bits_per_byte_factor(data.val, between_starts, data.context_length, lengths)
-    task_docs = training_docs(cfg.eval_tasks, cfg.eval_task_docs, tokenizer)  # every rank scores them all
-    diverge_loss = cfg.diverge_loss or 2 * math.log(data.vocab_size)
+    task_docs = training_docs(cfg.eval.tasks, cfg.eval.task_docs, tokenizer)  # every rank scores them all
+    diverge_loss = cfg.training.diverge_loss or 2 * math.log(data.vocab_size)
     flops, peak = flops_per_token(model.config), peak_flops(device)
     params = list(model.raw.parameters())
     val_loss = train_loss = None
@@ -432,7 +384,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
     status, message = "finished", ""
     t0 = time.perf_counter()
     if start == 0:
-        val_loss = evaluate(model.eval, data, between_starts, cfg, info, device, autocast)  # the untrained model
+        val_loss = evaluate(model.eval, data, between_starts, batch, info, device, autocast)  # the untrained model
         best_val = val_loss if len(between_starts) == whole else best_val
         tasks = task_columns(model.raw, tokenizer, task_docs)  # in fp32, as the sample: KV caches of one dtype
         if logger:
@@ -441,36 +393,38 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             logger.log({**row, "val_bpb": bits_per_byte(val_loss, between_factor), **tasks})
     t_report, step_report = time.perf_counter(), start
     stop.armed = True
-    bar = progress_bar(total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.progress))
+    bar = progress_bar(
+        total=steps, initial=start, desc="train", unit="step", disable=not (info.main and cfg.logging.progress)
+    )
     for step in range(start + 1, steps + 1):
         lr = model.schedule.lr(step)
         for group in model.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            x, y = sampler.batch(step, info.rank * cfg.grad_accum + micro, device)
-            last = micro == cfg.grad_accum - 1
+        for micro in range(cfg.training.grad_accum):
+            x, y = sampler.batch(step, info.rank * cfg.training.grad_accum + micro, device)
+            last = micro == cfg.training.grad_accum - 1
             with accumulating(model.train, last):
                 with autocast:
-                    loss = model.train(x, y, doc_ids=doc_ids(x, cfg, data))
-                model.scaler.scale(loss / cfg.grad_accum).backward()
+                    loss = model.train(x, y, doc_ids=doc_ids(x, data))
+                model.scaler.scale(loss / cfg.training.grad_accum).backward()
             loss_sum += loss.detach()
         model.scaler.unscale_(model.optimizer)  # clipping sees the true gradients
-        grad_norm = clip_gradients(cfg.optimizer, params, cfg.grad_clip or math.inf)
+        grad_norm = clip_gradients(cfg.optimizer.name, params, cfg.optimizer.grad_clip or math.inf)
         model.scaler.step(model.optimizer)  # skipped where fp16's gradients overflowed
         model.scaler.update()
         model.optimizer.zero_grad(set_to_none=True)
         bar.update()
 
-        is_eval = step % cfg.eval_interval == 0 or step == steps
-        is_ckpt = step % cfg.ckpt_interval == 0 or step == steps or step == model.schedule.predecay_step
-        if not (is_eval or is_ckpt or step % cfg.log_interval == 0):
+        is_eval = step % cfg.eval.interval == 0 or step == steps
+        is_ckpt = step % cfg.checkpoint.interval == 0 or step == steps or step == model.schedule.predecay_step
+        if not (is_eval or is_ckpt or step % cfg.logging.interval == 0):
             if stop.signum is not None and not info.enabled:  # (several ranks agree on report steps only)
                 elapsed_s = model.elapsed_s + time.perf_counter() - t0
                 stop_run(run_dir, model, sampler, cfg, info, step, elapsed_s, stop, bar)
             continue
         # A report step: sync, check for divergence before anything is saved, then log.
-        train_loss = info.mean(loss_sum / cfg.grad_accum).item()
+        train_loss = info.mean(loss_sum / cfg.training.grad_accum).item()
         norm = grad_norm.item()
         now = time.perf_counter()
         interval = max(now - t_report, 1e-9)  # since the last report's end: its eval and checkpoint left out
@@ -494,7 +448,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
             row["loss_scale"] = model.scaler.get_scale()
         if is_eval:
             starts, factor = (val_starts, bpb_factor) if step == steps else (between_starts, between_factor)
-            val_loss = evaluate(model.eval, data, starts, cfg, info, device, autocast)
+            val_loss = evaluate(model.eval, data, starts, batch, info, device, autocast)
             best_val = min(best_val, val_loss) if len(starts) == whole else best_val
             row.update(val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=bits_per_byte(val_loss, factor))
             row.update(val_windows=len(starts))
@@ -512,7 +466,7 @@ def train(cfg, info: Dist, device, autocast, run_dir: RunDir, data: Data, model:
         t_report, step_report = time.perf_counter(), step
     bar.close()
     if val_loss is None:  # resumed a run that had already reached its steps
-        val_loss = evaluate(model.eval, data, val_starts, cfg, info, device, autocast)
+        val_loss = evaluate(model.eval, data, val_starts, batch, info, device, autocast)
     wall_s = model.elapsed_s + time.perf_counter() - t0
     return Outcome(status, message, step_report, train_loss, val_loss, min(best_val, val_loss), wall_s, bpb_factor)
 
@@ -562,13 +516,13 @@ def finish(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, out: Outc
         "params": param_counts(model.config)[0],
     }
     sampling = out.status == "finished" and data.prompt is not None
-    whole = full_model(model.raw, info) if sampling and cfg.parallel == "fsdp" and info.enabled else model.raw
+    whole = full_model(model.raw, info) if sampling and cfg.parallel.kind == "fsdp" and info.enabled else model.raw
     if logger:
         run_dir.check_alive()  # never "done" for a run whose files went with its folder
         logger.plot()
         logger.close()
         if sampling:
-            summary["sample"] = sample_story(whole, data, cfg, run_dir)
+            summary["sample"] = sample_story(whole, data, cfg.eval, cfg.training.seed, run_dir)
         summary.update(last_task_columns(logger.rows))  # --eval-tasks' final scores
         write_json(run_dir.summary, summary)
         ppl = summary["final_val_ppl"]
@@ -576,13 +530,13 @@ def finish(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, out: Outc
     return summary
 
 
-def sample_story(model, data: Data, cfg: TrainConfig, run_dir: RunDir) -> str:
+def sample_story(model, data: Data, cfg: EvalSection, seed: int, run_dir: RunDir) -> str:
     """Sample a story from the prompt (in fp32: a few hundred tokens), print it and write it to sample.txt."""
     tokenizer = data.tokenizer
     max_new = min(cfg.sample_tokens, data.context_length - len(data.prompt))
     eos = tokenizer.special_token_id(EOT) if EOT in tokenizer.special_tokens else None
     model.eval()
-    sampling = dict(temperature=0.8, top_p=0.95, eos_id=eos, seed=cfg.seed)
+    sampling = dict(temperature=0.8, top_p=0.95, eos_id=eos, seed=seed)
     ids = generate(model, data.prompt, max_new, **sampling, vocab_limit=tokenizer.vocab_size)  # no padding rows
     story = cfg.sample_prompt + tokenizer.decode(ids)
     write_atomic(run_dir.sample, story + "\n")

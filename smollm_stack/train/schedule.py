@@ -12,7 +12,7 @@ Both schedules are one shape: a linear warmup from 0 to ``max_lr``, a stable pha
 A run's schedule is fixed when the run starts and saved in every checkpoint (``Schedule.state_dict``), because a
 schedule that is rebuilt from a new ``--steps`` changes the learning rate of steps already trained: the README's
 promised extension of a 900-step cosine run to 3000 steps used to restart at 4.1e-3 on step 901 after ending at
-5e-4 on step 900. ``resume_schedule`` decides what an extended run does instead:
+5e-4 on step 900. ``extend`` decides what an extended run does instead (train/store/resume.py moves the files):
 
 - wsd: the stable phase goes on, and the decay is redone at the end of the new length. A run that is already in
   (or past) its decay continues from the checkpoint of its last step at ``max_lr`` (``predecay_*.pt``, which the
@@ -24,9 +24,6 @@ promised extension of a 900-step cosine run to 3000 steps used to restart at 4.1
 import math
 from dataclasses import asdict, dataclass
 
-from smollm_stack.train.checkpoint import read_checkpoint
-from smollm_stack.train.config import make_config
-from smollm_stack.train.rundir import RunDir
 
 # Decay shapes: the fraction of (max_lr - min_lr) left at progress p through the decay, from 1 at p=0 to 0 at p=1.
 DECAY_SHAPES = {
@@ -73,8 +70,8 @@ class Schedule:
 
 
 def build_schedule(cfg, steps: int) -> Schedule:
-    """The schedule of a run of ``steps`` steps with the TrainConfig's schedule fields."""
-    if cfg.schedule == "cosine":
+    """The schedule of a run of ``steps`` steps with a config's schedule section (config.ScheduleSection)."""
+    if cfg.kind == "cosine":
         end = cfg.cosine_steps or steps
         return Schedule("cosine", cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.warmup_steps, end, "cosine")
     decay_start = max(cfg.warmup_steps, steps - round(cfg.decay_fraction * steps))
@@ -103,36 +100,26 @@ def cosine_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, cosine_c
     return Schedule("cosine", max_lr, min_lr, warmup_iters, warmup_iters, cosine_cycle_iters, "cosine").lr(it)
 
 
-def resume_schedule(new: Schedule, checkpoint: dict, run_dir: RunDir, main: bool) -> tuple[Schedule, dict, str]:
-    """(schedule, checkpoint to continue from, note for the console) of a resumed run whose config asks for ``new``.
+def extend(old: Schedule, new: Schedule, start: int) -> tuple[Schedule, int | None, str]:
+    """A run trained to step ``start`` under ``old`` whose config now asks for ``new``: (the schedule it continues with,
+    the step whose pre-decay checkpoint it restarts from (None: it goes on from ``start``), a note for the console).
 
-    ``checkpoint`` is the run's last one; its saved schedule is the one its steps were trained with (checkpoints
-    of older versions have none: their train_config's is rebuilt). Only the ``main`` process moves files.
-    """
-    start = checkpoint["iteration"]
-    if "schedule" in checkpoint:
-        old = Schedule(**checkpoint["schedule"])
-    else:  # written before schedules were saved: the one its config gave
-        saved = make_config(checkpoint["train_config"])
-        old = build_schedule(saved, saved.steps)
+    A ValueError when no schedule keeps the learning rate of the steps already trained."""
     if new.same_until(old, start):  # the steps already trained had the lr the new schedule gives them
-        return new, checkpoint, ""
+        return new, None, ""
     if old.kind == "cosine":
         note = (
             f"note: keeping the run's cosine schedule (min_lr {old.min_lr:g} from step {old.decay_end} on): "
             f"rebuilding it for the new length would move the lr of step {start + 1} from {old.lr(start + 1):.3g} "
             f"to {new.lr(start + 1):.3g}. A cosine run extends at its floor; --schedule wsd runs re-decay."
         )
-        return old, checkpoint, note
+        return old, None, note
     step = old.predecay_step
-    path = run_dir.predecay(step) if step is not None else None
-    if path is None or not path.is_file() or not new.same_until(old, step):
+    if step is None or not new.same_until(old, step):
         raise ValueError(
-            f"cannot resume {run_dir} with this schedule: it changes the lr of steps already trained "
-            f"(step {start}: {old.lr(start):.3g} -> {new.lr(start):.3g}), and there is no pre-decay checkpoint "
-            f"{path.name if path else '(no stable phase)'} to redo the decay from; keep the run's schedule flags"
+            f"this schedule changes the lr of steps already trained (step {start}: {old.lr(start):.3g} -> "
+            f"{new.lr(start):.3g}){', before the stable phase ends' if step is not None else ' (no stable phase)'}: "
+            "keep the run's schedule flags"
         )
-    if main:
-        run_dir.archive_decay(step, start)
     note = f"note: re-decaying from the pre-decay checkpoint of step {step} (the old decay is in decayed_{start:06d}/)"
-    return new, read_checkpoint(path), note
+    return new, step, note

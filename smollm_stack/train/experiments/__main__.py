@@ -10,8 +10,9 @@ import signal
 import sys
 from pathlib import Path
 
-from smollm_stack.train.config import build_parser as trainer_parser
-from smollm_stack.train.config import make_config, parse_args
+from smollm_stack.train.cli import build_parser as trainer_parser
+from smollm_stack.train.cli import parse_args
+from smollm_stack.train.config import make_config
 from smollm_stack.train.experiments.budget import describe, gpu_flops_per_s, measured_flops_per_s, propose
 from smollm_stack.train.experiments.report import build_report
 from smollm_stack.train.experiments.runner import VARIANT_COMMAND, prepare, run_suite
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             cfg = webtext_config(smoke=args.smoke, **explicit_flags(rest))
             if prepare(cfg) == "done":  # like a suite's variant: resume an interrupted run, skip a finished one
-                print(f"{cfg.out_dir} already holds a finished run: choose another --out-dir to train again")
+                print(f"{cfg.checkpoint.out_dir} already holds a finished run: choose another --out-dir to train again")
                 return 0
             summary = run(cfg)
             return 1 if summary["diverged"] else 0

@@ -8,9 +8,10 @@ peak times an assumed MFU.
 """
 
 from smollm_stack.model import ModelConfig, flops_per_token, param_counts
+from smollm_stack.train.config import complete_saved
 from smollm_stack.train.log import PEAK_BF16_FLOPS
-from smollm_stack.train.memory import fitting_setting, memory_advice
-from smollm_stack.train.rundir import RunDir, read_json
+from smollm_stack.train.parallel.memory import fitting_setting, memory_advice
+from smollm_stack.train.store.rundir import RunDir, read_json
 
 TOKENS_PER_PARAM = 20
 HEAD_DIM = 64
@@ -23,6 +24,7 @@ def measured_flops_per_s(run_dir: str) -> float:
     summary, cfg = read_json(run.summary), read_json(run.config)
     if summary is None or cfg is None:
         raise FileNotFoundError(f"{run_dir} is not a finished run directory (needs {run.summary} and {run.config})")
+    cfg = complete_saved(cfg)  # flat names, whichever version saved it
     preset = ModelConfig.preset(cfg["model"])
     model = ModelConfig.preset(
         cfg["model"],

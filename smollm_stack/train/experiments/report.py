@@ -11,9 +11,10 @@ from pathlib import Path
 
 from smollm_stack.files import make_dir, write_atomic
 from smollm_stack.model import ModelConfig
+from smollm_stack.train.config import complete_saved
 from smollm_stack.train.experiments.runner import SUITE_FILE
 from smollm_stack.train.log import read_metrics
-from smollm_stack.train.rundir import RunDir, read_json, write_json
+from smollm_stack.train.store.rundir import RunDir, read_json, write_json
 
 # (metrics key, axis label, file name) of the three x axes every suite is plotted against.
 X_AXES = (
@@ -208,7 +209,7 @@ def build_report(suite_dir: str | Path, out_dir: str | Path | None = None, notes
     figures = plot_suite(meta["name"], rows, out)
     table = table_rows(rows)
     write_json(out / "results.json", table)
-    base, machine = meta["base"], meta["machine"]
+    base, machine = complete_saved(meta["base"]), meta["machine"]  # flat names, whichever version saved it
     model_args = ", ".join(f"{k}={v}" for k, v in base["model_args"].items()) or "none"
     device = ", ".join(machine["gpus"]) or f"{machine['cpu']} ({machine['cores']} cores), no GPU"
     context = base["context_length"] or ModelConfig.preset(base["model"]).context_length

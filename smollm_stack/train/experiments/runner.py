@@ -1,6 +1,6 @@
 """Run a suite: every variant through the trainer into ``<suite dir>/<variant>``, N at a time, resumable.
 
-A variant whose run directory is finished (train.rundir's states: it holds a summary, for finished and diverged
+A variant whose run directory is finished (train.store.rundir's states: it holds a summary, for finished and diverged
 runs alike) is skipped; every other one runs with ``--resume auto``: a resumable one continues from its newest
 intact checkpoint, a dead one (killed before its first checkpoint) and a new one start from step 0. So a killed suite
 is continued by running the same command again; nothing is ever deleted. A variant that fails
@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from smollm_stack.model import ModelConfig
 from smollm_stack.train.config import TrainConfig, complete_saved
-from smollm_stack.train.dataset import resolve_data
+from smollm_stack.train.data.tokens import resolve_data
 from smollm_stack.train.experiments.suites import Variant, resolve_suite
 from smollm_stack.train.loop import run
-from smollm_stack.train.rundir import RunDir, read_json, write_json
+from smollm_stack.train.store.rundir import RunDir, read_json, write_json
 
 SUITE_FILE = "suite.json"
 # `smollm experiments _variant CONFIG_JSON` runs one variant in a subprocess (parallel suites): not a user
@@ -66,14 +66,15 @@ def _comparable(config: dict) -> dict:
 
 
 def prepare(cfg: TrainConfig) -> str:
-    """What to do with the run directory ``cfg.out_dir``: "done", "resume" or "start" (both set cfg.resume = "auto").
+    """What to do with the run directory ``cfg.checkpoint.out_dir``: "done", "resume" or "start" (both set its resume
+    to "auto").
 
     A directory holding a run of another config is refused: its results would be mistaken for this config's. So is
     a folder of other files (the trainer would refuse it too, but only once its turn comes).
     """
-    run_dir = RunDir(cfg.out_dir)
+    run_dir = RunDir(cfg.checkpoint.out_dir)
     state = run_dir.state()
-    if state == "foreign" and not cfg.force:
+    if state == "foreign" and not cfg.checkpoint.force:
         raise ValueError(
             f"{run_dir} holds files that are not a run's ({', '.join(run_dir.entries()[:4])}): "
             "choose another output directory"
@@ -81,28 +82,29 @@ def prepare(cfg: TrainConfig) -> str:
     saved = read_json(run_dir.config)
     if saved is not None:  # a field added since that run was saved ran as its default then: no difference
         saved = complete_saved(saved)
-    if saved is not None and _comparable(saved) != _comparable(cfg.to_dict()):
-        changed = sorted(k for k in _comparable(cfg.to_dict()) if saved.get(k) != getattr(cfg, k))
+    if saved is not None and _comparable(saved) != _comparable(cfg.flat()):
+        changed = sorted(k for k in _comparable(cfg.flat()) if saved.get(k) != cfg.flat()[k])
         raise ValueError(
             f"{run_dir} holds a run with another config (differs in {', '.join(changed)}): "
             "choose another output directory, or delete that run directory"
         )
     if state == "finished":
         return "done"
-    cfg.resume = "auto"
+    cfg.checkpoint.resume = "auto"
     return "resume" if state == "resumable" else "start"
 
 
 def slot_settings(slot: int, jobs: int, cfg: TrainConfig) -> dict:
-    """Environment for the subprocess in ``slot`` (sets cfg.threads on the CPU): its own GPU, or its share of cores."""
+    """Environment for the subprocess in ``slot`` (sets cfg.system.threads on the CPU): its own GPU, or its share of
+    cores."""
     env = dict(os.environ)
-    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
+    gpus = torch.cuda.device_count() if cfg.system.device in ("auto", "cuda") else 0
     if gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
         env["CUDA_VISIBLE_DEVICES"] = visible[slot % gpus]
     elif jobs > 1:
-        cfg.threads = max(1, (os.cpu_count() or 1) // jobs)
-        env["OMP_NUM_THREADS"] = str(cfg.threads)
+        cfg.system.threads = max(1, (os.cpu_count() or 1) // jobs)
+        env["OMP_NUM_THREADS"] = str(cfg.system.threads)
     return env
 
 
@@ -121,7 +123,7 @@ def run_suite(
     configs = {v.name: v.config(base, suite_dir / v.name) for v in variants}
     actions = {v.name: prepare(configs[v.name]) for v in variants}
     todo = deque(v for v in variants if actions[v.name] != "done")
-    gpus = torch.cuda.device_count() if base.device in ("auto", "cuda") else 0
+    gpus = torch.cuda.device_count() if base.system.device in ("auto", "cuda") else 0
     if jobs > 1 and gpus and jobs > gpus:
         print(f"warning: --jobs {jobs} on {gpus} GPUs: some variants share a GPU")
     suite_dir.mkdir(parents=True, exist_ok=True)
@@ -138,9 +140,15 @@ def run_suite(
     print(f"suite {name} -> {suite_dir}: {len(variants)} variants, {done} done, {len(todo)} to run, {jobs} at once")
     if todo:
         # Train the tokenizer and encode the data once, here, rather than in every variant at the same time.
-        vocab_size = base.vocab_size or ModelConfig.preset(base.model).vocab_size
-        resolve_data(base.train_data, base.val_data, base.tokenizer, vocab_size, progress=progress,
-                     field=base.text_field)
+        vocab_size = base.data.vocab_size or ModelConfig.preset(base.model.preset).vocab_size
+        resolve_data(
+            base.data.train_data,
+            base.data.val_data,
+            base.data.tokenizer,
+            vocab_size,
+            progress=progress,
+            field=base.data.text_field,
+        )
     run_all = _run_inline if jobs == 1 else _run_parallel
     failures = run_all(todo, configs, actions, suite_dir, jobs, progress) if todo else {}
     rows = [variant_status(v, suite_dir, failures) for v in variants]
@@ -154,7 +162,7 @@ def _run_inline(todo, configs, actions, suite_dir: Path, jobs: int, progress: bo
     failures = {}
     for variant in todo:
         cfg = configs[variant.name]
-        cfg.progress = progress
+        cfg.logging.progress = progress
         print(f"{'resuming' if actions[variant.name] == 'resume' else 'starting'} {variant.name}")
         try:
             run(cfg)
@@ -175,7 +183,7 @@ def _run_parallel(todo, configs, actions, suite_dir: Path, jobs: int, progress: 
                 slot, variant = free.pop(0), todo.popleft()
                 cfg = configs[variant.name]
                 env = slot_settings(slot, jobs, cfg)
-                cfg.progress = False  # several bars in one terminal garble; the logs get the per-interval lines
+                cfg.logging.progress = False  # several bars in one terminal garble; the logs get the per-interval lines
                 log = open(suite_dir / "logs" / f"{variant.name}.log", "a")
                 what = "resuming" if actions[variant.name] == "resume" else "starting"
                 tqdm.write(f"{what} {variant.name} (log: {log.name})")

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smollm_stack.model import ModelConfig
-from smollm_stack.train.config import TrainConfig, make_config, read_toml
+from smollm_stack.train.cli import read_toml
+from smollm_stack.train.config import TrainConfig, make_config
 
 
 @dataclass
@@ -28,12 +29,15 @@ class Variant:
 
 
 def base_model(base: TrainConfig) -> ModelConfig:
-    return ModelConfig.preset(base.model, **base.model_args)
+    return ModelConfig.preset(base.model.preset, **base.model.args)
 
 
 def scaled_lr(base: TrainConfig, factor: float) -> dict:
     """max_lr and min_lr both times factor: the cosine keeps its floor at the same fraction of the peak."""
-    return {"max_lr": float(f"{base.max_lr * factor:.4g}"), "min_lr": float(f"{base.min_lr * factor:.4g}")}
+    return {
+        "max_lr": float(f"{base.schedule.max_lr * factor:.4g}"),
+        "min_lr": float(f"{base.schedule.min_lr * factor:.4g}"),
+    }
 
 
 def ablations(base: TrainConfig) -> list[Variant]:
@@ -41,7 +45,7 @@ def ablations(base: TrainConfig) -> list[Variant]:
     model = base_model(base)
     # Without norms the initial logits are large: the loss starts near 4 ln(vocab), above the trainer's default
     # divergence limit of 2 ln(vocab), which would stop the run while its loss is still falling. Keep the check, higher.
-    limit = round(10 * math.log(base.vocab_size or model.vocab_size), 1)
+    limit = round(10 * math.log(base.data.vocab_size or model.vocab_size), 1)
     no_norm = {"model_args": {"norm": "none"}, "diverge_loss": limit}
     return [
         Variant("baseline", {}, "pre-norm RMSNorm, RoPE, SwiGLU"),
@@ -63,7 +67,11 @@ LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0, 1000.0)  # the last one is meant to dive
 def lr(base: TrainConfig) -> list[Variant]:
     """A learning-rate sweep around the base's max_lr, up to one far past the stable range."""
     return [
-        Variant(f"lr={base.max_lr * f:.3g}", scaled_lr(base, f), f"max_lr = {f:g} x base ({base.max_lr:g})")
+        Variant(
+            f"lr={base.schedule.max_lr * f:.3g}",
+            scaled_lr(base, f),
+            f"max_lr = {f:g} x base ({base.schedule.max_lr:g})",
+        )
         for f in LR_FACTORS
     ]
 
@@ -76,24 +84,24 @@ def batch(base: TrainConfig) -> list[Variant]:
     evaluation and checkpoint intervals scale with the steps so the curves have the same shape and resolution.
     The square-root rule keeps the noise of an Adam update about constant (Malladi et al., 2022).
     """
-    if base.tokens:
+    if base.training.tokens:
         raise ValueError("the batch suite scales the base's --steps: give --steps rather than --tokens")
-    base_batch = base.batch_size * base.grad_accum
-    budget = base.steps * base_batch  # sequences
+    base_batch = base.training.batch_size * base.training.grad_accum
+    budget = base.training.steps * base_batch  # sequences
     variants, size = [], 1
     while size <= 8 * base_batch:
         steps = max(1, budget // size)
-        scale = steps / base.steps
-        micro = min(size, base.batch_size)
+        scale = steps / base.training.steps
+        micro = min(size, base.training.batch_size)
         overrides = {
             "batch_size": micro,
             "grad_accum": size // micro,
             "steps": steps,
             "tokens": None,  # the budget is set through steps here (a base --tokens would override them)
-            "warmup_steps": round(base.warmup_steps * scale),
-            "eval_interval": max(1, round(base.eval_interval * scale)),
-            "log_interval": max(1, round(base.log_interval * scale)),
-            "ckpt_interval": max(1, round(base.ckpt_interval * scale)),
+            "warmup_steps": round(base.schedule.warmup_steps * scale),
+            "eval_interval": max(1, round(base.eval.interval * scale)),
+            "log_interval": max(1, round(base.logging.interval * scale)),
+            "ckpt_interval": max(1, round(base.checkpoint.interval * scale)),
             **scaled_lr(base, (size / base_batch) ** 0.5),
         }
         note = f"{micro} x {size // micro} accumulated, {steps} steps, lr x {(size / base_batch) ** 0.5:.3g}"
@@ -108,11 +116,15 @@ OPTIMIZER_LR_FACTORS = (0.3, 1.0, 3.0)
 def optimizer(base: TrainConfig) -> list[Variant]:
     """AdamW against Muon (on the hidden matrices, AdamW on the rest) at the base's lr and 0.3x, 3x around it.
 
-    Muon's update is scaled to an AdamW update's RMS (train/muon.py), so the same max_lr is a fair comparison
+    Muon's update is scaled to an AdamW update's RMS (train/optim/muon.py), so the same max_lr is a fair comparison
     point for both; each still gets three lrs, as their best lr need not coincide.
     """
     return [
-        Variant(f"{label}-lr={base.max_lr * f:.3g}", {"optimizer": name, **scaled_lr(base, f)}, f"{note}, lr x {f:g}")
+        Variant(
+            f"{label}-lr={base.schedule.max_lr * f:.3g}",
+            {"optimizer": name, **scaled_lr(base, f)},
+            f"{note}, lr x {f:g}",
+        )
         for label, name, note in (
             ("adamw", "torch", "AdamW everywhere"),
             ("muon", "muon", "Muon on hidden matrices, AdamW on the rest"),
@@ -129,13 +141,17 @@ def schedule(base: TrainConfig) -> list[Variant]:
     a fresh config: a cosine extended keeps its floor from step N on (cosine_steps = N); a WSD run extended
     continues its stable phase and decays over the last fraction of 2N, which is a 2N-step WSD run.
     """
-    if base.tokens:
+    if base.training.tokens:
         raise ValueError("the schedule suite doubles the base's --steps: give --steps rather than --tokens")
-    n = base.steps
+    n = base.training.steps
     longer = {"steps": 2 * n}
     return [
         Variant("cosine", {"schedule": "cosine"}, f"cosine to min_lr at step {n}"),
-        Variant("wsd", {"schedule": "wsd"}, f"WSD, {base.decay_shape} decay over the last {base.decay_fraction:g}"),
+        Variant(
+            "wsd",
+            {"schedule": "wsd"},
+            f"WSD, {base.schedule.decay_shape} decay over the last {base.schedule.decay_fraction:g}",
+        ),
         Variant(
             "cosine-extended",
             {"schedule": "cosine", "cosine_steps": n, **longer},

@@ -90,18 +90,19 @@ def plan(gpu: str = "H100", mfu: float = 0.4, gpus: int = 8) -> str:
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     cfg = webtext_config(world_size=1)
+    t, sched, opt = cfg.training, cfg.schedule, cfg.optimizer
     model = webtext_model_config()
     total, non_embedding = param_counts(model)
-    tokens = cfg.steps * TOKENS_PER_STEP
+    tokens = t.steps * TOKENS_PER_STEP
     flops = flops_per_token(model) * tokens
     hours = flops / (peak * mfu) / 3600
     return f"""web-text preset: {total / 1e6:.0f}M parameters ({non_embedding / 1e6:.0f}M non-embedding), \
 vocab {VOCAB_SIZE}, context {CONTEXT_LENGTH}
-  tokens: {TOKENS_PER_PARAM} x parameters = {tokens / 1e9:.2f}B in {cfg.steps} steps of {TOKENS_PER_STEP:,} tokens \
-({MICRO_BATCH} x {CONTEXT_LENGTH} per micro-batch, {cfg.grad_accum} micro-batches per step on 1 GPU, \
-{cfg.grad_accum // gpus if cfg.grad_accum % gpus == 0 else "?"} on {gpus})
-  schedule: max lr {cfg.max_lr:g}, {cfg.warmup_steps} warmup steps, cosine to {cfg.min_lr:g}; AdamW betas \
-({cfg.beta1}, {cfg.beta2}), weight decay {cfg.weight_decay}, clip {cfg.grad_clip}, {cfg.dtype}
+  tokens: {TOKENS_PER_PARAM} x parameters = {tokens / 1e9:.2f}B in {t.steps} steps of {TOKENS_PER_STEP:,} tokens \
+({MICRO_BATCH} x {CONTEXT_LENGTH} per micro-batch, {t.grad_accum} micro-batches per step on 1 GPU, \
+{t.grad_accum // gpus if t.grad_accum % gpus == 0 else "?"} on {gpus})
+  schedule: max lr {sched.max_lr:g}, {sched.warmup_steps} warmup steps, cosine to {sched.min_lr:g}; AdamW betas \
+({opt.beta1}, {opt.beta2}), weight decay {opt.weight_decay}, clip {opt.grad_clip}, {cfg.system.dtype}
   compute: {flops_per_token(model) / 1e6:.0f} MFLOP/token x {tokens / 1e9:.2f}B tokens = {flops:.2e} FLOP
   ESTIMATE (not measured): {hours:.1f} {gpu}-hours at an assumed {100 * mfu:.0f}% MFU of {peak / 1e12:.0f} TFLOP/s \
 bf16, about {60 * hours / gpus:.0f} minutes on {gpus} GPUs

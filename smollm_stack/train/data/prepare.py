@@ -27,9 +27,9 @@ from pathlib import Path
 
 from smollm_stack.files import make_dir, write_atomic
 from smollm_stack.tokenizer.tokenizer import META_FILE
-from smollm_stack.train.dataset import encode_text, train_tokenizer
-from smollm_stack.train.shards import is_npy, read_manifest, write_shards
-from smollm_stack.train.sources import TEXT_FIELD, is_text, resolve
+from smollm_stack.train.data.tokens import encode_text, train_tokenizer
+from smollm_stack.train.data.shards import is_npy, read_manifest, write_shards
+from smollm_stack.train.data.sources import TEXT_FIELD, is_text, resolve
 
 REQUEST, REQUEST_FORMAT = "prepare.json", "smollm-prepare-request-1"
 

@@ -1,13 +1,13 @@
 """``smollm consolidate STEP_DIR --out ckpt.pt``: a sharded checkpoint (``--parallel fsdp``) as one file.
 
-The file is train.checkpoint's format, so ``smollm lm sample`` / ``export-hf`` read it and ``--resume``
+The file is train.store.checkpoint's format, so ``smollm lm sample`` / ``export-hf`` read it and ``--resume``
 under DDP continues from it. Runs in one process, whatever number of processes wrote the shards.
 """
 
 import argparse
 import sys
 
-from smollm_stack.train.fsdp import consolidate
+from smollm_stack.train.store.sharded import consolidate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smollm_stack.train.shards import open_shards, read_manifest, write_shards
-from smollm_stack.train.sources import EOT, TEXT_FIELD, is_text, is_tokens, resolve, text_batches
+from smollm_stack.train.data.shards import is_tokens, open_shards, read_manifest, write_shards
+from smollm_stack.train.data.sources import (
+    EOT,
+    TEXT_FIELD,
+    file_digest,
+    is_text,
+    resolve,
+    text_batches,
+    tokenizer_digest,
+)
 
 
 # ---- opening token arrays ---------------------------------------------------------------------------------------
@@ -208,27 +216,9 @@ def cache_dir() -> Path:
 
 
 def default_corpus() -> tuple[Path, Path]:
-    """The embedded TinyStories excerpt (train, valid) shipped in ``smollm_stack/train/data`` (see its LICENSE.md)."""
-    root = resources.files("smollm_stack.train") / "data"
+    """The embedded TinyStories excerpt (train, valid) shipped in ``train/data/embedded`` (see its LICENSE.md)."""
+    root = resources.files("smollm_stack.train.data") / "embedded"
     return Path(str(root / "train.txt")), Path(str(root / "valid.txt"))
-
-
-def file_digest(path: Path, size: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:size]
-
-
-def tokenizer_digest(tok_dir: Path) -> str:
-    from smollm_stack.tokenizer.tokenizer import META_FILE
-
-    h = hashlib.sha256()
-    for name in ("vocab.json", "merges.txt", META_FILE):  # the special tokens are in the metadata
-        if (tok_dir / name).is_file():
-            h.update((tok_dir / name).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _atomic_dir(final: Path, build, replace: bool = False):
@@ -253,8 +243,14 @@ def _atomic_dir(final: Path, build, replace: bool = False):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_tokenizer(sources: list[Path], vocab_size: int, out_dir: Path, progress: bool = True, replace: bool = False,
-                    field: str = TEXT_FIELD):
+def train_tokenizer(
+    sources: list[Path],
+    vocab_size: int,
+    out_dir: Path,
+    progress: bool = True,
+    replace: bool = False,
+    field: str = TEXT_FIELD,
+):
     """Train a byte-level BPE tokenizer of ``vocab_size`` (``<|endoftext|>`` included) on the source files (see
     sources.py; documents in the ``field`` of jsonl and parquet) and save it to ``out_dir``."""
     from smollm_stack.tokenizer import Tokenizer, train_bpe, train_bpe_batches

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from smollm_stack.files import atomic_file, make_dir
-from smollm_stack.train.sources import hub_fetch
+from smollm_stack.train.data.sources import hub_fetch
 
 CORPORA = {  # name -> {output file: (Hub dataset, file in it)}
     "tinystories": {

@@ -19,6 +19,7 @@ non-string text field, a file with no documents) is a ValueError naming the file
 import fnmatch
 import glob
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
@@ -41,14 +42,6 @@ def kind(path: Path) -> str | None:
 def is_text(sources: list[Path]) -> bool:
     """Whether ``sources`` is one text file, which is encoded to one ``.npy`` rather than to a shard directory."""
     return len(sources) == 1 and kind(sources[0]) not in ("jsonl", "parquet")
-
-
-def is_tokens(spec) -> bool:
-    """Whether ``spec`` names tokens already: a ``.npy`` file or a shard directory (see shards.py)."""
-    from smollm_stack.train.shards import MANIFEST
-
-    path = Path(spec)
-    return (path.suffix == ".npy" and path.is_file()) or (path / MANIFEST).is_file()
 
 
 def resolve(spec) -> list[Path]:
@@ -189,3 +182,24 @@ def _parquet(path: Path, field: str):
         if column.null_count:
             raise ValueError(f"{where}: column {field!r} has {column.null_count} missing (null) documents")
         yield from column.cast(pa.large_binary()).to_pylist()
+
+
+# ---- identity: the digests that key the cache and the shard manifests -------------------------------------------
+
+
+def file_digest(path: Path, size: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:size]
+
+
+def tokenizer_digest(tok_dir: Path) -> str:
+    from smollm_stack.tokenizer.tokenizer import META_FILE
+
+    h = hashlib.sha256()
+    for name in ("vocab.json", "merges.txt", META_FILE):  # the special tokens are in the metadata
+        if (tok_dir / name).is_file():
+            h.update((tok_dir / name).read_bytes())
+    return h.hexdigest()[:16]

@@ -5,7 +5,7 @@ A checkpoint holds everything a resumed run needs to continue as if never stoppe
 RNG states are stored as tensors and lists (never pickled objects), so ``torch.load(weights_only=True)`` reads them.
 ``X.pt.sha256`` holds the SHA-256 of ``X.pt``: a file damaged after its write (a flipped bit, a truncating copy)
 fails it and is reported as damaged instead of training on from garbage. A checkpoint without one (written before
-checksums existed, or copied alone) is read unverified. Where the checkpoints of a run live is train.rundir's.
+checksums existed, or copied alone) is read unverified. Where the checkpoints of a run live is train.store.rundir's.
 """
 
 import hashlib

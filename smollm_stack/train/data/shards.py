@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from smollm_stack.files import make_dir, write_atomic
-from smollm_stack.train.sources import TEXT_FIELD, kind, text_batches
+from smollm_stack.train.data.sources import TEXT_FIELD, file_digest, kind, text_batches, tokenizer_digest
 
 MANIFEST = "manifest.json"
 FORMAT, VERSION = "smollm-token-shards", 1
@@ -58,7 +58,6 @@ def write_shards(sources: list[Path], tok_dir: Path, out: Path, force=False, pro
     """
     from smollm_stack.tokenizer import Tokenizer
     from smollm_stack.tokenizer.file_encoder import token_dtype
-    from smollm_stack.train.dataset import tokenizer_digest
 
     digest = tokenizer_digest(tok_dir)
     make_dir(out, exist_ok=True)
@@ -93,8 +92,6 @@ def write_shards(sources: list[Path], tok_dir: Path, out: Path, force=False, pro
 
 def _source_record(index: int, source: Path, kept: dict, out: Path) -> dict:
     """A shard's manifest entry but its token count and size; an error if its source changed since it was kept."""
-    from smollm_stack.train.dataset import file_digest
-
     record = {"file": f"shard-{index:05d}.npy", "source": str(source), "source_bytes": os.path.getsize(source)}
     record["source_sha256"] = file_digest(source, size=64)
     old = kept.get(str(source))
@@ -141,6 +138,12 @@ def _encode_shard(source: Path, tokenizer, shard: Path, progress: bool, field: s
     if os.path.getsize(source) == 0:
         raise ValueError(f"{source} is empty: a shard needs at least one document")
     return encode_file(source, tokenizer, shard, progress=progress, replace=replace)
+
+
+def is_tokens(spec) -> bool:
+    """Whether ``spec`` names tokens already: a ``.npy`` file or a shard directory (see shards.py)."""
+    path = Path(spec)
+    return (path.suffix == ".npy" and path.is_file()) or (path / MANIFEST).is_file()
 
 
 def is_npy(path: Path) -> bool:

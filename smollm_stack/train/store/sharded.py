@@ -1,16 +1,4 @@
-"""Fully sharded data parallelism (FSDP2, ``--parallel fsdp``) and its sharded checkpoints.
-
-``shard`` applies ``torch.distributed.fsdp.fully_shard`` to each transformer block, then to the root: every rank
-keeps 1/W of each parameter, its gradient and its AdamW moments (DTensors, ``Shard(0)``), all-gathers a block's
-parameters in the compute dtype just before the block runs (forward, and again in backward), and reduce-scatters
-its gradients in fp32 right after. The root unit (embeddings, final norm, lm_head) is gathered for the whole
-forward, which matters because the fused loss reads ``lm_head.weight`` itself rather than calling ``lm_head``.
-Our Triton kernels run inside unchanged: they see ordinary tensors. The Linears keep no per-step copy of their
-weights (model.Linear): q, k, v and W1, W3 run as separate products on the weights FSDP gathers each time. AdamW
-and gradient clipping need nothing special either: their ``torch._foreach_*`` ops run on the local shards, and the
-norm's sum of squares, a ``Partial`` DTensor, is all-reduced by DTensor itself, so clipping uses the global norm.
-Muon keeps its momentum sharded too and gathers each whole matrix only to orthogonalize it (train/muon.py says how,
-and what it costs).
+"""Sharded checkpoints (``--parallel fsdp``), read without running code.
 
 A sharded checkpoint is a step directory, written by every rank with ``torch.distributed.checkpoint`` (DCP)::
 
@@ -40,7 +28,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -49,53 +36,19 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from smollm_stack.files import atomic_file, make_dir, refuse_link, write_atomic
-from smollm_stack.model import Linear, ModelConfig, TransformerLM
-from smollm_stack.train.checkpoint import checksum_path, save_checkpoint, set_rng_state, sha256_file
-from smollm_stack.train.distributed import Dist
-from smollm_stack.train.muon import Optimizers
-from smollm_stack.train.rundir import CORRUPT_SUFFIX
+from smollm_stack.model import ModelConfig, TransformerLM
+from smollm_stack.train.store.checkpoint import checksum_path, save_checkpoint, set_rng_state, sha256_file
+from smollm_stack.train.parallel.distributed import Dist
+from smollm_stack.train.optim.builder import Optimizers
+from smollm_stack.train.store.rundir import newest_intact
 
 META_FILE = "meta.pt"
 MANIFEST_FILE = "manifest.json"
-
-
-def shard(model: TransformerLM, device: torch.device, dtype: torch.dtype, world_size: int) -> TransformerLM:
-    """Shard ``model`` in place over the ``world_size`` ranks: per block, then the root. Build the optimizer after.
-
-    Mixed precision: fp32 master parameters, computed in ``dtype`` (bf16 on CUDA), gradients reduced in fp32.
-    """
-    mesh = init_device_mesh(device.type, (world_size,))
-    for module in model.modules():  # a copy kept across forwards would hold every whole weight on every rank
-        if isinstance(module, Linear):
-            module.per_step_copy = False
-    compute = None if dtype == torch.float32 else dtype
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
-
-
-def full_model(model: TransformerLM, info: Dist) -> TransformerLM | None:
-    """A plain, unsharded copy of a sharded model on rank 0 (to sample from); None elsewhere. Every rank calls it."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered on rank 0 only, in CPU memory
-    state = get_model_state_dict(model, options=options)
-    if not info.main:
-        return None
-    device = next(iter(model.parameters())).device
-    with torch.device(device):
-        plain = TransformerLM(model.config)
-    plain.load_state_dict(state)
-    return plain
 
 
 # ---- sharded checkpoints ----------------------------------------------------------------------------------------
@@ -168,37 +121,19 @@ def read_meta(path: Path) -> dict:
 
 
 def latest_sharded(paths: list[Path], info: Dist) -> tuple[Path, dict] | tuple[None, None]:
-    """The newest intact sharded checkpoint among ``paths`` (oldest first) and its meta, or (None, None).
+    """The newest intact sharded checkpoint among ``paths`` (oldest first) and its meta, or (None, None): the rules of
+    single-file ones (rundir.newest_intact). Every rank calls it; each verifies its share of every step directory."""
 
-    The same rules as single-file checkpoints: a damaged newer one is set aside as ``*.corrupt`` (never deleted)
-    with a warning and the next older one tried; none intact is an error listing each one's damage.
-    """
-    damaged = []
-    for path in reversed(paths):
+    def load(path: Path) -> dict:
         reason = damage(path, info)
         if reason is not None:
-            damaged.append((path, reason))
-            continue
-        for bad, why in damaged if info.main else ():
-            aside = bad.with_name(bad.name + CORRUPT_SUFFIX)
-            os.replace(bad, aside)
-            print(f"warning: {why}; set aside as {aside.name}, resuming from {path.name}", file=sys.stderr)
-        info.barrier()
-        return path, read_meta(path)
-    if damaged:
-        raise ValueError(f"cannot resume: no intact sharded checkpoint ({'; '.join(r for _, r in damaged)})")
-    return None, None
+            raise ValueError(reason)
+        return read_meta(path)
 
-
-def check_kind(run_dir, parallel: str):
-    """A run's checkpoints are of its parallelism's kind; resuming under the other would silently start over."""
-    if parallel == "ddp" and run_dir.sharded_checkpoints():
-        raise ValueError(
-            f"cannot resume: {run_dir} holds sharded checkpoints: resume with --parallel fsdp (on any number of "
-            "processes), or turn one into a file with smollm consolidate"
-        )
-    if parallel == "fsdp" and run_dir.checkpoints():
-        raise ValueError(f"cannot resume: {run_dir} holds single-file checkpoints: resume with --parallel ddp")
+    found = newest_intact(paths, load, info.main)
+    if found[0] is not None:
+        info.barrier()  # nobody reads a step directory before rank 0 has set the damaged ones aside
+    return found
 
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: Dist):
@@ -285,13 +220,13 @@ def torch_optimizers(optimizer) -> tuple[torch.optim.Optimizer, ...]:
 
 
 def consolidate(step_dir: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
-    """Write the sharded checkpoint ``step_dir`` as one train.checkpoint file (what ``smollm lm`` reads).
+    """Write the sharded checkpoint ``step_dir`` as one train.store.checkpoint file (what ``smollm lm`` reads).
 
     ``out`` is created exclusively; ``force`` lets it replace a checkpoint of ours (one with a ``.sha256`` beside
     it), never another file.
     """
     from smollm_stack.train.config import make_config
-    from smollm_stack.train.optimizers import build_optimizer  # the trainer's own: the optimizer state's layout
+    from smollm_stack.train.optim.builder import build_optimizer  # the trainer's own: the optimizer state's layout
 
     path, out = Path(step_dir), Path(out)
     if not path.is_dir():
@@ -306,7 +241,8 @@ def consolidate(step_dir: str | os.PathLike, out: str | os.PathLike, force: bool
         raise ValueError(reason)
     meta = read_meta(path)
     model = TransformerLM(ModelConfig(**meta["model_config"]))
-    optimizer = build_optimizer(make_config(meta["train_config"]), model, torch.device("cpu"))
+    saved = make_config(meta["train_config"])
+    optimizer = build_optimizer(saved.optimizer, model, torch.device("cpu"), saved.schedule.max_lr)
     load_sharded(path, model, optimizer, Dist())
     set_rng_state(meta["rng"])  # save_checkpoint records the current RNG state: make it the saved one
     extra = {k: v for k, v in meta.items() if k not in ("iteration", "rng")}

@@ -45,7 +45,7 @@ Only hidden 2-D weights go to Muon: the embedding is a lookup, not a linear map 
 rows are scored against each other; both, and the norm gains, stay with AdamW (as in the write-up). In DDP every rank
 all-reduces the gradients first and then computes the same orthogonalization, so the ranks stay identical.
 
-Under FSDP2 (train/fsdp.py) each rank holds rows of every matrix: its parameter, gradient and momentum are
+Under FSDP2 (train/parallel/fsdp.py) each rank holds rows of every matrix: its parameter, gradient and momentum are
 ``Shard(0)`` DTensors, and the momentum stays that way (optimizer state is 1/W of the matrices on each of W ranks).
 Orthogonalization is not row by row, so ``orthogonalize_sharded`` gathers the whole U on every rank
 (``full_tensor``, in the iteration's dtype: bf16 on a GPU, half the bytes of fp32 for the same rounded input), runs
@@ -205,32 +205,3 @@ class Muon(torch.optim.Optimizer):
                                           grads[0].device))  # fmt: skip
         torch._foreach_lerp_(list(u.unbind(0)), momenta, mu)
         return list(orthogonalize(u, workspace=self.workspace).unbind(0))
-
-
-class Optimizers:
-    """Several optimizers stepped, zeroed, checkpointed and scheduled as one (``param_groups`` spans them all)."""
-
-    def __init__(self, *optimizers: torch.optim.Optimizer):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none: bool = True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state: dict):
-        saved = state.get("optimizers")
-        if saved is None or len(saved) != len(self.optimizers):
-            raise ValueError("the checkpoint's optimizer state is not this optimizer's (was it --optimizer ours?)")
-        for o, s in zip(self.optimizers, saved):
-            o.load_state_dict(s)

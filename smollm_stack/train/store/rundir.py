@@ -7,10 +7,10 @@ A run directory holds (each name is defined here and nowhere else)::
     metrics.jsonl                  one JSON row per report step
     loss_steps.png, loss_time.png  the loss plots
     tasks.png                      the downstream task scores, under --eval-tasks
-    ckpt_XXXXXX.pt                 checkpoints (train.checkpoint's format), each with its ckpt_XXXXXX.pt.sha256
+    ckpt_XXXXXX.pt                 checkpoints (train.store.checkpoint's format), each with its ckpt_XXXXXX.pt.sha256
     predecay_XXXXXX.pt             a WSD run's last step at max_lr, which an extension re-decays from (never pruned)
     decayed_XXXXXX/                an extended WSD run's old decay: its checkpoints, metrics and summary
-    ckpt_XXXXXX.dcp/               or, under --parallel fsdp, sharded ones (train.fsdp's format)
+    ckpt_XXXXXX.dcp/               or, under --parallel fsdp, sharded ones (train.store.sharded's format)
     tokenizer/                     a copy of the tokenizer the run trains with
     sample.txt                     the story sampled at the end
     tensorboard/                   TensorBoard's event files, under --logger tensorboard
@@ -48,7 +48,7 @@ from datetime import datetime
 from pathlib import Path
 
 from smollm_stack.files import TMP_MARK, make_dir, open_lock, refuse_link, try_lock, write_atomic
-from smollm_stack.train.checkpoint import checksum_path, read_checkpoint
+from smollm_stack.train.store.checkpoint import checksum_path, read_checkpoint
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -98,6 +98,30 @@ def read_json(path: Path) -> dict | None:
     if not isinstance(value, dict):
         raise ValueError(f"{path} should hold a JSON object, got {type(value).__name__}")
     return value
+
+
+def newest_intact(paths: list[Path], load, main: bool = True) -> tuple[Path, object] | tuple[None, None]:
+    """(path, ``load(path)``) of the newest of ``paths`` (oldest first) that loads, or (None, None) when there are none.
+
+    ``load`` raises ValueError saying what is wrong with a damaged checkpoint (checksum mismatch, truncated, not a
+    checkpoint). Each damaged newer one is set aside as ``*.corrupt`` (by the ``main`` process; never deleted) with a
+    warning, and the next older one tried; when none is intact, that is an error listing each one's damage.
+    """
+    damaged = []
+    for path in reversed(paths):
+        try:
+            loaded = load(path)
+        except ValueError as e:
+            damaged.append((path, str(e)))
+            continue
+        for bad, reason in damaged if main else ():
+            aside = bad.with_name(bad.name + CORRUPT_SUFFIX)
+            os.replace(bad, aside)
+            print(f"warning: {reason}; set aside as {aside.name}, resuming from {path.name}", file=sys.stderr)
+        return path, loaded
+    if damaged:
+        raise ValueError(f"cannot resume: no intact checkpoint ({'; '.join(reason for _, reason in damaged)})")
+    return None, None
 
 
 def new_run_path(preset: str, root: str | Path = "runs") -> Path:
@@ -283,26 +307,8 @@ class RunDir:
                 checksum.unlink()
 
     def latest_checkpoint(self, map_location="cpu") -> tuple[Path, dict] | tuple[None, None]:
-        """The newest intact checkpoint (path, dict), or (None, None) when the run has none.
-
-        A damaged newer one (checksum mismatch, truncated, empty, not a checkpoint) is renamed ``*.corrupt`` and the
-        next older one tried, with a warning; when none is intact, that is an error listing each one's damage.
-        """
-        damaged = []
-        for path in reversed(self.checkpoints()):
-            try:
-                checkpoint = read_checkpoint(path, map_location=map_location)
-            except ValueError as e:
-                damaged.append((path, str(e)))
-                continue
-            for bad, reason in damaged:
-                aside = bad.with_name(bad.name + CORRUPT_SUFFIX)
-                os.replace(bad, aside)
-                print(f"warning: {reason}; set aside as {aside.name}, resuming from {path.name}", file=sys.stderr)
-            return path, checkpoint
-        if damaged:
-            raise ValueError(f"cannot resume {self.path}: no intact checkpoint ({'; '.join(r for _, r in damaged)})")
-        return None, None
+        """The newest intact checkpoint (path, dict), or (None, None) when the run has none (``newest_intact``)."""
+        return newest_intact(self.checkpoints(), lambda path: read_checkpoint(path, map_location=map_location))
 
     # ---- the tokenizer copy ---------------------------------------------------------------------------------------
 
