@@ -1,0 +1,121 @@
+"""Measured figures come from records, and every link to a record leads to one.
+
+A record is a folder `smollm_stack/bench/records/<date>-<name>/` holding one measurement's command, machine, figures
+and raw output. The rule for the pages that quote them: in README.md every paragraph, and in bench/RESULTS.md every
+`##` section, that states a measured figure links the record(s) it comes from, and each figure appears, digit for
+digit, in a file of those records' folders (2.998 does not match a record's 2.9981: quote the record). A measured
+figure is a number with a unit of measure: a ratio (1.49x), a share (73%), a time (53.1 s, 949 ms, 3:39.5), a size
+(1,087 MB), a rate (27.0 MB/s, 1,319 tokens/s, 461K tokens/s), or a loss with three or four decimals (2.9981).
+"""
+
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "smollm_stack" / "bench" / "records"
+RESULTS = ROOT / "smollm_stack" / "bench" / "RESULTS.md"
+README = ROOT / "README.md"
+
+FIGURE = re.compile(
+    r"(?<![\w.])("
+    r"\d[\d,]*(?:\.\d+)?x(?!\w)"  # a ratio
+    r"|\d[\d,]*(?:\.\d+)?%"  # a share
+    r"|\d[\d,]*(?:\.\d+)?[KM]? ?(?:ms|s|MB/s|MB|GB|tok/s|tokens/s)(?![\w/])"  # a time, size or rate
+    r"|\d+:\d\d(?:\.\d)?(?![\d:])"  # a wall time, m:ss
+    r"|\d\.\d{3,4}"  # a loss or bits per byte
+    r")(?![\d])"
+)
+# Figures that are not measurements: the sizes of the text files the package ships.
+NOT_MEASURED = {"2.1 MB", "0.8 MB"}
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def figures(text):
+    return [f for f in FIGURE.findall(" ".join(text.split())) if f not in NOT_MEASURED]
+
+
+def links(text, page):
+    """The local paths `page`'s markdown links point at (anchors dropped, web links skipped)."""
+    targets = []
+    for link in LINK.findall(text):
+        path = link.split("#")[0]
+        if path and not re.match(r"[a-z]+:", path):
+            targets.append((page.parent / path).resolve())
+    return targets
+
+
+def linked_records(text, page):
+    """The record folders `text` (a part of `page`) links."""
+    folders = set()
+    for target in links(text, page):
+        if target.is_relative_to(RECORDS) and target != RECORDS:
+            folders.add(RECORDS / target.relative_to(RECORDS).parts[0])
+    return folders
+
+
+@cache
+def record_text(folder):
+    text = "\n".join(p.read_text(errors="replace") for p in sorted(folder.rglob("*")) if p.is_file())
+    return " ".join(text.split())  # a figure may wrap across lines
+
+
+def found(figure, folders):
+    pattern = re.compile(r"(?<![\d.,])" + re.escape(figure) + r"(?![\d]|[.,]\d)")
+    return any(folder.is_dir() and pattern.search(record_text(folder)) for folder in folders)
+
+
+def prose(text):
+    """`text` without its fenced code blocks (commands, not claims)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def paragraphs(text):
+    return [p for p in re.split(r"\n\s*\n", prose(text)) if p.strip()]
+
+
+def sections(text):
+    return [s for s in re.split(r"^(?=## )", prose(text), flags=re.M) if s.strip()]
+
+
+def unsourced(parts, page):
+    """(figure, the part's first line) for each figure no record linked from its part holds."""
+    missing = []
+    for part in parts:
+        folders = linked_records(part, page)
+        missing += [(f, part.strip().splitlines()[0][:80]) for f in figures(part) if not found(f, folders)]
+    return missing
+
+
+def test_every_figure_in_the_readme_is_in_a_record_its_paragraph_links():
+    assert unsourced(paragraphs(README.read_text()), README) == []
+
+
+def test_every_figure_in_results_is_in_a_record_its_section_links():
+    assert unsourced(sections(RESULTS.read_text()), RESULTS) == []
+
+
+def test_every_record_holds_a_readme_with_a_dated_title():
+    folders = [d for d in RECORDS.iterdir() if d.is_dir() and re.match(r"\d{4}-\d\d-\d\d-[a-z0-9.-]+$", d.name)]
+    assert len(folders) > 20
+    for folder in folders:
+        assert (folder / "README.md").read_text().startswith("# "), folder.name
+
+
+@pytest.mark.parametrize("page", [README, RESULTS, *sorted((ROOT / "docs").glob("*.md")), *sorted(RECORDS.rglob("*.md"))],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_local_link_leads_to_a_file_or_folder(page):
+    assert [t for t in links(page.read_text(), page) if not t.exists()] == []
+
+
+def test_the_rule_catches_a_figure_no_linked_record_holds():
+    """The checker itself: a changed figure, a figure without its link, and a rounded one each fail."""
+    link = "[records/2026-12-08-cpu-step](smollm_stack/bench/records/2026-12-08-cpu-step/README.md)"
+    assert unsourced([f"AdamW runs 1.49x the naive loop {link}."], README) == []
+    assert unsourced([f"AdamW runs 1.59x the naive loop {link}."], README) == [("1.59x", f"AdamW runs 1.59x the naive loop {link}."[:80])]
+    assert [f for f, _ in unsourced(["AdamW runs 1.49x the naive loop."], README)] == ["1.49x"]
+    assert [f for f, _ in unsourced([f"validation loss 2.998 {link}"], README)] == ["2.998"]
+    assert figures("3:39.5 and 4:57.7, 53.1 s, 949 ms, 1,087 MB, 27.0 MB/s, 461K tokens/s, 73%, 2.9981") == [
+        "3:39.5", "4:57.7", "53.1 s", "949 ms", "1,087 MB", "27.0 MB/s", "461K tokens/s", "73%", "2.9981"]
