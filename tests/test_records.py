@@ -38,14 +38,21 @@ def figures(text):
     return [f for f in FIGURE.findall(" ".join(text.split())) if f not in NOT_MEASURED]
 
 
-def links(text, page):
-    """The local paths `page`'s markdown links point at (anchors dropped, web links skipped)."""
+def links(text, page, anchors=False):
+    """The local paths `page`'s markdown links point at (web links skipped), with their anchors if asked."""
     targets = []
     for link in LINK.findall(text):
-        path = link.split("#")[0]
-        if path and not re.match(r"[a-z]+:", path):
-            targets.append((page.parent / path).resolve())
-    return targets
+        path, _, anchor = link.partition("#")
+        if not re.match(r"[a-z]+:", path):
+            target = (page.parent / path).resolve() if path else page
+            targets.append((target, anchor) if anchors else target)
+    return [t for t in targets if anchors or t != page]
+
+
+def slugs(page):
+    """The anchors of a markdown page's headings, as GitHub makes them."""
+    headings = re.findall(r"^#+ (.+)$", prose(page.read_text()), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 def linked_records(text, page):
@@ -118,7 +125,11 @@ PAGES = [README, RESULTS, *sorted((ROOT / "docs").glob("*.md")), *sorted(RECORDS
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_local_link_leads_to_a_file_or_folder(page):
-    assert [t for t in links(page.read_text(), page) if not t.exists()] == []
+    broken = []
+    for target, anchor in links(page.read_text(), page, anchors=True):
+        if not target.exists() or anchor and target.suffix == ".md" and anchor not in slugs(target):
+            broken.append(f"{target.relative_to(ROOT)}#{anchor}")
+    assert broken == []
 
 
 def test_the_rule_catches_a_figure_no_linked_record_holds():
