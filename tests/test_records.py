@@ -145,3 +145,8 @@ def test_the_rule_catches_a_figure_no_linked_record_holds():
     assert missing(f"final validation loss 2.998 {link}") == ["2.998"]
     assert figures("3:39.5, 53.1 s, 949 ms, 1,087\nMB, 27.0 MB/s, 461K tokens/s, 73%, 2.9981, 16 x 128, 2.1 MB") == [
         "3:39.5", "53.1 s", "949 ms", "1,087 MB", "27.0 MB/s", "461K tokens/s", "73%", "2.9981"]  # fmt: skip
+
+
+def test_results_lists_every_record():
+    listed = linked_records(RESULTS.read_text(), RESULTS)
+    assert sorted(d.name for d in RECORDS.iterdir() if d.is_dir() and d not in listed) == []
