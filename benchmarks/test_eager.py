@@ -57,9 +57,10 @@ def test_step(race, preset, provider):
          flops=3 * flops_per_token(config) * n)  # fmt: skip
 
 
-# Regression floors, about 0.75x what a quiet 2-core AMD EPYC (Zen 4) measured (bench/RESULTS.md, "Benchmark
-# suites"): eager rope 2.13x the reference, cross-entropy 2.16x, the fused loss 1.30x, RMSNorm 0.82x, SwiGLU 0.98x;
-# the step 1.18x (tiny) and 0.95x (17M) the naive loop when each runs alone, as here (bench.train's turns: 1.5x).
+# Regression floors, about 0.75x what a quiet 2-core AMD EPYC (Zen 4) measured
+# (bench/records/2026-12-07-benchmark-suites, "Benchmark suites"): eager rope 2.13x the reference, cross-entropy 2.16x,
+# the fused loss 1.30x, RMSNorm 0.82x, SwiGLU 0.98x; the step 1.18x (tiny) and 0.95x (17M) the naive loop when each runs
+# alone, as here (bench.train's turns: 1.5x).
 OP_FLOORS = {"apply_rope": 1.6, "cross_entropy": 1.6, "fused_linear_cross_entropy": 1.0, "rms_norm": 0.6,
              "swiglu": 0.75}  # fmt: skip
 STEP_FLOORS = {"tiny": 0.9, "tinystories-17m": 0.7}

@@ -26,8 +26,9 @@ def test_encode(race, provider):
     assert tokens > 0
 
 
-# Floors well under what a 2-core AMD EPYC (Zen 4) measured (bench/RESULTS.md, "Benchmark suites"): a regression, not
-# noise, goes under them. Training: ours 8.1x (loaded) and 10.8x (quiet) HF's speed; encoding 2.4x and 2.6x tiktoken.
+# Floors well under what a 2-core AMD EPYC (Zen 4) measured (bench/records/2026-12-07-benchmark-suites): a regression,
+# not noise, goes under them. Training: ours 8.1x (loaded) and 10.8x (quiet) HF's speed; encoding 2.4x and 2.6x
+# tiktoken.
 FLOORS = {"train": 4.0, "encode": 1.5}
 
 

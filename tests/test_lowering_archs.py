@@ -14,10 +14,10 @@ A change that regresses one of these properties fails here:
   mma.sync (wgmma is Hopper's alone);
 - the memory-bound kernels move at least 3/4 of their bytes in 16-byte vectors and spill nothing, on every card.
 
-On sm_75 Triton 3.9 lowers every kernel, but gives tl.dot no tensor-core layout there: each of attention's dots is
-FMA, and the kept configs spill 290 to 3229 instructions (bench/RESULTS.md). So a T4 runs our memory-bound kernels,
-gated here like every card's, and the eager attention (kernels.ops below capability 8.0, tested last); bf16 is
-refused there before any kernel runs (train/precision.py).
+On sm_75 Triton 3.9 lowers every kernel, but gives tl.dot no tensor-core layout there: each of attention's dots is FMA,
+and the kept configs spill 290 to 3229 instructions (bench/records/2026-12-07-lowering-archs). So a T4 runs our
+memory-bound kernels, gated here like every card's, and the eager attention (kernels.ops below capability 8.0, tested
+last); bf16 is refused there before any kernel runs (train/precision.py).
 """
 
 import pytest

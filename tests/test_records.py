@@ -150,3 +150,16 @@ def test_the_rule_catches_a_figure_no_linked_record_holds():
 def test_results_lists_every_record():
     listed = linked_records(RESULTS.read_text(), RESULTS)
     assert sorted(d.name for d in RECORDS.iterdir() if d.is_dir() and d not in listed) == []
+
+
+def test_every_record_a_source_file_names_exists():
+    """Code comments point at records by folder name (bench/records/<date>-<name>): each must be there."""
+    named = re.compile(r"records/(\d{4}-\d\d-\d\d-[\w.-]*\w)")
+    sources = [p for d in ("smollm_stack", "tests", "benchmarks") for p in (ROOT / d).rglob("*.py")]
+    missing = sorted(
+        f"{p.relative_to(ROOT)}: {m}"
+        for p in sources
+        for m in named.findall(p.read_text(encoding="utf-8"))
+        if not (RECORDS / m.split("/")[0]).is_dir()
+    )
+    assert sources and not missing, f"records named in code that do not exist: {missing}"

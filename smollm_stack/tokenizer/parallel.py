@@ -55,7 +55,7 @@ def trim_heap():
 
     Encoding allocates and frees a few chunk-sized buffers per chunk. glibc's adaptive mmap threshold soon serves
     them from the heap, whose free space then fragments and stays resident: without a trim after each chunk, an
-    encode's memory grows with the file instead of staying flat (bench/RESULTS.md, the size curve).
+    encode's memory grows with the file instead of staying flat (bench/records/2026-12-07-data-scale).
     """
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)

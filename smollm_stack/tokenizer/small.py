@@ -1,10 +1,11 @@
 """Byte-level BPE training in pure Python for small inputs: nothing to compile, so a first call is fast.
 
-The Numba trainer spends seconds compiling before a fresh install's first call reads a byte (see RESULTS.md); on
-a few MB of text this trainer is done sooner. Pre-tokens are counted with the ``regex`` GPT-2 pattern, as the
-reference does, and the merges are incremental: each pair's count and the words that hold it change only for the
-words a merge touches, and the best pair comes off a heap whose stale entries are skipped. Its merges are the
-reference's and the Numba trainer's (ties go to the greater (left, right) pair of byte strings).
+The Numba trainer spends seconds compiling before a fresh install's first call reads a byte
+(bench/records/2026-12-07-tokenizer-first-call); on a few MB of text this trainer is done sooner. Pre-tokens are counted
+with the ``regex`` GPT-2 pattern, as the reference does, and the merges are incremental: each pair's count and the words
+that hold it change only for the words a merge touches, and the best pair comes off a heap whose stale entries are
+skipped. Its merges are the reference's and the Numba trainer's (ties go to the greater (left, right) pair of byte
+strings).
 """
 
 import heapq

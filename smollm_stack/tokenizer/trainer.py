@@ -6,8 +6,9 @@ process adds the counts up. Memory grows with the number of distinct pre-tokens,
 
 Step 2 (merging, one core): merge.py's incremental Numba merge loop over the counted pre-tokens.
 
-Inputs up to SMALL_BYTES go to small.py's pure-Python trainer instead while the JIT is not yet loaded in this
-process: on a fresh install, compiling the Numba code costs far more than that trainer takes (RESULTS.md).
+Inputs up to SMALL_BYTES go to small.py's pure-Python trainer instead while the JIT is not yet loaded in this process:
+on a fresh install, compiling the Numba code costs far more than that trainer takes
+(bench/records/2026-12-07-tokenizer-first-call).
 """
 
 import os

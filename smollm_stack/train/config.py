@@ -86,7 +86,7 @@ class DataSection(Section):
 
 @dataclass
 class TrainingSection(Section):
-    """The run's length and batch. The default length: records/2026-12-02-recipes (round six)."""
+    """The run's length and batch. The default length: bench/records/2026-12-02-recipes-step-count."""
 
     steps: int = opt(1200, "optimizer steps")
     tokens: int | None = opt(None, "token budget: steps = tokens / tokens per step (a --steps flag wins over a file's)")
@@ -106,7 +106,7 @@ class TrainingSection(Section):
 
 @dataclass
 class OptimizerSection(Section):
-    """The default run's best recipe found: records/2026-12-01-recipes."""
+    """The default run's best recipe found: bench/records/2026-12-01-recipes-decay-length."""
 
     name: Literal["torch", "ours", "muon"] = opt(
         "muon", "torch: torch's fused AdamW and clipping; ours: train/optim/adamw.py's; muon: Muon on hidden matrices",
@@ -115,7 +115,7 @@ class OptimizerSection(Section):
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
     eps: float = opt(1e-8, "AdamW epsilon")
-    # 0.3, not the usual 0.1: the default run sees its corpus 4.3 times (records/2026-12-01-recipes, round three).
+    # 0.3, not the usual 0.1: the default run sees its corpus 4.3 times (bench/records/2026-12-01-recipes-weight-decay).
     weight_decay: float = opt(0.3, "decoupled weight decay, on matrices and embeddings only (not on norm gains)")
     grad_clip: float = opt(1.0, "clip the global gradient L2 norm to this (0: off)")
     muon_momentum: float = opt(0.95, "Muon's Nesterov momentum (the AdamW part keeps --beta1, --beta2)")
@@ -131,7 +131,7 @@ class OptimizerSection(Section):
 
 @dataclass
 class ScheduleSection(Section):
-    """Warmup-stable-decay over the last half, 1-sqrt, by default: records/2026-12-01-recipes (rounds four, five)."""
+    """Warmup-stable-decay over the last half, 1-sqrt, by default: bench/records/2026-12-01-recipes-decay-length."""
 
     kind: Literal["cosine", "wsd"] = opt(
         "wsd", "lr schedule: warmup-stable-decay (extends cleanly), or cosine", flat="schedule"
@@ -249,7 +249,7 @@ class LoggingSection(Section):
 @dataclass(init=False)
 class TrainConfig:
     """Everything a run needs. The defaults are the embedded default run (``smollm train``): the tiny preset on
-    the shipped TinyStories excerpt, a few minutes on a 2-core CPU (its record: bench/RESULTS.md)."""
+    the shipped TinyStories excerpt, a few minutes on a 2-core CPU (bench/RESULTS.md, Default run)."""
 
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)

@@ -25,7 +25,7 @@ after 5 iterations every singular value that started at >= 0.003 of the norm lie
 shows it; tests/test_muon.py checks it). Since the band is attracting, rounding errors do not accumulate, which is
 why the iteration runs in bf16 on a GPU (tensor cores). On a CPU it runs in fp32: bf16 matmuls are emulated on most,
 and where the vector units multiply bf16 (AVX512-BF16, AMX) ``$SMOLLM_MUON_CPU_DTYPE=bfloat16`` halves the 17M
-preset's iteration but ends the tiny default run worse (bench/RESULTS.md, Training). Tall matrices are transposed
+preset's iteration but ends the tiny default run worse (bench/records/2026-12-08-cpu-step). Tall matrices are transposed
 first so X X^T is the smaller k x k Gram matrix, k = min(m, n): an iteration costs 4 k^2 max(m, n) + 2 k^3 FLOPs,
 at d_model 768 about 14 GFLOP for a square matrix's 5 iterations, against the 6 * 768^2 = 3.5 MFLOP per token of
 its forward and backward: small next to a step of 10^5 tokens or more.
@@ -37,9 +37,9 @@ batched matmuls, each matrix scaled by its own norm, so stacking changes nothing
 foreach launch adds the updates. Tall matrices iterate transposed, and the last iteration writes its result back in
 the parameter's layout (X^T <- a X^T + X^T (b G + c G^2), the Gram matrix G being symmetric), so the update is
 contiguous like its parameter. The iteration's buffers are kept from step to step: a step allocates nothing (on a
-CPU a fresh large allocation costs its page faults). Counted by bench/step.py for the 125M preset on CUDA: the
-optimizer's launches went from 416 to 94 and its bytes from 13.3 to 12.8 GB (bench/RESULTS.md), of which the
-Newton-Schulz matmuls move 5.4 GB and the passes over the fp32 momenta, weights and gradients most of the rest.
+CPU a fresh large allocation costs its page faults). bench/step.py counts the optimizer's launches and bytes
+(bench/records/2026-12-07-muon-batched): the Newton-Schulz matmuls and the passes over the fp32 momenta, weights
+and gradients.
 
 Only hidden 2-D weights go to Muon: the embedding is a lookup, not a linear map of its input, and the lm_head's
 rows are scored against each other; both, and the norm gains, stay with AdamW (as in the write-up). In DDP every rank
