@@ -7,6 +7,8 @@ Every writer in the package goes through these few functions (one owner for the 
   following it, but we refuse such a link anyway, with an error naming it: it was put there by someone else.
   ``exclusive=True`` publishes with ``link(2)``, which fails when ``path`` exists, so two writers racing for one
   name cannot both succeed (no check-then-write window). A crash leaves the old file intact.
+- ``atomic_dir(path, build)`` builds a whole directory under a temporary name beside ``path`` and renames it into
+  place: a crash, or a second process building the same one, never leaves half a directory.
 - ``open_append`` and ``open_lock`` open a file in place (``metrics.jsonl``, ``.lock``) with ``O_NOFOLLOW`` and
   refuse anything but a plain file with one name (a hard link planted in a run would let us write to its twin).
 - A writer holds a lock on its temporary file while it writes. Temporary files of killed writers are left
@@ -23,8 +25,10 @@ import contextlib
 import errno
 import glob
 import os
+import shutil
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 TMP_MARK = ".tmp-"  # a temporary file of NAME is NAME.tmp-XXXXXXXX, in NAME's folder
@@ -151,6 +155,31 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, exclusive: bool = F
     """Write ``data`` (text is UTF-8) to ``path`` through ``atomic_file``."""
     with atomic_file(path, exclusive) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def atomic_dir(final: str | os.PathLike, build, replace: bool = False):
+    """Run ``build(tmp_dir)`` and rename the result to ``final``: a crash (or a racing rank) never leaves half a dir.
+
+    An existing ``final`` is kept (someone else finished first: theirs is as good), or with ``replace`` swapped out.
+    """
+    final = Path(final)
+    refuse_link(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + TMP_MARK))
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(tmp.name + "-old")
+    if replace and final.exists():
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
 
 
 def _open_plain(path: str | os.PathLike, flags: int):

@@ -9,14 +9,13 @@ text>-v<vocab>`` and each encoded file as ``<sha of the text>-<sha of the tokeni
 
 import hashlib
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from smollm_stack.files import atomic_dir
 from smollm_stack.train.data.shards import is_tokens, open_shards, read_manifest, write_shards
 from smollm_stack.train.data.sources import (
     EOT,
@@ -221,28 +220,6 @@ def default_corpus() -> tuple[Path, Path]:
     return Path(str(root / "train.txt")), Path(str(root / "valid.txt"))
 
 
-def _atomic_dir(final: Path, build, replace: bool = False):
-    """Run ``build(tmp_dir)`` and rename the result to ``final``: a crash (or a racing rank) never leaves half a dir.
-
-    An existing ``final`` is kept (someone else finished first: theirs is as good), or with ``replace`` swapped out.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + ".tmp-"))
-    try:
-        build(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.with_name(tmp.name + "-old")
-    if replace and final.exists():
-        os.rename(final, old)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def train_tokenizer(
     sources: list[Path],
     vocab_size: int,
@@ -262,7 +239,7 @@ def train_tokenizer(
     else:
         batches = (batch for source in sources for batch in text_batches(source, field))
         vocab, merges = train_bpe_batches(batches, vocab_size, [EOT], progress=progress)
-    _atomic_dir(Path(out_dir), Tokenizer(vocab, merges, [EOT]).save, replace)
+    atomic_dir(Path(out_dir), Tokenizer(vocab, merges, [EOT]).save, replace)
 
 
 def encode_text(text: Path, tok_dir: Path, out: Path, progress: bool = True, replace: bool = False):

@@ -43,11 +43,10 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from smollm_stack.files import TMP_MARK, make_dir, open_lock, refuse_link, try_lock, write_atomic
+from smollm_stack.files import TMP_MARK, atomic_dir, make_dir, open_lock, refuse_link, try_lock, write_atomic
 from smollm_stack.train.store.checkpoint import checksum_path, read_checkpoint
 
 LOCK_FILE = ".lock"
@@ -314,11 +313,8 @@ class RunDir:
 
     def copy_tokenizer(self, tok_dir: Path):
         """Copy the tokenizer into the run (the run dir alone is then enough to sample), once."""
-        refuse_link(self.tokenizer)
         if not self.tokenizer.exists():
-            tmp = Path(tempfile.mkdtemp(dir=self.path, prefix=TOKENIZER_DIR + TMP_MARK))
-            shutil.copytree(tok_dir, tmp, dirs_exist_ok=True)
-            os.replace(tmp, self.tokenizer)
+            atomic_dir(self.tokenizer, lambda tmp: shutil.copytree(tok_dir, tmp, dirs_exist_ok=True))
 
 
 def open_run(out_dir: str | None, resume: str | None, preset: str, force: bool = False) -> RunDir:
