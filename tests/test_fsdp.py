@@ -179,7 +179,7 @@ def test_damage_names_what_is_wrong(runs, tmp_path):
     assert f"no readable {MANIFEST_FILE}" in damage(step, Dist())
 
 
-def test_consolidate_writes_a_checkpoint_python_m_model_reads(runs, tmp_path, capsys):
+def test_consolidate_writes_a_checkpoint_that_load_model_reads(runs, tmp_path, capsys):
     root, _ = runs
     out = tmp_path / "whole.pt"
     assert consolidate_main([str(root / "two" / "ckpt_000006.dcp"), "--out", str(out)]) == 0
