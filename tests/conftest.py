@@ -94,7 +94,7 @@ def as_flags(fields: dict) -> list[str]:
 # kernels). A case whose label starts with a target's name ("sm_80 ...") is lowered for that target.
 _LOWER_RUNNER = """
 import json as _json, os as _os
-from smollm_stack.kernels import lowering as _lowering
+from smollm_stack.kernels.tooling import lowering as _lowering
 _out = {}
 for _i, _label in enumerate(sorted(CASES)):
     try:
@@ -115,11 +115,11 @@ def compile_for_gpu(tmp_path_factory):
     """Lowers kernels for an NVIDIA target (default sm_90a) through Triton's real JIT launch path and ptxas, no GPU.
 
     run(script, target) runs `script` (a file's text: it may define kernels), which must define CASES = {label:
-    callable}, in LOWER_WORKERS parallel subprocesses with the interpreter off; each callable launches kernels
-    normally (e.g. an op's forward and backward on CPU stand-in tensors) under kernels.lowering.compile_only() for
-    `target`'s card (or the target its label starts with), so arguments are specialized exactly as on a GPU and
-    nothing runs. Returns {label: [lowering.record(launch), ...]}. Subprocesses, because the interpreter, switched
-    on for the other tests, patches triton.language at import.
+    callable}, in LOWER_WORKERS parallel subprocesses with the interpreter off; each callable launches kernels normally
+    (e.g. an op's forward and backward on CPU stand-in tensors) under kernels.tooling.lowering.compile_only() for
+    `target`'s card (or the target its label starts with), so arguments are specialized exactly as on a GPU and nothing
+    runs. Returns {label: [lowering.record(launch), ...]}. Subprocesses, because the interpreter, switched on for the
+    other tests, patches triton.language at import.
     """
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401

@@ -1,10 +1,10 @@
 """The attention kernels compile for an H100 (sm_90a) through Triton's real launch path, without a GPU.
 
 The interpreter accepts things the compiler rejects, so CI also lowers each kernel as a GPU launch would, with its
-argument specialization (kernels.lowering), on what tests/test_lowering_gates.py does not cover: fp32 (the FMA path with
-input_precision="ieee") non-causal at head dim 32, and fp16 causal grouped-query at head dim 16, without and with
-documents (doc_ids), all at odd lengths, where no length or row offset is divisible by 16. One config per kernel (the
-first its pruner keeps) keeps this quick; the gates compile every kept bf16 config.
+argument specialization (kernels.tooling.lowering), on what tests/test_lowering_gates.py does not cover: fp32 (the FMA
+path with input_precision="ieee") non-causal at head dim 32, and fp16 causal grouped-query at head dim 16, without and
+with documents (doc_ids), all at odd lengths, where no length or row offset is divisible by 16. One config per kernel
+(the first its pruner keeps) keeps this quick; the gates compile every kept bf16 config.
 """
 
 SCRIPT = """

@@ -115,7 +115,7 @@ def test_model_with_doc_ids_equals_each_document_alone(backend):
     from smollm_stack.model import ModelConfig, TransformerLM
 
     config = ModelConfig(vocab_size=61, context_length=32, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         kernels=backend)
+                         backend=backend)
     torch.manual_seed(0)
     model = TransformerLM(config).to(DEVICE)
     lengths = [[1, 16, 6], [9, 14]]

@@ -28,7 +28,7 @@ def unigram_model() -> TransformerLM:
     fixed vector: lm_head's first column times the normed embedding e0, set to log PROBS (the rest share what is
     left)."""
     config = ModelConfig(vocab_size=257, context_length=32, d_model=8, num_layers=1, num_heads=2, norm_eps=1e-12,
-                         kernels="eager")  # fmt: skip
+                         backend="eager")  # fmt: skip
     model = TransformerLM(config).eval()
     rest = (1 - sum(PROBS.values())) / (257 - len(PROBS))
     logp = torch.full((257,), math.log(rest), dtype=torch.float64)
@@ -84,7 +84,7 @@ def test_every_score_is_the_hand_computed_one(tokenizer):
 def test_shared_cache_batch_equals_a_plain_forward(context_len):
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=50, context_length=32, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                         value_embeddings=True, kernels="eager")  # fmt: skip
+                         value_embeddings=True, backend="eager")  # fmt: skip
     model = TransformerLM(config).eval()
     context = torch.randint(0, 50, (context_len,)).tolist()
     choices = [[3], [7, 1, 4, 4], [9, 9]]
@@ -159,7 +159,7 @@ def test_scores_agree_with_lm_eval_harness_on_the_export(tmp_path, monkeypatch):
     tokenizer.save(tmp_path / "tok")
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=261, context_length=32, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                         value_embeddings=True, kernels="eager")  # fmt: skip
+                         value_embeddings=True, backend="eager")  # fmt: skip
     model = TransformerLM(config).eval()
     with torch.no_grad():
         for table in model.value_embeddings:

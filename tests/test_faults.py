@@ -429,7 +429,7 @@ def test_13_a_torn_last_metrics_line_does_not_block_resume(copy_of, finished, ca
     run_dir = copy_of(drop=["summary.json", "ckpt_000020.pt"])
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"step": 21, "train_lo')  # killed mid-write
-    assert train_main(["--resume", str(run_dir), "--kernels", "eager"]) == 0  # a runtime choice: no mismatch
+    assert train_main(["--resume", str(run_dir), "--backend", "eager"]) == 0  # a runtime choice: no mismatch
     assert losses(run_dir) == losses(finished)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], "{torn", *lines[1:]]) + "\n")
@@ -473,7 +473,7 @@ def test_14_a_full_disk_during_a_checkpoint_is_one_error_line(tokens, tmp_path, 
     [
         (["--device", "mps"], ["--device mps needs Apple silicon"]),  # where torch has no MPS (tests/test_platforms.py)
         (["--device", "meta"], ["device", "'meta'"]),
-        (["--kernels", "triton"], ["--kernels triton", "TRITON_INTERPRET=1"]),
+        (["--backend", "triton"], ["--backend triton", "TRITON_INTERPRET=1"]),
         (["--resume", "auto"], ["--resume auto needs --out-dir"]),
     ],
 )

@@ -186,7 +186,7 @@ def test_damage_names_what_is_wrong(runs, tmp_path):
     assert f"no readable {MANIFEST_FILE}" in damage(step, Dist())
 
 
-def test_consolidate_writes_a_checkpoint_python_m_model_reads(runs, tmp_path, capsys):
+def test_consolidate_writes_a_checkpoint_that_load_model_reads(runs, tmp_path, capsys):
     root, _ = runs
     out = tmp_path / "whole.pt"
     assert consolidate_main([str(root / "two" / "ckpt_000006.dcp"), "--out", str(out)]) == 0
@@ -223,10 +223,10 @@ def _saved_bytes(fn, skip=()) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("kernels", ["eager", "triton"])
-def test_activation_checkpointing_same_loss_and_gradients_fewer_saved_bytes(kernels):
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_activation_checkpointing_same_loss_and_gradients_fewer_saved_bytes(backend):
     config = ModelConfig.preset("tiny", vocab_size=96, context_length=24, d_model=48, num_layers=2, num_heads=3,
-                                num_kv_heads=1, kernels=kernels, zero_init_residual=False,
+                                num_kv_heads=1, backend=backend, zero_init_residual=False,
                                 value_embeddings=True)  # fmt: skip
     torch.manual_seed(0)  # (random output matrices too: zero ones would leave the blocks out of the loss)
     plain = TransformerLM(config)
@@ -261,7 +261,7 @@ def test_activation_checkpointing_same_loss_and_gradients_fewer_saved_bytes(kern
 def test_block_activation_estimate_is_what_the_kernels_save(shape):
     """The per-token count in train/parallel/memory.py against the bytes our Triton kernels (interpreted) save for one
     block, in fp32: exact, since both count the same tensors (integer positions left out)."""
-    config = ModelConfig.preset("tiny", vocab_size=64, context_length=32, num_layers=1, kernels="triton", **shape)
+    config = ModelConfig.preset("tiny", vocab_size=64, context_length=32, num_layers=1, backend="triton", **shape)
     block = TransformerLM(config).layers[0]
     x = torch.randn(2, 19, config.d_model, requires_grad=True)
     value = torch.randn(2, 19, config.num_kv_heads * config.head_dim) if config.value_embeddings else None

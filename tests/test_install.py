@@ -45,7 +45,7 @@ SHARED_PROCESS = textwrap.dedent(
     eot = "<|endoftext|>"
     Tokenizer({i: bytes([i]) for i in range(256)} | {256: eot.encode()}, [], [eot]).save(run / "tokenizer")
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=257, context_length=32, d_model=32, num_layers=2, num_heads=4, kernels="eager")
+    config = ModelConfig(vocab_size=257, context_length=32, d_model=32, num_layers=2, num_heads=4, backend="eager")
     checkpoint = {"model": TransformerLM(config).state_dict(), "model_config": dataclasses.asdict(config)}
     torch.save({**checkpoint, "iteration": 1}, run / "ckpt_000001.pt")
     assert lm(["export-hf", "--run", str(run), "--out", str(run / "hf")]) == 0

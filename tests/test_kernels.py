@@ -375,7 +375,7 @@ def test_training_step_never_reads_device_values_on_the_host(monkeypatch):
     hidden.requires_grad_(), weight.requires_grad_()
     t = _targets((9,), 33)
     model = TransformerLM(ModelConfig(vocab_size=33, context_length=8, d_model=64, num_layers=1, num_heads=4,
-                                      num_kv_heads=2, d_ff=48, kernels="triton")).to(DEVICE)  # fmt: skip
+                                      num_kv_heads=2, d_ff=48, backend="triton")).to(DEVICE)  # fmt: skip
     ids = torch.randint(0, 33, (2, 8), device=DEVICE)
 
     def refuse(self, *args, **kwargs):

@@ -2,8 +2,8 @@
 
 The interpreter accepts things the compiler rejects (types that change around a loop, Python control flow on tensor
 values, bad promotions), so CI also lowers each op's kernels forward and backward through its own launcher, with the
-argument specialization a GPU launch gets (kernels.lowering): once at a shape where every size and row is 16-byte
-aligned, and once at odd sizes, where the launch specializes differently (no divisibility hints).
+argument specialization a GPU launch gets (kernels.tooling.lowering): once at a shape where every size and row is
+16-byte aligned, and once at odd sizes, where the launch specializes differently (no divisibility hints).
 """
 
 SCRIPT = """

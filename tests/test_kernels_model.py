@@ -1,4 +1,4 @@
-"""The model with kernels="triton" against kernels="eager": same weights, same loss, same gradient for every parameter.
+"""The model with backend="triton" against backend="eager": same weights, same loss, same gradient for every parameter.
 
 On a CPU the Triton side runs under the interpreter, so the model is tiny (but every routed op is exercised: RMSNorm,
 SwiGLU, RoPE, attention and the fused loss, with grouped-query heads, a length of 23 that ends every kernel's blocks
@@ -20,8 +20,8 @@ def test_triton_model_matches_eager(norm, ffn):
     torch.manual_seed(0)
     common = dict(vocab_size=97, context_length=24, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   d_ff=80, norm=norm, ffn=ffn)  # fmt: skip
-    eager = TransformerLM(ModelConfig(**common, kernels="eager")).to(device)
-    triton = TransformerLM(ModelConfig(**common, kernels="triton")).to(device)
+    eager = TransformerLM(ModelConfig(**common, backend="eager")).to(device)
+    triton = TransformerLM(ModelConfig(**common, backend="triton")).to(device)
     triton.load_state_dict(eager.state_dict())
     ids = torch.randint(0, 97, (2, 23), device=device)
     targets = torch.randint(0, 97, (2, 23), device=device)

@@ -79,7 +79,7 @@ def test_op_compiles_fullgraph(name):
 def test_triton_model_compiles_fullgraph():
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=31, context_length=8, d_model=64, num_layers=1, num_heads=4, num_kv_heads=2,
-                         d_ff=48, kernels="triton")  # fmt: skip
+                         d_ff=48, backend="triton")  # fmt: skip
     model = TransformerLM(config)
     ids, t = torch.randint(0, 31, (2, 8)), torch.randint(0, 31, (2, 8))
     t[0, :2] = -100

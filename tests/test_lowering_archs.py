@@ -1,5 +1,5 @@
 """Static gates below Hopper: the code a T4 (sm_75), A100 (sm_80), RTX 3090 (sm_86) and L4 / RTX 4090 (sm_89) would
-run, read from compiles in CI through the real launch path with each card's limits (kernels.lowering.DEVICES).
+run, read from compiles in CI through the real launch path with each card's limits (kernels.tooling.lowering.DEVICES).
 
 At the presets' shapes (TinyStories-17M: head dim 32, 125M: head dim 64, at bench.kernels' batches), to keep the
 suite's time: in fp16, the dtype every card runs (--dtype auto trains a T4 in it; bf16 takes the same mma.sync path
@@ -28,7 +28,7 @@ from test_lowering_gates import _no_spills, _problems, _vectors
 from smollm_stack import kernels
 from smollm_stack.kernels import attention
 from smollm_stack.kernels.attention import TUNING
-from smollm_stack.kernels.lowering import DEVICES
+from smollm_stack.kernels.tooling.lowering import DEVICES
 
 TARGETS = ("sm_75", "sm_80", "sm_86", "sm_89")
 ATTENTION_TARGETS = TARGETS[1:]  # a T4 takes the eager attention

@@ -1,4 +1,5 @@
-"""Static Hopper gates: properties of the code an H100 would run, read from sm_90a compiles in CI (kernels.lowering).
+"""Static Hopper gates: properties of the code an H100 would run, read from sm_90a compiles in CI
+(kernels.tooling.lowering).
 
 Each op is launched through its own launcher on CPU stand-in tensors at the shapes training uses (the TinyStories-17M
 and 125M presets at bench.kernels' batches; attention at bench.attention's T = 4096 for head dims 32, 64 and 128,
@@ -11,12 +12,12 @@ before any GPU sees it:
   Hopper's tensor cores at a fraction of their rate), at head dims 32, 64 and 128; the dK/dV kernel's are full
   width (N >= 64, no m64n32k16) at head dim 64;
 - RoPE's grid puts at least one full wave on the H100's SMs at the 125M shape;
-- memory-bound kernels: at least 3/4 of the bytes each moves go in 16-byte vector loads and stores (only per-row
-  scalars may go narrower), add_rms_norm's as a pre-norm block runs it (with the sum's gradient, and without for
-  the last norm), including the odd vocabulary V = 50257, standalone and in FLCE's padded buffer. Counted
-  are the loads of the kernel's tensors: kernels.lowering counts those of constant arrays compiled into the module apart
-  (RoPE's libdevice sinf/cosf read the 2/pi bits of their large-argument reduction, scalar by scalar, only for
-  |angle| > 105615 rad, i.e. positions past 105615), and only where their address provably starts at such an array;
+- memory-bound kernels: at least 3/4 of the bytes each moves go in 16-byte vector loads and stores (only per-row scalars
+  may go narrower), add_rms_norm's as a pre-norm block runs it (with the sum's gradient, and without for the last norm),
+  including the odd vocabulary V = 50257, standalone and in FLCE's padded buffer. Counted are the loads of the kernel's
+  tensors: kernels.tooling.lowering counts those of constant arrays compiled into the module apart (RoPE's libdevice
+  sinf/cosf read the 2/pi bits of their large-argument reduction, scalar by scalar, only for |angle| > 105615 rad, i.e.
+  positions past 105615), and only where their address provably starts at such an array;
 - no kernel spills registers (STL/LDL in the SASS) at these shapes. The STL/LDL of a local array the PTX declares
   itself (the digits of that same reduction, which Triton 3.6's ptxas 12.8 keeps in local memory) count only if
   `ptxas -v` on the PTX also reports a spill.
@@ -317,7 +318,7 @@ $L__BB0_1:
 
 
 def test_table_loads_are_told_apart_only_when_their_address_starts_at_a_module_array():
-    from smollm_stack.kernels import lowering
+    from smollm_stack.kernels.tooling import lowering
 
     loads, stores, table_loads = lowering._access_widths(TABLE_PTX)
     assert (dict(loads), dict(stores), dict(table_loads)) == ({16: 1, 4: 1, 2: 1}, {16: 1}, {4: 1})

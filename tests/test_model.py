@@ -16,7 +16,7 @@ FP32 = dict(atol=1e-5, rtol=1e-5)
 
 
 def small_config(**overrides) -> ModelConfig:
-    kwargs = dict(vocab_size=97, context_length=32, d_model=32, num_layers=2, num_heads=4, kernels="eager")
+    kwargs = dict(vocab_size=97, context_length=32, d_model=32, num_layers=2, num_heads=4, backend="eager")
     return ModelConfig(**{**kwargs, **overrides})
 
 
@@ -353,7 +353,7 @@ def test_presets():
         (dict(norm="layer"), "norm must be one of"),
         (dict(position="alibi"), "position must be one of"),
         (dict(ffn="gelu"), "ffn must be one of"),
-        (dict(kernels="cuda"), "kernels must be one of"),
+        (dict(backend="cuda"), "backend must be one of"),
         (dict(num_layers=0), "num_layers must be a positive int"),
     ],
 )
@@ -379,6 +379,35 @@ def test_load_model_strips_wrapper_prefixes(tmp_path):
         M.load_model(tmp_path / "missing.pt")
 
 
+def old_config_dict(config: ModelConfig) -> dict:
+    """The model_config dict that the code before the rename of `kernels` to `backend` saved for config."""
+    saved = dataclasses.asdict(config)
+    return {("kernels" if k == "backend" else k): v for k, v in saved.items()}
+
+
+def test_a_saved_config_with_the_old_kernels_field_loads_as_backend():
+    config = small_config(backend="eager")  # not the default "auto", so a dropped value would show
+    old = old_config_dict(config)
+    assert "backend" not in old and ModelConfig.from_dict(old) == config
+    assert ModelConfig.from_dict({**old, "backend": "eager"}) == config  # both names, one value: fine
+    with pytest.raises(ValueError, match="both kernels='eager' and backend='triton'"):
+        ModelConfig.from_dict({**old, "backend": "triton"})
+
+
+def test_a_checkpoint_saved_before_the_backend_rename_loads(tmp_path):
+    model = make_model(backend="eager")
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_config": old_config_dict(model.config), "iteration": 3}, path)
+    loaded = M.load_model(path)
+    assert loaded.config == model.config
+    ids = torch.randint(0, 97, (1, 8))
+    torch.testing.assert_close(loaded(ids), model(ids))
+    torch.save({"model": model.state_dict(), "model_config": {**old_config_dict(model.config), "backend": "auto"}},
+               path)  # fmt: skip
+    with pytest.raises(ValueError, match="ckpt.pt has a model_config .* both kernels='eager' and backend='auto'"):
+        M.load_model(path)
+
+
 def test_triton_kv_cache_decoding_matches_eager():
     """Decoding through the Triton ops (the interpreter on a CPU): fewer queries than keys, the mask aligned to the end.
 
@@ -386,7 +415,7 @@ def test_triton_kv_cache_decoding_matches_eager():
     """
     pytest.importorskip("triton")
     eager = make_model(num_heads=2, num_kv_heads=1, num_layers=1)  # head dim 16: the attention kernel needs >= 16
-    triton_model = TransformerLM(dataclasses.replace(eager.config, kernels="triton"))
+    triton_model = TransformerLM(dataclasses.replace(eager.config, backend="triton"))
     triton_model.load_state_dict(eager.state_dict())
     ids = torch.randint(0, 97, (2, 8))
     caches = triton_model.make_kv_caches(2, 8)
@@ -411,7 +440,7 @@ def test_value_embeddings_keep_the_values_in_the_autocast_dtype(monkeypatch):
 
     monkeypatch.setattr(eager, "flash_attention", checking)
     config = ModelConfig.preset("tiny", vocab_size=64, context_length=16, d_model=32, num_layers=1, num_heads=2,
-                                value_embeddings=True, kernels="eager")  # fmt: skip
+                                value_embeddings=True, backend="eager")  # fmt: skip
     ids = torch.randint(0, 64, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         TransformerLM(config)(ids, ids)

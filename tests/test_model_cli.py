@@ -19,7 +19,7 @@ EOT = "<|endoftext|>"
 
 def save_checkpoint(path, **overrides) -> TransformerLM:
     torch.manual_seed(0)
-    kwargs = dict(vocab_size=300, context_length=32, d_model=32, num_layers=1, num_heads=4, kernels="eager")
+    kwargs = dict(vocab_size=300, context_length=32, d_model=32, num_layers=1, num_heads=4, backend="eager")
     model = TransformerLM(ModelConfig(**{**kwargs, **overrides}))
     torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "iteration": 1}, path)
     return model

@@ -10,7 +10,7 @@ from smollm_stack.model.generate import generate_batch, sample_next, stream, top
 
 def make_model(**overrides) -> TransformerLM:
     torch.manual_seed(0)
-    kwargs = dict(vocab_size=61, context_length=24, d_model=32, num_layers=2, num_heads=4, kernels="eager")
+    kwargs = dict(vocab_size=61, context_length=24, d_model=32, num_layers=2, num_heads=4, backend="eager")
     return TransformerLM(ModelConfig(**{**kwargs, **overrides}))
 
 

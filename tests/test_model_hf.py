@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 def make_model(**overrides) -> TransformerLM:
     torch.manual_seed(0)
     kwargs = dict(vocab_size=67, context_length=32, d_model=32, num_layers=2, num_heads=4, rope_theta=500.0)
-    model = TransformerLM(ModelConfig(**{**kwargs, **overrides}, kernels="eager"))
+    model = TransformerLM(ModelConfig(**{**kwargs, **overrides}, backend="eager"))
     with torch.no_grad():  # gains other than 1, so a misplaced norm shows
         for name, p in model.named_parameters():
             if "ln" in name:
@@ -40,7 +40,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, overrides):
 def test_import_export_round_trip(tmp_path):
     model = make_model(num_kv_heads=2)
     export_hf(model, tmp_path / "a")
-    back = import_hf(tmp_path / "a", kernels="eager")
+    back = import_hf(tmp_path / "a", backend="eager")
     assert back.config == model.config
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(back.state_dict()[name], tensor, atol=0, rtol=0, msg=name)
@@ -65,7 +65,7 @@ def test_import_of_a_transformers_model(tmp_path):
     )
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path)
-    model = import_hf(tmp_path, kernels="eager")
+    model = import_hf(tmp_path, backend="eager")
     assert model.config.tie_embeddings and model.config.norm_eps == config.rms_norm_eps
     ids = torch.randint(0, 67, (1, 20))
     with torch.no_grad():
@@ -76,7 +76,7 @@ def perturbed_preset(vocab_size: int) -> TransformerLM:
     """The default preset's model (value embeddings, zero-initialized residual matrices) with every weight moved,
     so that each block, and each value embedding, changes the logits."""
     torch.manual_seed(0)
-    model = TransformerLM(ModelConfig.preset("tiny", vocab_size=vocab_size, context_length=48, kernels="eager"))
+    model = TransformerLM(ModelConfig.preset("tiny", vocab_size=vocab_size, context_length=48, backend="eager"))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -117,7 +117,7 @@ def test_value_embeddings_export_generates_as_ours(tmp_path, monkeypatch):
 def test_value_embeddings_round_trip_and_plain_llama_unchanged(tmp_path):
     model = perturbed_preset(vocab_size=61)
     export_hf(model, tmp_path / "ve")
-    back = import_hf(tmp_path / "ve", kernels="eager")
+    back = import_hf(tmp_path / "ve", backend="eager")
     assert back.config == dataclasses.replace(model.config, zero_init_residual=False)  # an init, not in the weights
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(back.state_dict()[name], tensor, atol=0, rtol=0, msg=name)

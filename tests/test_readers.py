@@ -15,7 +15,7 @@ from test_model_cli import error_of, make_tokenizer, run_dir  # noqa: F401 (run_
 def save_with_checksum(path, **overrides):
     """A checkpoint as the trainer writes it: with an optimizer, its model_config and a .sha256 sidecar."""
     torch.manual_seed(0)
-    kwargs = dict(vocab_size=260, context_length=32, d_model=32, num_layers=1, num_heads=4, kernels="eager")
+    kwargs = dict(vocab_size=260, context_length=32, d_model=32, num_layers=1, num_heads=4, backend="eager")
     model = TransformerLM(ModelConfig(**{**kwargs, **overrides}))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     checkpoint.save_checkpoint(model, optimizer, 1, path, model_config=dataclasses.asdict(model.config))
@@ -91,7 +91,7 @@ def test_sample_with_a_vocabulary_padded_beyond_the_tokenizer(tmp_path, capsys):
     """The trainer pads (--vocab-size 4096 over a 260-token tokenizer); here the padded ids are the likeliest."""
     tok = make_tokenizer(tmp_path / "tokenizer")
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=320, context_length=32, d_model=32, num_layers=1, num_heads=4, kernels="eager")
+    config = ModelConfig(vocab_size=320, context_length=32, d_model=32, num_layers=1, num_heads=4, backend="eager")
     model = TransformerLM(config)
     with torch.no_grad():
         model.lm_head.weight[: len(tok)] = 0  # every real id's logit is 0, some padded one's is above

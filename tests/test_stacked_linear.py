@@ -21,7 +21,7 @@ from smollm_stack.train.optim.builder import Optimizers
 from smollm_stack.train.optim.muon import Muon
 
 CONFIG = dict(vocab_size=61, context_length=16, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=96,
-              kernels="eager")  # fmt: skip
+              backend="eager")  # fmt: skip
 
 
 def pair(**overrides) -> tuple[TransformerLM, TransformerLM]:

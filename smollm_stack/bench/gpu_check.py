@@ -4,6 +4,7 @@
     python -m smollm_stack.bench.gpu_check --no-compile            # nothing under torch.compile (saves about 2 minutes)
     python -m smollm_stack.bench.gpu_check --only check,attention  # some sections (names below)
     python -m smollm_stack.bench.gpu_check --dry-run               # tiny shapes on the CPU interpreter (CI runs this)
+    python -m smollm_stack.bench.gpu_check --plan                  # each section's estimate, and what the budget runs
 
 Sections, in order of what a short slot must bring back first:
 
@@ -33,21 +34,11 @@ finished sections compared with theirs); a section that no longer fits runs with
 else it is skipped, and the report says so. Every section checks the budget after each row it measures and stops
 there once it is spent.
 
-Estimated run time, one H100 from a cold Triton and inductor cache: ``GPU_COSTS`` times the counts of today's code
-(``cost_table()``, which a test holds this table to; each section's estimate and actual seconds go to rows.jsonl, to
-correct the unit costs), after ~15 s of start-up (import torch and triton, CUDA context):
+Estimated run time: ``--plan`` prints, with no GPU, each section's estimate on one H100 from a cold Triton and
+inductor cache (``GPU_COSTS`` times the counts of today's code) and what ``--budget-s`` runs; each run writes every
+section's estimate and actual seconds to rows.jsonl, to correct the unit costs.
 
-    device                                                                                 ~0 s
-    env        2 ceilings                                                                  ~5 s
-    check      20 kernel compiles, 28 attention compiles, 28 autotune trials, 12 op checks ~86 s
-    kernels    72 timed rows, 12 torch.compile compiles                                    ~108 s (~24 s --no-compile)
-    attention  14 attention compiles, 154 autotune trials, 84 timed rows, 14 op checks     ~100 s
-    train      6 trainer rows, 2 whole-model compiles                                      ~240 s (~80 s --no-compile)
-    dtypes     20 kernel compiles, 28 attention compiles, 28 autotune trials, 12 op checks ~86 s
-
-so the default 420 s budget runs device to attention in ~314 s with start-up, then train without torch.compile
-(~80 s), and skips dtypes; ``--no-compile`` runs every section in ~396 s. Exit status 1 when any correctness check or
-any section fails, 2 on bad flags or no GPU.
+Exit status 1 when any correctness check or any section fails, 2 on bad flags or no GPU.
 """
 
 import argparse
@@ -368,9 +359,11 @@ ALL_SECTIONS = {
 assert tuple(ALL_SECTIONS) == SECTIONS
 
 
+STARTUP_S = 15.0  # before the first section: import torch and triton, the CUDA context
+
+
 def cost_table() -> str:
-    """The docstring's cost table: each section's counts on a GPU and its seconds at GPU_COSTS, in run order (a test
-    holds the docstring to this)."""
+    """Each section's counts on a GPU and its seconds at GPU_COSTS, in run order, every section before it done."""
     lines = []
     plans = {flag: Plan(False, torch.device("cuda"), flag, GPU_COSTS) for flag in (True, False)}
     for name in SECTIONS:
@@ -384,6 +377,28 @@ def cost_table() -> str:
         for plan in plans.values():
             plan.done.add(name)
     return "\n".join(lines)
+
+
+def budget_plan(budget_s: float, compile_: bool, names=SECTIONS) -> dict[str, tuple[str, float]]:
+    """{section: (how it runs, seconds from the start once it ends)} for a GPU run at GPU_COSTS, decided as main()
+    decides (_fit) if every estimate held: "as planned", "without torch.compile" or "skipped"."""
+    plan, spent, runs = Plan(False, torch.device("cuda"), compile_, GPU_COSTS), STARTUP_S, {}
+    for name in (n for n in SECTIONS if n in names):
+        estimate, note = _fit(ALL_SECTIONS[name], plan, 1.0, budget_s - spent)
+        plan.compile = compile_
+        if note is not None:
+            spent += estimate
+            plan.done.add(name)
+        runs[name] = ("skipped" if note is None else "without torch.compile" if note else "as planned", spent)
+    return runs
+
+
+def print_plan(budget_s: float, compile_: bool, names) -> None:
+    print(f"Estimated run time on one H100 from a cold Triton and inductor cache (GPU_COSTS times today's counts),\n"
+          f"after ~{STARTUP_S:.0f} s of start-up:\n\n{cost_table()}\n")  # fmt: skip
+    print(f"What --budget-s {budget_s:.0f}{'' if compile_ else ' --no-compile'} runs if every estimate holds:\n")
+    for name, (how, spent) in budget_plan(budget_s, compile_, names).items():
+        print(f"    {name:<10} {how:<22} {'' if how == 'skipped' else f'done at ~{spent:.0f} s'}".rstrip())
 
 
 # The run: sections within the budget, each written out as it finishes. ------------------------------------------------
@@ -467,6 +482,8 @@ def _parse_args(argv) -> argparse.Namespace | None:
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile anywhere (saves minutes)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
     parser.add_argument("--device-report", action="store_true", help="the device section alone (--only device)")
+    parser.add_argument("--plan", action="store_true", help="print each section's estimate and what the budget runs, "
+                        "then exit (no GPU needed)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.device_report:
         args.only = "device"
@@ -482,7 +499,7 @@ def _parse_args(argv) -> argparse.Namespace | None:
         error = f"--out {out} is a file, not a directory"
     elif (out / "report.md").exists() or (out / "rows.jsonl").exists():
         error = f"--out {out} already holds a gpu_check report; name a new directory"
-    elif not args.dry_run and not torch.cuda.is_available():
+    elif not (args.dry_run or args.plan) and not torch.cuda.is_available():
         error = "no CUDA device; run with --dry-run on a CPU"
     else:
         args.out = out
@@ -495,6 +512,9 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
     if args is None:
         return 2
+    if args.plan:
+        print_plan(args.budget_s, not args.no_compile, args.only)
+        return 0
     device = torch.device("cpu" if args.dry_run else "cuda")
     from smollm_stack.train.precision import resolve_dtype
 

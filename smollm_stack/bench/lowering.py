@@ -6,14 +6,14 @@ sm_86, sm_89, sm_90a) through the real launch path, no GPU needed.
     python -m smollm_stack.bench.lowering --only attention       # cases whose name holds one of these words
     python -m smollm_stack.bench.lowering --presets              # the presets' shapes only (the gates')
 
-Each case calls an op's public launcher (forward, then backward) on CPU stand-in tensors of the training shape, in
-bf16 where the card has it (capability 8.0 and up) and in fp16 on every card, inside
-``kernels.lowering.compile_only(card)``: Triton specializes the arguments as a launch on that card would, compiles
-with ptxas, records the grid and launches nothing; an autotuned kernel compiles every config its pruner keeps for the
-card. One line per kernel x config (columns in ``kernels.lowering``'s docstring): registers, spill instructions (STL
-+ LDL), shared memory, the dots on tensor cores, wgmma / mma.sync and cp.async / TMA counts in the PTX, the share of
-16-byte global loads and stores, the grid, the CTAs and warps one SM can hold, and the waves the grid takes on the
-card's SMs. A config that does not fit the card's shared memory shows "cannot launch".
+Each case calls an op's public launcher (forward, then backward) on CPU stand-in tensors of the training shape, in bf16
+where the card has it (capability 8.0 and up) and in fp16 on every card, inside
+``kernels.tooling.lowering.compile_only(card)``: Triton specializes the arguments as a launch on that card would,
+compiles with ptxas, records the grid and launches nothing; an autotuned kernel compiles every config its pruner keeps
+for the card. One line per kernel x config (columns in ``kernels.tooling.lowering``'s docstring): registers, spill
+instructions (STL + LDL), shared memory, the dots on tensor cores, wgmma / mma.sync and cp.async / TMA counts in the
+PTX, the share of 16-byte global loads and stores, the grid, the CTAs and warps one SM can hold, and the waves the grid
+takes on the card's SMs. A config that does not fit the card's shared memory shows "cannot launch".
 
 Shapes: the TinyStories-17M preset at batch 128 x 256 tokens and the 125M preset at 16 x 1024 (bench.kernels'), and
 causal attention at T = 4096 with 16384 tokens and 2048 = heads x head dim (bench.attention's), head dims 32/64/128.
@@ -107,7 +107,7 @@ def dtypes(capability: int) -> tuple[torch.dtype, ...]:
 
 
 def report(archs: list[str], words: list[str], presets_only: bool) -> str:
-    from smollm_stack.kernels import lowering
+    from smollm_stack.kernels.tooling import lowering
 
     lines = [f"triton {triton.__version__}"]
     print(lines[0], flush=True)
@@ -127,7 +127,7 @@ def report(archs: list[str], words: list[str], presets_only: bool) -> str:
 
 
 def main(argv=None) -> int:
-    from smollm_stack.kernels.lowering import DEVICES
+    from smollm_stack.kernels.tooling.lowering import DEVICES
 
     parser = cli.parser("smollm_stack.bench.lowering", __doc__)
     parser.add_argument("--arch", default=",".join(DEVICES), help=f"comma-separated targets of {', '.join(DEVICES)}")

@@ -335,7 +335,7 @@ class Step:
 
 def count_step(case: BenchCase, optimizer: str) -> Step:
     """Run two fake training steps of ``case`` with ``optimizer`` ("muon" or "torch"); the second one's records."""
-    config = ModelConfig.preset(case.preset, **(case.model_args or {}), context_length=case.context, kernels="triton")
+    config = ModelConfig.preset(case.preset, **(case.model_args or {}), context_length=case.context, backend="triton")
     with torch.device("meta"):  # no init on the CPU: the weights' values never matter here
         model = TransformerLM(config)
     with FakeTensorMode(), cuda_standins():

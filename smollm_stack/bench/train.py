@@ -69,10 +69,10 @@ def random_tokens(workdir: str) -> str:
     return path
 
 
-def model_config(case: BenchCase, kernels: str = "eager") -> ModelConfig:
+def model_config(case: BenchCase, backend: str = "eager") -> ModelConfig:
     vocab = {"vocab_size": VOCAB} if case.preset == "tiny" else {}
     return ModelConfig.preset(case.preset, **{**(case.model_args or {}), **vocab}, context_length=case.context,
-                              kernels=kernels)  # fmt: skip
+                              backend=backend)  # fmt: skip
 
 
 def stats(tokens_per_s: list[float]) -> dict:
@@ -95,7 +95,7 @@ def measure_trainer(
         val_data=data,
         vocab_size=VOCAB if case.preset == "tiny" else None,
         model=case.preset,
-        model_args={**(case.model_args or {}), "kernels": "eager" if provider == "compile" else provider},
+        model_args={**(case.model_args or {}), "backend": "eager" if provider == "compile" else provider},
         context_length=case.context,
         batch_size=case.batch,
         steps=steps,

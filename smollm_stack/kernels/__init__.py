@@ -83,15 +83,15 @@ def triton_available() -> bool:
 def _require_triton():
     if _TRITON_OPS is None:
         raise RuntimeError(
-            "kernels='triton' needs the triton package, which is not installed (it has wheels for Linux only): "
-            "`pip install triton` on Linux, or use kernels='eager'"
+            "backend='triton' needs the triton package, which is not installed (it has wheels for Linux only): "
+            "`pip install triton` on Linux, or use backend='eager'"
         )
 
 
 def resolve_backend(choice: str, device: torch.device | str) -> str:
-    """Map a config's kernels choice to "triton" or "eager": "auto" means Triton on CUDA (if installed), else eager."""
+    """Map a config's backend choice to "triton" or "eager": "auto" means Triton on CUDA (if installed), else eager."""
     if choice not in BACKENDS:
-        raise ValueError(f"kernels must be one of {BACKENDS}, got {choice!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
     device = torch.device(device)
     if choice == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "eager"
@@ -99,8 +99,8 @@ def resolve_backend(choice: str, device: torch.device | str) -> str:
         _require_triton()
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
-            f"kernels='triton' on a {device.type} device needs Triton's interpreter: "
-            "set TRITON_INTERPRET=1 before importing triton, or use kernels='eager'"
+            f"backend='triton' on a {device.type} device needs Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before importing triton, or use backend='eager'"
         )
     return choice
 

@@ -86,8 +86,8 @@ class Tuning:
     """One kernel's autotune space.
 
     gpu: Hopper candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest head dim with
-    documents, if lower]), chosen by lowering each for
-    sm_90a through the real launch path (kernels.lowering: bf16, causal, the argument specialization of a GPU launch)
+    documents, if lower]), chosen by lowering each for sm_90a through the real launch path
+    (kernels.tooling.lowering: bf16, causal, the argument specialization of a GPU launch)
     at head dims 32, 64 and 128: a candidate is kept for a head dim only where every tl.dot became a wgmma and
     ptxas spilled nothing (tests/test_lowering_gates.py holds the kept lists to that). wgmma needs 64 accumulator rows
     per warpgroup, so the dK/dV kernel, whose accumulators are BLOCK_N rows, takes BLOCK_N >= 64 (at BLOCK_N = 32
@@ -137,7 +137,7 @@ MMA_SPILLS = {("_attn_fwd", (128, 64, 8, 4), 32), ("_attn_bwd_dq", (128, 64, 8, 
 
 def _target() -> tuple[int, int]:
     """(capability, e.g. 86, and shared memory a block may use) of the device Triton compiles for: its active
-    driver's, a GPU's or kernels.lowering's compile-only stand-in's."""
+    driver's, a GPU's or kernels.tooling.lowering's compile-only stand-in's."""
     active = triton.runtime.driver.active
     smem = active.utils.get_device_properties(active.get_current_device())["max_shared_mem"]
     return active.get_current_target().arch, smem

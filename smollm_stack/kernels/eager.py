@@ -1,6 +1,6 @@
 """The fast eager backend: every kernel of this package from PyTorch's best built-in ops, same names and signatures.
 
-This is what the model runs without Triton (``kernels="eager"``, and so every CPU run) and the honest "eager
+This is what the model runs without Triton (``backend="eager"``, and so every CPU run) and the honest "eager
 PyTorch" that benchmarks race our kernels against. It is not the test oracle: ``kernels.reference`` stays the
 obviously-correct fp32/fp64 version, and tests/test_eager_backend.py holds this file to it.
 

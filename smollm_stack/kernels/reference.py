@@ -2,7 +2,7 @@
 
 One home for each reference: the tests compare the Triton kernels and the fast eager backend (``kernels.eager``)
 against these, and the trainer's preflight and the benchmarks' correctness checks use them as gold. The model does
-not run them (``kernels="eager"`` is ``kernels.eager``). They favour clarity over speed, and do their reductions in
+not run them (``backend="eager"`` is ``kernels.eager``). They favour clarity over speed, and do their reductions in
 fp32 (fp64 stays fp64) before casting back to the input dtype.
 """
 

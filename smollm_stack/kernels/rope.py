@@ -36,7 +36,8 @@ stores keep their 16-byte vectors.
 Sin and cos are libdevice's sinf/cosf (within 2 ulp): a Cody-Waite reduction for |a| < 105615 and, past that, a
 Payne-Hanek reduction that reads the bits of 2/pi from a 24-byte constant array in the module, one scalar load at a
 time. Since |a| <= |p|, that path never runs below position 105615, and the static 16-byte-vector gate counts only
-the kernel's tensor loads (kernels.lowering tells a load of the module's own constants by where its address starts).
+the kernel's tensor loads (kernels.tooling.lowering tells a load of the module's own constants by where its address
+starts).
 Triton 3.6's ptxas 12.8 also keeps the reduction's 7-word array in local memory (80 STL/LDL that ptxas -v does not
 call spills, at 56 registers); the no-spill gate counts those only if ptxas reports a spill.
 Designing the path away was weighed and rejected: a reduction to [-pi, pi] ahead of tl.sin leaves libdevice's slow

@@ -2,7 +2,7 @@
 
 from smollm_stack.model.accounting import flops_per_token, hidden_matrix_params, param_counts
 from smollm_stack.model.checkpoint import clean_state_dict, load_model
-from smollm_stack.model.config import PRESETS, ModelConfig
+from smollm_stack.model.config import PRESETS, ModelConfig, current_names
 from smollm_stack.model.generate import generate
 from smollm_stack.model.model import (
     CausalSelfAttention,
@@ -31,6 +31,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerLM",
     "clean_state_dict",
+    "current_names",
     "flops_per_token",
     "generate",
     "hidden_matrix_params",

@@ -39,8 +39,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
         raise ValueError(f"{path} is not a checkpoint: expected a dict with 'model' and 'model_config'")
     try:
-        config = ModelConfig(**checkpoint["model_config"])
-    except TypeError as e:
+        config = ModelConfig.from_dict(checkpoint["model_config"])
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path} has a model_config this ModelConfig does not take: {e}") from None
     with torch.device(device):
         model = TransformerLM(config)

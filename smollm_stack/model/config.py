@@ -4,10 +4,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from smollm_stack.kernels import BACKENDS  # ("auto", "triton", "eager")
+
 NORMS = ("pre", "post", "none")
 POSITIONS = ("rope", "nope")
 FFNS = ("swiglu", "silu")
-KERNELS = ("auto", "triton", "eager")
+# Fields renamed since checkpoints were first saved, old name -> new: a saved config dict still loads (from_dict).
+RENAMED_FIELDS = {"kernels": "backend"}
 
 
 @dataclass
@@ -31,14 +34,15 @@ class ModelConfig:
     # Each block adds a learned embedding of the input tokens, (V, num_kv_heads * head_dim) per block, to its
     # attention values (modded-nanogpt's value embeddings): lookups, no FLOPs, but V x kv width parameters a block.
     value_embeddings: bool = False
-    kernels: Literal["auto", "triton", "eager"] = "auto"  # auto: Triton on CUDA, eager PyTorch elsewhere
+    # Which implementation of the ops computes the model: auto: Triton on CUDA, eager PyTorch elsewhere.
+    backend: Literal["auto", "triton", "eager"] = "auto"
 
     def __post_init__(self):
         for name, value, allowed in (
             ("norm", self.norm, NORMS),
             ("position", self.position, POSITIONS),
             ("ffn", self.ffn, FFNS),
-            ("kernels", self.kernels, KERNELS),
+            ("backend", self.backend, BACKENDS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -65,12 +69,31 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
     @classmethod
+    def from_dict(cls, saved: dict) -> "ModelConfig":
+        """The config of a saved dict (a checkpoint's model_config), written by this code or an older one."""
+        return cls(**current_names(saved))
+
+    @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
         """A named configuration from PRESETS, with any field overridden (e.g. vocab_size from the tokenizer)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         # Presets are kwargs, not configs, so that derived defaults (d_ff, num_kv_heads) follow the overrides.
         return cls(**{**PRESETS[name], **overrides})
+
+
+def current_names(saved: dict) -> dict:
+    """A saved config dict with each field's old name (RENAMED_FIELDS) replaced by today's; both at once must agree."""
+    current = dict(saved)
+    for old, new in RENAMED_FIELDS.items():
+        if old not in current:
+            continue
+        value = current.pop(old)
+        if new in current and current[new] != value:
+            raise ValueError(f"the model config gives both {old}={value!r} and {new}={current[new]!r} "
+                             f"({old} is {new}'s old name)")
+        current[new] = value
+    return current
 
 
 def default_d_ff(d_model: int, ffn: str) -> int:

@@ -178,7 +178,7 @@ _REQUIRED = (
 )  # fmt: skip
 
 
-def import_hf(path: str | os.PathLike, kernels: str = "auto") -> TransformerLM:
+def import_hf(path: str | os.PathLike, backend: str = "auto") -> TransformerLM:
     """A TransformerLM (norm="pre", position="rope", ffn="swiglu") from a LlamaForCausalLM directory, or from
     one of our SmolLMStackForCausalLM exports (with value embeddings)."""
     path = Path(path)
@@ -208,7 +208,7 @@ def import_hf(path: str | os.PathLike, kernels: str = "auto") -> TransformerLM:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=hf.get("tie_word_embeddings", False),
         value_embeddings=hf["model_type"] == "smollm_stack" and hf.get("value_embeddings") is True,
-        kernels=kernels,
+        backend=backend,
     )
     tensors = _load_safetensors(path)
     state = {}

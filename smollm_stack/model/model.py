@@ -4,7 +4,7 @@ token_embeddings -> num_layers x TransformerBlock -> ln_final (RMSNorm) -> lm_he
                     (with value_embeddings, block i also adds value_embeddings[i](ids) to its attention values)
 
 Every module with an op that has a Triton kernel (RMSNorm, SwiGLU, RoPE, attention, the loss) asks
-``kernels.ops(kernels.resolve_backend(choice, x.device))`` on each call, so the same model runs Triton on CUDA
+``kernels.ops(kernels.resolve_backend(config.backend, x.device))`` on each call, so the same model runs Triton on CUDA
 and the fast eager backend (``kernels.eager``) elsewhere without branching on the device itself. Parameter names
 and shapes match the Stanford CS336 assignment-1 layout, so its checkpoints load as they are.
 """
@@ -21,10 +21,9 @@ from smollm_stack.kernels.reference import silu
 from smollm_stack.model.config import ModelConfig
 
 
-# The modules below keep their config's kernels choice ("auto", "triton", "eager") as `kernels`, so the package is not
-# imported under that name: a constructor's `kernels` argument would shadow it.
-def _ops(choice: str, x: torch.Tensor):
-    return backend_ops(resolve_backend(choice, x.device), x.device)
+# The modules below keep their config's backend ("auto", "triton", "eager") and ask for its ops on each call.
+def _ops(backend: str, x: torch.Tensor):
+    return backend_ops(resolve_backend(backend, x.device), x.device)
 
 
 class Linear(nn.Module):
@@ -84,10 +83,10 @@ class RMSNorm(nn.Module):
     Called with a branch r too, it returns (x + r, its norm), the residual add done in the norm's kernel.
     """
 
-    def __init__(self, d_model: int, eps: float = 1e-5, kernels: str = "auto", device=None, dtype=None,
+    def __init__(self, d_model: int, eps: float = 1e-5, backend: str = "auto", device=None, dtype=None,
                  cast_output: bool = False):  # fmt: skip
         super().__init__()
-        self.eps, self.kernels, self.cast_output = eps, kernels, cast_output
+        self.eps, self.backend, self.cast_output = eps, backend, cast_output
         self.weight = nn.Parameter(torch.empty(d_model, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -98,8 +97,8 @@ class RMSNorm(nn.Module):
         autocast = self.cast_output and torch.is_autocast_enabled(x.device.type)
         out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else None
         if r is None:
-            return _ops(self.kernels, x).rms_norm(x, self.weight, self.eps, out_dtype=out_dtype)
-        return _ops(self.kernels, x).add_rms_norm(x, r, self.weight, self.eps, out_dtype=out_dtype)
+            return _ops(self.backend, x).rms_norm(x, self.weight, self.eps, out_dtype=out_dtype)
+        return _ops(self.backend, x).add_rms_norm(x, r, self.weight, self.eps, out_dtype=out_dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -109,19 +108,19 @@ class RotaryEmbedding(nn.Module):
     max_seq_len bounds the positions, since a model has only ever seen positions below its context length.
     """
 
-    def __init__(self, theta: float, d_head: int, max_seq_len: int, kernels: str = "auto"):
+    def __init__(self, theta: float, d_head: int, max_seq_len: int, backend: str = "auto"):
         super().__init__()
         if d_head % 2:
             raise ValueError(f"RoPE rotates pairs, so d_head must be even, got {d_head}")
-        self.theta, self.d_head, self.max_seq_len, self.kernels = theta, d_head, max_seq_len, kernels
+        self.theta, self.d_head, self.max_seq_len, self.backend = theta, d_head, max_seq_len, backend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | int | None = None) -> torch.Tensor:
         """x (..., T, d_head); positions (T,) or (B, T) ints, or an int start for start..start+T-1 (default 0)."""
-        return _ops(self.kernels, x).apply_rope(x, self.checked(x, positions), self.theta)
+        return _ops(self.backend, x).apply_rope(x, self.checked(x, positions), self.theta)
 
     def pair(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | int | None = None):
         """(forward(q, positions), forward(k, positions)) in one kernel launch and one positions check."""
-        return _ops(self.kernels, q).apply_rope_qk(q, k, self.checked(q, positions), self.theta)
+        return _ops(self.backend, q).apply_rope_qk(q, k, self.checked(q, positions), self.theta)
 
     def checked(self, x: torch.Tensor, positions: torch.Tensor | int | None) -> torch.Tensor:
         """positions as a tensor, within max_seq_len.
@@ -176,14 +175,14 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.kernels = config.kernels
+        self.backend = config.backend
         self.q_proj = Linear(config.d_model, self.num_heads * self.head_dim)
         self.k_proj = Linear(config.d_model, self.num_kv_heads * self.head_dim)
         self.v_proj = Linear(config.d_model, self.num_kv_heads * self.head_dim)
         self.output_proj = Linear(self.num_heads * self.head_dim, config.d_model)
         self.rope = None
         if config.position == "rope":
-            self.rope = RotaryEmbedding(config.rope_theta, self.head_dim, config.context_length, config.kernels)
+            self.rope = RotaryEmbedding(config.rope_theta, self.head_dim, config.context_length, config.backend)
 
     def forward(
         self,
@@ -208,7 +207,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None and kv_cache.pad is not None:  # left-padded prompts: PyTorch's attention takes a mask
             y = F.scaled_dot_product_attention(q, k, v, kv_cache.attention_mask(T), enable_gqa=True)  # (B, H, T, dh)
         else:  # the kernel reads each K/V head for its group of query heads (no repeat), mask aligned to the end
-            y = _ops(self.kernels, x).flash_attention(q, k, v, causal=True, doc_ids=doc_ids)  # (B, H, T, dh)
+            y = _ops(self.backend, x).flash_attention(q, k, v, causal=True, doc_ids=doc_ids)  # (B, H, T, dh)
         # y is laid out like q, (B, T, H, dh) storage (our kernels' O, SDPA's on most paths): the reshape is a view
         return self.output_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
@@ -218,14 +217,14 @@ class SwiGLU(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.kernels = config.kernels
+        self.backend = config.backend
         self.w1 = Linear(config.d_model, config.d_ff)
         self.w2 = Linear(config.d_ff, config.d_model)
         self.w3 = Linear(config.d_model, config.d_ff)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, (self.w1, self.w3))  # one GEMM
-        return self.w2(_ops(self.kernels, x).swiglu(gate, up))
+        return self.w2(_ops(self.backend, x).swiglu(gate, up))
 
 
 class SiLUMLP(nn.Module):
@@ -244,7 +243,7 @@ def make_norm(config: ModelConfig, cast_output: bool = False) -> nn.Module:
     """An RMSNorm, or a parameter-free identity for the norm="none" ablation (so no ln weights are saved)."""
     if config.norm == "none":
         return nn.Identity()
-    return RMSNorm(config.d_model, config.norm_eps, config.kernels, cast_output=cast_output)
+    return RMSNorm(config.d_model, config.norm_eps, config.backend, cast_output=cast_output)
 
 
 class TransformerBlock(nn.Module):
@@ -371,5 +370,5 @@ class TransformerLM(nn.Module):
         # Under autocast it gets what lm_head would: activations in the autocast dtype, the weight as stored.
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        ops = _ops(self.config.kernels, x)
+        ops = _ops(self.config.backend, x)
         return ops.fused_linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight, targets.reshape(-1))

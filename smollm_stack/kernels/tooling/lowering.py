@@ -26,7 +26,7 @@ with that in mind.
 
 API (stable; used by bench/lowering.py and the static gates in tests/):
 
-    from smollm_stack.kernels import lowering
+    from smollm_stack.kernels.tooling import lowering
     with lowering.compile_only(lowering.DEVICES["sm_80"]) as launches:  # default: the H100; the real driver back
                                                                          # on exit
         my_kernel[grid](x, y, n, BLOCK=1024)    # or any launcher: flash_attention(q, k, v), rms_norm(x, w), ...
