@@ -84,3 +84,16 @@ def test_the_saved_config_is_in_sections_and_round_trips():
     assert saved["schedule"]["kind"] == "cosine" and saved["model"]["args"] == OLD_MODEL_ARGS
     assert make_config(json.loads(json.dumps(saved))) == cfg
     assert TrainConfig(**saved) == cfg == TrainConfig(**cfg.flat())
+
+
+def test_the_old_name_of_the_backend_still_loads(tmp_path):
+    """ModelConfig.kernels is ModelConfig.backend now: the flag, a saved run's model_args and a checkpoint's model
+    config under the old name all load."""
+    assert parse_args(["--kernels", "eager"]).model.args == {"backend": "eager"}
+    assert make_config(model_args={"kernels": "eager"}).model.args == {"backend": "eager"}
+    run = RunDir(tmp_path / "old")
+    run.path.mkdir()
+    run.config.write_text(json.dumps({**OLD_FIELDS, "model_args": {"kernels": "eager"}}))
+    assert make_config(load_run_config(str(run.path))).model.args == {"backend": "eager"}
+    with pytest.raises(ValueError, match="kernels is backend's old name"):
+        make_config(model_args={"kernels": "eager", "backend": "triton"})

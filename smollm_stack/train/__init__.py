@@ -18,11 +18,11 @@ _EXPORTS = {
     "clip_grad_norm": "optim.adamw",
     "cosine_lr": "schedule",
     "get_batch": "data.tokens",
-    "load_checkpoint": "run.checkpoint",
+    "load_checkpoint": "store.checkpoint",
     "make_config": "config",
     "parse_args": "cli",
     "run": "loop",
-    "save_checkpoint": "run.checkpoint",
+    "save_checkpoint": "store.checkpoint",
 }
 __all__ = sorted(_EXPORTS)
 

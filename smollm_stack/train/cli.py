@@ -8,6 +8,7 @@ import typing
 from pathlib import Path
 
 from smollm_stack.model import ModelConfig
+from smollm_stack.model.config import RENAMED_FIELDS
 from smollm_stack.train.config import (
     FLAT,
     MODEL_FIELDS_SET_BY_TRAINER,
@@ -20,15 +21,17 @@ from smollm_stack.train.config import scalar_type, sections
 from smollm_stack.train.store.rundir import RunDir, read_json
 
 
-def _add_field(parser, name: str, annotation, help: str, dest: str):
+def _add_field(parser, name: str, annotation, help: str, dest: str, old_names: tuple[str, ...] = ()):
     kind, choices = scalar_type(annotation)
-    flag = "--" + name.replace("_", "-")
+    flags = ["--" + n.replace("_", "-") for n in (name, *old_names)]
     if choices:
         help = f"{help} ({', '.join(map(str, choices))})"
+    if old_names:
+        help = f"{help}; also {', '.join(flags[1:])}, its old name"
     if kind is bool:
-        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help)
+        parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, help=help)
     else:
-        parser.add_argument(flag, dest=dest, type=kind, choices=choices, help=help, metavar=name.upper())
+        parser.add_argument(*flags, dest=dest, type=kind, choices=choices, help=help, metavar=name.upper())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_hints = typing.get_type_hints(ModelConfig)
     for f in dataclasses.fields(ModelConfig):
         if f.name not in MODEL_FIELDS_SET_BY_TRAINER:
-            _add_field(group, f.name, model_hints[f.name], f"ModelConfig.{f.name}", dest="model." + f.name)
+            old = tuple(o for o, new in RENAMED_FIELDS.items() if new == f.name)  # --kernels: --backend's old name
+            _add_field(
+                group, f.name, model_hints[f.name], f"ModelConfig.{f.name}", dest="model." + f.name, old_names=old
+            )
     return parser
 
 

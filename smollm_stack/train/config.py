@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from smollm_stack.model import ModelConfig
+from smollm_stack.model import ModelConfig, current_names
 from smollm_stack.train.loggers import parse_loggers
 from smollm_stack.train.precision import DTYPES
 
@@ -59,6 +59,7 @@ class ModelSection(Section):
     context_length: int | None = opt(None, "tokens per training sequence; none: the preset's context_length")
 
     def check(self):
+        self.args = current_names(self.args)  # a field's old name (kernels) as today's (backend)
         require(self.context_length is None or self.context_length >= 1,
                 f"context_length must be a positive int (or left out for the default), got {self.context_length!r}")
         unknown = set(self.args) - model_arg_names()

@@ -117,7 +117,7 @@ class Model:
     optimizer: torch.optim.Optimizer
     schedule: Schedule  # the learning rate of every step (a resumed run keeps the one its steps were trained with)
     schedule_note: str  # what resuming did to the schedule, for the console ("" when nothing)
-    backend: str  # the resolved kernels: "triton" or "eager"
+    backend: str  # the resolved backend: "triton" or "eager"
     start: int  # the last step already trained (0: a new run)
     elapsed_s: float  # wall-clock seconds of the steps before ``start``
     scaler: torch.amp.GradScaler  # fp16's loss scaling; passes everything through in bf16 and fp32
@@ -257,9 +257,9 @@ def build_model(cfg, run_dir: RunDir, data: Data, checkpoint: dict | None, info:
     if checkpoint is not None:
         config = resumed_model_config(checkpoint["model_config"], config)
     try:
-        backend = kernels.resolve_backend(config.kernels, device)
+        backend = kernels.resolve_backend(config.backend, device)
     except RuntimeError as e:
-        raise ValueError(f"--kernels {config.kernels}: {e}") from None
+        raise ValueError(f"--backend {config.backend}: {e}") from None
     torch.manual_seed(cfg.training.seed)
     raw = TransformerLM(config).to(device)
     if cfg.system.preflight and device.type == "cuda" and backend == "triton":
@@ -303,7 +303,7 @@ def start_log(cfg, info: Dist, run_dir: RunDir, data: Data, model: Model, device
     print(
         f"{run_dir}: {preset}, {total / 1e6:.2f}M parameters ({non_embedding / 1e6:.2f}M non-embedding), "
         f"vocab {data.vocab_size}, {total_steps(cfg, info)} steps of {tokens_per_step(cfg, info):,} tokens on "
-        f"{info.world_size} x {device} ({str(dtype).removeprefix('torch.')}, kernels {model.backend}){resuming}"
+        f"{info.world_size} x {device} ({str(dtype).removeprefix('torch.')}, backend {model.backend}){resuming}"
     )
     if model.schedule_note:
         print(model.schedule_note)
@@ -567,7 +567,7 @@ def preflight(
     if not all(r.ok for r in results):
         raise PreflightError(
             "kernel preflight failed: a Triton kernel disagrees with eager PyTorch on this run's shapes "
-            "(--no-preflight skips this check; --kernels eager avoids the kernels)\n" + format_check_table(results)
+            "(--no-preflight skips this check; --backend eager avoids the kernels)\n" + format_check_table(results)
         )
     tune_attention(model_config, batch_size, seq_len, dtype, device)
 

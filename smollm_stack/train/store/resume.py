@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from smollm_stack.model import ModelConfig
+from smollm_stack.model import ModelConfig, current_names
 from smollm_stack.train.config import CheckpointSection, make_config
 from smollm_stack.train.parallel.distributed import Dist
 from smollm_stack.train.store.checkpoint import apply_checkpoint, read_checkpoint, set_rng_state
@@ -19,8 +19,8 @@ from smollm_stack.train.store.rundir import RunDir, open_run
 from smollm_stack.train.store.sharded import latest_sharded, load_sharded
 from smollm_stack.train.schedule import Schedule, build_schedule, extend
 
-# ModelConfig fields a resumed run may change: which kernels compute the model, and an init its weights replace.
-FREE_ON_RESUME = ("kernels", "zero_init_residual")
+# ModelConfig fields a resumed run may change: which backend computes the model, and an init its weights replace.
+FREE_ON_RESUME = ("backend", "zero_init_residual")
 
 
 def claim_run(cfg: CheckpointSection, parallel: str, preset: str, info: Dist) -> tuple[RunDir, dict | None]:
@@ -72,6 +72,7 @@ def resumed_model_config(saved: dict, config: ModelConfig) -> ModelConfig:
     """The model a resumed run trains: the checkpoint's. A field the checkpoint lacks is ModelConfig's default, the
     model it trained before the field existed (say, a tiny-preset run from before value embeddings); every other field
     but FREE_ON_RESUME must match ``config``, else say which."""
+    saved = current_names(saved)  # a field's old name (kernels) as today's (backend)
     fields = dataclasses.fields(ModelConfig)
     missing = {f.name: f.default for f in fields if f.name not in saved and f.default is not dataclasses.MISSING}
     config, saved = dataclasses.replace(config, **missing), {**saved, **missing}
