@@ -88,7 +88,7 @@ def _stale_entries(wanted: _Entry, device: torch.device, dtype: torch.dtype) -> 
 def _refresh(wanted: _Entry, device: torch.device, dtype: torch.dtype) -> None:
     """Remake ``wanted`` and every other stale copy on its device in its dtype, one _foreach_copy_ per source dtype."""
     lists = {}  # source dtype -> (rows of the copies, weights)
-    with torch.inference_mode(False), torch.no_grad():  # in this order: inference_mode(False) turns grad back on
+    with torch.inference_mode(False):  # ordinary tensors even under inference_mode; the detached sources: no autograd
         for entry, weights in _stale_entries(wanted, device, dtype):
             rows = sum(w.shape[0] for w in weights)  # a new copy: one held from before the step stays as it was
             entry.copy = torch.empty(rows, *weights[0].shape[1:], dtype=dtype, device=device)
