@@ -98,7 +98,7 @@ def _refresh(wanted: _Entry, device: torch.device, dtype: torch.dtype) -> None:
                 srcs.append(w.detach())
             entry.versions = tuple(w._version for w in weights)
             entry.stepped = entry.read = False
-        for dsts, srcs in lists.values():  # CUDA's fast path wants one source dtype a call
+        for dsts, srcs in lists.values():  # CUDA's one-launch path: one source dtype, like layouts (contiguous)
             torch._foreach_copy_(dsts, srcs)
 
 
