@@ -25,10 +25,10 @@ def rows(step, phase, backward=False):
     return [(r.op, r.read, r.written, r.flops) for r in step.records if r.phase == phase and r.backward == backward]
 
 
-def copy(inp: int, out: int):
-    """The per-step bf16 copy of an fp32 weight (kernels/weight_cache.py; the counted step follows an optimizer step):
-    the weight read, its rows of the stacked copy written."""
-    return ("copy_", 4 * inp * out, 2 * inp * out, 0)
+# The per-step bf16 copies of the fp32 weights (kernels/weight_cache.py; the counted step follows an optimizer step),
+# all remade at the first read (q, k, v's) by one _foreach_copy_: every weight read, its rows of its copy written.
+WEIGHTS = 4 * D * D + 3 * D * FF + V * D  # q, k, v, o; w1, w3, w2; lm_head
+REFRESH = ("_foreach_copy_", 4 * WEIGHTS, 2 * WEIGHTS, 0)
 
 
 def gemm(inp: int, out: int):
@@ -46,14 +46,14 @@ def test_block_forward_counted_by_hand(adamw_step):
     rope = ("_rope_kernel", 2 * 2 * N * D + 8 * T + 4 * DH // 2, 2 * 2 * N * D, 0)  # q, k, positions, inv_freq
     attn = ("_attn_fwd", 3 * 2 * N * D, 2 * N * D + 4 * B * H * T, 2 * 2 * B * H * T * T * DH / 2)  # causal half
     assert rows(adamw_step, "attention") == [
-        copy(D, D), copy(D, D), copy(D, D), gemm(D, 3 * D),  # q, k, v: one GEMM on their stacked copy
+        REFRESH, gemm(D, 3 * D),  # q, k, v: one GEMM on their stacked copy
         ("arange", 0, 8 * T, 0), rope, attn,  # O laid out (B, T, H, dh): output_proj reads it as a view
-        copy(D, D), gemm(D, D),
+        gemm(D, D),
     ]  # fmt: skip
     assert rows(adamw_step, "ffn") == [
-        copy(D, FF), copy(D, FF), gemm(D, 2 * FF),  # W1, W3
+        gemm(D, 2 * FF),  # W1, W3
         ("_swiglu_fwd_kernel", 2 * 2 * N * FF, 2 * N * FF, 0),  # reads the two halves in place
-        copy(FF, D), gemm(FF, D),
+        gemm(FF, D),
     ]  # fmt: skip
     assert rows(adamw_step, "residual") == []  # every residual add rides in a norm
     assert rows(adamw_step, "embedding") == [("embedding", 8 * N + 4 * N * D, 4 * N * D, 0)]  # the gathered rows
@@ -81,12 +81,14 @@ def test_launches_by_phase_counted_by_hand(adamw_step):
     assert launches == {
         "embedding (forward)": 1,
         "norm (forward)": 2,
-        "attention (forward)": 4 + 2 + 3,  # 4 weight copies, 2 GEMMs, arange, RoPE, attention (no transpose copy)
-        "ffn (forward)": 3 + 2 + 1,
+        # every weight's copy (one multi_tensor_apply launch: 8 tensors of a chunk each), 2 GEMMs, arange, RoPE,
+        # attention (no transpose copy)
+        "attention (forward)": 1 + 2 + 3,
+        "ffn (forward)": 2 + 1,
         "final norm (forward)": 1,
-        # lm_head's copy; count of valid targets (ne, sum), dW zeros, then the chunk: GEMM, CE, dh GEMM, dW GEMM; cat
-        # and sum the losses; ones_like, the loss's gradient, made by backward() before any node runs
-        "head + loss (forward)": 11,
+        # count of valid targets (ne, sum), dW zeros, then the chunk: GEMM, CE, dh GEMM, dW GEMM; cat and sum the
+        # losses; ones_like, the loss's gradient, made by backward() before any node runs
+        "head + loss (forward)": 10,
         "head + loss (backward)": 2 + 2,  # zero gradients for the op's dh and dw outputs, then dh and dw scaled
         "final norm (backward)": 2,  # the kernel (dx in fp32 and in the branch's bf16), the sum of its dw partials
         # w2, then [W1; W3]: dx and dW GEMMs and dW's cast to fp32 each; the SwiGLU kernel writes dg and du side by
@@ -163,3 +165,19 @@ def test_muon_step_counted_by_hand():
     ns = 5 * (4 * (4 * D * D * D + 2 * D**3) + 3 * (4 * D * D * FF + 2 * D**3))
     assert sum(r.flops for r in optimizer) == ns
     assert {r.op for r in optimizer if r.matmul} == {"bmm", "baddbmm"}
+
+
+def test_foreach_copy_counted_by_hand():
+    """The weight cache's refresh: multi_tensor_apply over (source, destination) lists holds 64 tensors and 320
+    chunks of 65,536 elements a launch; the destination is written, not read."""
+    recorder = bench_step.Recorder()
+    with FakeTensorMode():
+        small = [torch.empty(8, 8) for _ in range(100)]  # 100 tensors of one chunk: 64, then 36
+        large = [torch.empty(321, 65536)]  # 321 chunks: 320, then 1
+        with recorder:
+            for srcs in (small, large):
+                torch._foreach_copy_([torch.empty(s.shape, dtype=torch.bfloat16) for s in srcs], srcs)
+    assert [(r.op, r.read, r.written, r.launches) for r in recorder.records] == [
+        ("_foreach_copy_", 4 * 6400, 2 * 6400, 2),
+        ("_foreach_copy_", 4 * 321 * 65536, 2 * 321 * 65536, 2),
+    ]

@@ -14,7 +14,7 @@ What one record costs, by kind of op:
 - views, allocations and metadata: nothing (no launch, no bytes);
 - an aten kernel: one launch; it reads each tensor input once and writes each output (and each argument it mutates)
   once, counting the distinct elements of a view (a broadcast dimension is read once); the embedding lookup reads
-  only the rows it gathers; ``copy_``/``fill_``/``zero_`` do not read their destination;
+  only the rows it gathers; ``copy_``/``_foreach_copy_``/``fill_``/``zero_`` do not read their destination;
 - foreach and fused-optimizer ops: the launches of CUDA's multi_tensor_apply (at most MTA_MAX_TENSORS tensors and
   MTA_MAX_BLOCKS chunks of MTA_CHUNK elements a launch), the same bytes rule;
 - a Triton kernel: one launch; TRITON_KERNELS names the arguments it writes (and updates in place); it reads every
@@ -105,7 +105,7 @@ FREE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"
         "_unsafe_view", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
         "promote_types"}  # fmt: skip
 WRITE_ONLY = {"copy_", "fill_", "zero_", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
-              "scalar_tensor"}  # fmt: skip
+              "scalar_tensor", "_foreach_copy_"}  # fmt: skip
 STREAMING = WRITE_ONLY | {"sum", "mean", "amax", "amin", "linalg_vector_norm", "norm", "_to_copy", "clone", "cat",
                           "stack", "embedding_dense_backward", "_fused_adamw_", "_fused_adam_", "arange"}  # fmt: skip
 # Ops that mark an argument mutable but only read it (the fused optimizers' grads)
