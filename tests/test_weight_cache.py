@@ -120,7 +120,7 @@ def test_a_copy_made_under_inference_mode_is_an_ordinary_tensor():
 
 def test_a_dropped_model_frees_its_copies():
     model = TransformerLM(ModelConfig(vocab_size=32, context_length=8, d_model=16, num_layers=2, num_heads=2,
-                                      kernels="eager"))  # fmt: skip
+                                      backend="eager"))  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     ids = torch.randint(0, 32, (2, 8))
     for _ in range(2):  # the second forward remakes the copies
