@@ -69,13 +69,13 @@ class Schedule:
         return asdict(self)
 
 
-def build_schedule(cfg, steps: int) -> Schedule:
-    """The schedule of a run of ``steps`` steps with a config's schedule section (config.ScheduleSection)."""
-    if cfg.kind == "cosine":
-        end = cfg.cosine_steps or steps
-        return Schedule("cosine", cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.warmup_steps, end, "cosine")
-    decay_start = max(cfg.warmup_steps, steps - round(cfg.decay_fraction * steps))
-    return Schedule("wsd", cfg.max_lr, cfg.min_lr, cfg.warmup_steps, decay_start, steps, cfg.decay_shape)
+def build_schedule(section, steps: int) -> Schedule:
+    """The schedule of a run of ``steps`` steps with a config's schedule section (``cfg.schedule``)."""
+    s = section
+    if s.kind == "cosine":
+        return Schedule("cosine", s.max_lr, s.min_lr, s.warmup_steps, s.warmup_steps, s.cosine_steps or steps, "cosine")
+    decay_start = max(s.warmup_steps, steps - round(s.decay_fraction * steps))
+    return Schedule("wsd", s.max_lr, s.min_lr, s.warmup_steps, decay_start, steps, s.decay_shape)
 
 
 def warmup_note(schedule: Schedule, steps: int) -> str:
