@@ -60,8 +60,10 @@ Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies o
 doc_ids with causal attention, also when T < S (the ids then cover all S key positions).
 """
 
+import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -71,7 +73,7 @@ import triton.language as tl
 from smollm_stack.kernels._utils import INTERPRET, check_doc_ids, check_float, check_same_device, empty, empty_like
 from smollm_stack.kernels._utils import document_ends, document_starts
 
-__all__ = ["flash_attention"]
+__all__ = ["BACKWARD_PASSES", "backward_pass", "flash_attention"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = math.log2(math.e)  # log2(e): exp(x) = exp2(x * log2(e))
@@ -129,6 +131,11 @@ TUNING = {
     "_attn_bwd_dq": Tuning(gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128),
                                 (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(32, 16),
                            smem_rows=lambda m, n, stages: 2 * stages * n + 2 * m),
+    "_attn_bwd_atomic": Tuning(gpu=[(64, 128, 8, 3, 128), (64, 64, 4, 3, 128), (64, 64, 8, 3, 128),
+                                    (64, 128, 8, 2, 128), (64, 64, 4, 2, 128), (128, 64, 8, 3, 128),
+                                    (128, 128, 8, 2, 128), (64, 32, 4, 3, 128)],
+                               fp32=(32, 32, 8, 2), interpreter=(16, 32),
+                               smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n),
 }  # fmt: skip
 # Candidates that spill where tl.dot lowers to mma.sync (capability < 9.0), by (kernel, config, head dim), from
 # lowering every candidate for sm_80 and sm_86 (the forward's 6 spill instructions on sm_86 in fp16, dQ's 2 on sm_80).
@@ -407,21 +414,23 @@ def _attn_bwd_delta(
 @triton.jit
 def _attn_bwd_dkdv_blocks(
     dk, dv, k, v, Q, DO, LSE, DELTA,  # accumulators, this block's keys/values, base pointers for one query head
-    stride_qt, stride_qd, stride_dot, stride_dod,
+    DQ,  # ATOMIC_DQ: that head's fp32 dQ accumulator
+    stride_qt, stride_qd, stride_dot, stride_dod, stride_dqt, stride_dqd,
     DOC_START,  # DOCS: this batch row's (S,) document starts
-    offs_n, offs_d, lo, hi, T, offset, qk_scale,
+    offs_n, offs_d, lo, hi, T, offset, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr,  # query blocks on the diagonal, past T or past a document end: bounds and masks
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # also add this block's dQ = scale dS K into DQ (_attn_bwd_atomic)
     DOT_PRECISION: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_ptrs = Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
         do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+        row_ok = offs_m < T
         if MASKED:
-            row_ok = offs_m < T
             q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
@@ -434,9 +443,11 @@ def _attn_bwd_dkdv_blocks(
         # tiles are transposed (keys x queries) so that dV and dK come straight out of the dots
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         if MASKED:
-            keep = offs_m[None, :] < T
+            keep = row_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] + offset >= offs_n[:, None])
+            elif ATOMIC_DQ:  # keys past S: their dS would reach dQ's stored rows (as 0 * exp2 of anything)
+                keep = keep & (offs_n[:, None] < T + offset)
             if DOCS:
                 q_start = tl.load(DOC_START + offs_m + offset, mask=row_ok, other=0)
                 keep = keep & (offs_n[:, None] >= q_start[None, :])
@@ -444,30 +455,38 @@ def _attn_bwd_dkdv_blocks(
         pT = tl.math.exp2(sT * qk_scale - lse[None, :])  # one FMA per score
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * sm_scale
+            dq_ptrs = DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(**_autotune("_attn_bwd_dkdv"))
 @triton.jit
-def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: both laid out like K
-    DOC_START, DOC_END,  # DOCS: (B, S) int32, the first and one past the last position of each key's document
+def _attn_bwd_key_block(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DOC_START, DOC_END,  # _attn_bwd_atomic's arguments (DQ: None in dK/dV's)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T, S, group, sm_scale, qk_scale,
-    tuning_len, tuning_heads,  # only autotune keys
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """One program of the dK/dV pass: this key block's dK and dV over every query that sees it, and with ATOMIC_DQ
+    those queries' dQ contributions added into DQ."""
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
     b, hk = bhk // (H // group), bhk % (H // group)
@@ -489,6 +508,8 @@ def _attn_bwd_dkdv(
     else:
         lo = 0
         mid = 0
+        if ATOMIC_DQ:  # a key block reaching past S is masked throughout (causal never leaves one unmasked)
+            full_end = tl.where(start_n + BLOCK_N > S, 0, full_end)
     hi = T
     if DOCS:
         # Queries past the end of the last key's document see none of this block, and those before the end of the
@@ -508,19 +529,52 @@ def _attn_bwd_dkdv(
         DOh = DO + b * stride_dob + h * stride_doh
         LSEh = LSE + (b * H + h) * T
         DELTAh = DELTA + (b * H + h) * T
-        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_qd, stride_dot,
-                                       stride_dod, DOC_START, offs_n, offs_d, lo, mid, T, offset, qk_scale,
-                                       BLOCK_M, True, CAUSAL, DOCS, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_qd, stride_dot,
-                                       stride_dod, DOC_START, offs_n, offs_d, mid, full_end, T, offset, qk_scale,
-                                       BLOCK_M, False, CAUSAL, DOCS, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_qd, stride_dot,
-                                       stride_dod, DOC_START, offs_n, offs_d, full_end, hi, T, offset, qk_scale,
-                                       BLOCK_M, True, CAUSAL, DOCS, DOT_PRECISION)
+        DQh = DQ
+        if ATOMIC_DQ:
+            DQh = DQ + b * stride_dqb + h * stride_dqh
+        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_qd, stride_dot,
+                                       stride_dod, stride_dqt, stride_dqd, DOC_START, offs_n, offs_d, lo, mid, T,
+                                       offset, qk_scale, sm_scale, BLOCK_M, True, CAUSAL, DOCS, ATOMIC_DQ,
+                                       DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_qd, stride_dot,
+                                       stride_dod, stride_dqt, stride_dqd, DOC_START, offs_n, offs_d, mid, full_end, T,
+                                       offset, qk_scale, sm_scale, BLOCK_M, False, CAUSAL, DOCS, ATOMIC_DQ,
+                                       DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_qd, stride_dot,
+                                       stride_dod, stride_dqt, stride_dqd, DOC_START, offs_n, offs_d, full_end, hi, T,
+                                       offset, qk_scale, sm_scale, BLOCK_M, True, CAUSAL, DOCS, ATOMIC_DQ,
+                                       DOT_PRECISION)
 
     out = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.autotune(**_autotune("_attn_bwd_dkdv"))
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: both laid out like K
+    DOC_START, DOC_END,  # DOCS: (B, S) int32, the first and one past the last position of each key's document
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    H, T, S, group, sm_scale, qk_scale,
+    tuning_len, tuning_heads,  # only autotune keys
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    _attn_bwd_key_block(Q, K, V, DO, LSE, DELTA, DK, DV, None, DOC_START, DOC_END,
+                        stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                        stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
+                        stride_dkb, stride_dkh, stride_dkt, stride_dkd, 0, 0, 0, 0,
+                        H, T, S, group, sm_scale, qk_scale, HEAD_DIM, CAUSAL, DOCS, False, DOT_PRECISION,
+                        BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -602,6 +656,56 @@ def _attn_bwd_dq(
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
+# One-pass backward with an atomic dQ (optional: SMOLLM_ATTENTION_BWD=atomic) -----------------------------------------
+#
+# FlashAttention-2's own backward: the dK/dV pass above, whose tiles already hold dS^T and K, also forms each query
+# block's share of dQ there, dQ_i += scale dS_ij K_j, and adds it into a zeroed fp32 (B, H, T, d) buffer with atomic
+# adds; one cast to the input dtype follows. 5 dots a tile (S^T, dV, dP^T, dK, dQ) instead of the two-pass 7:
+# 2.5x the forward's matmul FLOPs instead of 3.5x, and P is recomputed once instead of twice.
+# Bytes: the dQ pass's reads are gone (Q, dO, LSE and delta once and K, V once per query block, mostly L2 hits);
+# in their place every (query block, key block) tile the dK/dV pass visits adds a BLOCK_M x d fp32 tile into dQ,
+# 4·d bytes per query row and visiting key block: 4·B·H·T·d·S / (2·BLOCK_N) bytes of atomic adds in causal attention,
+# S / (2·BLOCK_N) times the fp32 dQ itself (8x at S = 1024, BLOCK_N = 64). They are reductions done in L2, which holds
+# the dQ rows that the programs of one K/V head (running together) update; HBM sees the zeroing (4 bytes an element),
+# the buffer's final write-back (4) and the cast (4 read, 2 written) against the two-pass dQ's 2-byte store: 12 more
+# bytes per element of dQ. With GQA the group's query heads are visited in turn by the same program, so the atomics
+# of one key block go to `group` different heads' rows.
+# Nondeterministic: the key blocks' programs add into the same dQ rows in whatever order the GPU runs them, and fp32
+# addition is not associative, so dQ's last bits (and what training does with them) differ from run to run; dK and dV
+# are summed in registers in a fixed order and stay bitwise. Hence opt-in; the two-pass default is deterministic.
+# The wgmma of dQ = dS K has M = BLOCK_M, so wgmma's 64 rows a warpgroup need BLOCK_M >= 64 (at 32 that dot would be
+# a legacy mma.sync); the extra fp32 tile in registers decides which of those configs fit (Tuning).
+
+
+@triton.autotune(**_autotune("_attn_bwd_atomic"))
+@triton.jit
+def _attn_bwd_atomic(
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: both laid out like K
+    DQ,  # (B, H, T, d) fp32, zeroed: dQ summed over key blocks with atomic adds
+    DOC_START, DOC_END,  # DOCS: (B, S) int32, the first and one past the last position of each key's document
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, T, S, group, sm_scale, qk_scale,
+    tuning_len, tuning_heads,  # only autotune keys
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    _attn_bwd_key_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DOC_START, DOC_END,
+                        stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                        stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
+                        stride_dkb, stride_dkh, stride_dkt, stride_dkd, stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                        H, T, S, group, sm_scale, qk_scale, HEAD_DIM, CAUSAL, DOCS, True, DOT_PRECISION,
+                        BLOCK_M, BLOCK_N)
+
+
 # Launchers ------------------------------------------------------------------------------------------------------------
 
 
@@ -624,7 +728,7 @@ def _forward(q, k, v, causal: bool, scale: float, doc_start=None) -> tuple[torch
 
 
 def _backward(
-    do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, doc_end=None
+    do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, doc_end=None, atomic: bool = False
 ) -> tuple[torch.Tensor, ...]:
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -635,13 +739,22 @@ def _backward(
     )
     # dq in q's layout; dk and dv in k's, which is v's in the model (views of (B, T, Hkv, d) projections): one set of
     # strides for both (four more kept sm_80's 64 x 128 dK/dV config from fitting its registers)
-    dq, dk, dv = empty_like(q), empty_like(k), empty_like(k)
+    dk, dv = empty_like(k), empty_like(k)
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
-    _attn_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+    if atomic:  # zeroed, as the atomic adds need
+        dq32 = torch.zeros_like(q, dtype=torch.float32, memory_format=torch.preserve_format)
+        kernel, dq_args = _attn_bwd_atomic, (dq32, doc_start, doc_end, *q.stride(), *k.stride(), *v.stride(),
+                                             *do.stride(), *dk.stride(), *dq32.stride())
+    else:
+        kernel, dq_args = _attn_bwd_dkdv, (doc_start, doc_end, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+                                           *dk.stride())
+    kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, *dq_args,
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(S), _tuning_size(B * Hkv), **common,
     )
+    if atomic:
+        return dq32.to(q.dtype), dk, dv  # the one cast (none for fp32 inputs)
+    dq = empty_like(q)
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, doc_start, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(T), _tuning_size(B * H), **common,
@@ -649,43 +762,67 @@ def _backward(
     return dq, dk, dv
 
 
+BACKWARD_PASSES = ("two-pass", "atomic")  # the deterministic default; FlashAttention-2's one pass, atomic dQ
+_backward_pass = os.environ.get("SMOLLM_ATTENTION_BWD", "two-pass")
+
+
+@contextlib.contextmanager
+def backward_pass(name: str):
+    """Within the block, attention calls take the backward ``name`` (one of BACKWARD_PASSES) instead of
+    ``$SMOLLM_ATTENTION_BWD``'s; the choice is made at the forward call and kept for its backward."""
+    global _backward_pass
+    if name not in BACKWARD_PASSES:
+        raise ValueError(f"backward pass must be one of {BACKWARD_PASSES}, got {name!r}")
+    saved, _backward_pass = _backward_pass, name
+    try:
+        yield
+    finally:
+        _backward_pass = saved
+
+
+def _atomic_backward() -> bool:
+    if _backward_pass not in BACKWARD_PASSES:
+        raise ValueError(f"$SMOLLM_ATTENTION_BWD must be one of {BACKWARD_PASSES}, got {_backward_pass!r}")
+    return _backward_pass == "atomic"
+
+
 # The forward and backward as torch.library custom ops, with fake (shape-only) versions, so that torch.compile
 # traces a model through them with no graph break; the Triton launches stay opaque to it.
 @torch.library.custom_op("smollm_stack::flash_attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.Tensor | None, doc_end: torch.Tensor | None,
-    causal: bool, scale: float,
+    causal: bool, scale: float, atomic: bool,  # atomic: the backward's choice, kept for it
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, causal, scale, doc_start)
 
 
 @_attention_op.register_fake
-def _(q, k, v, doc_start, doc_end, causal, scale):
+def _(q, k, v, doc_start, doc_end, causal, scale, atomic):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # the layouts of _forward's
 
 
 @torch.library.custom_op("smollm_stack::flash_attention_backward", mutates_args=())
 def _attention_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, causal: bool, scale: float,
+    doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, causal: bool, scale: float, atomic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, causal, scale, doc_start, doc_end)
+    return _backward(do, q, k, v, o, lse, causal, scale, doc_start, doc_end, atomic)
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, doc_start, doc_end, causal, scale):
+def _(do, q, k, v, o, lse, doc_start, doc_end, causal, scale, atomic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)  # the layouts of _backward's
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_start, doc_end, ctx.causal, ctx.scale = inputs
+    q, k, v, doc_start, doc_end, ctx.causal, ctx.scale, ctx.atomic = inputs
     ctx.save_for_backward(q, k, v, *output, doc_start, doc_end)
 
 
 def _attention_backward(ctx, do, _dlse):
     q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, doc_start, doc_end, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, doc_start, doc_end, ctx.causal, ctx.scale, ctx.atomic)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
@@ -728,7 +865,8 @@ def flash_attention(
     last T positions (KV-cache decoding). scale defaults to 1/sqrt(d). doc_ids (B, S) integers, one per key position
     (query i is position S - T + i), mask attention across documents: a document is a run of equal consecutive ids,
     and a query sees only the keys of its own (causal only). Differentiable in q, k and v; the result is in the input
-    dtype. Same semantics as ``kernels.reference.flash_attention``.
+    dtype. Same semantics as ``kernels.reference.flash_attention``. The backward is the deterministic two-pass one,
+    or the one-pass atomic-dQ one where ``$SMOLLM_ATTENTION_BWD`` or ``backward_pass`` says "atomic".
     """
     _check_inputs(q, k, v, causal)
     doc_start = doc_end = None
@@ -736,4 +874,4 @@ def flash_attention(
         check_doc_ids(doc_ids, k, causal)
         doc_start, doc_end = document_starts(doc_ids), document_ends(doc_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _attention_op(q, k, v, doc_start, doc_end, causal, scale)[0]
+    return _attention_op(q, k, v, doc_start, doc_end, causal, scale, _atomic_backward())[0]
