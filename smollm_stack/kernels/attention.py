@@ -56,6 +56,10 @@ backward as views too. Contiguous (B, H, T, d) outputs made each of the four a t
 kernels it costs nothing: every tensor is addressed by its strides, and a row of d elements is contiguous in either
 layout (128 bytes at d 64 in bf16), so the tiles load in the same whole 128-byte lines.
 
+Backward: two passes by default (dK/dV, then dQ: 7 dots a tile pair, deterministic), or FlashAttention-2's one pass
+with an atomic fp32 dQ (5 dots, not bitwise reproducible) where $SMOLLM_ATTENTION_BWD=atomic or backward_pass("atomic")
+says so; the comments above each backward kernel count their FLOPs and bytes.
+
 Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies of q, k, v, dO); T, S of any length;
 doc_ids with causal attention, also when T < S (the ids then cover all S key positions).
 """
@@ -107,6 +111,11 @@ class Tuning:
     with twice the bytes per tile and far more registers, so they get the one small config fp32. Under the
     interpreter a single config, which also skips benchmarking; its blocks are deliberately unequal so that the
     tests cross BLOCK_M != BLOCK_N boundaries as the GPU configs do.
+    The one-pass atomic backward (_attn_bwd_atomic) holds a BLOCK_M x d fp32 dQ^T tile on top of dK/dV's
+    accumulators: on sm_90a its 64 x 64 configs with 4 warps fit up to head dim 64 (m64n64 wgmma only; 64 x 128 with
+    8 warps fits too but splits N to n32, and 128-row tiles spill); at 128 every BLOCK_M = 64 candidate tried spills
+    (45 spill instructions or more: 64 x 64 and 64 x 128, 4 or 8 warps, 1 to 3 stages) and 32 x 64 with 4 warps
+    fits (its S^T, dP^T and dQ^T dots n32, as dK/dV's are there); with 8 warps that tile splits N down to n16.
     """
 
     gpu: list  # of (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest with documents])
@@ -131,11 +140,9 @@ TUNING = {
     "_attn_bwd_dq": Tuning(gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128),
                                 (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(32, 16),
                            smem_rows=lambda m, n, stages: 2 * stages * n + 2 * m),
-    "_attn_bwd_atomic": Tuning(gpu=[(64, 128, 8, 3, 128), (64, 64, 4, 3, 128), (64, 64, 8, 3, 128),
-                                    (64, 128, 8, 2, 128), (64, 64, 4, 2, 128), (128, 64, 8, 3, 128),
-                                    (128, 128, 8, 2, 128), (64, 32, 4, 3, 128)],
+    "_attn_bwd_atomic": Tuning(gpu=[(64, 64, 4, 3, 64), (64, 64, 4, 2, 64), (32, 64, 4, 3, 128)],
                                fp32=(32, 32, 8, 2), interpreter=(16, 32),
-                               smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n),
+                               smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n + 2 * m, full_width_m=64),
 }  # fmt: skip
 # Candidates that spill where tl.dot lowers to mma.sync (capability < 9.0), by (kernel, config, head dim), from
 # lowering every candidate for sm_80 and sm_86 (the forward's 6 spill instructions on sm_86 in fp16, dQ's 2 on sm_80).
@@ -392,10 +399,13 @@ def _attn_fwd(
 @triton.jit
 def _attn_bwd_delta(
     Out, DO, DELTA,  # DELTA: (B, H, T) fp32
+    DQ,  # ZERO_DQ: the atomic backward's fp32 dQ, zeroed here rather than by a launch of its own
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T,
     HEAD_DIM: tl.constexpr,
+    ZERO_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -409,6 +419,9 @@ def _attn_bwd_delta(
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                  mask=row_ok[:, None], other=0.0)
     tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
+    if ZERO_DQ:
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+        tl.store(dq_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -458,12 +471,16 @@ def _attn_bwd_dkdv_blocks(
         dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
         dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * sm_scale
+            # a wgmma needs M >= 64: as K^T dS^T, M is the head dim (so BLOCK_M = 32 tiles keep wgmma), as dS K BLOCK_M
+            if k.shape[1] >= 64:
+                dq = tl.trans(tl.dot(tl.trans(k), dsT, input_precision=DOT_PRECISION))
+            else:
+                dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION)
             dq_ptrs = DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
             if MASKED:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+                tl.atomic_add(dq_ptrs, dq * sm_scale, mask=row_ok[:, None], sem="relaxed")
             else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+                tl.atomic_add(dq_ptrs, dq * sm_scale, sem="relaxed")
     return dk, dv
 
 
@@ -673,8 +690,10 @@ def _attn_bwd_dq(
 # Nondeterministic: the key blocks' programs add into the same dQ rows in whatever order the GPU runs them, and fp32
 # addition is not associative, so dQ's last bits (and what training does with them) differ from run to run; dK and dV
 # are summed in registers in a fixed order and stay bitwise. Hence opt-in; the two-pass default is deterministic.
-# The wgmma of dQ = dS K has M = BLOCK_M, so wgmma's 64 rows a warpgroup need BLOCK_M >= 64 (at 32 that dot would be
-# a legacy mma.sync); the extra fp32 tile in registers decides which of those configs fit (Tuning).
+# A wgmma needs 64 rows a warpgroup (M): dQ = dS K has M = BLOCK_M, so the 32-row tiles that fit head dim 128 would
+# issue it as a legacy mma.sync; there it is taken transposed, dQ^T = K^T dS^T, whose M is the head dim, as at 64
+# (where it also takes fewer registers and less shared memory); below 64 as dS K, with BLOCK_M = 64.
+# The atomics are 16-byte red.global.add.v4.f32 (the tile passes through shared memory to get there).
 
 
 @triton.autotune(**_autotune("_attn_bwd_atomic"))
@@ -733,16 +752,18 @@ def _backward(
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     delta = empty((B, H, T), torch.float32, q.device)
+    # the atomic backward's dQ sum, in q's layout, zeroed by the delta kernel
+    dq32 = empty_like(q, torch.float32) if atomic else None
     block = 16 if INTERPRET else 64
     _attn_bwd_delta[(triton.cdiv(T, block), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, T, HEAD_DIM=d, BLOCK_M=block
+        o, do, delta, dq32, *o.stride(), *do.stride(), *(dq32.stride() if atomic else (0, 0, 0, 0)), H, T,
+        HEAD_DIM=d, ZERO_DQ=atomic, BLOCK_M=block,
     )
     # dq in q's layout; dk and dv in k's, which is v's in the model (views of (B, T, Hkv, d) projections): one set of
     # strides for both (four more kept sm_80's 64 x 128 dK/dV config from fitting its registers)
     dk, dv = empty_like(k), empty_like(k)
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
-    if atomic:  # zeroed, as the atomic adds need
-        dq32 = torch.zeros_like(q, dtype=torch.float32, memory_format=torch.preserve_format)
+    if atomic:
         kernel, dq_args = _attn_bwd_atomic, (dq32, doc_start, doc_end, *q.stride(), *k.stride(), *v.stride(),
                                              *do.stride(), *dk.stride(), *dq32.stride())
     else:
@@ -752,8 +773,8 @@ def _backward(
         q, k, v, do, lse, delta, dk, dv, *dq_args,
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(S), _tuning_size(B * Hkv), **common,
     )
-    if atomic:
-        return dq32.to(q.dtype), dk, dv  # the one cast (none for fp32 inputs)
+    if atomic:  # the one cast (none for fp32 inputs)
+        return dq32 if q.dtype == torch.float32 else empty_like(q).copy_(dq32), dk, dv
     dq = empty_like(q)
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, doc_start, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
