@@ -116,6 +116,9 @@ class Tuning:
     8 warps fits too but splits N to n32, and 128-row tiles spill); at 128 every BLOCK_M = 64 candidate tried spills
     (45 spill instructions or more: 64 x 64 and 64 x 128, 4 or 8 warps, 1 to 3 stages) and 32 x 64 with 4 warps
     fits (its S^T, dP^T and dQ^T dots n32, as dK/dV's are there); with 8 warps that tile splits N down to n16.
+    With documents it fits only up to head dim 32: at 64 the 64 x 64 configs spill 39 to 94 instructions with 4
+    warps (8 fit but split every dot to n32), at 128 every candidate spills (27 to 264); there the two-pass backward
+    runs instead (_atomic_backward_fits).
     """
 
     gpu: list  # of (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest with documents])
@@ -128,7 +131,8 @@ class Tuning:
 # Shared memory, as an upper bound: every pipeline stage of the streamed tiles (K and V in the forward and dQ
 # kernels, Q and dO in dK/dV's) plus the tiles a program keeps (Q; Q and dO; K and V), all at 2 bytes an element.
 # Lowered for sm_80 and sm_86 the kept configs use 60-85% of it (tests/test_lowering_archs.py holds each kept config
-# to its card's limit), so a config the bound passes fits.
+# to its card's limit), so a config the bound passes fits. The atomic backward adds 4·BLOCK_M rows for its fp32 dQ
+# tile and dS^T on their way through shared memory (its kept sm_90a lowerings use 71-87% of that bound).
 TUNING = {
     "_attn_fwd": Tuning(gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
                              (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(16, 32),
@@ -140,9 +144,9 @@ TUNING = {
     "_attn_bwd_dq": Tuning(gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128),
                                 (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(32, 16),
                            smem_rows=lambda m, n, stages: 2 * stages * n + 2 * m),
-    "_attn_bwd_atomic": Tuning(gpu=[(64, 64, 4, 3, 64), (64, 64, 4, 2, 64), (32, 64, 4, 3, 128)],
+    "_attn_bwd_atomic": Tuning(gpu=[(64, 64, 4, 3, 64, 32), (64, 64, 4, 2, 64, 32), (32, 64, 4, 3, 128, 32)],
                                fp32=(32, 32, 8, 2), interpreter=(16, 32),
-                               smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n + 2 * m, full_width_m=64),
+                               smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n + 4 * m, full_width_m=64),
 }  # fmt: skip
 # Candidates that spill where tl.dot lowers to mma.sync (capability < 9.0), by (kernel, config, head dim), from
 # lowering every candidate for sm_80 and sm_86 (the forward's 6 spill instructions on sm_86 in fp16, dQ's 2 on sm_80).
@@ -746,11 +750,18 @@ def _forward(q, k, v, causal: bool, scale: float, doc_start=None) -> tuple[torch
     return o, lse
 
 
+def _atomic_backward_fits(head_dim: int, docs: bool) -> bool:
+    """Whether the atomic backward has a candidate for this head dim (Tuning: with documents it spills past 32);
+    always in the interpreter, which has no registers to spill."""
+    return INTERPRET or any(head_dim <= (c[-1] if docs else c[4]) for c in TUNING["_attn_bwd_atomic"].gpu)
+
+
 def _backward(
     do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, doc_end=None, atomic: bool = False
 ) -> tuple[torch.Tensor, ...]:
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    atomic = atomic and _atomic_backward_fits(d, doc_start is not None)
     delta = empty((B, H, T), torch.float32, q.device)
     # the atomic backward's dQ sum, in q's layout, zeroed by the delta kernel
     dq32 = empty_like(q, torch.float32) if atomic else None
