@@ -446,8 +446,8 @@ def _attn_bwd_dkdv_blocks(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_ptrs = Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
         do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
-        row_ok = offs_m < T
         if MASKED:
+            row_ok = offs_m < T
             q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
             lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
@@ -460,7 +460,7 @@ def _attn_bwd_dkdv_blocks(
         # tiles are transposed (keys x queries) so that dV and dK come straight out of the dots
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         if MASKED:
-            keep = row_ok[None, :]
+            keep = offs_m[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[None, :] + offset >= offs_n[:, None])
             elif ATOMIC_DQ:  # keys past S: their dS would reach dQ's stored rows (as 0 * exp2 of anything)
