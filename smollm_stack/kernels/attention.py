@@ -389,11 +389,12 @@ def _attn_fwd(
 # keys, so they come from two kernels that each own what they write: one program per key block, looping over every
 # query head of its GQA group and over the query blocks that can see it (GQA's sum over heads happens in registers);
 # one program per query block, looping over its keys like the forward. No atomics: the same bits on every run.
-# The price is two more dots than FlashAttention-2's one-pass backward with an atomic dQ: 7 (4 in dK/dV: S^T, dV,
-# dP^T, dK; 3 in dQ: S, dP, dQ) against 5, so 3.5x the forward's matmul FLOPs instead of 2.5x, and P is recomputed
-# twice. The scale is not pre-multiplied into K: rounding k·scale to bf16 would move each recomputed score by up to
-# 2^-9 of its size, so P would no longer match the forward's log-sum-exp (at the large-score test's 1e4 that is
-# exp2 of dozens); folding the scale into the FMA with the log-sum-exp subtraction costs the same one instruction
+# The price is two more dots than FlashAttention-2's one-pass backward with an atomic dQ (opt-in, _attn_bwd_atomic
+# below): 7 (4 in dK/dV: S^T, dV, dP^T, dK; 3 in dQ: S, dP, dQ) against 5, so 3.5x the forward's matmul FLOPs instead of
+# 2.5x, and P is recomputed twice. The scale is not pre-multiplied into K: rounding k·scale to bf16 would move each
+# recomputed score by up to 2^-9 of its size, so P would no longer match the forward's log-sum-exp (at the large-score
+# test's 1e4 that is exp2 of dozens); folding the scale into the FMA with the log-sum-exp subtraction costs the same one
+# instruction
 # per score and rounds once.
 # Masking sets scores to -inf before exp2, as in the forward: a masked pair's raw score may exceed its row's lse by
 # thousands under large inputs, and exp2 of that would be inf. Padded rows and keys (past T or S) only ever feed
@@ -687,9 +688,10 @@ def _attn_bwd_dq(
 # in their place every (query block, key block) tile the dK/dV pass visits adds a BLOCK_M x d fp32 tile into dQ,
 # 4·d bytes per query row and visiting key block: 4·B·H·T·d·S / (2·BLOCK_N) bytes of atomic adds in causal attention,
 # S / (2·BLOCK_N) times the fp32 dQ itself (8x at S = 1024, BLOCK_N = 64). They are reductions done in L2, which holds
-# the dQ rows that the programs of one K/V head (running together) update; HBM sees the zeroing (4 bytes an element),
-# the buffer's final write-back (4) and the cast (4 read, 2 written) against the two-pass dQ's 2-byte store: 12 more
-# bytes per element of dQ. With GQA the group's query heads are visited in turn by the same program, so the atomics
+# the dQ rows that the programs of one K/V head (running together) update; HBM sees the zeroing (4 bytes an element,
+# in the delta kernel, which reads O and dO there anyway), the buffer read into L2 and written back (4 + 4) and the
+# cast (4 read, 2 written) against the two-pass dQ's 2-byte store: 16 more bytes per element of dQ (bench.step counts
+# that), for two fewer dots. With GQA the group's query heads are visited in turn by the same program, so the atomics
 # of one key block go to `group` different heads' rows.
 # Nondeterministic: the key blocks' programs add into the same dQ rows in whatever order the GPU runs them, and fp32
 # addition is not associative, so dQ's last bits (and what training does with them) differ from run to run; dK and dV
