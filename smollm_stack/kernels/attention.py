@@ -394,8 +394,7 @@ def _attn_fwd(
 # 2.5x, and P is recomputed twice. The scale is not pre-multiplied into K: rounding k·scale to bf16 would move each
 # recomputed score by up to 2^-9 of its size, so P would no longer match the forward's log-sum-exp (at the large-score
 # test's 1e4 that is exp2 of dozens); folding the scale into the FMA with the log-sum-exp subtraction costs the same one
-# instruction
-# per score and rounds once.
+# instruction per score and rounds once.
 # Masking sets scores to -inf before exp2, as in the forward: a masked pair's raw score may exceed its row's lse by
 # thousands under large inputs, and exp2 of that would be inf. Padded rows and keys (past T or S) only ever feed
 # rows of dK, dV or dQ that are not stored.
