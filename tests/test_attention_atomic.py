@@ -9,6 +9,7 @@ the key blocks run one after another, so the order is fixed here; on a GPU it is
 """
 
 import pytest
+import test_attention
 import torch
 from test_attention import CASES, DTYPES, GPU_ONLY, Case, assert_all_close, assert_within_score_rounding
 from test_attention import fp32_reference, make_inputs, run_with_grads
@@ -91,10 +92,8 @@ def test_the_choice():
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_bf16_flashattention_rule_and_determinism(atomic, head_dim):
     """bf16 error at most the two-pass backward's FlashAttention-rule bound (test_attention), dK and dV bitwise the
-    same on a second run; dQ, summed by atomics in the order the GPU runs them, only close."""
-    from test_attention import test_bf16_flashattention_rule
-
-    test_bf16_flashattention_rule(head_dim)
+    same on a second run; dQ, summed by atomics in the order the GPU runs them, within one bf16 ulp (2^-7 relative)."""
+    test_attention.test_bf16_flashattention_rule(head_dim)
     case = Case(2, 8, 2, 1000, 1000, head_dim)
     q, k, v, do = make_inputs(case, torch.bfloat16)
     first, second = (run_with_grads(kernels.flash_attention, q, k, v, do, case) for _ in range(2))
