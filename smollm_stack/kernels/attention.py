@@ -116,8 +116,8 @@ class Tuning:
     8 warps fits too but splits N to n32, and 128-row tiles spill); at 128 every BLOCK_M = 64 candidate tried spills
     (tens to hundreds of spill instructions: 64 x 64 and 64 x 128, 4 or 8 warps, 1 to 3 stages) and 32 x 64 with 4 warps
     fits (its S^T, dP^T and dQ^T dots n32, as dK/dV's are there); with 8 warps that tile splits N down to n16.
-    With documents it fits only up to head dim 32: at 64 the 64 x 64 configs spill 39 to 94 instructions with 4
-    warps (8 fit but split every dot to n32), at 128 every candidate spills (27 to 264); there the two-pass backward
+    With documents it fits only up to head dim 32: at 64 the 64 x 64 configs spill 38 to 89 instructions with 4
+    warps (8 fit but split every dot to n32), at 128 every candidate spills (22 to 264); there the two-pass backward
     runs instead (_atomic_backward_fits).
     """
 
