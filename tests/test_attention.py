@@ -152,9 +152,16 @@ def test_large_scores_stay_finite_and_correct(dtype, seed):
     case = Case(1, 4, 2, 33, 45, 16, scale=0.25)
     q, k, v, do = make_inputs(case, dtype, seed=seed, magnitude=50.0)
     q, k = (t.detach().round().requires_grad_() for t in (q, k))
-    scores = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-2, -1) * case.scale
-    assert scores.abs().max() > 1e4  # the inputs really are in the regime under test
-    actual = run_with_grads(kernels.flash_attention, q, k, v, do, case)
+    assert_within_score_rounding(kernels.flash_attention, q, k, v, do, case, dtype, 1e4)
+
+
+def assert_within_score_rounding(fn, q, k, v, do, case: Case, dtype, least: float):
+    """fn's output and grads against fp64's, within score_rounding_bounds plus the dtype's rule relative to each
+    output's natural size, for integer q and k whose largest score is at least ``least`` (see the test above)."""
+    scores = q.double() @ k.double().repeat_interleave(case.heads // case.kv_heads, dim=1).transpose(-2, -1)
+    scores = scores * case.scale
+    assert scores.abs().max() > least  # the inputs really are in the regime under test
+    actual = run_with_grads(fn, q, k, v, do, case)
     exact = run_with_grads(ref.flash_attention, q.double(), k.double(), v.double(), do.double(), case)
     delta = 4 * 2.0**-24 * scores.abs().max().item() * math.log2(math.e)
     bounds = score_rounding_bounds(q, k, v, do, case, delta)

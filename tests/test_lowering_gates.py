@@ -70,6 +70,23 @@ CASES = {f"d{d} T4096 docs {pass_}": make(16384 // 4096, 2048 // d, 4096, d) for
          for pass_, make in (("forward", forward), ("backward", backward))}
 """
 
+# The one-pass backward with an atomic dQ (SMOLLM_ATTENTION_BWD=atomic) at T = 4096; with documents at head dim 32,
+# and at 128, where it spills and the launcher runs the two-pass backward instead.
+ATOMIC_ATTENTION_SCRIPT = """
+import torch
+from smollm_stack.kernels import attention as A
+
+
+def backward(B, H, T, d, docs):
+    x, lse = torch.empty(B, H, T, d, dtype=torch.bfloat16), torch.empty(B, H, T)
+    bounds = torch.empty(B, T, dtype=torch.int32) if docs else None
+    return lambda: A._backward(x, x, x, x, x, lse, True, d ** -0.5, bounds, bounds, atomic=True)
+
+
+CASES = {f"d{d} T4096{' docs' * docs} atomic backward": backward(16384 // 4096, 2048 // d, 4096, d, docs)
+         for d, docs in ((32, False), (64, False), (128, False), (32, True), (128, True))}
+"""
+
 MEMORY_BOUND_SCRIPT = """
 import torch
 from smollm_stack import kernels
@@ -138,6 +155,7 @@ for name, p in PRESETS.items():
 """
 
 ATTENTION_KERNELS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+WGMMA_KERNELS = (*ATTENTION_KERNELS, "_attn_bwd_atomic")
 MEMORY_BOUND_OPS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "cross_entropy", "flce_chunk")
 
 
@@ -154,6 +172,11 @@ def attention_launches(compile_for_gpu):
 @pytest.fixture(scope="module")
 def doc_attention_launches(compile_for_gpu):
     return compile_for_gpu(DOC_ATTENTION_SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def atomic_attention_launches(compile_for_gpu):
+    return compile_for_gpu(ATOMIC_ATTENTION_SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +197,7 @@ def _no_spills(r: dict) -> str | None:
 
 
 def _wgmma_without_spills(r: dict) -> str | None:
-    if r["name"] in ATTENTION_KERNELS and (r["mma_sync"] or not r["wgmma"]):
+    if r["name"] in WGMMA_KERNELS and (r["mma_sync"] or not r["wgmma"]):
         return f"{r['wgmma']} wgmma, {r['mma_sync']} mma.sync"
     return _no_spills(r)
 
@@ -212,6 +235,29 @@ def test_document_masked_attention_dots_are_wgmma_without_spills(doc_attention_l
         assert {r["name"] for r in records} >= set(wanted), label
         assert all(r["config"]["DOCS"] for r in records if r["name"] in wanted), label
         problems += _problems(records, label, _wgmma_without_spills)
+    assert not problems, "\n".join(problems)
+
+
+def test_atomic_backward_dots_are_wgmma_without_spills(atomic_attention_launches):
+    problems = []
+    for label, records in atomic_attention_launches.items():
+        wanted = ATTENTION_KERNELS[1:] if label.startswith("d128 T4096 docs") else ("_attn_bwd_atomic",)
+        assert {r["name"] for r in records} == {"_attn_bwd_delta", *wanted}, label
+        assert all(r["config"]["DOCS"] == ("docs" in label) for r in records if r["name"] in wanted), label
+        problems += _problems(records, label, _wgmma_without_spills)
+    assert not problems, "\n".join(problems)
+
+
+def test_atomic_backward_wgmma_no_narrower_than_the_default(attention_launches, atomic_attention_launches):
+    """No wgmma narrower than N = 64 at a head dim where the two-pass dK/dV kernel, whose loop the atomic kernel
+    extends, issues none (64; at 32 its dV and dK are n32 by the head dim, at 128 its kept 32-row tiles are n32)."""
+    narrowest = lambda records: min((int(n) for r in records for n in r["wgmma_n"]), default=0)  # noqa: E731
+    problems = []
+    for d in (32, 64, 128):
+        default = narrowest(r for r in attention_launches[f"d{d} T4096 backward"] if r["name"] == "_attn_bwd_dkdv")
+        problems += [f"d{d}: {_describe(r)}: wgmma by N {r['wgmma_n']}, dK/dV's narrowest {default}"
+                     for r in atomic_attention_launches[f"d{d} T4096 atomic backward"]
+                     if r["name"] == "_attn_bwd_atomic" and narrowest([r]) < min(default, 64)]  # fmt: skip
     assert not problems, "\n".join(problems)
 
 

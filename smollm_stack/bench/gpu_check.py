@@ -112,9 +112,13 @@ def _check_dtypes(plan: Plan) -> tuple[torch.dtype, tuple[torch.dtype, ...]]:
     return plan.dtype, tuple(d for d in (torch.float16, torch.float32) if d != plan.dtype)
 
 
+# The attention kernels this check runs: the forward and the default two-pass backward (not the opt-in atomic one)
+ATTENTION_KERNELS = [kernel for kernel in attention.TUNING if kernel != "_attn_bwd_atomic"]
+
+
 def _attention_configs() -> int:
     """Autotune configs of the attention kernels on a GPU: at most the compiles per head dim and trials per key."""
-    return sum(len(tuning.gpu) for tuning in attention.TUNING.values())
+    return sum(len(attention.TUNING[kernel].gpu) for kernel in ATTENTION_KERNELS)
 
 
 def _kernel_shapes(plan: Plan):
@@ -139,7 +143,7 @@ def device_rows(plan: Plan) -> Iterable[dict]:
         ours = kernels.ops("triton", plan.device).flash_attention is kernels.flash_attention
         row["model_attention"] = "triton" if ours else "eager (no tensor-core dots below capability 8.0)"
     yield row
-    for kernel in attention.TUNING:
+    for kernel in ATTENTION_KERNELS:
         for head_dim in (32, 64, 128):
             for docs in (False, True):
                 configs = attention.kept_configs(kernel, dtype, head_dim, docs)

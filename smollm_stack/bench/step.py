@@ -3,6 +3,7 @@
     python -m smollm_stack.bench.step                      # 17M at 128 x 256 and 125M at 16 x 1024, Muon and AdamW
     python -m smollm_stack.bench.step --preset 125m --batch 16 --context 1024 --optimizer muon
     python -m smollm_stack.bench.step --dry-run            # a tiny model: the plumbing
+    SMOLLM_ATTENTION_BWD=atomic python -m smollm_stack.bench.step ...   # attention's one-pass atomic-dQ backward
 
 The step is the trainer's (train/loop.py): forward under bf16 autocast, backward, clip_gradients, the optimizer of
 ``--optimizer`` (train/optim/builder.py's build_optimizer) and zero_grad, on the Triton kernels. No tensor holds data:
@@ -20,7 +21,8 @@ What one record costs, by kind of op:
 - a Triton kernel: one launch; TRITON_KERNELS names the arguments it writes (and updates in place); it reads every
   other tensor argument once and writes those once: compulsory traffic, as if the caches held every reuse;
 - matmuls: 2 m n k FLOPs per product (mm, addmm, bmm, baddbmm); attention kernels 2 B H T S d per T x S x d product
-  (TRITON_KERNELS counts them: 2 forward, 4 in the dK/dV pass, 3 in the dQ pass), halved when causal.
+  (TRITON_KERNELS counts them: 2 forward, 4 in the dK/dV pass, 3 in the dQ pass, 5 in the one-pass backward with an
+  atomic dQ, whose atomic adds count as one read and one write of the fp32 dQ), halved when causal.
 Any other aten op, or a Triton kernel missing from TRITON_KERNELS, stops the count with UncountedOp: a new op needs
 its rule here before its bytes can be trusted.
 
@@ -89,9 +91,10 @@ MTA_MAX_BLOCKS, MTA_CHUNK = 320, 65536
 # Triton kernels: (T x S x d products, arguments written, arguments read and written)
 TRITON_KERNELS = {
     "_attn_fwd": (2, ("Out", "LSE"), ()),
-    "_attn_bwd_delta": (0, ("DELTA",), ()),
+    "_attn_bwd_delta": (0, ("DELTA", "DQ"), ()),
     "_attn_bwd_dkdv": (4, ("DK", "DV"), ()),
     "_attn_bwd_dq": (3, ("DQ",), ()),
+    "_attn_bwd_atomic": (5, ("DK", "DV"), ("DQ",)),  # SMOLLM_ATTENTION_BWD=atomic: DQ is the fp32 sum, updated
     "_cross_entropy_kernel": (0, ("grad_ptr", "loss_ptr"), ()),
     "_scale_kernel": (0, (), ("x_ptr",)),
     "_rms_norm_fwd_kernel": (0, ("h_ptr", "y_ptr", "rstd_ptr"), ()),

@@ -71,12 +71,12 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def empty_like(x: torch.Tensor) -> torch.Tensor:
+def empty_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An output in x's memory layout (x's strides where x is dense, else its order of dimensions, packed), so a
     kernel writes a (B, H, T, d) view of (B, T, H, d) storage as such and the caller's transpose back is a view;
-    NaN-filled when POISON is set, like empty."""
-    out = torch.empty_like(x, memory_format=torch.preserve_format)
-    return out.fill_(float("nan")) if POISON and x.dtype.is_floating_point else out
+    of x's dtype unless given; NaN-filled when POISON is set, like empty."""
+    out = torch.empty_like(x, dtype=dtype, memory_format=torch.preserve_format)
+    return out.fill_(float("nan")) if POISON and out.dtype.is_floating_point else out
 
 
 def rows_of(x: torch.Tensor) -> torch.Tensor:

@@ -56,12 +56,18 @@ backward as views too. Contiguous (B, H, T, d) outputs made each of the four a t
 kernels it costs nothing: every tensor is addressed by its strides, and a row of d elements is contiguous in either
 layout (128 bytes at d 64 in bf16), so the tiles load in the same whole 128-byte lines.
 
+Backward: two passes by default (dK/dV, then dQ: 7 dots a tile pair, deterministic), or FlashAttention-2's one pass
+with an atomic fp32 dQ (5 dots, not bitwise reproducible) where $SMOLLM_ATTENTION_BWD=atomic or backward_pass("atomic")
+says so; the comments above each backward kernel count their FLOPs and bytes.
+
 Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies of q, k, v, dO); T, S of any length;
 doc_ids with causal attention, also when T < S (the ids then cover all S key positions).
 """
 
+import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -71,7 +77,7 @@ import triton.language as tl
 from smollm_stack.kernels._utils import INTERPRET, check_doc_ids, check_float, check_same_device, empty, empty_like
 from smollm_stack.kernels._utils import document_ends, document_starts
 
-__all__ = ["flash_attention"]
+__all__ = ["BACKWARD_PASSES", "backward_pass", "flash_attention"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = math.log2(math.e)  # log2(e): exp(x) = exp2(x * log2(e))
@@ -105,6 +111,14 @@ class Tuning:
     with twice the bytes per tile and far more registers, so they get the one small config fp32. Under the
     interpreter a single config, which also skips benchmarking; its blocks are deliberately unequal so that the
     tests cross BLOCK_M != BLOCK_N boundaries as the GPU configs do.
+    The one-pass atomic backward (_attn_bwd_atomic) holds a BLOCK_M x d fp32 dQ^T tile on top of dK/dV's
+    accumulators: on sm_90a its 64 x 64 configs with 4 warps fit up to head dim 64 (m64n64 wgmma only; 64 x 128 with
+    8 warps fits too but splits N to n32, and 128-row tiles spill); at 128 every BLOCK_M = 64 candidate tried spills
+    (tens to hundreds of spill instructions: 64 x 64 and 64 x 128, 4 or 8 warps, 1 to 3 stages) and 32 x 64 with 4 warps
+    fits (its S^T, dP^T and dQ^T dots n32, as dK/dV's are there); with 8 warps that tile splits N down to n16.
+    With documents it fits only up to head dim 32: at 64 the 64 x 64 configs spill 38 to 89 instructions with 4
+    warps (8 fit but split every dot to n32), at 128 every candidate spills (22 to 264); there the two-pass backward
+    runs instead (_atomic_backward_fits).
     """
 
     gpu: list  # of (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim[, largest with documents])
@@ -117,7 +131,8 @@ class Tuning:
 # Shared memory, as an upper bound: every pipeline stage of the streamed tiles (K and V in the forward and dQ
 # kernels, Q and dO in dK/dV's) plus the tiles a program keeps (Q; Q and dO; K and V), all at 2 bytes an element.
 # Lowered for sm_80 and sm_86 the kept configs use 60-85% of it (tests/test_lowering_archs.py holds each kept config
-# to its card's limit), so a config the bound passes fits.
+# to its card's limit), so a config the bound passes fits. The atomic backward adds 4·BLOCK_M rows for its fp32 dQ
+# tile and dS^T on their way through shared memory (its kept sm_90a lowerings use 71-87% of that bound).
 TUNING = {
     "_attn_fwd": Tuning(gpu=[(128, 64, 4, 3, 32), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 64),
                              (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(16, 32),
@@ -129,6 +144,9 @@ TUNING = {
     "_attn_bwd_dq": Tuning(gpu=[(128, 64, 8, 3, 128, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128),
                                 (64, 64, 4, 3, 128)], fp32=(32, 32, 4, 2), interpreter=(32, 16),
                            smem_rows=lambda m, n, stages: 2 * stages * n + 2 * m),
+    "_attn_bwd_atomic": Tuning(gpu=[(64, 64, 4, 3, 64, 32), (64, 64, 4, 2, 64, 32), (32, 64, 4, 3, 128, 32)],
+                               fp32=(32, 32, 8, 2), interpreter=(16, 32),
+                               smem_rows=lambda m, n, stages: 2 * stages * m + 2 * n + 4 * m, full_width_m=64),
 }  # fmt: skip
 # Candidates that spill where tl.dot lowers to mma.sync (capability < 9.0), by (kernel, config, head dim), from
 # lowering every candidate for sm_80 and sm_86 (the forward's 6 spill instructions on sm_86 in fp16, dQ's 2 on sm_80).
@@ -371,12 +389,12 @@ def _attn_fwd(
 # keys, so they come from two kernels that each own what they write: one program per key block, looping over every
 # query head of its GQA group and over the query blocks that can see it (GQA's sum over heads happens in registers);
 # one program per query block, looping over its keys like the forward. No atomics: the same bits on every run.
-# The price is two more dots than FlashAttention-2's one-pass backward with an atomic dQ: 7 (4 in dK/dV: S^T, dV,
-# dP^T, dK; 3 in dQ: S, dP, dQ) against 5, so 3.5x the forward's matmul FLOPs instead of 2.5x, and P is recomputed
-# twice. The scale is not pre-multiplied into K: rounding k·scale to bf16 would move each recomputed score by up to
-# 2^-9 of its size, so P would no longer match the forward's log-sum-exp (at the large-score test's 1e4 that is
-# exp2 of dozens); folding the scale into the FMA with the log-sum-exp subtraction costs the same one instruction
-# per score and rounds once.
+# The price is two more dots than FlashAttention-2's one-pass backward with an atomic dQ (opt-in, _attn_bwd_atomic
+# below): 7 (4 in dK/dV: S^T, dV, dP^T, dK; 3 in dQ: S, dP, dQ) against 5, so 3.5x the forward's matmul FLOPs instead of
+# 2.5x, and P is recomputed twice. The scale is not pre-multiplied into K: rounding k·scale to bf16 would move each
+# recomputed score by up to 2^-9 of its size, so P would no longer match the forward's log-sum-exp (at the large-score
+# test's 1e4 that is exp2 of dozens); folding the scale into the FMA with the log-sum-exp subtraction costs the same one
+# instruction per score and rounds once.
 # Masking sets scores to -inf before exp2, as in the forward: a masked pair's raw score may exceed its row's lse by
 # thousands under large inputs, and exp2 of that would be inf. Padded rows and keys (past T or S) only ever feed
 # rows of dK, dV or dQ that are not stored.
@@ -385,10 +403,13 @@ def _attn_fwd(
 @triton.jit
 def _attn_bwd_delta(
     Out, DO, DELTA,  # DELTA: (B, H, T) fp32
+    DQ,  # ZERO_DQ: the atomic backward's fp32 dQ, zeroed here rather than by a launch of its own
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T,
     HEAD_DIM: tl.constexpr,
+    ZERO_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -402,18 +423,23 @@ def _attn_bwd_delta(
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
                  mask=row_ok[:, None], other=0.0)
     tl.store(DELTA + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
+    if ZERO_DQ:
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+        tl.store(dq_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), mask=row_ok[:, None])
 
 
 @triton.jit
 def _attn_bwd_dkdv_blocks(
     dk, dv, k, v, Q, DO, LSE, DELTA,  # accumulators, this block's keys/values, base pointers for one query head
-    stride_qt, stride_qd, stride_dot, stride_dod,
+    DQ,  # ATOMIC_DQ: that head's fp32 dQ accumulator
+    stride_qt, stride_qd, stride_dot, stride_dod, stride_dqt, stride_dqd,
     DOC_START,  # DOCS: this batch row's (S,) document starts
-    offs_n, offs_d, lo, hi, T, offset, qk_scale,
+    offs_n, offs_d, lo, hi, T, offset, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr,  # query blocks on the diagonal, past T or past a document end: bounds and masks
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # also add this block's dQ = scale dS K into DQ (_attn_bwd_atomic)
     DOT_PRECISION: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
@@ -437,6 +463,8 @@ def _attn_bwd_dkdv_blocks(
             keep = offs_m[None, :] < T
             if CAUSAL:
                 keep = keep & (offs_m[None, :] + offset >= offs_n[:, None])
+            elif ATOMIC_DQ:  # keys past S: their dS would reach dQ's stored rows (as 0 * exp2 of anything)
+                keep = keep & (offs_n[:, None] < T + offset)
             if DOCS:
                 q_start = tl.load(DOC_START + offs_m + offset, mask=row_ok, other=0)
                 keep = keep & (offs_n[:, None] >= q_start[None, :])
@@ -444,30 +472,42 @@ def _attn_bwd_dkdv_blocks(
         pT = tl.math.exp2(sT * qk_scale - lse[None, :])  # one FMA per score
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            # a wgmma needs M >= 64: as K^T dS^T, M is the head dim (so BLOCK_M = 32 tiles keep wgmma), as dS K BLOCK_M
+            if k.shape[1] >= 64:
+                dq = tl.trans(tl.dot(tl.trans(k), dsT, input_precision=DOT_PRECISION))
+            else:
+                dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION)
+            dq_ptrs = DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq * sm_scale, mask=row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq * sm_scale, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(**_autotune("_attn_bwd_dkdv"))
 @triton.jit
-def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: both laid out like K
-    DOC_START, DOC_END,  # DOCS: (B, S) int32, the first and one past the last position of each key's document
+def _attn_bwd_key_block(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DOC_START, DOC_END,  # _attn_bwd_atomic's arguments (DQ: None in dK/dV's)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, T, S, group, sm_scale, qk_scale,
-    tuning_len, tuning_heads,  # only autotune keys
     HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr,
     DOCS: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """One program of the dK/dV pass: this key block's dK and dV over every query that sees it, and with ATOMIC_DQ
+    those queries' dQ contributions added into DQ."""
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1).to(tl.int64)
     b, hk = bhk // (H // group), bhk % (H // group)
@@ -489,6 +529,8 @@ def _attn_bwd_dkdv(
     else:
         lo = 0
         mid = 0
+        if ATOMIC_DQ:  # a key block reaching past S is masked throughout (causal never leaves one unmasked)
+            full_end = tl.where(start_n + BLOCK_N > S, 0, full_end)
     hi = T
     if DOCS:
         # Queries past the end of the last key's document see none of this block, and those before the end of the
@@ -508,19 +550,52 @@ def _attn_bwd_dkdv(
         DOh = DO + b * stride_dob + h * stride_doh
         LSEh = LSE + (b * H + h) * T
         DELTAh = DELTA + (b * H + h) * T
-        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_qd, stride_dot,
-                                       stride_dod, DOC_START, offs_n, offs_d, lo, mid, T, offset, qk_scale,
-                                       BLOCK_M, True, CAUSAL, DOCS, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_qd, stride_dot,
-                                       stride_dod, DOC_START, offs_n, offs_d, mid, full_end, T, offset, qk_scale,
-                                       BLOCK_M, False, CAUSAL, DOCS, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_qd, stride_dot,
-                                       stride_dod, DOC_START, offs_n, offs_d, full_end, hi, T, offset, qk_scale,
-                                       BLOCK_M, True, CAUSAL, DOCS, DOT_PRECISION)
+        DQh = DQ
+        if ATOMIC_DQ:
+            DQh = DQ + b * stride_dqb + h * stride_dqh
+        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_qd, stride_dot,
+                                       stride_dod, stride_dqt, stride_dqd, DOC_START, offs_n, offs_d, lo, mid, T,
+                                       offset, qk_scale, sm_scale, BLOCK_M, True, CAUSAL, DOCS, ATOMIC_DQ,
+                                       DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_qd, stride_dot,
+                                       stride_dod, stride_dqt, stride_dqd, DOC_START, offs_n, offs_d, mid, full_end, T,
+                                       offset, qk_scale, sm_scale, BLOCK_M, False, CAUSAL, DOCS, ATOMIC_DQ,
+                                       DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_qd, stride_dot,
+                                       stride_dod, stride_dqt, stride_dqd, DOC_START, offs_n, offs_d, full_end, hi, T,
+                                       offset, qk_scale, sm_scale, BLOCK_M, True, CAUSAL, DOCS, ATOMIC_DQ,
+                                       DOT_PRECISION)
 
     out = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.autotune(**_autotune("_attn_bwd_dkdv"))
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: both laid out like K
+    DOC_START, DOC_END,  # DOCS: (B, S) int32, the first and one past the last position of each key's document
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    H, T, S, group, sm_scale, qk_scale,
+    tuning_len, tuning_heads,  # only autotune keys
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    _attn_bwd_key_block(Q, K, V, DO, LSE, DELTA, DK, DV, None, DOC_START, DOC_END,
+                        stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                        stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
+                        stride_dkb, stride_dkh, stride_dkt, stride_dkd, 0, 0, 0, 0,
+                        H, T, S, group, sm_scale, qk_scale, HEAD_DIM, CAUSAL, DOCS, False, DOT_PRECISION,
+                        BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -602,6 +677,59 @@ def _attn_bwd_dq(
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
+# One-pass backward with an atomic dQ (optional: SMOLLM_ATTENTION_BWD=atomic) -----------------------------------------
+#
+# FlashAttention-2's own backward: the dK/dV pass above, whose tiles already hold dS^T and K, also forms each query
+# block's share of dQ there, dQ_i += scale dS_ij K_j, and adds it into a zeroed fp32 (B, H, T, d) buffer with atomic
+# adds; one cast to the input dtype follows. 5 dots a tile (S^T, dV, dP^T, dK, dQ) instead of the two-pass 7:
+# 2.5x the forward's matmul FLOPs instead of 3.5x, and P is recomputed once instead of twice.
+# Bytes: the dQ pass's reads are gone (Q, dO, LSE and delta once and K, V once per query block, mostly L2 hits);
+# in their place every (query block, key block) tile the dK/dV pass visits adds a BLOCK_M x d fp32 tile into dQ,
+# 4·d bytes per query row and visiting key block: 4·B·H·T·d·S / (2·BLOCK_N) bytes of atomic adds in causal attention,
+# S / (2·BLOCK_N) times the fp32 dQ itself (8x at S = 1024, BLOCK_N = 64). They are reductions done in L2, which holds
+# the dQ rows that the programs of one K/V head (running together) update; HBM sees the zeroing (4 bytes an element,
+# in the delta kernel, which reads O and dO there anyway), the buffer read into L2 and written back (4 + 4) and the
+# cast (4 read, 2 written) against the two-pass dQ's 2-byte store: 16 more bytes per element of dQ (bench.step counts
+# that), for two fewer dots. With GQA the group's query heads are visited in turn by the same program, so the atomics
+# of one key block go to `group` different heads' rows.
+# Nondeterministic: the key blocks' programs add into the same dQ rows in whatever order the GPU runs them, and fp32
+# addition is not associative, so dQ's last bits (and what training does with them) differ from run to run; dK and dV
+# are summed in registers in a fixed order and stay bitwise. Hence opt-in; the two-pass default is deterministic.
+# A wgmma needs 64 rows a warpgroup (M): dQ = dS K has M = BLOCK_M, so the 32-row tiles that fit head dim 128 would
+# issue it as a legacy mma.sync; there it is taken transposed, dQ^T = K^T dS^T, whose M is the head dim, as at 64
+# (where it also takes fewer registers and less shared memory); below 64 as dS K, with BLOCK_M = 64.
+# The atomics are 16-byte red.global.add.v4.f32 (the tile passes through shared memory to get there).
+
+
+@triton.autotune(**_autotune("_attn_bwd_atomic"))
+@triton.jit
+def _attn_bwd_atomic(
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # DK, DV: both laid out like K
+    DQ,  # (B, H, T, d) fp32, zeroed: dQ summed over key blocks with atomic adds
+    DOC_START, DOC_END,  # DOCS: (B, S) int32, the first and one past the last position of each key's document
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, T, S, group, sm_scale, qk_scale,
+    tuning_len, tuning_heads,  # only autotune keys
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOCS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    _attn_bwd_key_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DOC_START, DOC_END,
+                        stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
+                        stride_vb, stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
+                        stride_dkb, stride_dkh, stride_dkt, stride_dkd, stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                        H, T, S, group, sm_scale, qk_scale, HEAD_DIM, CAUSAL, DOCS, True, DOT_PRECISION,
+                        BLOCK_M, BLOCK_N)
+
+
 # Launchers ------------------------------------------------------------------------------------------------------------
 
 
@@ -623,25 +751,43 @@ def _forward(q, k, v, causal: bool, scale: float, doc_start=None) -> tuple[torch
     return o, lse
 
 
+def _atomic_backward_fits(head_dim: int, docs: bool) -> bool:
+    """Whether the atomic backward has a candidate for this head dim (Tuning: with documents it spills past 32);
+    always in the interpreter, which has no registers to spill."""
+    return INTERPRET or any(head_dim <= (c[-1] if docs else c[4]) for c in TUNING["_attn_bwd_atomic"].gpu)
+
+
 def _backward(
-    do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, doc_end=None
+    do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, doc_end=None, atomic: bool = False
 ) -> tuple[torch.Tensor, ...]:
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    atomic = atomic and _atomic_backward_fits(d, doc_start is not None)
     delta = empty((B, H, T), torch.float32, q.device)
+    # the atomic backward's dQ sum, in q's layout, zeroed by the delta kernel
+    dq32 = empty_like(q, torch.float32) if atomic else None
     block = 16 if INTERPRET else 64
     _attn_bwd_delta[(triton.cdiv(T, block), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, T, HEAD_DIM=d, BLOCK_M=block
+        o, do, delta, dq32, *o.stride(), *do.stride(), *(dq32.stride() if atomic else (0, 0, 0, 0)), H, T,
+        HEAD_DIM=d, ZERO_DQ=atomic, BLOCK_M=block,
     )
     # dq in q's layout; dk and dv in k's, which is v's in the model (views of (B, T, Hkv, d) projections): one set of
     # strides for both (four more kept sm_80's 64 x 128 dK/dV config from fitting its registers)
-    dq, dk, dv = empty_like(q), empty_like(k), empty_like(k)
+    dk, dv = empty_like(k), empty_like(k)
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
-    _attn_bwd_dkdv[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv, doc_start, doc_end,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+    if atomic:
+        kernel, dq_args = _attn_bwd_atomic, (dq32, doc_start, doc_end, *q.stride(), *k.stride(), *v.stride(),
+                                             *do.stride(), *dk.stride(), *dq32.stride())
+    else:
+        kernel, dq_args = _attn_bwd_dkdv, (doc_start, doc_end, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+                                           *dk.stride())
+    kernel[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, *dq_args,
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(S), _tuning_size(B * Hkv), **common,
     )
+    if atomic:  # the one cast (none for fp32 inputs)
+        return dq32 if q.dtype == torch.float32 else empty_like(q).copy_(dq32), dk, dv
+    dq = empty_like(q)
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, doc_start, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(T), _tuning_size(B * H), **common,
@@ -649,43 +795,67 @@ def _backward(
     return dq, dk, dv
 
 
+BACKWARD_PASSES = ("two-pass", "atomic")  # the deterministic default; FlashAttention-2's one pass, atomic dQ
+_backward_pass = os.environ.get("SMOLLM_ATTENTION_BWD", "two-pass")
+
+
+@contextlib.contextmanager
+def backward_pass(name: str):
+    """Within the block, attention calls take the backward ``name`` (one of BACKWARD_PASSES) instead of
+    ``$SMOLLM_ATTENTION_BWD``'s; the choice is made at the forward call and kept for its backward."""
+    global _backward_pass
+    if name not in BACKWARD_PASSES:
+        raise ValueError(f"backward pass must be one of {BACKWARD_PASSES}, got {name!r}")
+    saved, _backward_pass = _backward_pass, name
+    try:
+        yield
+    finally:
+        _backward_pass = saved
+
+
+def _atomic_backward() -> bool:
+    if _backward_pass not in BACKWARD_PASSES:
+        raise ValueError(f"$SMOLLM_ATTENTION_BWD must be one of {BACKWARD_PASSES}, got {_backward_pass!r}")
+    return _backward_pass == "atomic"
+
+
 # The forward and backward as torch.library custom ops, with fake (shape-only) versions, so that torch.compile
 # traces a model through them with no graph break; the Triton launches stay opaque to it.
 @torch.library.custom_op("smollm_stack::flash_attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_start: torch.Tensor | None, doc_end: torch.Tensor | None,
-    causal: bool, scale: float,
+    causal: bool, scale: float, atomic: bool,  # atomic: the backward's choice, kept for it
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, causal, scale, doc_start)
 
 
 @_attention_op.register_fake
-def _(q, k, v, doc_start, doc_end, causal, scale):
+def _(q, k, v, doc_start, doc_end, causal, scale, atomic):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)  # the layouts of _forward's
 
 
 @torch.library.custom_op("smollm_stack::flash_attention_backward", mutates_args=())
 def _attention_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-    doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, causal: bool, scale: float,
+    doc_start: torch.Tensor | None, doc_end: torch.Tensor | None, causal: bool, scale: float, atomic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, causal, scale, doc_start, doc_end)
+    return _backward(do, q, k, v, o, lse, causal, scale, doc_start, doc_end, atomic)
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, doc_start, doc_end, causal, scale):
+def _(do, q, k, v, o, lse, doc_start, doc_end, causal, scale, atomic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)  # the layouts of _backward's
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, doc_start, doc_end, ctx.causal, ctx.scale = inputs
+    q, k, v, doc_start, doc_end, ctx.causal, ctx.scale, ctx.atomic = inputs
     ctx.save_for_backward(q, k, v, *output, doc_start, doc_end)
 
 
 def _attention_backward(ctx, do, _dlse):
     q, k, v, o, lse, doc_start, doc_end = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, doc_start, doc_end, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, lse, doc_start, doc_end, ctx.causal, ctx.scale, ctx.atomic)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
@@ -728,7 +898,8 @@ def flash_attention(
     last T positions (KV-cache decoding). scale defaults to 1/sqrt(d). doc_ids (B, S) integers, one per key position
     (query i is position S - T + i), mask attention across documents: a document is a run of equal consecutive ids,
     and a query sees only the keys of its own (causal only). Differentiable in q, k and v; the result is in the input
-    dtype. Same semantics as ``kernels.reference.flash_attention``.
+    dtype. Same semantics as ``kernels.reference.flash_attention``. The backward is the deterministic two-pass one,
+    or the one-pass atomic-dQ one where ``$SMOLLM_ATTENTION_BWD`` or ``backward_pass`` says "atomic".
     """
     _check_inputs(q, k, v, causal)
     doc_start = doc_end = None
@@ -736,4 +907,4 @@ def flash_attention(
         check_doc_ids(doc_ids, k, causal)
         doc_start, doc_end = document_starts(doc_ids), document_ends(doc_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _attention_op(q, k, v, doc_start, doc_end, causal, scale)[0]
+    return _attention_op(q, k, v, doc_start, doc_end, causal, scale, _atomic_backward())[0]
