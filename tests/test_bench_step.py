@@ -130,6 +130,18 @@ def test_views_are_free_and_broadcasts_read_once():
     assert [(r.op, r.read, r.written) for r in recorder.records] == [("add", 4 * 32 + 4 * 8, 4 * 32)]
 
 
+def test_a_cast_that_reaches_the_recorder_as_aten_to_is_counted():
+    """Inside our custom ops (below autograd) a cast arrives as aten.to, which torch marks a view (it may return its
+    input): a real cast reads its input and writes its output; a no-op ``to`` is free."""
+    recorder = bench_step.Recorder()
+    with FakeTensorMode():
+        x = torch.empty(4, 8)
+        cast = torch.empty(4, 8, dtype=torch.bfloat16)
+        recorder.count(torch.ops.aten.to.dtype, (x, torch.bfloat16), {}, cast)
+        recorder.count(torch.ops.aten.to.dtype, (x, torch.float32), {}, x)
+    assert [(r.op, r.read, r.written) for r in recorder.records] == [("_to_copy", 4 * 32, 2 * 32)]
+
+
 def test_an_op_without_a_rule_fails_loudly():
     with FakeTensorMode():
         x = torch.empty(16)

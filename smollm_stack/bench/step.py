@@ -198,6 +198,9 @@ class Recorder(TorchDispatchMode):
 
     def count(self, func, args, kwargs, out):
         name = func.overloadpacket.__name__
+        if name == "to" and out is not args[0]:  # a cast inside our ops: aten.to may alias, so it is marked a view
+            self.add("_to_copy", total_bytes([args[0]]), total_bytes([out]))
+            return
         if func.namespace in ("prim", "profiler") or func.is_view or name in FREE:
             return
         streaming = torch.Tag.pointwise in func.tags or name in STREAMING or name.startswith("_foreach_")
