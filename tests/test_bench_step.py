@@ -155,12 +155,30 @@ def test_bad_flags_are_one_error_line(capsys):
 
 
 def test_muon_step_counted_by_hand():
+    """One Muon step pass by pass (train/optim/muon.py argues each one's bytes), so a pass that comes back (a stack
+    of fp32 gradients, a cast of the result, a decay pass) fails here."""
     step = bench_step.count_step(CASE, "muon")
     optimizer = [r for r in step.records if r.phase == "optimizer"]
-    # every momentum, every decay: one launch each; per shape (q k v o 64 x 64, w1 w3 192 x 64, w2 64 x 192): stack,
-    # Nesterov, largest entry, clamp, divide, norm, clamp, divide, 5 x 3 matmuls, cast back, update; then AdamW's
-    # two groups (step counts, fused update)
-    assert sum(r.launches for r in optimizer) == 2 + 3 * (8 + 15 + 2) + 2 * 2
+    muon, adamw = optimizer[:-4], optimizer[-4:]
+    assert [r.op for r in adamw] == ["_foreach_add_", "_fused_adamw_"] * 2  # per group: step counts, fused update
+    # every momentum, every look-ahead (in the gradient's place), every weight update with its decay: one launch each
+    # (7 fp32 matrices of one chunk), reading two lists and writing one
+    hidden = 4 * D * D + 3 * D * FF
+    lerp = ("_foreach_lerp_", 8 * hidden, 4 * hidden, 1)
+    assert [(r.op, r.read, r.written, r.launches) for r in (muon[0], muon[1], muon[-1])] == [lerp] * 3
+    # per shape, in the order met (q k v o 64 x 64, w1 w3 192 x 64, w2 64 x 192): the cast into the bf16 stack, two
+    # divisions (by the largest entry, by the norm), 5 x 3 GEMMs, the last iteration's a s on P's diagonal
+    per_shape = 1 + 2 * 3 + 15 + 1
+    assert len(muon) == 3 + 3 * per_shape
+    for i, (n, rows, cols) in enumerate([(4, D, D), (2, FF, D), (1, D, FF)]):
+        rs = muon[2 + i * per_shape : 2 + (i + 1) * per_shape]
+        e, k = n * rows * cols, min(rows, cols)  # the stack's elements; each Gram matrix is k x k
+        divide = [("linalg_vector_norm", 2 * e, 2 * n), ("clamp_min_", 2 * n, 2 * n), ("div_", 2 * e + 2 * n, 2 * e)]
+        assert [(r.op, r.read, r.written) for r in rs if not r.matmul] == [
+            ("_foreach_copy_", 4 * e, 2 * e), *divide, *divide, ("add_", 2 * n * k, 2 * n * k)
+        ]  # fmt: skip
+        last = rs[-1]  # P X: reads P and X in bf16, writes the fp32 update in the parameters' layout
+        assert (last.op, last.read, last.written) == ("bmm", 2 * n * k * k + 2 * e, 4 * e)
     # Newton-Schulz: 4 k^2 K + 2 k^3 per matrix and iteration (k = min(m, n), K = max) in bf16, as on CUDA
     ns = 5 * (4 * (4 * D * D * D + 2 * D**3) + 3 * (4 * D * D * FF + 2 * D**3))
     assert sum(r.flops for r in optimizer) == ns
