@@ -166,19 +166,22 @@ def test_muon_step_counted_by_hand():
     hidden = 4 * D * D + 3 * D * FF
     lerp = ("_foreach_lerp_", 8 * hidden, 4 * hidden, 1)
     assert [(r.op, r.read, r.written, r.launches) for r in (muon[0], muon[1], muon[-1])] == [lerp] * 3
-    # per shape, in the order met (q k v o 64 x 64, w1 w3 192 x 64, w2 64 x 192): the cast into the bf16 stack, two
-    # divisions (by the largest entry, by the norm), 5 x 3 GEMMs, the last iteration's a s on P's diagonal
-    per_shape = 1 + 2 * 3 + 15 + 1
-    assert len(muon) == 3 + 3 * per_shape
-    for i, (n, rows, cols) in enumerate([(4, D, D), (2, FF, D), (1, D, FF)]):
-        rs = muon[2 + i * per_shape : 2 + (i + 1) * per_shape]
-        e, k = n * rows * cols, min(rows, cols)  # the stack's elements; each Gram matrix is k x k
+    # per iteration shape (k, K): q k v o (64, 64); w2 (64, 192) with w1 and w3 (192 x 64, kept in their layout, last):
+    # the cast into the bf16 stack, two divisions (by the largest entry, by the norm), the last iteration's scale a s
+    # on P's diagonal, then P X into the fp32 updates: one GEMM for the wide matrices, one for the tall ones
+    starts = [i for i, r in enumerate(muon) if r.op == "_foreach_copy_"] + [len(muon) - 1]
+    for (n, tall, k, K), a, b in zip([(4, 0, D, D), (3, 2, D, FF)], starts[:-1], starts[1:], strict=True):
+        rs, e = muon[a:b], n * k * K  # the stack's elements
         divide = [("linalg_vector_norm", 2 * e, 2 * n), ("clamp_min_", 2 * n, 2 * n), ("div_", 2 * e + 2 * n, 2 * e)]
         assert [(r.op, r.read, r.written) for r in rs if not r.matmul] == [
             ("_foreach_copy_", 4 * e, 2 * e), *divide, *divide, ("add_", 2 * n * k, 2 * n * k)
         ]  # fmt: skip
-        last = rs[-1]  # P X: reads P and X in bf16, writes the fp32 update in the parameters' layout
-        assert (last.op, last.read, last.written) == ("bmm", 2 * n * k * k + 2 * e, 4 * e)
+        parts = [p for p in (n - tall, tall) if p]
+        last = [(r.op, r.read, r.written) for r in rs[-len(parts) :]]
+        assert last == [("bmm", 2 * p * k * k + 2 * p * k * K, 4 * p * k * K) for p in parts]
+        # 3 GEMMs an iteration; the first one's Gram matrix and update and the last product, one per layout
+        assert sum(r.launches for r in rs if r.matmul) == 5 * 3 + 3 * (len(parts) - 1)
+    assert sum(r.launches for r in muon) == 3 + (1 + 6 + 15 + 1) + (1 + 6 + 18 + 1)
     # Newton-Schulz: 4 k^2 K + 2 k^3 per matrix and iteration (k = min(m, n), K = max) in bf16, as on CUDA
     ns = 5 * (4 * (4 * D * D * D + 2 * D**3) + 3 * (4 * D * D * FF + 2 * D**3))
     assert sum(r.flops for r in optimizer) == ns

@@ -30,19 +30,22 @@ first so X X^T is the smaller k x k Gram matrix, k = min(m, n): an iteration cos
 at d_model 768 about 14 GFLOP for a square matrix's 5 iterations, against the 6 * 768^2 = 3.5 MFLOP per token of
 its forward and backward: small next to a step of 10^5 tokens or more.
 
-The step is batched, since a model has few distinct matrix shapes (the 125M preset: 84 matrices, 3 shapes), and each
-pass is argued by its bytes per hidden-matrix element (fp32: 4, the bf16 iteration: 2):
+The step is batched: matrices that iterate in one k x K shape (a tall one as its transpose) form one stack, and a
+model has few (the 125M preset: 84 matrices, 2 stacks: 48 of 768 x 768, and the FFN's 24 tall 2048 x 768 beside its
+12 768 x 2048). Each pass is argued by its bytes per hidden-matrix element (fp32: 4, the bf16 iteration: 2):
 - one foreach launch updates every momentum (reads M and G, writes M: 12 bytes);
 - one more turns every gradient into its look-ahead U in place (reads G and M, writes G: 12), so the step leaves U in
   each ``p.grad`` (the trainer drops the gradients right after it). Keeping G would put U elsewhere: stacking the
   gradients into an fp32 buffer, then the look-ahead there, moved 8 + 12;
-- per shape, one foreach copy casts the U's into a kept bf16 stack (4 + 2 = 6);
+- per stack, one foreach copy casts the U's into a kept bf16 buffer (4 + 2 = 6), each matrix in its own layout;
 - each matrix of the stack is divided by its largest entry, then by its Frobenius norm, in place (2 + 4 + 2 + 4 = 12):
   two passes, so the squares in the norm neither overflow nor all underflow, at any gradient scale;
 - 5 iterations of 3 batched GEMMs, each matrix scaled by its own norm, so stacking changes nothing but the GEMM
-  kernel. The last iteration is X <- P X with P = s (a I + b G + c G^2): the update's scale s rides in the GEMM that
-  makes P, and the product writes the fp32 update (s O) straight in the parameter's layout (tall matrices iterate
-  transposed: X^T P = (P X)^T, P symmetric), where a bf16 result, a cast to fp32 and a scaled add moved 2 + 6 more;
+  kernel. The first iteration reads the tall matrices transposed in their layout (one more GEMM launch for X X^T and
+  one for the update; then the stack has one layout). The last iteration is X <- P X with
+  P = s (a I + b G + c G^2): the update's scale s rides in the GEMM that makes P, and the product writes the fp32
+  update (s O) straight in each parameter's layout (a tall one's is X^T P = (P X)^T, P symmetric), where a bf16
+  result, a cast to fp32 and a scaled add moved 2 + 6 more;
 - one foreach launch applies every update with the weight decay folded in: W + lr wd (T - W), with
   T = s O = -(0.2 sqrt(max(m, n)) / wd) O, is W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O (reads W and T, writes W: 12;
   a decay pass and an add moved 8 + 12). Without decay it is W + T, T = -lr 0.2 sqrt(max(m, n)) O. T must stay
@@ -96,33 +99,47 @@ def orthogonalize(u: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Te
     """
     if u.dim() < 2:
         raise ValueError(f"orthogonalize: expected a matrix, got shape {tuple(u.shape)}")
-    u3 = u.reshape(-1, *u.shape[-2:])  # (batch, m, n): the batched GEMMs want one batch dim
-    x = u3.to(dtype or iteration_dtype(u), copy=True)  # the iteration overwrites its input
-    return newton_schulz_(x, torch.empty_like(u3)).reshape(u.shape)
+    batch, (m, n) = math.prod(u.shape[:-2]), u.shape[-2:]
+    stack = (batch, min(m, n), max(m, n))  # one batch dim for the GEMMs; a tall matrix stored as it is, (m, n)
+    x = u.to(dtype or iteration_dtype(u), memory_format=torch.contiguous_format, copy=True).view(stack)  # overwritten
+    out = torch.empty(stack, dtype=u.dtype, device=u.device)
+    return newton_schulz_(x, out, batch if m > n else 0).view(u.shape)
 
 
-def newton_schulz_(x: torch.Tensor, out: torch.Tensor, scale: float = 1.0, workspace: dict | None = None):
-    """out <- scale * (about P Q^T) for each matrix x = P S Q^T of the stack x (batch, m, n); returns out.
+def newton_schulz_(x: torch.Tensor, out: torch.Tensor, tall: int = 0, scale: float = 1.0, workspace=None):
+    """out <- scale * (about P Q^T) for each matrix X = P S Q^T of the stack x (batch, k, K), k <= K; returns out.
 
-    The iteration runs in x's dtype and overwrites x. out (batch, m, n) has x's dtype or, for a bf16 x, fp32: the
-    last GEMM writes it (module docstring). ``workspace`` (a dict) keeps the other buffers from call to call.
+    The last ``tall`` matrices are tall ones stored in their own layout, x[i].view(K, k) holding X^T; out holds
+    their results likewise. The iteration runs in x's dtype and overwrites x; out has x's dtype or, for a bf16 x,
+    fp32 (the last GEMM writes it). ``workspace`` (a dict) keeps the other buffers from call to call.
     """
     workspace = {} if workspace is None else workspace
     a, b, c = NS_COEFFICIENTS
+    batch, k, K = x.shape
+    wide, stored = slice(0, batch - tall), slice(batch - tall, batch)
     normalize_(x)  # X_0: every singular value in [0, 1]
-    tall = x.size(-2) > x.size(-1)
-    v = x.mT if tall else x  # (batch, k, K), k = min(m, n): the Gram matrix below is then k x k
-    gram, poly = (buffer(workspace, name, (*v.shape[:2], v.size(1)), x.dtype, x.device) for name in ("gram", "poly"))
-    spare = (buffer(workspace, "y", v.shape, x.dtype, x.device), x.view(v.shape))  # x is free after the first one
+    gram, poly = (buffer(workspace, name, (batch, k, k), x.dtype, x.device) for name in ("gram", "poly"))
+    spare = (buffer(workspace, "y", x.shape, x.dtype, x.device), x)  # x is free after the first iteration
+    # X_0 of the wide matrices and of the tall ones (their stored transposes, seen transposed), each (n, k, K)
+    parts = [(span, v) for span, v in ((wide, x[wide]), (stored, x[stored].view(tall, K, k).mT)) if len(v)]
     for i in range(NS_STEPS):
         last = i == NS_STEPS - 1
+        for span, v in parts:
+            torch.bmm(v, v.mT, out=gram[span])
         s = scale if last else 1.0
-        torch.bmm(v, v.mT, out=gram)
         torch.baddbmm(gram, gram, gram, beta=b * s, alpha=c * s, out=poly)  # s (b G + c G^2): scalings in the GEMM
         if not last:
-            v = torch.baddbmm(v, poly, v, beta=a, out=spare[i % 2])  # a X + (b G + c G^2) X
+            y = spare[i % 2]
+            for span, v in parts:
+                torch.baddbmm(v, poly[span], v, beta=a, out=y[span])  # a X + (b G + c G^2) X
+            parts = [(slice(0, batch), y)]  # one layout from here on: one launch for all
     poly.diagonal(dim1=-2, dim2=-1).add_(a * scale)  # P = scale (a I + b G + c G^2): the last iteration is P X
-    return gemm_into(v.mT, poly, out) if tall else gemm_into(poly, v, out)  # tall: X^T P = (P X)^T in u's layout
+    v = parts[0][1]
+    if tall < batch:
+        gemm_into(poly[wide], v[wide], out[wide])
+    if tall:  # X^T P = (P X)^T, P symmetric: the tall results in their own layout
+        gemm_into(v[stored].mT, poly[stored], out[stored].view(tall, K, k))
+    return out
 
 
 def normalize_(x: torch.Tensor) -> torch.Tensor:
@@ -158,13 +175,14 @@ def buffer(workspace: dict, name: str, shape, dtype: torch.dtype, device: torch.
     return workspace[key]
 
 
-def same_shape_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of the tensors grouped by (shape, dtype, device), in first-seen order; each DTensor alone."""
+def iteration_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of the matrices grouped by the shape they iterate in, (min(m, n), max(m, n)), dtype and device, in
+    first-seen order, the wide (m <= n) before the tall in each group; each DTensor alone."""
     groups: dict = {}
     for i, t in enumerate(tensors):
-        key = ("dtensor", i) if isinstance(t, DTensor) else (t.shape, t.dtype, t.device)
+        key = ("dtensor", i) if isinstance(t, DTensor) else (min(t.shape), max(t.shape), t.dtype, t.device)
         groups.setdefault(key, []).append(i)
-    return list(groups.values())
+    return [sorted(g, key=lambda i: tensors[i].size(0) > tensors[i].size(1)) for g in groups.values()]
 
 
 def iteration_dtype(u: torch.Tensor) -> torch.dtype:
@@ -191,15 +209,18 @@ def orthogonalize_sharded(u: DTensor, scale: float = 1.0) -> DTensor:
 
     Every rank gathers all of u, runs the same iteration on it, and keeps its own shard: no second collective.
     """
+    m, n = u.shape
     whole = u.to(iteration_dtype(u)).full_tensor()  # the same matrix on every rank; the iteration may overwrite it
-    out = newton_schulz_(whole[None], torch.empty(1, *whole.shape, dtype=u.dtype, device=whole.device), scale)
-    return distribute_tensor(out[0], u.device_mesh, u.placements, src_data_rank=None)  # src None: slice locally
+    stack = (1, min(m, n), max(m, n))  # a tall matrix is stored as its transpose: the same bytes
+    out = torch.empty(stack, dtype=u.dtype, device=whole.device)
+    newton_schulz_(whole.view(stack), out, int(m > n), scale)
+    return distribute_tensor(out.view(m, n), u.device_mesh, u.placements, src_data_rank=None)  # src None: slice here
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters (see the module docstring): lr, Nesterov momentum ``momentum``, decoupled decay.
 
-    The step is batched by matrix shape and leaves each gradient holding its look-ahead U (module docstring);
+    The step is batched by iteration shape and leaves each gradient holding its look-ahead U (module docstring);
     ``workspace`` holds its buffers between steps, outside the state, so checkpoints hold the momenta alone.
     """
 
@@ -240,21 +261,22 @@ class Muon(torch.optim.Optimizer):
         return state["momentum"]
 
     def _updates(self, looks: list[torch.Tensor], factor: float) -> list[torch.Tensor]:
-        """``factor`` 0.2 sqrt(max(m, n)) orthogonalize(U) for each look-ahead U, batched by shape (module docstring).
+        """``factor`` 0.2 sqrt(max(m, n)) orthogonalize(U) for each look-ahead U, batched (module docstring).
 
         The results are views of the workspace, valid until the next step."""
         updates: list = [None] * len(looks)
-        for members in same_shape_groups(looks):
+        for members in iteration_groups(looks):
             us = [looks[i] for i in members]
             scale = factor * RMS_MATCH * math.sqrt(max(us[0].shape))
             if isinstance(us[0], DTensor):  # FSDP: one sharded matrix (see the module docstring)
                 outs = [orthogonalize_sharded(us[0], scale)]
             else:
-                shape, device = (len(us), *us[0].shape), us[0].device
-                x = buffer(self.workspace, "x", shape, iteration_dtype(us[0]), device)
-                torch._foreach_copy_(list(x.unbind(0)), us)  # cast and stacked in one pass
-                outs = newton_schulz_(x, buffer(self.workspace, "out", shape, us[0].dtype, device), scale,
-                                      self.workspace).unbind(0)  # fmt: skip
+                stack, device = (len(us), min(us[0].shape), max(us[0].shape)), us[0].device
+                x = buffer(self.workspace, "x", stack, iteration_dtype(us[0]), device)
+                torch._foreach_copy_([x[j].view(u.shape) for j, u in enumerate(us)], us)  # cast and stacked
+                out = buffer(self.workspace, "out", stack, us[0].dtype, device)
+                newton_schulz_(x, out, sum(u.size(0) > u.size(1) for u in us), scale, self.workspace)
+                outs = [out[j].view(u.shape) for j, u in enumerate(us)]
             for i, update in zip(members, outs, strict=True):
                 updates[i] = update
         return updates
