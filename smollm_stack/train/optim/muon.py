@@ -42,10 +42,12 @@ model has few (the 125M preset: 84 matrices, 2 stacks: 48 of 768 x 768, and the 
   two passes, so the squares in the norm neither overflow nor all underflow, at any gradient scale;
 - 5 iterations of 3 batched GEMMs, each matrix scaled by its own norm, so stacking changes nothing but the GEMM
   kernel. The first iteration reads the tall matrices transposed in their layout (one more GEMM launch for X X^T and
-  one for the update; then the stack has one layout). The last iteration is X <- P X with
-  P = s (a I + b G + c G^2): the update's scale s rides in the GEMM that makes P, and the product writes the fp32
-  update (s O) straight in each parameter's layout (a tall one's is X^T P = (P X)^T, P symmetric), where a bf16
-  result, a cast to fp32 and a scaled add moved 2 + 6 more;
+  one for the update; then the stack has one layout). Each iteration is X <- P X with P = a I + b G + c G^2, a on
+  P's diagonal (k numbers a matrix), not a X + (b G + c G^2) X: CUDA's baddbmm copies its addend into its output
+  before the GEMM (an uncounted pass: 4 bytes an element an iteration; the GEMM making P from G still copies G, k^2
+  a matrix). In the last iteration P = s (a I + b G + c G^2): the update's scale s rides in the GEMM that makes P,
+  and P X writes the fp32 update (s O) straight in each parameter's layout (a tall one's is X^T P = (P X)^T, P
+  symmetric), where a bf16 result, a cast to fp32 and a scaled add moved 2 + 6 more;
 - one foreach launch applies every update with the weight decay folded in: W + lr wd (T - W), with
   T = s O = -(0.2 sqrt(max(m, n)) / wd) O, is W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O (reads W and T, writes W: 12;
   a decay pass and an add moved 8 + 12). Without decay it is W + T, T = -lr 0.2 sqrt(max(m, n)) O. T must stay
@@ -123,17 +125,16 @@ def newton_schulz_(x: torch.Tensor, out: torch.Tensor, tall: int = 0, scale: flo
     # X_0 of the wide matrices and of the tall ones (their stored transposes, seen transposed), each (n, k, K)
     parts = [(span, v) for span, v in ((wide, x[wide]), (stored, x[stored].view(tall, K, k).mT)) if len(v)]
     for i in range(NS_STEPS):
-        last = i == NS_STEPS - 1
+        s = scale if i == NS_STEPS - 1 else 1.0
         for span, v in parts:
             torch.bmm(v, v.mT, out=gram[span])
-        s = scale if last else 1.0
         torch.baddbmm(gram, gram, gram, beta=b * s, alpha=c * s, out=poly)  # s (b G + c G^2): scalings in the GEMM
-        if not last:
+        poly.diagonal(dim1=-2, dim2=-1).add_(a * s)  # P = s (a I + b G + c G^2): the iteration is X <- P X
+        if i < NS_STEPS - 1:
             y = spare[i % 2]
             for span, v in parts:
-                torch.baddbmm(v, poly[span], v, beta=a, out=y[span])  # a X + (b G + c G^2) X
+                torch.bmm(poly[span], v, out=y[span])
             parts = [(slice(0, batch), y)]  # one layout from here on: one launch for all
-    poly.diagonal(dim1=-2, dim2=-1).add_(a * scale)  # P = scale (a I + b G + c G^2): the last iteration is P X
     v = parts[0][1]
     if tall < batch:
         gemm_into(poly[wide], v[wide], out[wide])
