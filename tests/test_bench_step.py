@@ -167,12 +167,35 @@ def test_bad_flags_are_one_error_line(capsys):
 
 
 def test_muon_step_counted_by_hand():
+    """One Muon step pass by pass (train/optim/muon.py argues each one's bytes), so a pass that comes back (a stack
+    of fp32 gradients, a cast of the result, a decay pass) fails here."""
     step = bench_step.count_step(CASE, "muon")
     optimizer = [r for r in step.records if r.phase == "optimizer"]
-    # every momentum, every decay: one launch each; per shape (q k v o 64 x 64, w1 w3 192 x 64, w2 64 x 192): stack,
-    # Nesterov, largest entry, clamp, divide, norm, clamp, divide, 5 x 3 matmuls, cast back, update; then AdamW's
-    # two groups (step counts, fused update)
-    assert sum(r.launches for r in optimizer) == 2 + 3 * (8 + 15 + 2) + 2 * 2
+    muon, adamw = optimizer[:-4], optimizer[-4:]
+    assert [r.op for r in adamw] == ["_foreach_add_", "_fused_adamw_"] * 2  # per group: step counts, fused update
+    # every momentum, every look-ahead (in the gradient's place), every weight update with its decay: one launch each
+    # (7 fp32 matrices of one chunk), reading two lists and writing one
+    hidden = 4 * D * D + 3 * D * FF
+    lerp = ("_foreach_lerp_", 8 * hidden, 4 * hidden, 1)
+    assert [(r.op, r.read, r.written, r.launches) for r in (muon[0], muon[1], muon[-1])] == [lerp] * 3
+    # per iteration shape (k, K): q k v o (64, 64); w2 (64, 192) with w1 and w3 (192 x 64, kept in their layout, last):
+    # the cast into the bf16 stack, two divisions (by the largest entry, by the norm), each iteration's a (a s in the
+    # last) on P's diagonal, then P X into the fp32 updates: one GEMM for the wide matrices, one for the tall ones
+    starts = [i for i, r in enumerate(muon) if r.op == "_foreach_copy_"] + [len(muon) - 1]
+    for (n, tall, k, K), a, b in zip([(4, 0, D, D), (3, 2, D, FF)], starts[:-1], starts[1:], strict=True):
+        rs, e = muon[a:b], n * k * K  # the stack's elements
+        divide = [("linalg_vector_norm", 2 * e, 2 * n), ("clamp_min_", 2 * n, 2 * n), ("div_", 2 * e + 2 * n, 2 * e)]
+        assert [(r.op, r.read, r.written) for r in rs if not r.matmul] == [
+            ("_foreach_copy_", 4 * e, 2 * e), *divide, *divide, *[("add_", 2 * n * k, 2 * n * k)] * 5
+        ]  # fmt: skip
+        parts = [p for p in (n - tall, tall) if p]
+        last = [(r.op, r.read, r.written) for r in rs[-len(parts) :]]
+        assert last == [("bmm", 2 * p * k * k + 2 * p * k * K, 4 * p * k * K) for p in parts]
+        # 3 GEMMs an iteration; the first one's Gram matrix and update and the last product, one per layout
+        assert sum(r.launches for r in rs if r.matmul) == 5 * 3 + 3 * (len(parts) - 1)
+    assert sum(r.launches for r in muon) == 3 + (1 + 6 + 15 + 5) + (1 + 6 + 18 + 5)
+    # no GEMM adds into its output (CUDA's baddbmm copies its addend there first) but the one making P from G
+    assert [r.op for r in muon if r.op == "baddbmm"] == ["baddbmm"] * 10
     # Newton-Schulz: 4 k^2 K + 2 k^3 per matrix and iteration (k = min(m, n), K = max) in bf16, as on CUDA
     ns = 5 * (4 * (4 * D * D * D + 2 * D**3) + 3 * (4 * D * D * FF + 2 * D**3))
     assert sum(r.flops for r in optimizer) == ns

@@ -94,6 +94,9 @@ def test_bf16_iteration_stays_in_the_band(scale):
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
         sv = torch.linalg.svdvals(got.double())
         assert BAND[0] - 0.05 <= sv.min() and sv.max() <= BAND[1] + 0.05, (shape, sv)
+        wide = orthogonalize(u.float(), dtype=torch.bfloat16)  # the same iteration, its last product kept in fp32
+        assert wide.dtype == torch.float32  # got is that product rounded once to bf16: 2^-9 relative, 2^-8 allowed
+        torch.testing.assert_close(wide.bfloat16(), got, atol=0, rtol=2**-8)
     assert orthogonalize(torch.zeros(4, 3, dtype=torch.bfloat16)).abs().max() == 0  # no 0/0
     rank_one = torch.outer(torch.arange(1.0, 6.0), torch.ones(3))  # one direction: it gets one unit singular value
     assert torch.linalg.svdvals(orthogonalize(rank_one)).tolist() == pytest.approx([1.0, 0, 0], abs=0.35)
@@ -123,18 +126,21 @@ def test_muon_step_is_the_documented_update():
     start, lr, mu, wd = w.detach().clone(), 0.01, 0.9, 0.1
     opt = Muon([w], lr=lr, momentum=mu, weight_decay=wd)
     g1, g2 = torch.randn(7, 5), torch.randn(7, 5)
-    w.grad = g1
+    w.grad = g1.clone()
     opt.step()
     m = (1 - mu) * g1
     want = start * (1 - lr * wd) - lr * 0.2 * math.sqrt(7) * orthogonalize((1 - mu) * g1 + mu * m)
     torch.testing.assert_close(w.detach(), want)
-    w.grad = g2
+    w.grad = g2.clone()
     opt.step()
     m = mu * m + (1 - mu) * g2
     want = want * (1 - lr * wd) - lr * 0.2 * math.sqrt(7) * orthogonalize((1 - mu) * g2 + mu * m)
     torch.testing.assert_close(w.detach(), want)
+    torch.testing.assert_close(w.grad, (1 - mu) * g2 + mu * m)  # the step leaves the look-ahead in the gradient
     with pytest.raises(ValueError, match="matrices only"):
         Muon([torch.nn.Parameter(torch.ones(3))])
+    with pytest.raises(ValueError, match="weight_decay 0 or >= 1e-30"):  # the folded decay divides by it
+        Muon([w], weight_decay=1e-40)
 
 
 def test_build_optimizer_splits_hidden_matrices_from_the_rest():

@@ -30,16 +30,32 @@ first so X X^T is the smaller k x k Gram matrix, k = min(m, n): an iteration cos
 at d_model 768 about 14 GFLOP for a square matrix's 5 iterations, against the 6 * 768^2 = 3.5 MFLOP per token of
 its forward and backward: small next to a step of 10^5 tokens or more.
 
-The step is batched, since a model has few distinct matrix shapes (the 125M preset: 84 matrices, 3 shapes): one
-foreach launch updates every momentum and one decays every weight; then per shape the gradients are stacked into a
-kept buffer, one foreach launch turns them into the Nesterov look-ahead, the stack goes through one iteration (5 x 3
-batched matmuls, each matrix scaled by its own norm, so stacking changes nothing but the matmul kernel), and one
-foreach launch adds the updates. Tall matrices iterate transposed, and the last iteration writes its result back in
-the parameter's layout (X^T <- a X^T + X^T (b G + c G^2), the Gram matrix G being symmetric), so the update is
-contiguous like its parameter. The iteration's buffers are kept from step to step: a step allocates nothing (on a
-CPU a fresh large allocation costs its page faults). bench/step.py counts the optimizer's launches and bytes
-(bench/records/2026-12-07-muon-batched): the Newton-Schulz matmuls and the passes over the fp32 momenta, weights
-and gradients.
+The step is batched: matrices that iterate in one k x K shape (a tall one as its transpose) form one stack, and a
+model has few (the 125M preset: 84 matrices, 2 stacks: 48 of 768 x 768, and the FFN's 24 tall 2048 x 768 beside its
+12 768 x 2048). Each pass is argued by its bytes per hidden-matrix element (fp32: 4, the bf16 iteration: 2):
+- one foreach launch updates every momentum (reads M and G, writes M: 12 bytes);
+- one more turns every gradient into its look-ahead U in place (reads G and M, writes G: 12), so the step leaves U in
+  each ``p.grad`` (the trainer drops the gradients right after it). Keeping G would put U elsewhere: stacking the
+  gradients into an fp32 buffer, then the look-ahead there, moved 8 + 12;
+- per stack, one foreach copy casts the U's into a kept bf16 buffer (4 + 2 = 6), each matrix in its own layout;
+- each matrix of the stack is divided by its largest entry, then by its Frobenius norm, in place (2 + 4 + 2 + 4 = 12):
+  two passes, so the squares in the norm neither overflow nor all underflow, at any gradient scale;
+- 5 iterations of 3 batched GEMMs, each matrix scaled by its own norm, so stacking changes nothing but the GEMM
+  kernel. The first iteration reads the tall matrices transposed in their layout (one more GEMM launch for X X^T and
+  one for the update; then the stack has one layout). Each iteration is X <- P X with P = a I + b G + c G^2, a on
+  P's diagonal (k numbers a matrix), not a X + (b G + c G^2) X: CUDA's baddbmm copies its addend into its output
+  before the GEMM (an uncounted pass: 4 bytes an element an iteration; the GEMM making P from G still copies G, k^2
+  a matrix). In the last iteration P = s (a I + b G + c G^2): the update's scale s rides in the GEMM that makes P,
+  and P X writes the fp32 update (s O) straight in each parameter's layout (a tall one's is X^T P = (P X)^T, P
+  symmetric), where a bf16 result, a cast to fp32 and a scaled add moved 2 + 6 more;
+- one foreach launch applies every update with the weight decay folded in: W + lr wd (T - W), with
+  T = s O = -(0.2 sqrt(max(m, n)) / wd) O, is W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O (reads W and T, writes W: 12;
+  a decay pass and an add moved 8 + 12). Without decay it is W + T, T = -lr 0.2 sqrt(max(m, n)) O. T must stay
+  finite, so a decay is 0 or at least MIN_WEIGHT_DECAY.
+That is 54 bytes an element besides the GEMMs (74 before these fusions; reading G, M and W and writing M and W once
+would be 20). On a CPU the stack is fp32 (the copy 8, the normalization 24). The iteration's buffers are kept from
+step to step: a step allocates nothing (on a CPU a fresh large allocation costs its page faults). bench/step.py counts
+the optimizer's launches and bytes; tests/test_bench_step.py holds the counts of one step by hand.
 
 Only hidden 2-D weights go to Muon: the embedding is a lookup, not a linear map of its input, and the lm_head's
 rows are scored against each other; both, and the norm gains, stay with AdamW (as in the write-up). In DDP every rank
@@ -73,42 +89,83 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of p(s) = a s + b s^3 +
 NS_STEPS = 5
 BAND = (0.68, 1.2024)  # where 5 iterations leave each singular value that started at >= 0.003 of the norm
 RMS_MATCH = 0.2  # the update's RMS, as an AdamW update's
+MIN_WEIGHT_DECAY = 1e-30  # below it, the step's target -(0.2 sqrt(max(m, n)) / wd) O could overflow
 
 
-def orthogonalize(
-    u: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None, workspace: dict | None = None
-) -> torch.Tensor:
-    """About P Q^T for u = P S Q^T (singular values in BAND), by ``steps`` Newton-Schulz quintic iterations.
+def orthogonalize(u: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """About P Q^T for u = P S Q^T (singular values in BAND), by NS_STEPS Newton-Schulz quintic iterations.
 
     u: (m, n), or a stack (..., m, n) of matrices each orthogonalized on its own (each scaled by its own norm); any
-    float dtype. The iteration runs in ``dtype`` (default: bf16 on CUDA, fp32 elsewhere) and the result has u's
-    dtype. A zero matrix stays zero. ``workspace`` (a dict) keeps the iteration's buffers from call to call, so a
-    step allocates nothing; the result may then be one of them, valid until the next call with the same workspace.
+    float dtype. The iteration runs in ``dtype`` (default: bf16 on CUDA, fp32 elsewhere); the result has u's dtype.
+    A zero matrix stays zero.
     """
     if u.dim() < 2:
         raise ValueError(f"orthogonalize: expected a matrix, got shape {tuple(u.shape)}")
-    dtype = dtype or iteration_dtype(u)
+    batch, (m, n) = math.prod(u.shape[:-2]), u.shape[-2:]
+    stack = (batch, min(m, n), max(m, n))  # one batch dim for the GEMMs; a tall matrix stored as it is, (m, n)
+    x = u.to(dtype or iteration_dtype(u), memory_format=torch.contiguous_format, copy=True).view(stack)  # overwritten
+    out = torch.empty(stack, dtype=u.dtype, device=u.device)
+    return newton_schulz_(x, out, batch if m > n else 0).view(u.shape)
+
+
+def newton_schulz_(x: torch.Tensor, out: torch.Tensor, tall: int = 0, scale: float = 1.0, workspace=None):
+    """out <- scale * (about P Q^T) for each matrix X = P S Q^T of the stack x (batch, k, K), k <= K; returns out.
+
+    The last ``tall`` matrices are tall ones stored in their own layout, x[i].view(K, k) holding X^T; out holds
+    their results likewise. The iteration runs in x's dtype and overwrites x; out has x's dtype or, for a bf16 x,
+    fp32 (the last GEMM writes it). ``workspace`` (a dict) keeps the other buffers from call to call.
+    """
     workspace = {} if workspace is None else workspace
     a, b, c = NS_COEFFICIENTS
-    u3 = u.reshape(-1, *u.shape[-2:])  # (batch, m, n): baddbmm below wants one batch dim
-    tall = u3.size(-2) > u3.size(-1)
-    v = u3.mT if tall else u3  # (batch, k, K), k = min(m, n): the Gram matrix below is then k x k
-    x, y = (buffer(workspace, name, v.shape, dtype, u.device) for name in ("x", "y"))
-    gram, poly = (buffer(workspace, name, (*v.shape[:2], v.size(1)), dtype, u.device) for name in ("gram", "poly"))
-    tiny = torch.finfo(dtype).tiny
-    largest = torch.linalg.vector_norm(v, ord=math.inf, dim=(-2, -1), keepdim=True).clamp_min_(tiny)
-    torch.div(v, largest, out=x)  # entries <= 1: the squares cannot overflow
-    x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_min_(tiny))  # singular values in [0, 1]
-    for i in range(steps):
-        torch.bmm(x, x.mT, out=gram)
-        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)  # b G + c G^2, the scalings inside the matmul
-        if tall and i == steps - 1:  # the last one in u's layout: X^T <- a X^T + X^T (b G + c G^2), G symmetric
-            x = torch.baddbmm(x.mT, x.mT, poly, beta=a, out=buffer(workspace, "out", u3.shape, dtype, u.device))
-        else:
-            x, y = torch.baddbmm(x, poly, x, beta=a, out=y), x  # a X + (b G + c G^2) X
-    if tall and not steps:
-        x = x.mT
-    return x.reshape(u.shape).to(u.dtype)
+    batch, k, K = x.shape
+    wide, stored = slice(0, batch - tall), slice(batch - tall, batch)
+    normalize_(x)  # X_0: every singular value in [0, 1]
+    gram, poly = (buffer(workspace, name, (batch, k, k), x.dtype, x.device) for name in ("gram", "poly"))
+    spare = (buffer(workspace, "y", x.shape, x.dtype, x.device), x)  # x is free after the first iteration
+    # X_0 of the wide matrices and of the tall ones (their stored transposes, seen transposed), each (n, k, K)
+    parts = [(span, v) for span, v in ((wide, x[wide]), (stored, x[stored].view(tall, K, k).mT)) if len(v)]
+    for i in range(NS_STEPS):
+        s = scale if i == NS_STEPS - 1 else 1.0
+        for span, v in parts:
+            torch.bmm(v, v.mT, out=gram[span])
+        torch.baddbmm(gram, gram, gram, beta=b * s, alpha=c * s, out=poly)  # s (b G + c G^2): scalings in the GEMM
+        poly.diagonal(dim1=-2, dim2=-1).add_(a * s)  # P = s (a I + b G + c G^2): the iteration is X <- P X
+        if i < NS_STEPS - 1:
+            y = spare[i % 2]
+            for span, v in parts:
+                torch.bmm(poly[span], v, out=y[span])
+            parts = [(slice(0, batch), y)]  # one layout from here on: one launch for all
+    v = parts[0][1]
+    if tall < batch:
+        gemm_into(poly[wide], v[wide], out[wide])
+    if tall:  # X^T P = (P X)^T, P symmetric: the tall results in their own layout
+        gemm_into(v[stored].mT, poly[stored], out[stored].view(tall, K, k))
+    return out
+
+
+def normalize_(x: torch.Tensor) -> torch.Tensor:
+    """Divide each matrix of the stack x (batch, m, n) by its Frobenius norm, in place; a zero matrix stays zero.
+
+    The largest entry goes to 1 first, so the squares in the norm neither overflow nor all underflow.
+    """
+    tiny = torch.finfo(x.dtype).tiny
+    x.div_(torch.linalg.vector_norm(x, ord=math.inf, dim=(-2, -1), keepdim=True).clamp_min_(tiny))
+    return x.div_(torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_min_(tiny))
+
+
+def gemm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out <- a @ b for stacks; out may be fp32 for bf16 a and b: one GEMM where the device has one that writes fp32
+    from bf16 (``fp32_output_gemm``), else the product in a's dtype and a cast."""
+    if out.dtype == a.dtype:
+        return torch.bmm(a, b, out=out)
+    if fp32_output_gemm(a.device):
+        return torch.bmm(a, b, out_dtype=out.dtype, out=out)
+    return out.copy_(torch.bmm(a, b))
+
+
+def fp32_output_gemm(device: torch.device) -> bool:
+    """Whether torch has a batched GEMM from bf16 to fp32 (``bmm(out_dtype=)``) on this device: CUDA, not the CPU."""
+    return device.type == "cuda"
 
 
 def buffer(workspace: dict, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -119,13 +176,14 @@ def buffer(workspace: dict, name: str, shape, dtype: torch.dtype, device: torch.
     return workspace[key]
 
 
-def same_shape_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of the tensors grouped by (shape, dtype, device), in first-seen order; each DTensor alone."""
+def iteration_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of the matrices grouped by the shape they iterate in, (min(m, n), max(m, n)), dtype and device, in
+    first-seen order, the wide (m <= n) before the tall in each group; each DTensor alone."""
     groups: dict = {}
     for i, t in enumerate(tensors):
-        key = ("dtensor", i) if isinstance(t, DTensor) else (t.shape, t.dtype, t.device)
+        key = ("dtensor", i) if isinstance(t, DTensor) else (min(t.shape), max(t.shape), t.dtype, t.device)
         groups.setdefault(key, []).append(i)
-    return list(groups.values())
+    return [sorted(g, key=lambda i: tensors[i].size(0) > tensors[i].size(1)) for g in groups.values()]
 
 
 def iteration_dtype(u: torch.Tensor) -> torch.dtype:
@@ -146,26 +204,32 @@ def cpu_iteration_dtype() -> torch.dtype:
     return CPU_DTYPES[choice]
 
 
-def orthogonalize_sharded(u: DTensor) -> DTensor:
-    """``orthogonalize`` of the whole matrix a DTensor ``u`` holds, sharded as ``u`` is (see the module docstring).
+def orthogonalize_sharded(u: DTensor, scale: float = 1.0) -> DTensor:
+    """``scale`` times ``orthogonalize`` of the whole matrix a DTensor ``u`` holds, sharded as ``u`` is (see the module
+    docstring).
 
     Every rank gathers all of u, runs the same iteration on it, and keeps its own shard: no second collective.
     """
-    whole = orthogonalize(u.to(iteration_dtype(u)).full_tensor()).to(u.dtype)  # the same matrix on every rank
-    return distribute_tensor(whole, u.device_mesh, u.placements, src_data_rank=None)  # src None: slice locally
+    m, n = u.shape
+    whole = u.to(iteration_dtype(u)).full_tensor()  # the same matrix on every rank; the iteration may overwrite it
+    stack = (1, min(m, n), max(m, n))  # a tall matrix is stored as its transpose: the same bytes
+    out = torch.empty(stack, dtype=u.dtype, device=whole.device)
+    newton_schulz_(whole.view(stack), out, int(m > n), scale)
+    return distribute_tensor(out.view(m, n), u.device_mesh, u.placements, src_data_rank=None)  # src None: slice here
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters (see the module docstring): lr, Nesterov momentum ``momentum``, decoupled decay.
 
-    The step is batched by matrix shape (module docstring); ``workspace`` holds its buffers between steps, outside
-    the state, so checkpoints hold the momenta alone.
+    The step is batched by iteration shape and leaves each gradient holding its look-ahead U (module docstring);
+    ``workspace`` holds its buffers between steps, outside the state, so checkpoints hold the momenta alone.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
-        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
+        if lr < 0 or not 0 <= momentum < 1 or not (weight_decay == 0 or weight_decay >= MIN_WEIGHT_DECAY):
             raise ValueError(
-                f"Muon: need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
+                f"Muon: need lr >= 0, 0 <= momentum < 1, weight_decay 0 or >= {MIN_WEIGHT_DECAY}; got {lr}, "
+                f"{momentum}, {weight_decay}"
             )
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         for group in self.param_groups:
@@ -185,11 +249,11 @@ class Muon(torch.optim.Optimizer):
                 continue
             grads, momenta = [p.grad for p in params], [self._momentum(p) for p in params]
             torch._foreach_lerp_(momenta, grads, 1 - mu)  # M <- mu M + (1 - mu) G
-            torch._foreach_mul_(params, 1 - lr * wd)
-            for members in same_shape_groups(params):
-                updates = self._orthogonalized([grads[i] for i in members], [momenta[i] for i in members], mu)
-                alpha = -lr * RMS_MATCH * math.sqrt(max(params[members[0]].shape))
-                torch._foreach_add_([params[i] for i in members], updates, alpha=alpha)
+            torch._foreach_lerp_(grads, momenta, mu)  # G <- (1 - mu) G + mu M: the look-ahead U, in G's place
+            if lr * wd:  # W <- W + lr wd (T - W), T = -(0.2 sqrt(max(m, n)) / wd) O: the decay and step in one pass
+                torch._foreach_lerp_(params, self._updates(grads, -1 / wd), lr * wd)
+            else:  # W <- W + T, T = -lr 0.2 sqrt(max(m, n)) O
+                torch._foreach_add_(params, self._updates(grads, -lr))
 
     def _momentum(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -197,11 +261,23 @@ class Muon(torch.optim.Optimizer):
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum"]
 
-    def _orthogonalized(self, grads: list[torch.Tensor], momenta: list[torch.Tensor], mu: float) -> list:
-        """The orthogonalized Nesterov look-ahead U = (1 - mu) G + mu M of each of these matrices of one shape."""
-        if isinstance(grads[0], DTensor):  # FSDP: one sharded matrix (see the module docstring)
-            return [orthogonalize_sharded(grads[0].lerp(momenta[0], mu))]
-        u = torch.stack(grads, out=buffer(self.workspace, "u", (len(grads), *grads[0].shape), grads[0].dtype,
-                                          grads[0].device))  # fmt: skip
-        torch._foreach_lerp_(list(u.unbind(0)), momenta, mu)
-        return list(orthogonalize(u, workspace=self.workspace).unbind(0))
+    def _updates(self, looks: list[torch.Tensor], factor: float) -> list[torch.Tensor]:
+        """``factor`` 0.2 sqrt(max(m, n)) orthogonalize(U) for each look-ahead U, batched (module docstring).
+
+        The results are views of the workspace, valid until the next step."""
+        updates: list = [None] * len(looks)
+        for members in iteration_groups(looks):
+            us = [looks[i] for i in members]
+            scale = factor * RMS_MATCH * math.sqrt(max(us[0].shape))
+            if isinstance(us[0], DTensor):  # FSDP: one sharded matrix (see the module docstring)
+                outs = [orthogonalize_sharded(us[0], scale)]
+            else:
+                stack, device = (len(us), min(us[0].shape), max(us[0].shape)), us[0].device
+                x = buffer(self.workspace, "x", stack, iteration_dtype(us[0]), device)
+                torch._foreach_copy_([x[j].view(u.shape) for j, u in enumerate(us)], us)  # cast and stacked
+                out = buffer(self.workspace, "out", stack, us[0].dtype, device)
+                newton_schulz_(x, out, sum(u.size(0) > u.size(1) for u in us), scale, self.workspace)
+                outs = [out[j].view(u.shape) for j, u in enumerate(us)]
+            for i, update in zip(members, outs, strict=True):
+                updates[i] = update
+        return updates
