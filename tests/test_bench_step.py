@@ -130,6 +130,22 @@ def test_views_are_free_and_broadcasts_read_once():
     assert [(r.op, r.read, r.written) for r in recorder.records] == [("add", 4 * 32 + 4 * 8, 4 * 32)]
 
 
+def test_a_gemm_that_adds_a_whole_matrix_into_a_new_output_copies_it_first():
+    """CUDA's addmm and baddbmm copy a full-size addend into a new output, then run the GEMM with beta on it: that
+    copy is counted; accumulating into the addend itself (out=self) or adding a broadcast bias is not a copy."""
+    recorder = bench_step.Recorder()
+    with FakeTensorMode():
+        c, a, b, bias = torch.empty(16, 8), torch.empty(16, 4), torch.empty(4, 8), torch.empty(8)
+        with recorder:
+            torch.addmm(c, a, b)
+            torch.addmm(c, a, b, out=c)
+            torch.addmm(bias, a, b)
+    assert [(r.op, r.read, r.written) for r in recorder.records] == [
+        ("copy_", 16 * 32, 16 * 32), ("addmm", 16 * 32 + 16 * 16 + 4 * 32, 16 * 32),
+        ("addmm", 16 * 32 + 16 * 16 + 4 * 32, 16 * 32), ("addmm", 32 + 16 * 16 + 4 * 32, 16 * 32),
+    ]  # fmt: skip
+
+
 def test_a_cast_that_reaches_the_recorder_as_aten_to_is_counted():
     """Inside our custom ops (below autograd) a cast arrives as aten.to, which torch marks a view (it may return its
     input): a real cast reads its input and writes its output; a no-op ``to`` is free."""
@@ -180,20 +196,22 @@ def test_muon_step_counted_by_hand():
     assert [(r.op, r.read, r.written, r.launches) for r in (muon[0], muon[1], muon[-1])] == [lerp] * 3
     # per iteration shape (k, K): q k v o (64, 64); w2 (64, 192) with w1 and w3 (192 x 64, kept in their layout, last):
     # the cast into the bf16 stack, two divisions (by the largest entry, by the norm), each iteration's a (a s in the
-    # last) on P's diagonal, then P X into the fp32 updates: one GEMM for the wide matrices, one for the tall ones
+    # last) on P's diagonal, then P X into the fp32 updates: one GEMM for the wide matrices, one for the tall ones;
+    # making P = b G + c G^2 copies the Gram matrix G into P's buffer first, as CUDA's baddbmm does
     starts = [i for i, r in enumerate(muon) if r.op == "_foreach_copy_"] + [len(muon) - 1]
     for (n, tall, k, K), a, b in zip([(4, 0, D, D), (3, 2, D, FF)], starts[:-1], starts[1:], strict=True):
         rs, e = muon[a:b], n * k * K  # the stack's elements
         divide = [("linalg_vector_norm", 2 * e, 2 * n), ("clamp_min_", 2 * n, 2 * n), ("div_", 2 * e + 2 * n, 2 * e)]
         assert [(r.op, r.read, r.written) for r in rs if not r.matmul] == [
-            ("_foreach_copy_", 4 * e, 2 * e), *divide, *divide, *[("add_", 2 * n * k, 2 * n * k)] * 5
+            ("_foreach_copy_", 4 * e, 2 * e), *divide, *divide,
+            *[("copy_", 2 * n * k * k, 2 * n * k * k), ("add_", 2 * n * k, 2 * n * k)] * 5
         ]  # fmt: skip
         parts = [p for p in (n - tall, tall) if p]
         last = [(r.op, r.read, r.written) for r in rs[-len(parts) :]]
         assert last == [("bmm", 2 * p * k * k + 2 * p * k * K, 4 * p * k * K) for p in parts]
         # 3 GEMMs an iteration; the first one's Gram matrix and update and the last product, one per layout
         assert sum(r.launches for r in rs if r.matmul) == 5 * 3 + 3 * (len(parts) - 1)
-    assert sum(r.launches for r in muon) == 3 + (1 + 6 + 15 + 5) + (1 + 6 + 18 + 5)
+    assert sum(r.launches for r in muon) == 3 + (1 + 6 + 15 + 5 + 5) + (1 + 6 + 18 + 5 + 5)
     # no GEMM adds into its output (CUDA's baddbmm copies its addend there first) but the one making P from G
     assert [r.op for r in muon if r.op == "baddbmm"] == ["baddbmm"] * 10
     # Newton-Schulz: 4 k^2 K + 2 k^3 per matrix and iteration (k = min(m, n), K = max) in bf16, as on CUDA

@@ -20,7 +20,9 @@ What one record costs, by kind of op:
   MTA_MAX_BLOCKS chunks of MTA_CHUNK elements a launch), the same bytes rule;
 - a Triton kernel: one launch; TRITON_KERNELS names the arguments it writes (and updates in place); it reads every
   other tensor argument once and writes those once: compulsory traffic, as if the caches held every reuse;
-- matmuls: 2 m n k FLOPs per product (mm, addmm, bmm, baddbmm); attention kernels 2 B H T S d per T x S x d product
+- matmuls: 2 m n k FLOPs per product (mm, addmm, bmm, baddbmm); an addmm or baddbmm adding a full-size matrix
+  into a new output first copies it there (as CUDA does: a ``copy_`` record), not one accumulating in place or
+  adding a broadcast bias; attention kernels 2 B H T S d per T x S x d product
   (TRITON_KERNELS counts them: 2 forward, 4 in the dK/dV pass, 3 in the dQ pass, 5 in the one-pass backward with an
   atomic dQ, whose atomic adds count as one read and one write of the fp32 dQ), halved when causal.
 Any other aten op, or a Triton kernel missing from TRITON_KERNELS, stops the count with UncountedOp: a new op needs
@@ -39,8 +41,8 @@ across launches. MFU is model FLOPs (model.accounting.flops_per_token) over PEAK
 The baseline: llm.c's GPT-2 124M on 8 H100s, 139 ms per 524,288-token step, LLMC_TOKENS_PER_S per GPU.
 
 Stand-ins for CUDA (the fake tensors live on the CPU, since autograd needs a real device type): autocast is the CPU's
-bf16 autocast (the same casts for linear and matmuls); the fused loss's fp32 dW accumulates in one fp32-output
-addmm, and Muon iterates in bf16 (its last GEMM writing fp32), as on CUDA; persistent launchers size their grids
+bf16 autocast (the same casts for linear and matmuls); the fused loss's fp32 dW accumulates in place in one
+fp32-output addmm, and Muon iterates in bf16 (its last GEMM writing fp32), as on CUDA; persistent launchers size their grids
 for Triton's interpreter (a handful of programs, which changes only the rms_norm backward's small dw partial sums).
 
 The fused minimum: the bytes a step must move if every elementwise op (norms, RoPE, SwiGLU, residual adds, casts,
@@ -223,6 +225,9 @@ class Recorder(TorchDispatchMode):
         if name == "embedding":  # reads the rows it gathers, not the table
             read_bytes = total_bytes(read[1:]) + total_bytes(written)
         flops = matmul_flops(*(bound[n] for n in MATMULS[name])) if name in MATMULS else 0.0
+        addend = bound.get("self") if name in ("addmm", "baddbmm") else None
+        if addend is not None and addend.numel() == out.numel() and bound.get("beta", 1) != 0 and addend is not out:
+            self.add("copy_", nbytes(addend), nbytes(out))  # CUDA copies a full addend into a new output first
         launches = mta_launches(lists) if lists and name not in ("cat", "stack") else 1
         self.add(name, read_bytes, total_bytes(written), flops, launches, matmul=name in MATMULS)
 
@@ -298,8 +303,8 @@ def recording(recorder: Recorder, model: torch.nn.Module):
 
 
 def fp32_out_add_dw(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The fused loss's CUDA path for dW: one fp32-output GEMM (kernels/linear_cross_entropy.py's add_dw)."""
-    return torch.addmm(dw, dlogits.t(), h, out_dtype=torch.float32)
+    """The fused loss's CUDA path for dW: one fp32-output GEMM into dW (kernels/linear_cross_entropy.py's add_dw)."""
+    return torch.addmm(dw, dlogits.t(), h, out_dtype=torch.float32, out=dw)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ loss = cross_entropy(hidden @ W^T, targets). For each chunk of tokens:
     logits = h_c @ W^T                  (cuBLAS, in the activation dtype with fp32 accumulation, like autocast)
     loss_c, dlogits = CE kernel         (one Triton launch writes dlogits over the logits buffer in place)
     dh_c  = dlogits @ W                 (straight into the chunk's rows of dhidden)
-    dW   += dlogits^T @ h_c             (one cuBLAS addmm into an fp32 dW: no per-chunk output or cast)
+    dW   += dlogits^T @ h_c             (one cuBLAS addmm into the fp32 dW in place: no per-chunk output or cast)
 The gradients are those of the mean over all non-ignored tokens (the count is taken once, up front), so everything
 is finished in the forward; the backward only scales by the upstream gradient, which is skipped on the device when
 it is exactly 1.
@@ -51,18 +51,30 @@ def chunk_rows(n_tokens: int, vocab_size: int, dtype: torch.dtype) -> int:
     return min(n_tokens, 128 * triton.cdiv(triton.cdiv(n_tokens, n_chunks), 128))
 
 
-# cuBLAS's fp32-output GEMM for bf16/fp16 inputs (aten::addmm.dtype, CUDA only, torch >= 2.8).
+# cuBLAS's fp32-output GEMM for bf16/fp16 inputs (aten::addmm.dtype, CUDA only, torch >= 2.8); whether its out=
+# variant takes dw itself as out, as addmm_ does (then the GEMM accumulates in place: None until first tried).
 _HAS_FP32_OUT_ADDMM = "dtype" in torch.ops.aten.addmm.overloads()
+_FP32_OUT_IN_PLACE = [None]
 
 
 def add_dw(dw: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """dw + dlogits^T @ h for an fp32 dw, the products in the activation dtype and the sums in fp32.
 
-    Out of place on the fp32-output path (one GEMM reads dw and writes the new sum, the traffic of an in-place one),
-    so it never depends on that overload accepting out= aliased with its input."""
+    On the fp32-output path the GEMM writes into dw itself (beta = 1: reads dw once, writes it once). Out of place,
+    CUDA's addmm first copies dw into its new output (4 V d bytes read and written more a chunk: 1.08 GB a step at
+    125M), which is the fallback where a torch refuses out= aliased with the addend."""
     if dlogits.dtype == dw.dtype:
         return dw.addmm_(dlogits.t(), h)
     if dw.is_cuda and _HAS_FP32_OUT_ADDMM:
+        if _FP32_OUT_IN_PLACE[0] is not False:
+            try:
+                torch.addmm(dw, dlogits.t(), h, out_dtype=torch.float32, out=dw)
+                _FP32_OUT_IN_PLACE[0] = True
+                return dw
+            except RuntimeError:
+                if _FP32_OUT_IN_PLACE[0]:  # it worked before: this error is not about aliasing
+                    raise
+                _FP32_OUT_IN_PLACE[0] = False
         return torch.addmm(dw, dlogits.t(), h, out_dtype=torch.float32)
     return dw.add_(dlogits.t() @ h)  # CPUs (tests) and old torch: the product rounds before the fp32 sum
 
