@@ -42,8 +42,9 @@ The baseline: llm.c's GPT-2 124M on 8 H100s, 139 ms per 524,288-token step, LLMC
 
 Stand-ins for CUDA (the fake tensors live on the CPU, since autograd needs a real device type): autocast is the CPU's
 bf16 autocast (the same casts for linear and matmuls); the fused loss's fp32 dW accumulates in place in one
-fp32-output addmm, and Muon iterates in bf16 (its last GEMM writing fp32), as on CUDA; persistent launchers size their grids
-for Triton's interpreter (a handful of programs, which changes only the rms_norm backward's small dw partial sums).
+fp32-output addmm, and Muon iterates in bf16 (its last GEMM writing fp32), as on CUDA; persistent launchers size
+their grids for Triton's interpreter (a handful of programs, which changes only the rms_norm backward's small dw
+partial sums).
 
 The fused minimum: the bytes a step must move if every elementwise op (norms, RoPE, SwiGLU, residual adds, casts,
 the loss over the logits, gradient sums) rode inside a GEMM's or attention kernel's prologue or epilogue: the
