@@ -10,6 +10,7 @@ rotation in the backward: 6 (fp32 has no such roundings on the reference side ei
 import pytest
 import torch
 from test_attention import DEVICE, SCALE, Case
+from test_attention_atomic import atomic  # noqa: F401 (a fixture)
 from test_attention_documents import doc_ids
 
 from smollm_stack import kernels
@@ -60,6 +61,13 @@ def test_matches_reference(name, dtype):
     assert out.dtype == dqkv.dtype == dtype
     for a, e, what in zip((out, dqkv), expected, ("out", "dqkv")):
         assert_close(a.float(), e, dtype, ROUNDINGS, SCALE, msg=lambda m, w=what: f"{w}: {m}")
+
+
+@pytest.mark.usefixtures("atomic")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_atomic_backward_matches_reference(dtype):
+    """The one-pass backward: its fp32 dQ sum cast (or copied, in fp32) into the buffer's dq slice."""
+    test_matches_reference("gqa-67-docs", dtype)
 
 
 def test_eager_matches_reference():
