@@ -96,9 +96,9 @@ def test_launches_by_phase_counted_by_hand(adamw_step):
         "ffn (backward)": 3 + 1 + 3,
         # kernel, dw sum each; the engine adds ln1's dx into the residual's gradient
         "norm (backward)": 2 * 2 + 1,
-        # output_proj 3; zero grad of lse, 3 attention kernels; RoPE; q, k, v: their gradients come laid out as the
-        # projections' outputs, joined by one cat for the stacked GEMM's dx and dW GEMMs and dW's cast
-        "attention (backward)": 3 + 4 + 1 + 1 + 3,
+        # output_proj 3; 3 attention kernels writing dq, dk, dv side by side into one buffer; RoPE in place on dq, dk
+        # (no zero grad of lse, no cat): that buffer is the stacked GEMM's gradient, for its dx and dW GEMMs, dW's cast
+        "attention (backward)": 3 + 3 + 1 + 3,
         "embedding (backward)": 1,
         "clip": 8,  # foreach norm, stack, norm, + eps, reciprocal, mul, clamp, foreach scale
         "optimizer": 4,  # per group: steps + 1 and fused AdamW

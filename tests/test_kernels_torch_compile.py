@@ -67,6 +67,10 @@ OPS = {
                                                   torch.randn(1, 2, 9, 16)]),  # GQA, decoding (T < S)
     "flash_attention_docs": (lambda q, k, v: kernels.flash_attention(q, k, v, doc_ids=doc_ids),
                              [torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)]),
+    # q, k, v as the head views of one (B, T, H + 2 Hkv, d) leaf, as the model's are of its projection
+    "rope_flash_attention": (lambda qkv: kernels.rope_flash_attention(
+        *(x.transpose(1, 2) for x in qkv.split([4, 2, 2], 2)), torch.arange(9), doc_ids=doc_ids),
+        [torch.randn(1, 9, 8, 16)]),
 }  # fmt: skip
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "reference",
     "resolve_backend",
     "rms_norm",
+    "rope_flash_attention",
     "stacked_linear",
     "swiglu",
     "triton_available",
@@ -57,6 +58,7 @@ if triton is not None:
     from smollm_stack.kernels.linear_cross_entropy import fused_linear_cross_entropy
     from smollm_stack.kernels.rms_norm import add_rms_norm, rms_norm
     from smollm_stack.kernels.rope import apply_rope, apply_rope_qk
+    from smollm_stack.kernels.rope_attention import rope_flash_attention
     from smollm_stack.kernels.swiglu import swiglu
 
     _TRITON_OPS = types.SimpleNamespace(
@@ -68,11 +70,13 @@ if triton is not None:
         cross_entropy=cross_entropy,
         fused_linear_cross_entropy=fused_linear_cross_entropy,
         flash_attention=flash_attention,
+        rope_flash_attention=rope_flash_attention,
     )
     # Triton 3.9 gives sm_75 no tensor-core layout for tl.dot: attention's dots lower to FMA and spill hundreds of
     # registers (bench/RESULTS.md, "Static report per architecture"), so below capability 8.0 the Triton backend takes
     # attention from the eager ops (SDPA); the memory-bound kernels, which have no dots, pass there as everywhere.
-    _TRITON_OPS_BELOW_SM80 = types.SimpleNamespace(**{**vars(_TRITON_OPS), "flash_attention": eager.flash_attention})
+    _TRITON_OPS_BELOW_SM80 = types.SimpleNamespace(**{**vars(_TRITON_OPS), "flash_attention": eager.flash_attention,
+                                                          "rope_flash_attention": eager.rope_flash_attention})
 TENSOR_CORE_DOTS = (8, 0)  # the capability from which Triton puts tl.dot on tensor cores
 
 

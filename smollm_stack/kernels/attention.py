@@ -758,8 +758,9 @@ def _atomic_backward_fits(head_dim: int, docs: bool) -> bool:
 
 
 def _backward(
-    do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, doc_end=None, atomic: bool = False
+    do, q, k, v, o, lse, causal: bool, scale: float, doc_start=None, doc_end=None, atomic: bool = False, out=None
 ) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv), fresh, or written into out = (dq, dk, dv), where dk and dv share their strides."""
     B, H, T, d = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     atomic = atomic and _atomic_backward_fits(d, doc_start is not None)
@@ -773,7 +774,7 @@ def _backward(
     )
     # dq in q's layout; dk and dv in k's, which is v's in the model (views of (B, T, Hkv, d) projections): one set of
     # strides for both (four more kept sm_80's 64 x 128 dK/dV config from fitting its registers)
-    dk, dv = empty_like(k), empty_like(k)
+    dk, dv = (empty_like(k), empty_like(k)) if out is None else out[1:]
     common = dict(HEAD_DIM=d, CAUSAL=causal, DOCS=doc_start is not None, DOT_PRECISION=_dot_precision(q.dtype))
     if atomic:
         kernel, dq_args = _attn_bwd_atomic, (dq32, doc_start, doc_end, *q.stride(), *k.stride(), *v.stride(),
@@ -785,9 +786,11 @@ def _backward(
         q, k, v, do, lse, delta, dk, dv, *dq_args,
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(S), _tuning_size(B * Hkv), **common,
     )
-    if atomic:  # the one cast (none for fp32 inputs)
-        return dq32 if q.dtype == torch.float32 else empty_like(q).copy_(dq32), dk, dv
-    dq = empty_like(q)
+    if atomic and q.dtype == torch.float32 and out is None:
+        return dq32, dk, dv  # the fp32 sum is dq
+    dq = empty_like(q) if out is None else out[0]
+    if atomic:
+        return dq.copy_(dq32), dk, dv  # the one cast (or copy into out)
     _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, doc_start, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, T, S, H // Hkv, scale, scale * LOG2E, _tuning_size(T), _tuning_size(B * H), **common,
@@ -901,10 +904,15 @@ def flash_attention(
     dtype. Same semantics as ``kernels.reference.flash_attention``. The backward is the deterministic two-pass one,
     or the one-pass atomic-dQ one where ``$SMOLLM_ATTENTION_BWD`` or ``backward_pass`` says "atomic".
     """
+    doc_start, doc_end, scale = checked(q, k, v, causal, scale, doc_ids)
+    return _attention_op(q, k, v, doc_start, doc_end, causal, scale, _atomic_backward())[0]
+
+
+def checked(q, k, v, causal: bool, scale: float | None, doc_ids: torch.Tensor | None):
+    """flash_attention's checks; its documents' (start, end) bounds (None without doc_ids) and its scale."""
     _check_inputs(q, k, v, causal)
     doc_start = doc_end = None
     if doc_ids is not None:
         check_doc_ids(doc_ids, k, causal)
         doc_start, doc_end = document_starts(doc_ids), document_ends(doc_ids)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _attention_op(q, k, v, doc_start, doc_end, causal, scale, _atomic_backward())[0]
+    return doc_start, doc_end, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -115,6 +115,15 @@ def flash_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
 
 
+def rope_flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
+    causal: bool = True, scale: float | None = None, doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """flash_attention on apply_rope_qk's q and k (one op in the Triton backend, for its backward's sake)."""
+    q, k = apply_rope_qk(q, k, positions, theta)
+    return flash_attention(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean of -log softmax(logits)[target] over every non-ignored position; a fp32 scalar (0 if all are ignored).
 

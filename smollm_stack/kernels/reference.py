@@ -123,6 +123,15 @@ def flash_attention(
     return scaled_dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
+def rope_flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0,
+    causal: bool = True, scale: float | None = None, doc_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """flash_attention on q and k turned by apply_rope."""
+    q, k = apply_rope(q, positions, theta), apply_rope(k, positions, theta)
+    return flash_attention(q, k, v, causal=causal, scale=scale, doc_ids=doc_ids)
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean of -log softmax(logits)[target] over every non-ignored position of any leading dims, in fp32.
 

@@ -174,13 +174,15 @@ def _as_bhtd(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_launch(
-    q4: torch.Tensor, k4: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool
+    q4: torch.Tensor, k4: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool, out=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate (B, H, T, d) q4 and (B, Hkv, T, d) k4 in one launch; returns fresh tensors laid out like q4 and k4."""
+    """Rotate (B, H, T, d) q4 and (B, Hkv, T, d) k4 in one launch; returns fresh tensors laid out like q4 and k4,
+    or writes into out = (qo, ko), which may be q4 and k4 themselves (each element is read before it is written,
+    by the program that writes it: in place is safe for a caller that owns the buffers)."""
     B, H, T, d = q4.shape
     half = d // 2
     inv_freq = _inv_freq(d, theta, q4.device)
-    qo, ko = _utils.empty_like(q4), _utils.empty_like(k4)
+    qo, ko = (_utils.empty_like(q4), _utils.empty_like(k4)) if out is None else out
     stride_pb = positions.stride(0) if positions.dim() == 2 else 0
     block_half = triton.next_power_of_2(half)
     block_t = max(1, min(triton.next_power_of_2(T), 1024 // block_half))  # ~1024 pairs a tile
@@ -250,6 +252,14 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0)
     return y.view(x.shape)
 
 
+def check_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+    """apply_rope_qk's checks: q (B, H, T, d) and k (B, Hkv, T, d) share B, T, d, and positions fit them."""
+    _check("q", q, positions)
+    _check("k", k, positions)
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q and k must be (B, H, T, d) and (B, Hkv, T, d), got {tuple(q.shape)}, {tuple(k.shape)}")
+
+
 def apply_rope_qk(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,8 +267,5 @@ def apply_rope_qk(
 
     q (B, H, T, d) and k (B, Hkv, T, d) share B, T, d (and the dtype of each output is its input's).
     """
-    _check("q", q, positions)
-    _check("k", k, positions)
-    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"q and k must be (B, H, T, d) and (B, Hkv, T, d), got {tuple(q.shape)}, {tuple(k.shape)}")
+    check_qk(q, k, positions)
     return _rope_op(_as_bhtd(q), _as_bhtd(k), positions, theta, False)

@@ -10,9 +10,10 @@ weights of out_i rows (n = sum out_i), N tokens of width d and 2-byte activation
               dW = dy^T x in one GEMM, x read once:                   saves 2 N d (k - 1), and k - 1 launches
               the fp32 weight gradients cast from one product:        k - 1 launches
 The outputs are views of the one (N, n) product; their gradients must come back as one (N, n) tensor. They already
-are when the consumer wrote them side by side into one buffer (the SwiGLU backward does: free), else one torch.cat
-copies them (4 N n bytes, one launch). For q, k, v (k = 3, n = 3 d): 4 N d less in the forward, 20 N d less in the
-backward but 12 N d for the cat; for W1, W3 (k = 2): 2 N d and 10 N d less, no cat (bench.step counts exactly these).
+are when the consumer wrote them side by side into one buffer (the Triton SwiGLU and RoPE-attention backwards do:
+free), else one torch.cat copies them (4 N n bytes, one launch: the eager backend's case). For q, k, v (k = 3,
+n = 3 d): 4 N d less in the forward, 20 N d less in the backward; for W1, W3 (k = 2): 2 N d and 10 N d less; no cat
+for either (bench.step counts exactly these).
 
 FLOPs are those of the separate products: 2 N n d each way for the activations, 2 N n d for dW.
 

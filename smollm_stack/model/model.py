@@ -200,14 +200,17 @@ class CausalSelfAttention(nn.Module):
         if value_embedding is not None:  # (an fp32 table under autocast: added in v's dtype, so q, k, v share one)
             v = v + value_embedding.to(v.dtype)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, dh)
-        if self.rope is not None:
-            q, k = self.rope.pair(q, k, positions)
         if kv_cache is not None:
+            if self.rope is not None:
+                q, k = self.rope.pair(q, k, positions)
             k, v = kv_cache.update(k, v)  # (B, Hkv, S, dh), the T new tokens last
+        ops = _ops(self.backend, x)
         if kv_cache is not None and kv_cache.pad is not None:  # left-padded prompts: PyTorch's attention takes a mask
             y = F.scaled_dot_product_attention(q, k, v, kv_cache.attention_mask(T), enable_gqa=True)  # (B, H, T, dh)
+        elif self.rope is not None and kv_cache is None:  # one op, whose backward writes dq, dk, dv side by side
+            y = ops.rope_flash_attention(q, k, v, self.rope.checked(q, positions), self.rope.theta, doc_ids=doc_ids)
         else:  # the kernel reads each K/V head for its group of query heads (no repeat), mask aligned to the end
-            y = _ops(self.backend, x).flash_attention(q, k, v, causal=True, doc_ids=doc_ids)  # (B, H, T, dh)
+            y = ops.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)  # (B, H, T, dh)
         # y is laid out like q, (B, T, H, dh) storage (our kernels' O, SDPA's on most paths): the reshape is a view
         return self.output_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
