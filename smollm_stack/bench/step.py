@@ -51,6 +51,17 @@ the loss over the logits, gradient sums) rode inside a GEMM's or attention kerne
 matmul launches' own bytes as counted, the embedding's gather and scatter as counted, and an optimizer that reads
 each gradient once for the clipping norm and then once more with the parameter and its state, writing both back and
 a bf16 copy of each matrix (AdamW: 4 + 28 + 2 bytes a parameter; Muon: 4 + 20 + 2).
+
+``--compile``: the step with the model under ``torch.compile(fullgraph=True)`` (Inductor), as the trainer's compile
+flag runs it. Inductor compiles the forward and backward of the case on the CPU with real tensors (so only small
+cases are practical here: the Triton kernels run in the interpreter) and its scheduler, after fusion, says which
+kernels it would launch. Each fused pointwise/reduction kernel is one launch whose bytes are the scheduler's own
+``get_read_buffer_sizes`` and ``get_write_buffer_sizes`` (each buffer it reads or writes once); matmuls and our
+custom ops stay opaque calls in Inductor's graph, so their records are the eager count's; Inductor's own fallbacks to
+aten are one launch with the same bytes rule; clip, optimizer and zero_grad stay eager, as the trainer compiles only
+the model. Assumptions: the CPU scheduler's fusion decisions stand for CUDA's (the same scheduler, but C++ codegen
+may recompute a pointwise producer inside a reduction where Triton would fuse the two); compiled glue has no module,
+so its phase is "compiled glue".
 """
 
 import argparse
@@ -65,6 +76,7 @@ from dataclasses import dataclass
 from smollm_stack.bench import env  # first: it sets what torch and triton read when they load
 import torch
 import triton.runtime.jit
+from torch._inductor import ir, scheduler
 from torch._library.custom_ops import OPDEFS
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -74,6 +86,8 @@ from torch.utils._pytree import tree_leaves
 from smollm_stack.bench import cli
 from smollm_stack.bench.train import GPU_CASES, BenchCase
 from smollm_stack.kernels import linear_cross_entropy as flce
+from smollm_stack.kernels import rope
+from smollm_stack.kernels.weight_cache import clear_weight_cache
 from smollm_stack.model import ModelConfig, TransformerLM
 from smollm_stack.model.accounting import flops_per_token
 from smollm_stack.model.config import PRESETS
@@ -340,6 +354,7 @@ class Step:
     config: ModelConfig
     records: list[Record]
     optimizer_min_bytes: int = 0
+    compiled: bool = False  # the model under torch.compile (--compile)
 
     @property
     def tokens(self) -> int:
@@ -383,6 +398,52 @@ def count_step(case: BenchCase, optimizer: str) -> Step:
     per_param = {id(p): 4 + (20 if id(p) in in_muon else 28) + (2 if p.dim() == 2 else 0) for p in params}
     minimum = sum(per_param[id(p)] * p.numel() for p in params)
     return Step(case, optimizer, config, recorder.records, minimum)
+
+
+@contextlib.contextmanager
+def inductor_kernels(records: list[Record], where: list[bool]):
+    """Records to ``records`` the kernels Inductor's scheduler keeps after fusion (module docstring), in the backward
+    while ``where[0]`` is true; matmuls and our custom ops are skipped (the eager count has them)."""
+
+    def codegen(sched):
+        for node in sched.nodes:
+            inner = node.node if isinstance(node, scheduler.ExternKernelSchedulerNode) else None
+            if isinstance(node, scheduler.NopKernelSchedulerNode) or isinstance(inner, ir.MultiOutput):
+                continue
+            op = getattr(inner, "op_overload", None)
+            if isinstance(inner, ir.ExternKernelOut) or (op is not None and op.namespace == "smollm_stack"):
+                continue
+            name = f"inductor {'fallback ' + str(op) if inner is not None else 'kernel'}"
+            records.append(
+                Record(name, "compiled glue", where[0], node.get_read_buffer_sizes(), node.get_write_buffer_sizes())
+            )
+        return original(sched)
+
+    original = scheduler.Scheduler.codegen
+    scheduler.Scheduler.codegen = codegen
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True):
+            yield
+    finally:
+        scheduler.Scheduler.codegen = original
+
+
+def compiled_step(eager: Step) -> Step:
+    """``eager``'s step with the model compiled by Inductor (module docstring): small cases only."""
+    case = eager.case
+    torch.manual_seed(0)
+    model = TransformerLM(eager.config)
+    ids = torch.randint(0, eager.config.vocab_size, (case.batch, case.context))
+    records, where = [], [False]
+    clear_weight_cache()  # the eager count's fake weights
+    torch._dynamo.reset()
+    with inductor_kernels(records, where), patch_attr(rope, "_INV_FREQ", {}):  # its cache holds a fake tensor
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.compile(model, fullgraph=True)(ids, ids)
+        where[0] = True
+        loss.backward()
+    kept = [r for r in eager.records if r.phase in STEP_PHASES or r.matmul or r.op in TRITON_KERNELS]
+    return Step(case, eager.optimizer, eager.config, kept + records, eager.optimizer_min_bytes, True)
 
 
 def seconds(r: Record) -> float:
@@ -456,7 +517,8 @@ def report(step: Step) -> str:
     ops = group(step.records, lambda r: r.op)
     ops = dict(sorted(ops.items(), key=lambda kv: -sum(seconds(r) for r in kv[1])))
     lines = [
-        f"#### {c.preset}, {c.batch} x {c.context}, bf16 autocast, Triton kernels, optimizer {step.optimizer}",
+        f"#### {c.preset}, {c.batch} x {c.context}, bf16 autocast, Triton kernels, optimizer {step.optimizer}"
+        f"{', torch.compile' if step.compiled else ''}",
         "",
         f"- launches per step: {s['launches']:,}; FLOPs: {s['flops'] / 1e12:.2f} TFLOP",
         f"- HBM bytes: {s['bytes'] / 1e9:.2f} GB a step, {s['bytes_per_token']:,.0f} a token, "
@@ -486,7 +548,8 @@ SUMMARY_HEAD = (
 def summary_row(step: Step) -> str:
     s, c = summary(step), step.case
     return (
-        f"| {c.preset} | {c.batch} x {c.context} | {step.optimizer} | {s['launches']:,} | {s['bytes'] / 1e9:.2f} | "
+        f"| {c.preset} | {c.batch} x {c.context} | {step.optimizer}{' compiled' if step.compiled else ''} | "
+        f"{s['launches']:,} | {s['bytes'] / 1e9:.2f} | "
         f"{s['bytes_per_token']:,.0f} | {s['bytes_per_token_layer']:,.0f} | {100 * s['other_share']:.0f}% | "
         f"{s['total_ratio']:.2f}, {s['other_ratio']:.2f} | {s['step_ms']:.1f} | {s['tokens_per_s']:,.0f} | "
         f"{100 * s['mfu']:.1f}% | {s['x_llmc']:.2f} |"
@@ -503,6 +566,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, help="sequences a step (with --preset)")
     parser.add_argument("--context", type=int, help="tokens a sequence (with --preset)")
     parser.add_argument("--optimizer", choices=("muon", "torch"), help="default: both")
+    parser.add_argument("--compile", action="store_true", help="also count the step with the model compiled")
     args = parser.parse_args(argv)
     if args.preset is not None:
         if args.batch is None or args.context is None or min(args.batch, args.context) < 1:
@@ -513,6 +577,8 @@ def main(argv=None) -> int:
         else GPU_CASES  # fmt: skip
     optimizers = [args.optimizer] if args.optimizer else ["muon", "torch"]
     steps = [count_step(c, o) for c in cases for o in optimizers]
+    if args.compile:
+        steps = [s for eager in steps for s in (eager, compiled_step(eager))]
     print(f"### Training steps counted on the CPU ({env.versions()}, {env.today()})\n")
     print("\n".join([*SUMMARY_HEAD, *map(summary_row, steps)]) + "\n")
     print("\n\n".join(map(report, steps)))
