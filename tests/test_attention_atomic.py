@@ -83,7 +83,7 @@ def test_the_choice():
             pass
     q = torch.zeros(1, 2, 8, 16)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention, "_backward_pass", "atomc")
+        mp.setattr(attention._BACKWARD_PASS, "current", "atomc")
         with pytest.raises(ValueError, match=r"\$SMOLLM_ATTENTION_BWD must be one of .*'atomc'"):
             kernels.flash_attention(q, q, q)
 

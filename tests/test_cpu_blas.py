@@ -82,6 +82,10 @@ def test_bad_route_and_shapes_are_refused():
     with pytest.raises(ValueError, match="route must be one of"):
         with cpu_blas.route("mkl"):
             pass
+    with pytest.MonkeyPatch.context() as mp:  # a bad $SMOLLM_CPU_BLAS: one error naming it, at the first product
+        mp.setattr(cpu_blas._ROUTE, "current", "mkl")
+        with pytest.raises(ValueError, match=r"\$SMOLLM_CPU_BLAS must be one of .*'mkl'"):
+            cpu_blas.mm(torch.ones(2, 3), torch.ones(3, 2))
     with pytest.raises(ValueError, match=r"mm needs \(m, k\) @ \(k, n\)"):
         cpu_blas.mm(torch.ones(2, 3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="linear needs"):

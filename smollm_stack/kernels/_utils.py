@@ -4,9 +4,34 @@ Everything here is plain Python around torch (and one fix to Triton's interprete
 live with their op.
 """
 
+import contextlib
 import os
 
 import torch
+
+class Choice:
+    """A setting among ``choices``: $``env`` (else ``default``), and ``override(name)`` for a ``with`` block."""
+
+    def __init__(self, env: str, what: str, choices: tuple[str, ...], default: str):
+        self.env, self.what, self.choices = env, what, choices
+        self.current = os.environ.get(env, default)
+
+    def value(self) -> str:
+        """The setting now; a bad $env is an error here, at the call that uses it, naming the variable."""
+        if self.current not in self.choices:
+            raise ValueError(f"${self.env} must be one of {self.choices}, got {self.current!r}")
+        return self.current
+
+    @contextlib.contextmanager
+    def override(self, name: str):
+        if name not in self.choices:
+            raise ValueError(f"{self.what} must be one of {self.choices}, got {name!r}")
+        saved, self.current = self.current, name
+        try:
+            yield
+        finally:
+            self.current = saved
+
 
 # The interpreter runs every program in Python, so launch sizes there favour few, large programs.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

@@ -64,10 +64,8 @@ Supported: head dims 16, 32, 64, 128; fp16, bf16, fp32; any strides (no copies o
 doc_ids with causal attention, also when T < S (the ids then cover all S key positions).
 """
 
-import contextlib
 import dataclasses
 import math
-import os
 from collections.abc import Callable
 
 import torch
@@ -75,7 +73,7 @@ import triton
 import triton.language as tl
 
 from smollm_stack.kernels._utils import INTERPRET, check_doc_ids, check_float, check_same_device, empty, empty_like
-from smollm_stack.kernels._utils import document_ends, document_starts
+from smollm_stack.kernels._utils import Choice, document_ends, document_starts
 
 __all__ = ["BACKWARD_PASSES", "backward_pass", "flash_attention"]
 
@@ -799,27 +797,14 @@ def _backward(
 
 
 BACKWARD_PASSES = ("two-pass", "atomic")  # the deterministic default; FlashAttention-2's one pass, atomic dQ
-_backward_pass = os.environ.get("SMOLLM_ATTENTION_BWD", "two-pass")
-
-
-@contextlib.contextmanager
-def backward_pass(name: str):
-    """Within the block, attention calls take the backward ``name`` (one of BACKWARD_PASSES) instead of
-    ``$SMOLLM_ATTENTION_BWD``'s; the choice is made at the forward call and kept for its backward."""
-    global _backward_pass
-    if name not in BACKWARD_PASSES:
-        raise ValueError(f"backward pass must be one of {BACKWARD_PASSES}, got {name!r}")
-    saved, _backward_pass = _backward_pass, name
-    try:
-        yield
-    finally:
-        _backward_pass = saved
+# $SMOLLM_ATTENTION_BWD, or ``with backward_pass("atomic"):``; the choice is made at the forward call and kept for its
+# backward.
+_BACKWARD_PASS = Choice("SMOLLM_ATTENTION_BWD", "backward pass", BACKWARD_PASSES, "two-pass")
+backward_pass = _BACKWARD_PASS.override
 
 
 def _atomic_backward() -> bool:
-    if _backward_pass not in BACKWARD_PASSES:
-        raise ValueError(f"$SMOLLM_ATTENTION_BWD must be one of {BACKWARD_PASSES}, got {_backward_pass!r}")
-    return _backward_pass == "atomic"
+    return _BACKWARD_PASS.value() == "atomic"
 
 
 # The forward and backward as torch.library custom ops, with fake (shape-only) versions, so that torch.compile

@@ -15,7 +15,6 @@ bitwise. ``$SMOLLM_CPU_BLAS`` (auto, torch, openblas) or ``route(...)`` override
 small products, which is what the tests use.
 """
 
-import contextlib
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -24,25 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from smollm_stack.kernels._utils import Choice
+
 ROUTES = ("auto", "torch", "openblas")
 MIN_SIDE = 256  # between the tiny preset's width (128: MKL's) and the 17M's (512: OpenBLAS's)
 MIN_ROWS_PER_THREAD = 64  # below this a thread's share of rows is not worth the hand-off
 
-_route = os.environ.get("SMOLLM_CPU_BLAS", "auto")
+# $SMOLLM_CPU_BLAS, or ``with route(name):``: "auto" (OpenBLAS for large products on AMD), "torch", "openblas".
+_ROUTE = Choice("SMOLLM_CPU_BLAS", "route", ROUTES, "auto")
+route = _ROUTE.override
 _pools: dict = {}
-
-
-@contextlib.contextmanager
-def route(name: str):
-    """Within the block, multiply through ``name``: "auto" (OpenBLAS for large products on AMD), "torch", "openblas"."""
-    global _route
-    if name not in ROUTES:
-        raise ValueError(f"route must be one of {ROUTES}, got {name!r}")
-    saved, _route = _route, name
-    try:
-        yield
-    finally:
-        _route = saved
 
 
 @functools.cache
@@ -71,16 +61,15 @@ def _openblas() -> bool:
 
 def _use_openblas(t: torch.Tensor, m: int, k: int, n: int) -> bool:
     """Whether an (m, k) @ (k, n) product on ``t``'s device and dtype goes to OpenBLAS under the current route."""
-    if _route not in ROUTES:
-        raise ValueError(f"$SMOLLM_CPU_BLAS must be one of {ROUTES}, got {_route!r}")
-    if _route == "torch" or t.device.type != "cpu" or t.dtype != torch.float32:
+    route_now = _ROUTE.value()
+    if route_now == "torch" or t.device.type != "cpu" or t.dtype != torch.float32:
         return False
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False  # autocast picks its own dtype, and compiled graphs keep torch's ops
-    if _route == "auto" and not (min(m, k, n) >= MIN_SIDE and _amd_cpu()):
+    if route_now == "auto" and not (min(m, k, n) >= MIN_SIDE and _amd_cpu()):
         return False
     if not _openblas():
-        if _route == "openblas":
+        if route_now == "openblas":
             raise RuntimeError("route 'openblas' needs numpy built with OpenBLAS and the threadpoolctl package")
         return False
     return True
