@@ -3,6 +3,8 @@ the optimizer split, exact resume, and 1 vs 2 DDP processes."""
 
 import math
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -102,22 +104,34 @@ def test_bf16_iteration_stays_in_the_band(scale):
     assert torch.linalg.svdvals(orthogonalize(rank_one)).tolist() == pytest.approx([1.0, 0, 0], abs=0.35)
 
 
-def test_the_cpu_iteration_is_fp32_unless_the_environment_names_bf16(monkeypatch):
+@pytest.mark.parametrize("multiplies_bf16", [False, True])
+def test_the_cpu_iteration_is_bf16_only_for_wide_matrices_on_a_cpu_that_multiplies_it(monkeypatch, multiplies_bf16):
     from smollm_stack.train.optim import muon
 
-    for value, want in ((None, torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    monkeypatch.setattr(muon, "cpu_multiplies_bf16", lambda: multiplies_bf16)
+    k = muon.BF16_CPU_MIN_K  # the smaller side decides: a tall stack is (..., K, k)
+    matrices = torch.zeros(k - 1, 300), torch.zeros(k, 300), torch.zeros(3, 300, k)
+    native = torch.bfloat16 if multiplies_bf16 else torch.float32
+    for value, want in ((None, (torch.float32, native, native)), ("auto", (torch.float32, native, native)),
+                        ("float32", (torch.float32,) * 3), ("bfloat16", (torch.bfloat16,) * 3)):  # fmt: skip
         if value is None:
             monkeypatch.delenv("SMOLLM_MUON_CPU_DTYPE", raising=False)
         else:
             monkeypatch.setenv("SMOLLM_MUON_CPU_DTYPE", value)
-        muon.cpu_iteration_dtype.cache_clear()
-        assert muon.iteration_dtype(torch.zeros(2, 2)) == want
+        assert tuple(muon.iteration_dtype(u) for u in matrices) == want, value
     monkeypatch.setenv("SMOLLM_MUON_CPU_DTYPE", "fp16")
-    muon.cpu_iteration_dtype.cache_clear()
     with pytest.raises(ValueError, match="SMOLLM_MUON_CPU_DTYPE"):
-        muon.iteration_dtype(torch.zeros(2, 2))
-    monkeypatch.delenv("SMOLLM_MUON_CPU_DTYPE")
-    muon.cpu_iteration_dtype.cache_clear()
+        muon.iteration_dtype(matrices[0])
+
+
+def test_the_bf16_probe_agrees_with_the_cpu_flags():
+    from smollm_stack.train.optim import muon
+
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    flags = set(re.findall(r"^flags\s*:(.*)$", cpuinfo.read_text(), flags=re.M)[0].split())
+    assert muon.cpu_multiplies_bf16() == bool(flags & {"avx512_bf16", "amx_tile"})
 
 
 def test_muon_step_is_the_documented_update():

@@ -23,12 +23,16 @@ the Muon write-up trade exactness for speed: the slope p'(0) = 3.44 lifts small 
 the iterates do not converge to 1 but into a band: p maps [0, 1] into [0, 1.2024] and [0.68, 1.2024] into itself, and
 after 5 iterations every singular value that started at >= 0.003 of the norm lies in [0.68, 1.2024] (a grid over s
 shows it; tests/test_muon.py checks it). Since the band is attracting, rounding errors do not accumulate, which is
-why the iteration runs in bf16 on a GPU (tensor cores). On a CPU it runs in fp32: bf16 matmuls are emulated on most,
-and where the vector units multiply bf16 (AVX512-BF16, AMX) ``$SMOLLM_MUON_CPU_DTYPE=bfloat16`` halves the 17M
-preset's iteration but ends the tiny default run worse (bench/records/2026-12-08-cpu-step). Tall matrices are transposed
-first so X X^T is the smaller k x k Gram matrix, k = min(m, n): an iteration costs 4 k^2 max(m, n) + 2 k^3 FLOPs,
-at d_model 768 about 14 GFLOP for a square matrix's 5 iterations, against the 6 * 768^2 = 3.5 MFLOP per token of
-its forward and backward: small next to a step of 10^5 tokens or more.
+why the iteration runs in bf16 on a GPU (tensor cores). On a CPU it runs in bf16 only where that pays: where the
+vector units multiply bf16 (AVX512-BF16, AMX; elsewhere torch emulates it, slower than fp32) and the matrix's smaller
+side k is at least BF16_CPU_MIN_K = 256. There the iteration is a large share of a small CPU step (the 17M preset's
+d_model 512 at 2,048 tokens: its 165 GFLOP against the forward and backward's ~220), and bf16 halves it; at the tiny
+preset's k = 128 it is a few percent of the step, and fp32 keeps the default run where it was
+(bench/records/2026-12-08-cpu-step). ``$SMOLLM_MUON_CPU_DTYPE`` (float32, bfloat16) overrides the choice.
+
+Tall matrices are transposed first so X X^T is the smaller k x k Gram matrix, k = min(m, n): an iteration costs
+4 k^2 max(m, n) + 2 k^3 FLOPs, at d_model 768 about 14 GFLOP for a square matrix's 5 iterations, against the
+6 * 768^2 = 3.5 MFLOP per token of its forward and backward: small next to a step of 10^5 tokens or more.
 
 The step is batched: matrices that iterate in one k x K shape (a tall one as its transpose) form one stack, and a
 model has few (the 125M preset: 84 matrices, 2 stacks: 48 of 768 x 768, and the FFN's 24 tall 2048 x 768 beside its
@@ -187,21 +191,30 @@ def iteration_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
 
 
 def iteration_dtype(u: torch.Tensor) -> torch.dtype:
-    """The dtype Newton-Schulz runs in by default: bf16 on CUDA (tensor cores); on a CPU, ``cpu_iteration_dtype``."""
-    return torch.bfloat16 if u.device.type == "cuda" else cpu_iteration_dtype()
+    """The dtype Newton-Schulz runs in by default for a matrix (or stack) like ``u``: bf16 on CUDA (tensor cores); on
+    a CPU, what ``$SMOLLM_MUON_CPU_DTYPE`` names (auto, float32, bfloat16). Auto is bf16 where the CPU multiplies
+    bf16 (``cpu_multiplies_bf16``) and the matrix's smaller side is at least BF16_CPU_MIN_K, else fp32."""
+    if u.device.type == "cuda":
+        return torch.bfloat16
+    choice = os.environ.get("SMOLLM_MUON_CPU_DTYPE", "auto")
+    if choice not in CPU_DTYPES:
+        raise ValueError(f"$SMOLLM_MUON_CPU_DTYPE must be one of {tuple(CPU_DTYPES)}, got {choice!r}")
+    if choice == "auto":
+        return torch.bfloat16 if min(u.shape[-2:]) >= BF16_CPU_MIN_K and cpu_multiplies_bf16() else torch.float32
+    return CPU_DTYPES[choice]
 
 
-CPU_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CPU_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# Below it the iteration is a few percent of a CPU step, too little to trade for bf16's rounding (module docstring).
+BF16_CPU_MIN_K = 256
 
 
 @functools.cache
-def cpu_iteration_dtype() -> torch.dtype:
-    """fp32, or what ``$SMOLLM_MUON_CPU_DTYPE`` (float32, bfloat16) names: bf16 pays only on a CPU whose vector units
-    multiply it (AVX512-BF16, AMX), and there it trades the default run's loss for the 17M preset's speed."""
-    choice = os.environ.get("SMOLLM_MUON_CPU_DTYPE", "float32")
-    if choice not in CPU_DTYPES:
-        raise ValueError(f"$SMOLLM_MUON_CPU_DTYPE must be float32 or bfloat16, got {choice!r}")
-    return CPU_DTYPES[choice]
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU's vector units multiply bf16 (AVX512-BF16 or AMX), where a bf16 GEMM runs at about twice
+    fp32's rate; elsewhere torch emulates bf16 products, slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's private probes: absent is no
+    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
 def orthogonalize_sharded(u: DTensor, scale: float = 1.0) -> DTensor:
