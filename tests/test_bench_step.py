@@ -91,18 +91,31 @@ def test_launches_by_phase_counted_by_hand(adamw_step):
         "head + loss (forward)": 10,
         "head + loss (backward)": 2 + 2,  # zero gradients for the op's dh and dw outputs, then dh and dw scaled
         "final norm (backward)": 2,  # the kernel (dx in fp32 and in the branch's bf16), the sum of its dw partials
-        # w2, then [W1; W3]: dx and dW GEMMs and dW's cast to fp32 each; the SwiGLU kernel writes dg and du side by
-        # side, which is the stacked GEMM's gradient as it is
-        "ffn (backward)": 3 + 1 + 3,
+        # w2, then [W1; W3]: dx and dW GEMMs each, dW written in fp32 (CUDA's fp32-output GEMM: no cast); the SwiGLU
+        # kernel writes dg and du side by side, which is the stacked GEMM's gradient as it is
+        "ffn (backward)": 2 + 1 + 2,
         # kernel, dw sum each; the engine adds ln1's dx into the residual's gradient
         "norm (backward)": 2 * 2 + 1,
-        # output_proj 3; 3 attention kernels writing dq, dk, dv side by side into one buffer; RoPE in place on dq, dk
-        # (no zero grad of lse, no cat): that buffer is the stacked GEMM's gradient, for its dx and dW GEMMs, dW's cast
-        "attention (backward)": 3 + 3 + 1 + 3,
+        # output_proj 2; 3 attention kernels writing dq, dk, dv side by side into one buffer; RoPE in place on dq, dk
+        # (no zero grad of lse, no cat): that buffer is the stacked GEMM's gradient, for its dx and dW GEMMs
+        "attention (backward)": 2 + 3 + 1 + 2,
         "embedding (backward)": 1,
         "clip": 8,  # foreach norm, stack, norm, + eps, reciprocal, mul, clamp, foreach scale
         "optimizer": 4,  # per group: steps + 1 and fused AdamW
     }
+
+
+def test_weight_gradients_come_out_of_their_gemm_in_fp32(adamw_step):
+    # CUDA's fp32-output GEMM (bench.step's stand-in for the fake tensors' CPU): dW = dy^T x written as fp32, read
+    # from the bf16 dy and x, and no cast to fp32 after it
+    dw = [r for r in adamw_step.records if r.backward and r.op == "mm" and r.phase in ("attention", "ffn")][1::2]
+    assert [(r.read, r.written) for r in dw] == [  # backward order; each reads dy and the projection's input
+        (2 * N * D + 2 * N * FF, 4 * D * FF),  # w2
+        (2 * N * 2 * FF + 2 * N * D, 4 * 2 * FF * D),  # [W1; W3]
+        (2 * N * D + 2 * N * D, 4 * D * D),  # output_proj
+        (2 * N * 3 * D + 2 * N * D, 4 * 3 * D * D),  # [q; k; v]
+    ]
+    assert not [r for r in adamw_step.records if r.backward and r.op == "_to_copy"]
 
 
 def test_flops_are_the_model_accounting_plus_attention_recompute(adamw_step):

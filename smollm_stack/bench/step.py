@@ -40,11 +40,11 @@ MATMUL_EFFICIENCY)) plus LAUNCH_OVERHEAD_S of idle GPU between kernels; no overl
 across launches. MFU is model FLOPs (model.accounting.flops_per_token) over PEAK_FLOPS, as the trainer reports it.
 The baseline: llm.c's GPT-2 124M on 8 H100s, 139 ms per 524,288-token step, LLMC_TOKENS_PER_S per GPU.
 
-Stand-ins for CUDA (the fake tensors live on the CPU, since autograd needs a real device type): autocast is the CPU's
-bf16 autocast (the same casts for linear and matmuls); the fused loss's fp32 dW accumulates in place in one
-fp32-output addmm, and Muon iterates in bf16 (its last GEMM writing fp32), as on CUDA; persistent launchers size
-their grids for Triton's interpreter (a handful of programs, which changes only the rms_norm backward's small dw
-partial sums).
+Stand-ins for CUDA (the fake tensors live on the CPU, since autograd needs a real device type): autocast is the
+CPU's bf16 autocast (the same casts for linear and matmuls); the fused loss's fp32 dW accumulates in place in one
+fp32-output addmm, the projections' dW comes out of one fp32-output GEMM, and Muon iterates in bf16 (its last GEMM
+writing fp32), as on CUDA; persistent launchers size their grids for Triton's interpreter (a handful of programs,
+which changes only the rms_norm backward's small dw partial sums).
 
 The fused minimum: the bytes a step must move if every elementwise op (norms, RoPE, SwiGLU, residual adds, casts,
 the loss over the logits, gradient sums) rode inside a GEMM's or attention kernel's prologue or epilogue: the
@@ -85,6 +85,7 @@ from torch.utils._pytree import tree_leaves
 
 from smollm_stack.bench import cli
 from smollm_stack.bench.train import GPU_CASES, BenchCase
+from smollm_stack.kernels import _utils as kernel_utils
 from smollm_stack.kernels import linear_cross_entropy as flce
 from smollm_stack.kernels import rope
 from smollm_stack.kernels.weight_cache import clear_weight_cache
@@ -329,6 +330,7 @@ def cuda_standins():
         stack.enter_context(patch_attr(flce, "add_dw", fp32_out_add_dw))
         stack.enter_context(patch_attr(muon, "iteration_dtype", lambda u: torch.bfloat16))
         stack.enter_context(patch_attr(muon, "fp32_output_gemm", lambda device: True))
+        stack.enter_context(patch_attr(kernel_utils, "fp32_output_gemm", lambda device: True))
         # clip_grad_norm_ takes the foreach path for real CUDA tensors only, not for fake ones
         clip_grad = importlib.import_module("torch.nn.utils.clip_grad")
         stack.enter_context(patch_attr(clip_grad, "_has_foreach_support", lambda tensors, device: True))

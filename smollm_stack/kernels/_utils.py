@@ -33,6 +33,12 @@ class Choice:
             self.current = saved
 
 
+def fp32_output_gemm(device: torch.device) -> bool:
+    """Whether torch has a GEMM from bf16/fp16 inputs to an fp32 output (``mm(out_dtype=)``, cuBLAS) on this device:
+    CUDA with torch >= 2.8, not the CPU."""
+    return device.type == "cuda" and "dtype" in torch.ops.aten.mm.overloads()
+
+
 # The interpreter runs every program in Python, so launch sizes there favour few, large programs.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

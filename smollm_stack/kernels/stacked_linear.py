@@ -8,7 +8,11 @@ weights of out_i rows (n = sum out_i), N tokens of width d and 2-byte activation
     backward  dx = dy [W1; ...; Wk] in one GEMM: one dx written, not
               k of them summed by k - 1 adds (read 2, write 1 each):  saves 8 N d (k - 1), and 2 (k - 1) launches
               dW = dy^T x in one GEMM, x read once:                   saves 2 N d (k - 1), and k - 1 launches
-              the fp32 weight gradients cast from one product:        k - 1 launches
+              the fp32 weight gradients from one product:              k - 1 launches
+Where the device has a GEMM from bf16 to fp32 (CUDA), dW comes out of it in fp32, with no cast after it: the cast
+read the bf16 product and wrote fp32 (6 bytes a weight element), the GEMM writes 2 more, so 4 bytes a weight element
+and a launch a projection are saved (48 launches a step at the 125M preset), and the gradient is no longer rounded
+to bf16 on its way to the fp32 weights.
 The outputs are views of the one (N, n) product; their gradients must come back as one (N, n) tensor. They already
 are when the consumer wrote them side by side into one buffer (the Triton SwiGLU and RoPE-attention backwards do:
 free), else one torch.cat copies them (4 N n bytes, one launch: the eager backend's case). For q, k, v (k = 3,
@@ -24,6 +28,7 @@ saves the weights themselves, so editing one in place between forward and backwa
 
 import torch
 
+from smollm_stack.kernels import _utils
 from smollm_stack.kernels.cpu_blas import linear, mm
 from smollm_stack.kernels.weight_cache import stacked_weight
 
@@ -55,8 +60,17 @@ def _backward(ctx, dy):
     dy2 = _rows(dy)
     with torch.autocast(x.device.type, enabled=False):
         dx = mm(dy2, stacked_weight(weights, dy.dtype)).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = mm(dy2.t(), _rows(x)).to(weights[0].dtype)  # one cast for all; each grad is a view of its rows
+        dw = weight_grad(dy2, _rows(x), weights[0].dtype)  # each grad is a view of its rows
     return dx, list(dw.split([w.shape[0] for w in weights]))
+
+
+def weight_grad(dy2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dy^T x in the weights' ``dtype``: where the device has a GEMM from the activation dtype to fp32 (cuBLAS's
+    ``mm(out_dtype=)``), that one product, with no bf16 rounding of the gradient and no cast; else the product in
+    the activation dtype and one cast."""
+    if dy2.dtype != dtype and _utils.fp32_output_gemm(dy2.device):
+        return torch.mm(dy2.t(), x2, out_dtype=dtype)
+    return mm(dy2.t(), x2).to(dtype)
 
 
 _stacked_linear_op.register_autograd(_backward, setup_context=_setup_context)
