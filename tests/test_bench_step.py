@@ -89,7 +89,7 @@ def test_launches_by_phase_counted_by_hand(adamw_step):
         # count of valid targets (ne, sum), dW zeros, then the chunk: GEMM, CE, dh GEMM, dW GEMM; cat and sum the
         # losses; ones_like, the loss's gradient, made by backward() before any node runs
         "head + loss (forward)": 10,
-        "head + loss (backward)": 2 + 2,  # zero gradients for the op's dh and dw outputs, then dh and dw scaled
+        "head + loss (backward)": 2,  # dh and dw scaled (no zero gradients for the op's dh and dw outputs)
         "final norm (backward)": 2,  # the kernel (dx in fp32 and in the branch's bf16), the sum of its dw partials
         # w2, then [W1; W3]: dx and dW GEMMs each, dW written in fp32 (CUDA's fp32-output GEMM: no cast); the SwiGLU
         # kernel writes dg and du side by side, which is the stacked GEMM's gradient as it is

@@ -136,6 +136,7 @@ def _setup_context(ctx, inputs, output):
     ctx.need_dh, ctx.need_dw = inputs[5], inputs[6]
     ctx.save_for_backward(output[1], output[2])
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # dh and dw have no gradient: autograd need not make zeros of their shapes
 
 
 def _backward(ctx, dloss, _dh, _dw):
