@@ -28,7 +28,7 @@ vector units multiply bf16 (AVX512-BF16, AMX; elsewhere torch emulates it, slowe
 side k is at least BF16_CPU_MIN_K = 256. There the iteration is a large share of a small CPU step (the 17M preset's
 d_model 512 at 2,048 tokens: its 165 GFLOP against the forward and backward's ~220), and bf16 halves it; at the tiny
 preset's k = 128 it is a few percent of the step, and fp32 keeps the default run where it was
-(bench/records/2026-12-08-cpu-step). ``$SMOLLM_MUON_CPU_DTYPE`` (float32, bfloat16) overrides the choice.
+(bench/records/2026-12-08-muon-cpu-auto). ``$SMOLLM_MUON_CPU_DTYPE`` (float32, bfloat16) overrides the choice.
 
 Tall matrices are transposed first so X X^T is the smaller k x k Gram matrix, k = min(m, n): an iteration costs
 4 k^2 max(m, n) + 2 k^3 FLOPs, at d_model 768 about 14 GFLOP for a square matrix's 5 iterations, against the
