@@ -86,9 +86,9 @@ def test_launches_by_phase_counted_by_hand(adamw_step):
         "attention (forward)": 1 + 2 + 3,
         "ffn (forward)": 2 + 1,
         "final norm (forward)": 1,
-        # count of valid targets (ne, sum), dW zeros, then the chunk: GEMM, CE, dh GEMM, dW GEMM; cat and sum the
-        # losses; ones_like, the loss's gradient, made by backward() before any node runs
-        "head + loss (forward)": 10,
+        # count of valid targets (ne, sum), then the chunk: GEMM, CE, dh GEMM, dW GEMM (the first chunk's dW is its
+        # product: no zeros); cat and sum the losses; ones_like, the loss's gradient, made by backward() first
+        "head + loss (forward)": 9,
         "head + loss (backward)": 2,  # dh and dw scaled (no zero gradients for the op's dh and dw outputs)
         "final norm (backward)": 2,  # the kernel (dx in fp32 and in the branch's bf16), the sum of its dw partials
         # w2, then [W1; W3]: dx and dW GEMMs each, dW written in fp32 (CUDA's fp32-output GEMM: no cast); the SwiGLU

@@ -4,7 +4,8 @@ loss = cross_entropy(hidden @ W^T, targets). For each chunk of tokens:
     logits = h_c @ W^T                  (cuBLAS, in the activation dtype with fp32 accumulation, like autocast)
     loss_c, dlogits = CE kernel         (one Triton launch writes dlogits over the logits buffer in place)
     dh_c  = dlogits @ W                 (straight into the chunk's rows of dhidden)
-    dW   += dlogits^T @ h_c             (one cuBLAS addmm into the fp32 dW in place: no per-chunk output or cast)
+    dW   += dlogits^T @ h_c             (one cuBLAS addmm into the fp32 dW in place: no per-chunk output or cast;
+                                         the first chunk's product, written in fp32, is dW: no zeros first)
 The gradients are those of the mean over all non-ignored tokens (the count is taken once, up front), so everything
 is finished in the forward; the backward only scales by the upstream gradient, which is skipped on the device when
 it is exactly 1.
@@ -33,6 +34,7 @@ import triton
 
 from smollm_stack.kernels import _utils
 from smollm_stack.kernels.cross_entropy import cross_entropy_forward, scale_
+from smollm_stack.kernels.stacked_linear import weight_grad
 from smollm_stack.kernels.weight_cache import stacked_weight
 
 CHUNK_BUDGET_BYTES = 256 * 2**20  # the most one chunk's logits buffer may take, on any device (module docstring)
@@ -92,7 +94,7 @@ def linear_cross_entropy_chunks(
     N, V = h.shape[0], w.shape[0]
     n_valid = _utils.count_valid_targets(t, ignore_index)
     dh = _utils.empty(h.shape, h.dtype, h.device) if need_dh else None
-    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
+    dw = None  # the first chunk's product is dW's first value: no zeros to write, and none to read back
     # One logits buffer serves every chunk. Its rows are padded to 64 elements so that each row starts 16-byte
     # aligned (V = 50257 is odd): cuBLAS then takes its aligned fast paths, and the CE kernel vectorizes.
     buffer = torch.empty(min(rows, N), padded_width(V), dtype=h.dtype, device=h.device)
@@ -105,7 +107,7 @@ def linear_cross_entropy_chunks(
         if need_dh:
             torch.mm(logits, w, out=dh[start : start + rows])
         if need_dw:
-            dw = add_dw(dw, logits, h_c)
+            dw = weight_grad(logits, h_c, torch.float32) if dw is None else add_dw(dw, logits, h_c)
     return torch.cat(losses).sum(), dh, dw
 
 
