@@ -85,6 +85,11 @@ import os
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+try:
+    from smollm_stack.kernels import nesterov
+except ImportError:  # no triton (no wheels off Linux): the foreach look-ahead everywhere
+    nesterov = None
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of p(s) = a s + b s^3 + c s^5
 NS_STEPS = 5
 BAND = (0.68, 1.2024)  # where 5 iterations leave each singular value that started at >= 0.003 of the norm
@@ -105,13 +110,14 @@ def orthogonalize(u: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Te
     stack = (batch, min(m, n), max(m, n))  # one batch dim for the GEMMs; a tall matrix stored as it is, (m, n)
     x = u.to(dtype or iteration_dtype(u), memory_format=torch.contiguous_format, copy=True).view(stack)  # overwritten
     out = torch.empty(stack, dtype=u.dtype, device=u.device)
-    return newton_schulz_(x, out, batch if m > n else 0).view(u.shape)
+    return newton_schulz_(normalize_(x), out, batch if m > n else 0).view(u.shape)
 
 
 def newton_schulz_(x: torch.Tensor, out: torch.Tensor, tall: int = 0, scale: float = 1.0, workspace=None):
     """out <- scale * (about P Q^T) for each matrix X = P S Q^T of the stack x (batch, k, K), k <= K; returns out.
 
-    The last ``tall`` matrices are tall ones stored in their own layout, x[i].view(K, k) holding X^T; out holds
+    x holds X_0, each matrix divided by its Frobenius norm (every singular value in [0, 1]: ``normalize_``). The
+    last ``tall`` matrices are tall ones stored in their own layout, x[i].view(K, k) holding X^T; out holds
     their results likewise. The iteration runs in x's dtype and overwrites x; out has x's dtype or, for a bf16 x,
     fp32 (the last GEMM writes it). ``workspace`` (a dict) keeps the other buffers from call to call.
     """
@@ -119,7 +125,6 @@ def newton_schulz_(x: torch.Tensor, out: torch.Tensor, tall: int = 0, scale: flo
     a, b, c = NS_COEFFICIENTS
     batch, k, K = x.shape
     wide, stored = slice(0, batch - tall), slice(batch - tall, batch)
-    normalize_(x)  # X_0: every singular value in [0, 1]
     gram, poly = (buffer(workspace, name, (batch, k, k), x.dtype, x.device) for name in ("gram", "poly"))
     spare = (buffer(workspace, "y", x.shape, x.dtype, x.device), x)  # x is free after the first iteration
     # X_0 of the wide matrices and of the tall ones (their stored transposes, seen transposed), each (n, k, K)
@@ -186,6 +191,18 @@ def iteration_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
     return [sorted(g, key=lambda i: tensors[i].size(0) > tensors[i].size(1)) for g in groups.values()]
 
 
+def look_ahead_kernel(tensors: list[torch.Tensor]) -> bool:
+    """Whether the look-ahead of these gradients and momenta runs in kernels/nesterov.py's Triton launches: plain
+    (not FSDP's DTensor) contiguous fp32 matrices, triton installed, a device that runs it (``triton_device``)."""
+    plain = all(not isinstance(t, DTensor) and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    return plain and nesterov is not None and triton_device(tensors[0].device)
+
+
+def triton_device(device: torch.device) -> bool:
+    """Whether Triton kernels run on ``device`` for Muon: CUDA (a test puts the CPU's interpreter in its place)."""
+    return device.type == "cuda"
+
+
 def iteration_dtype(u: torch.Tensor) -> torch.dtype:
     """The dtype Newton-Schulz runs in by default: bf16 on CUDA (tensor cores); on a CPU, ``cpu_iteration_dtype``."""
     return torch.bfloat16 if u.device.type == "cuda" else cpu_iteration_dtype()
@@ -214,15 +231,16 @@ def orthogonalize_sharded(u: DTensor, scale: float = 1.0) -> DTensor:
     whole = u.to(iteration_dtype(u)).full_tensor()  # the same matrix on every rank; the iteration may overwrite it
     stack = (1, min(m, n), max(m, n))  # a tall matrix is stored as its transpose: the same bytes
     out = torch.empty(stack, dtype=u.dtype, device=whole.device)
-    newton_schulz_(whole.view(stack), out, int(m > n), scale)
+    newton_schulz_(normalize_(whole.view(stack)), out, int(m > n), scale)
     return distribute_tensor(out.view(m, n), u.device_mesh, u.placements, src_data_rank=None)  # src None: slice here
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters (see the module docstring): lr, Nesterov momentum ``momentum``, decoupled decay.
 
-    The step is batched by iteration shape and leaves each gradient holding its look-ahead U (module docstring);
-    ``workspace`` holds its buffers between steps, outside the state, so checkpoints hold the momenta alone.
+    The step is batched by iteration shape; on the foreach path (the CPU, FSDP) it leaves each gradient holding its
+    look-ahead U (module docstring). ``workspace`` holds its buffers between steps, outside the state, so
+    checkpoints hold the momenta alone.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
@@ -248,12 +266,14 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             grads, momenta = [p.grad for p in params], [self._momentum(p) for p in params]
-            torch._foreach_lerp_(momenta, grads, 1 - mu)  # M <- mu M + (1 - mu) G
-            torch._foreach_lerp_(grads, momenta, mu)  # G <- (1 - mu) G + mu M: the look-ahead U, in G's place
+            nesterov_mu = mu if look_ahead_kernel(grads + momenta) else None  # the kernel: both lerps, per stack
+            if nesterov_mu is None:  # the foreach path
+                torch._foreach_lerp_(momenta, grads, 1 - mu)  # M <- mu M + (1 - mu) G
+                torch._foreach_lerp_(grads, momenta, mu)  # G <- (1 - mu) G + mu M: the look-ahead U, in G's place
             if lr * wd:  # W <- W + lr wd (T - W), T = -(0.2 sqrt(max(m, n)) / wd) O: the decay and step in one pass
-                torch._foreach_lerp_(params, self._updates(grads, -1 / wd), lr * wd)
+                torch._foreach_lerp_(params, self._updates(grads, momenta, nesterov_mu, -1 / wd), lr * wd)
             else:  # W <- W + T, T = -lr 0.2 sqrt(max(m, n)) O
-                torch._foreach_add_(params, self._updates(grads, -lr))
+                torch._foreach_add_(params, self._updates(grads, momenta, nesterov_mu, -lr))
 
     def _momentum(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -261,23 +281,34 @@ class Muon(torch.optim.Optimizer):
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum"]
 
-    def _updates(self, looks: list[torch.Tensor], factor: float) -> list[torch.Tensor]:
-        """``factor`` 0.2 sqrt(max(m, n)) orthogonalize(U) for each look-ahead U, batched (module docstring).
+    def _updates(self, grads: list[torch.Tensor], momenta: list[torch.Tensor], mu: float | None,
+                 factor: float) -> list[torch.Tensor]:
+        """``factor`` 0.2 sqrt(max(m, n)) orthogonalize(U) for each look-ahead U, batched (module docstring): U from
+        G and M by kernels/nesterov.py where ``mu`` is given, else the U that ``grads`` hold.
 
         The results are views of the workspace, valid until the next step."""
-        updates: list = [None] * len(looks)
-        for members in iteration_groups(looks):
-            us = [looks[i] for i in members]
-            scale = factor * RMS_MATCH * math.sqrt(max(us[0].shape))
-            if isinstance(us[0], DTensor):  # FSDP: one sharded matrix (see the module docstring)
-                outs = [orthogonalize_sharded(us[0], scale)]
+        updates: list = [None] * len(grads)
+        for members in iteration_groups(grads):
+            gs = [grads[i] for i in members]
+            scale = factor * RMS_MATCH * math.sqrt(max(gs[0].shape))
+            if isinstance(gs[0], DTensor):  # FSDP: one sharded matrix (see the module docstring)
+                outs = [orthogonalize_sharded(gs[0], scale)]
             else:
-                stack, device = (len(us), min(us[0].shape), max(us[0].shape)), us[0].device
-                x = buffer(self.workspace, "x", stack, iteration_dtype(us[0]), device)
-                torch._foreach_copy_([x[j].view(u.shape) for j, u in enumerate(us)], us)  # cast and stacked
-                out = buffer(self.workspace, "out", stack, us[0].dtype, device)
-                newton_schulz_(x, out, sum(u.size(0) > u.size(1) for u in us), scale, self.workspace)
-                outs = [out[j].view(u.shape) for j, u in enumerate(us)]
+                x = self._stack(gs, [momenta[i] for i in members], mu)
+                out = buffer(self.workspace, "out", x.shape, gs[0].dtype, x.device)
+                newton_schulz_(x, out, sum(g.size(0) > g.size(1) for g in gs), scale, self.workspace)
+                outs = [out[j].view(g.shape) for j, g in enumerate(gs)]
             for i, update in zip(members, outs, strict=True):
                 updates[i] = update
         return updates
+
+    def _stack(self, gs: list[torch.Tensor], ms: list[torch.Tensor], mu: float | None) -> torch.Tensor:
+        """X_0 of one iteration stack: each matrix's look-ahead U in the iteration dtype, in its own layout, divided
+        by its norm; made from G and M by kernels/nesterov.py where ``mu`` is given, else cast from the U's in gs."""
+        stack, device = (len(gs), min(gs[0].shape), max(gs[0].shape)), gs[0].device
+        x = buffer(self.workspace, "x", stack, iteration_dtype(gs[0]), device)
+        if mu is None:
+            torch._foreach_copy_([x[j].view(u.shape) for j, u in enumerate(gs)], gs)  # cast and stacked
+            return normalize_(x)
+        ssq = buffer(self.workspace, "ssq", stack[:1], torch.float64, device)
+        return nesterov.divide_by_norm_(x, nesterov.nesterov_(gs, ms, x, ssq, mu))
