@@ -28,8 +28,9 @@ has fp32's exponent range, so nothing overflows or flushes there that the foreac
 squares runs in fp64: a square of an fp32 (or bf16) value is exact in fp64 and at most 2^256, at least 2^-298,
 far inside fp64's range (2^+-1022), and a sum of fewer than 2^700 of them cannot overflow; so the norm is right at
 any gradient scale without first dividing by the largest entry. The factor 1 / sqrt(ssq) may reach 2^149 (past
-fp32's 2^128), so the division multiplies in fp64 and rounds once to x's dtype: each normalized element is off by
-one rounding (2^-9 relative in bf16), where the foreach path's two divisions rounded twice.
+fp32's 2^128), so the division multiplies in fp64 and rounds the product to x's dtype (through fp32, 2^-24 more):
+each normalized element is off by one rounding (2^-9 relative in bf16), where the foreach path's two divisions
+rounded twice.
 
 Each program adds its tile's sum of squares to ssq[j] with one fp64 atomic add, so the order of the additions, and
 the last bits of ssq, vary from run to run; a bf16 element of x changes only when x[j] / sqrt(ssq) lies within those
@@ -52,10 +53,10 @@ def _lerp(start, end, weight):
 @triton.jit
 def _address(table_ptr, index, ALIGNED: tl.constexpr):
     """The fp32 pointer at table_ptr[index]; said 16-byte aligned when ALIGNED."""
-    address = tl.load(table_ptr + index)
+    pointer = tl.load(table_ptr + index).to(tl.pointer_type(tl.float32))
     if ALIGNED:
-        address = tl.multiple_of(address, 16)
-    return address.to(tl.pointer_type(tl.float32))
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
@@ -97,7 +98,8 @@ def _divide_by_norm_kernel(
     mask = offs < n
     ptrs = x_ptr + j.to(tl.int64) * n + offs
     x = tl.load(ptrs, mask=mask, other=0.0)
-    tl.store(ptrs, (x.to(tl.float64) * factor).to(x_ptr.dtype.element_ty), mask=mask)
+    y = (x.to(tl.float64) * factor).to(tl.float32)  # then to bf16: the interpreter cannot cast fp64 to it directly
+    tl.store(ptrs, y.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 # 2048 elements a program: 8 KiB of each fp32 tensor, 16-byte vectors on every thread of 4 warps
