@@ -32,14 +32,24 @@ its forward and backward: small next to a step of 10^5 tokens or more.
 
 The step is batched: matrices that iterate in one k x K shape (a tall one as its transpose) form one stack, and a
 model has few (the 125M preset: 84 matrices, 2 stacks: 48 of 768 x 768, and the FFN's 24 tall 2048 x 768 beside its
-12 768 x 2048). Each pass is argued by its bytes per hidden-matrix element (fp32: 4, the bf16 iteration: 2):
-- one foreach launch updates every momentum (reads M and G, writes M: 12 bytes);
+12 768 x 2048). Each pass is argued by its bytes per hidden-matrix element (fp32: 4, the bf16 iteration: 2).
+On CUDA (plain tensors; kernels/nesterov.py), per stack:
+- one Triton launch updates every momentum, writes every look-ahead U into a kept bf16 buffer, each matrix in its
+  own layout, and sums each U's squares in fp64 (reads G and M, writes M and U: 8 + 4 + 2 = 14 bytes); the gradients
+  keep G (the trainer drops them right after the step anyway);
+- one more divides each matrix by its Frobenius norm (2 + 2 = 4). One pass suffices: U is kept unscaled in bf16,
+  which has fp32's exponent range, and no fp64 square of it overflows or underflows (the kernel's docstring argues
+  it), so nothing needs dividing by the largest entry first. The sums are fp64 atomic adds in no fixed order, so
+  the step is not bitwise reproducible from run to run (an element changes once in about 2^42).
+Elsewhere (the CPU; FSDP's DTensors, the gathered path below), foreach launches over all matrices:
+- one updates every momentum (reads M and G, writes M: 12 bytes);
 - one more turns every gradient into its look-ahead U in place (reads G and M, writes G: 12), so the step leaves U in
-  each ``p.grad`` (the trainer drops the gradients right after it). Keeping G would put U elsewhere: stacking the
-  gradients into an fp32 buffer, then the look-ahead there, moved 8 + 12;
+  each ``p.grad``. Keeping G would put U elsewhere: stacking the gradients into an fp32 buffer, then the look-ahead
+  there, moved 8 + 12;
 - per stack, one foreach copy casts the U's into a kept bf16 buffer (4 + 2 = 6), each matrix in its own layout;
 - each matrix of the stack is divided by its largest entry, then by its Frobenius norm, in place (2 + 4 + 2 + 4 = 12):
-  two passes, so the squares in the norm neither overflow nor all underflow, at any gradient scale;
+  two passes, so the squares in the norm neither overflow nor all underflow, at any gradient scale.
+Then, on every device:
 - 5 iterations of 3 batched GEMMs, each matrix scaled by its own norm, so stacking changes nothing but the GEMM
   kernel. The first iteration reads the tall matrices transposed in their layout (one more GEMM launch for X X^T and
   one for the update; then the stack has one layout). Each iteration is X <- P X with P = a I + b G + c G^2, a on
@@ -52,10 +62,13 @@ model has few (the 125M preset: 84 matrices, 2 stacks: 48 of 768 x 768, and the 
   T = s O = -(0.2 sqrt(max(m, n)) / wd) O, is W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O (reads W and T, writes W: 12;
   a decay pass and an add moved 8 + 12). Without decay it is W + T, T = -lr 0.2 sqrt(max(m, n)) O. T must stay
   finite, so a decay is 0 or at least MIN_WEIGHT_DECAY.
-That is 54 bytes an element besides the GEMMs (74 before these fusions; reading G, M and W and writing M and W once
-would be 20). On a CPU the stack is fp32 (the copy 8, the normalization 24). The iteration's buffers are kept from
-step to step: a step allocates nothing (on a CPU a fresh large allocation costs its page faults). bench/step.py counts
-the optimizer's launches and bytes; tests/test_bench_step.py holds the counts of one step by hand.
+That is 14 + 4 + 12 = 30 bytes an element besides the GEMMs on CUDA, in 3 launches a stack before the iteration
+(zeroing the sums of squares, the two kernels) and one for the update (54 on the foreach path, whose passes before
+the iteration take 27 launches at the 125M preset where the kernels take 6; 74 before these fusions; reading G, M and W and writing M and W once would be 20). On a CPU the
+stack is fp32 (the copy 8, the normalization 24). The iteration's buffers are kept from step to step: a step
+allocates nothing but the kernel's table of addresses (on a CPU a fresh large allocation costs its page faults).
+bench/step.py counts the optimizer's launches and bytes; tests/test_bench_step.py holds the counts of one step by
+hand.
 
 Only hidden 2-D weights go to Muon: the embedding is a lookup, not a linear map of its input, and the lm_head's
 rows are scored against each other; both, and the norm gains, stay with AdamW (as in the write-up). In DDP every rank
