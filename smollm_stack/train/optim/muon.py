@@ -64,11 +64,11 @@ Then, on every device:
   finite, so a decay is 0 or at least MIN_WEIGHT_DECAY.
 That is 14 + 4 + 12 = 30 bytes an element besides the GEMMs on CUDA, in 3 launches a stack before the iteration
 (zeroing the sums of squares, the two kernels) and one for the update (54 on the foreach path, whose passes before
-the iteration take 27 launches at the 125M preset where the kernels take 6; 74 before these fusions; reading G, M and W and writing M and W once would be 20). On a CPU the
-stack is fp32 (the copy 8, the normalization 24). The iteration's buffers are kept from step to step: a step
-allocates nothing but the kernel's table of addresses (on a CPU a fresh large allocation costs its page faults).
-bench/step.py counts the optimizer's launches and bytes; tests/test_bench_step.py holds the counts of one step by
-hand.
+the iteration take 27 launches at the 125M preset where the kernels take 6; 74 before these fusions; reading G, M
+and W and writing M and W once would be 20). On a CPU the stack is fp32 (the copy 8, the normalization 24). The
+iteration's buffers are kept from step to step: a step allocates nothing but the kernel's table of addresses (on a
+CPU a fresh large allocation costs its page faults). bench/step.py counts the optimizer's launches and bytes;
+tests/test_bench_step.py holds the counts of one step by hand.
 
 Only hidden 2-D weights go to Muon: the embedding is a lookup, not a linear map of its input, and the lm_head's
 rows are scored against each other; both, and the norm gains, stay with AdamW (as in the write-up). In DDP every rank
