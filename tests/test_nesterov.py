@@ -84,5 +84,7 @@ def test_bad_arguments_are_clear_errors():
         nesterov.nesterov_([torch.zeros(3, 2).t()], g, x, ssq, MU)
     with pytest.raises(ValueError, match="ssq must be"):
         nesterov.nesterov_(g, g, x, ssq.float(), MU)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        nesterov.nesterov_(g, g, x.half(), ssq, MU)
     with pytest.raises(ValueError, match="fp64 ssq"):
         nesterov.divide_by_norm_(x, ssq.float())

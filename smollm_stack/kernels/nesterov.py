@@ -15,13 +15,14 @@ One launch for a whole stack: the matrices are separate tensors, so their addres
 and casting them to pointers (as Triton's grouped-GEMM tutorial does). The table is built on the host every call
 (gradients are new tensors each step) and copied to the device without waiting (a few hundred bytes, staged by the
 driver at once: no host sync). When every address is a multiple of 16 bytes (torch's allocators align to 64 or 512)
-the kernel says so (``ALIGNED``), so the loads stay 16-byte vectors; n itself is a launch argument, whose
-divisibility Triton specializes as for any int, and x[j] starts j n elements into x.
+the kernel says so of each pointer (``ALIGNED``; said of the integer, it would not survive the cast), so the loads
+stay 16-byte vectors (tests/test_lowering_gates.py); n itself is a launch argument, whose divisibility Triton
+specializes as for any int, and x[j] starts j n elements into x.
 
 Bytes an element, for a bf16 x: read G and M (8), write M (4) and x (2), 14; then the division reads and writes x, 4:
 18 in two launches (and a zeroing of ssq), where the foreach ops move 42 (the momentum's lerp 12, the look-ahead
-written over G 12, the cast into x 6, a division by the largest entry then by the norm, 12) in about 30 launches at
-the 125M preset's two stacks.
+written over G 12, the cast into x 6, a division by the largest entry then by the norm, 12) in 27 launches at the
+125M preset's two stacks, where these take 6.
 
 Why one division is enough where the foreach path divides twice: U is stored unscaled in x's dtype, which for bf16
 has fp32's exponent range, so nothing overflows or flushes there that the foreach path's cast would not. The sum of
@@ -117,7 +118,8 @@ def nesterov_(grads: list[torch.Tensor], momenta: list[torch.Tensor], x: torch.T
               mu: float) -> torch.Tensor:
     """M_j <- mu M_j + (1 - mu) G_j; x[j] <- (1 - mu) G_j + mu M_j in x's dtype; ssq[j] <- sum of x[j]^2 in fp64
     (module docstring). grads, momenta: fp32, contiguous, one a matrix of x (batch, ...), each of x[0]'s size;
-    x: contiguous fp32, fp16 or bf16; ssq: (batch,) fp64, overwritten. Returns ssq."""
+    x: contiguous fp32 or bf16 (fp32's exponent range: an unscaled U could overflow fp16); ssq: (batch,) fp64,
+    overwritten. Returns ssq."""
     _check(grads, momenta, x, ssq)
     addresses = [[t.data_ptr() for t in grads], [t.data_ptr() for t in momenta]]
     aligned = all(a % 16 == 0 for row in addresses for a in row)
@@ -144,7 +146,8 @@ def divide_by_norm_(x: torch.Tensor, ssq: torch.Tensor) -> torch.Tensor:
 
 def _check(grads: list[torch.Tensor], momenta: list[torch.Tensor], x: torch.Tensor, ssq: torch.Tensor) -> None:
     """Raise a clear error unless the arguments are as ``nesterov_`` documents."""
-    _utils.check_float("x", x)
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"nesterov_: x must be a float32 or bfloat16 tensor, got {getattr(x, 'dtype', type(x))}")
     batch, n = x.shape[0], x[0].numel()
     if not (len(grads) == len(momenta) == batch) or not x.is_contiguous():
         raise ValueError(f"nesterov_: need a contiguous x and {batch} gradients and momenta, got "
