@@ -193,17 +193,17 @@ def test_muon_step_counted_by_hand():
     hidden = 4 * D * D + 3 * D * FF
     assert (muon[-1].op, muon[-1].read, muon[-1].written, muon[-1].launches) == (
         "_foreach_lerp_", 8 * hidden, 4 * hidden, 1)  # fmt: skip
-    # per iteration shape (k, K): q k v o (64, 64); w2 (64, 192) with w1 and w3 (192 x 64, kept in their layout, last):
-    # the fp64 sums of squares zeroed; the look-ahead kernel (kernels/nesterov.py) reads its table of 2 n addresses
-    # and through it G and M, writes M and U into the bf16 stack, and adds into the sums (14 bytes an element); the
-    # division by the norms (4); each iteration's a (a s in the last) on P's diagonal, then P X into the fp32 updates:
-    # one GEMM for the wide matrices, one for the tall ones; making P = b G + c G^2 copies the Gram matrix G into
-    # P's buffer first, as CUDA's baddbmm does
-    starts = [i for i, r in enumerate(muon) if r.op == "zero_"] + [len(muon) - 1]
+    # per iteration shape (k, K): q k v o (64, 64); w2 (64, 192) with w1 and w3 (192 x 64, kept in their layout,
+    # last): the look-ahead kernel (kernels/nesterov.py) reads its table of 2 n addresses and through it G and M,
+    # writes M and U into the bf16 stack and each tile's fp64 sum of squares (14 bytes an element; tiles of 2048
+    # elements); the sums over the tiles; the division by the norms (4); each iteration's a (a s in the last) on P's
+    # diagonal, then P X into the fp32 updates: one GEMM for the wide matrices, one for the tall ones; making P = b
+    # G + c G^2 copies the Gram matrix G into P's buffer first, as CUDA's baddbmm does
+    starts = [i for i, r in enumerate(muon) if r.op == "_nesterov_kernel"] + [len(muon) - 1]
     for (n, tall, k, K), a, b in zip([(4, 0, D, D), (3, 2, D, FF)], starts[:-1], starts[1:], strict=True):
-        rs, e = muon[a:b], n * k * K  # the stack's elements
+        rs, e, tiles = muon[a:b], n * k * K, n * k * K // 2048  # the stack's elements, its matrices' tiles
         assert [(r.op, r.read, r.written) for r in rs if not r.matmul] == [
-            ("zero_", 0, 8 * n), ("_nesterov_kernel", 16 * n + 8 * e + 8 * n, 6 * e + 8 * n),
+            ("_nesterov_kernel", 16 * n + 8 * e, 6 * e + 8 * tiles), ("sum", 8 * tiles, 8 * n),
             ("_divide_by_norm_kernel", 2 * e + 8 * n, 2 * e),
             *[("copy_", 2 * n * k * k, 2 * n * k * k), ("add_", 2 * n * k, 2 * n * k)] * 5
         ]  # fmt: skip

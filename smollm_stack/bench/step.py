@@ -121,7 +121,7 @@ TRITON_KERNELS = {
     "_rope_kernel": (0, ("qo_ptr", "ko_ptr"), ()),
     "_swiglu_fwd_kernel": (0, ("y_ptr",), ()),
     "_swiglu_bwd_kernel": (0, ("dg_ptr", "du_ptr"), ()),
-    "_nesterov_kernel": (0, ("x_ptr",), ("ssq_ptr",)),  # and the matrices of its table: POINTER_TABLES
+    "_nesterov_kernel": (0, ("x_ptr", "partial_ptr"), ()),  # and the matrices of its table: POINTER_TABLES
     "_divide_by_norm_kernel": (0, (), ("x_ptr",)),
 }
 # Triton kernels that reach tensors through a table of their addresses: (the table, the argument giving each

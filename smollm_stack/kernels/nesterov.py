@@ -5,7 +5,7 @@ of one size n), and a contiguous stack buffer x (batch, ...) of n elements a mat
 
     M_j <- mu M_j + (1 - mu) G_j                   (in place)
     x[j] <- U_j = (1 - mu) G_j + mu M_j            (the new M_j; rounded to x's dtype, element order as G_j's)
-    ssq[j] <- sum of U_j^2 over the stored U_j     (fp64)
+    ssq[j] <- sum of U_j^2 over the stored U_j     (fp64: each program's tile into a partial sum, then one sum)
 
 then ``divide_by_norm_`` sets x[j] <- x[j] / sqrt(ssq[j]) (a zero matrix stays zero). Both lerps are torch.lerp's
 formula, so the fp32 results are the foreach ops' up to the FMA contractions of the compiler.
@@ -19,10 +19,10 @@ the kernel says so of each pointer (``ALIGNED``; said of the integer, it would n
 stay 16-byte vectors (tests/test_lowering_gates.py); n itself is a launch argument, whose divisibility Triton
 specializes as for any int, and x[j] starts j n elements into x.
 
-Bytes an element, for a bf16 x: read G and M (8), write M (4) and x (2), 14; then the division reads and writes x, 4:
-18 in two launches (and a zeroing of ssq), where the foreach ops move 42 (the momentum's lerp 12, the look-ahead
-written over G 12, the cast into x 6, a division by the largest entry then by the norm, 12) in 27 launches at the
-125M preset's two stacks, where these take 6.
+Bytes an element, for a bf16 x: read G and M (8), write M (4) and x (2), 14; then the division reads and writes x,
+4: 18 in two launches (and a sum of the tiles' partial sums, 8 bytes a tile), where the foreach ops move 42 (the
+momentum's lerp 12, the look-ahead written over G 12, the cast into x 6, a division by the largest entry then by the
+norm, 12) in 27 launches at the 125M preset's two stacks, where these take 6.
 
 Why one division is enough where the foreach path divides twice: U is stored unscaled in x's dtype, which for bf16
 has fp32's exponent range, so nothing overflows or flushes there that the foreach path's cast would not. The sum of
@@ -33,9 +33,10 @@ fp32's 2^128), so the division multiplies in fp64 and rounds the product to x's 
 each normalized element is off by one rounding (2^-9 relative in bf16), where the foreach path's two divisions
 rounded twice.
 
-Each program adds its tile's sum of squares to ssq[j] with one fp64 atomic add, so the order of the additions, and
-the last bits of ssq, vary from run to run; a bf16 element of x changes only when x[j] / sqrt(ssq) lies within those
-bits (about 2^-50 relative) of a rounding boundary: not bitwise reproducible, and noticeable by no other measure.
+Each program writes its tile's sum of squares to its own slot of a (batch, tiles) fp64 buffer, and one torch sum
+over the tiles makes ssq: the same additions in the same order every run, so the step is bitwise reproducible (an
+fp64 atomic add per tile into ssq would save that launch but add in whatever order the programs finish, and a
+resumed run is held to the uninterrupted one's losses bit for bit).
 """
 
 import torch
@@ -64,7 +65,7 @@ def _address(table_ptr, index, ALIGNED: tl.constexpr):
 def _nesterov_kernel(
     table_ptr,  # (2, batch) int64: the addresses of G_j (row 0) and M_j (row 1), fp32, n elements each
     x_ptr,  # (batch, n) contiguous stack, written
-    ssq_ptr,  # (batch,) fp64, zero before the launch: the sums of squares of x[j]
+    partial_ptr,  # (batch, tiles) fp64, written: each tile's sum of squares of x[j]
     batch,
     n,
     mu,
@@ -81,7 +82,7 @@ def _nesterov_kernel(
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(x_ptr + j.to(tl.int64) * n + offs, u, mask=mask)
     square = u.to(tl.float64) * u.to(tl.float64)
-    tl.atomic_add(ssq_ptr + j, tl.sum(square, axis=0))
+    tl.store(partial_ptr + j.to(tl.int64) * tl.num_programs(0) + tl.program_id(0), tl.sum(square, axis=0))
 
 
 @triton.jit
@@ -124,11 +125,11 @@ def nesterov_(grads: list[torch.Tensor], momenta: list[torch.Tensor], x: torch.T
     addresses = [[t.data_ptr() for t in grads], [t.data_ptr() for t in momenta]]
     aligned = all(a % 16 == 0 for row in addresses for a in row)
     table = torch.tensor(addresses, dtype=torch.int64).to(x.device, non_blocking=True)  # staged at once: no sync
-    ssq.zero_()
     grid, block = _grid(x)
-    _nesterov_kernel[grid](table, x, ssq, x.shape[0], x[0].numel(), mu, BLOCK=block, ALIGNED=aligned,
+    partial = torch.empty(grid[::-1], dtype=torch.float64, device=x.device)
+    _nesterov_kernel[grid](table, x, partial, x.shape[0], x[0].numel(), mu, BLOCK=block, ALIGNED=aligned,
                            num_warps=_utils.num_warps_for(block))
-    return ssq
+    return torch.sum(partial, dim=1, out=ssq)  # in a fixed order (module docstring)
 
 
 def divide_by_norm_(x: torch.Tensor, ssq: torch.Tensor) -> torch.Tensor:

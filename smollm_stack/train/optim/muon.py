@@ -35,12 +35,12 @@ model has few (the 125M preset: 84 matrices, 2 stacks: 48 of 768 x 768, and the 
 12 768 x 2048). Each pass is argued by its bytes per hidden-matrix element (fp32: 4, the bf16 iteration: 2).
 On CUDA (plain tensors; kernels/nesterov.py), per stack:
 - one Triton launch updates every momentum, writes every look-ahead U into a kept bf16 buffer, each matrix in its
-  own layout, and sums each U's squares in fp64 (reads G and M, writes M and U: 8 + 4 + 2 = 14 bytes); the gradients
-  keep G (the trainer drops them right after the step anyway);
+  own layout, and sums each tile of U's squares in fp64 (reads G and M, writes M and U: 8 + 4 + 2 = 14 bytes); the
+  gradients keep G (the trainer drops them right after the step anyway); one torch sum over the tiles, in a fixed
+  order, so the step is bitwise reproducible;
 - one more divides each matrix by its Frobenius norm (2 + 2 = 4). One pass suffices: U is kept unscaled in bf16,
   which has fp32's exponent range, and no fp64 square of it overflows or underflows (the kernel's docstring argues
-  it), so nothing needs dividing by the largest entry first. The sums are fp64 atomic adds in no fixed order, so
-  the step is not bitwise reproducible from run to run (an element changes once in about 2^42).
+  it), so nothing needs dividing by the largest entry first.
 Elsewhere (the CPU; FSDP's DTensors, the gathered path below), foreach launches over all matrices:
 - one updates every momentum (reads M and G, writes M: 12 bytes);
 - one more turns every gradient into its look-ahead U in place (reads G and M, writes G: 12), so the step leaves U in
@@ -62,13 +62,13 @@ Then, on every device:
   T = s O = -(0.2 sqrt(max(m, n)) / wd) O, is W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O (reads W and T, writes W: 12;
   a decay pass and an add moved 8 + 12). Without decay it is W + T, T = -lr 0.2 sqrt(max(m, n)) O. T must stay
   finite, so a decay is 0 or at least MIN_WEIGHT_DECAY.
-That is 14 + 4 + 12 = 30 bytes an element besides the GEMMs on CUDA, in 3 launches a stack before the iteration
-(zeroing the sums of squares, the two kernels) and one for the update (54 on the foreach path, whose passes before
-the iteration take 27 launches at the 125M preset where the kernels take 6; 74 before these fusions; reading G, M
-and W and writing M and W once would be 20). On a CPU the stack is fp32 (the copy 8, the normalization 24). The
-iteration's buffers are kept from step to step: a step allocates nothing but the kernel's table of addresses (on a
-CPU a fresh large allocation costs its page faults). bench/step.py counts the optimizer's launches and bytes;
-tests/test_bench_step.py holds the counts of one step by hand.
+That is 14 + 4 + 12 = 30 bytes an element besides the GEMMs on CUDA, in 3 launches a stack before the iteration (the
+two kernels and the sum between them) and one for the update (54 on the foreach path, whose passes before the
+iteration take 27 launches at the 125M preset where the kernels take 6; 74 before these fusions; reading G, M and W
+and writing M and W once would be 20). On a CPU the stack is fp32 (the copy 8, the normalization 24). The
+iteration's buffers are kept from step to step: a step allocates nothing but the kernel's table of addresses and
+tile sums (on a CPU a fresh large allocation costs its page faults). bench/step.py counts the optimizer's launches
+and bytes; tests/test_bench_step.py holds the counts of one step by hand.
 
 Only hidden 2-D weights go to Muon: the embedding is a lookup, not a linear map of its input, and the lm_head's
 rows are scored against each other; both, and the norm gains, stay with AdamW (as in the write-up). In DDP every rank
