@@ -202,21 +202,22 @@ def test_muon_step_counted_by_hand():
     optimizer = [r for r in step.records if r.phase == "optimizer"]
     muon, adamw = optimizer[:-4], optimizer[-4:]
     assert [r.op for r in adamw] == ["_foreach_add_", "_fused_adamw_"] * 2  # per group: step counts, fused update
-    # every momentum, every look-ahead (in the gradient's place), every weight update with its decay: one launch each
-    # (7 fp32 matrices of one chunk), reading two lists and writing one
+    # every weight update with its decay: one launch (7 fp32 matrices of one chunk), reading two lists, writing one
     hidden = 4 * D * D + 3 * D * FF
-    lerp = ("_foreach_lerp_", 8 * hidden, 4 * hidden, 1)
-    assert [(r.op, r.read, r.written, r.launches) for r in (muon[0], muon[1], muon[-1])] == [lerp] * 3
-    # per iteration shape (k, K): q k v o (64, 64); w2 (64, 192) with w1 and w3 (192 x 64, kept in their layout, last):
-    # the cast into the bf16 stack, two divisions (by the largest entry, by the norm), each iteration's a (a s in the
-    # last) on P's diagonal, then P X into the fp32 updates: one GEMM for the wide matrices, one for the tall ones;
-    # making P = b G + c G^2 copies the Gram matrix G into P's buffer first, as CUDA's baddbmm does
-    starts = [i for i, r in enumerate(muon) if r.op == "_foreach_copy_"] + [len(muon) - 1]
+    assert (muon[-1].op, muon[-1].read, muon[-1].written, muon[-1].launches) == (
+        "_foreach_lerp_", 8 * hidden, 4 * hidden, 1)  # fmt: skip
+    # per iteration shape (k, K): q k v o (64, 64); w2 (64, 192) with w1 and w3 (192 x 64, kept in their layout,
+    # last): the look-ahead kernel (kernels/nesterov.py) reads its table of 2 n addresses and through it G and M,
+    # writes M and U into the bf16 stack and each tile's fp64 sum of squares (14 bytes an element; tiles of 2048
+    # elements); the sums over the tiles; the division by the norms (4); each iteration's a (a s in the last) on P's
+    # diagonal, then P X into the fp32 updates: one GEMM for the wide matrices, one for the tall ones; making P = b
+    # G + c G^2 copies the Gram matrix G into P's buffer first, as CUDA's baddbmm does
+    starts = [i for i, r in enumerate(muon) if r.op == "_nesterov_kernel"] + [len(muon) - 1]
     for (n, tall, k, K), a, b in zip([(4, 0, D, D), (3, 2, D, FF)], starts[:-1], starts[1:], strict=True):
-        rs, e = muon[a:b], n * k * K  # the stack's elements
-        divide = [("linalg_vector_norm", 2 * e, 2 * n), ("clamp_min_", 2 * n, 2 * n), ("div_", 2 * e + 2 * n, 2 * e)]
+        rs, e, tiles = muon[a:b], n * k * K, n * k * K // 2048  # the stack's elements, its matrices' tiles
         assert [(r.op, r.read, r.written) for r in rs if not r.matmul] == [
-            ("_foreach_copy_", 4 * e, 2 * e), *divide, *divide,
+            ("_nesterov_kernel", 16 * n + 8 * e, 6 * e + 8 * tiles), ("sum", 8 * tiles, 8 * n),
+            ("_divide_by_norm_kernel", 2 * e + 8 * n, 2 * e),
             *[("copy_", 2 * n * k * k, 2 * n * k * k), ("add_", 2 * n * k, 2 * n * k)] * 5
         ]  # fmt: skip
         parts = [p for p in (n - tall, tall) if p]
@@ -224,7 +225,7 @@ def test_muon_step_counted_by_hand():
         assert last == [("bmm", 2 * p * k * k + 2 * p * k * K, 4 * p * k * K) for p in parts]
         # 3 GEMMs an iteration; the first one's Gram matrix and update and the last product, one per layout
         assert sum(r.launches for r in rs if r.matmul) == 5 * 3 + 3 * (len(parts) - 1)
-    assert sum(r.launches for r in muon) == 3 + (1 + 6 + 15 + 5 + 5) + (1 + 6 + 18 + 5 + 5)
+    assert sum(r.launches for r in muon) == 1 + (3 + 15 + 5 + 5) + (3 + 18 + 5 + 5)
     # no GEMM adds into its output (CUDA's baddbmm copies its addend there first) but the one making P from G
     assert [r.op for r in muon if r.op == "baddbmm"] == ["baddbmm"] * 10
     # Newton-Schulz: 4 k^2 K + 2 k^3 per matrix and iteration (k = min(m, n), K = max) in bf16, as on CUDA

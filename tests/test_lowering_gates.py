@@ -14,7 +14,8 @@ before any GPU sees it:
 - RoPE's grid puts at least one full wave on the H100's SMs at the 125M shape;
 - memory-bound kernels: at least 3/4 of the bytes each moves go in 16-byte vector loads and stores (only per-row scalars
   may go narrower), add_rms_norm's as a pre-norm block runs it (with the sum's gradient, and without for the last norm),
-  including the odd vocabulary V = 50257, standalone and in FLCE's padded buffer. Counted are the loads of the kernel's
+  including the odd vocabulary V = 50257, standalone and in FLCE's padded buffer, and Muon's look-ahead kernel
+  (kernels/nesterov.py), whose matrices' addresses come from a table. Counted are the loads of the kernel's
   tensors: kernels.tooling.lowering counts those of constant arrays compiled into the module apart (RoPE's libdevice
   sinf/cosf read the 2/pi bits of their large-argument reduction, scalar by scalar, only for |angle| > 105615 rad, i.e.
   positions past 105615), and only where their address provably starts at such an array;
@@ -91,6 +92,7 @@ MEMORY_BOUND_SCRIPT = """
 import torch
 from smollm_stack import kernels
 from smollm_stack.kernels.linear_cross_entropy import chunk_rows, cross_entropy_forward, padded_width
+from smollm_stack.kernels.nesterov import divide_by_norm_, nesterov_
 from smollm_stack.kernels.rope import apply_rope_qk
 
 BF16 = torch.bfloat16
@@ -152,11 +154,22 @@ for name, p in PRESETS.items():
         f"cross_entropy {name}": fwd_bwd(kernels.cross_entropy, leaf(N, p["vocab"]), torch.zeros(N, dtype=torch.int64)),
         f"flce_chunk {name}": flce_chunk(N, p["vocab"]),
     })
+
+
+def nesterov_stack(batch, k, K, dtype=BF16):
+    # Muon's look-ahead into its bf16 stack (fp32 in tests), then the division by each matrix's norm
+    x, ssq, grads = torch.empty(batch, k, K, dtype=dtype), torch.empty(batch, dtype=torch.float64), torch.empty(k, K)
+    return lambda: divide_by_norm_(x, nesterov_([grads] * batch, [grads] * batch, x, ssq, 0.95))
+
+
+CASES.update({"nesterov 125m attention": nesterov_stack(48, 768, 768),
+              "nesterov 125m ffn": nesterov_stack(36, 768, 2048),
+              "nesterov fp32": nesterov_stack(4, 512, 512, torch.float32)})
 """
 
 ATTENTION_KERNELS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
 WGMMA_KERNELS = (*ATTENTION_KERNELS, "_attn_bwd_atomic")
-MEMORY_BOUND_OPS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "cross_entropy", "flce_chunk")
+MEMORY_BOUND_OPS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "cross_entropy", "flce_chunk", "nesterov")
 
 
 def _describe(r: dict) -> str:

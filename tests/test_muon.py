@@ -20,6 +20,7 @@ from smollm_stack.train.config import make_config
 from smollm_stack.train.log import read_metrics
 from smollm_stack.train.parallel.memory import bytes_per_gpu
 from smollm_stack.train.optim.builder import Optimizers
+from smollm_stack.train.optim import muon as muon_module
 from smollm_stack.train.optim.muon import BAND, NS_COEFFICIENTS, NS_STEPS, Muon, orthogonalize
 from smollm_stack.train.optim.adamw import AdamW
 from smollm_stack.train.optim.builder import build_optimizer
@@ -155,6 +156,39 @@ def test_muon_step_is_the_documented_update():
         Muon([torch.nn.Parameter(torch.ones(3))])
     with pytest.raises(ValueError, match="weight_decay 0 or >= 1e-30"):  # the folded decay divides by it
         Muon([w], weight_decay=1e-40)
+
+
+@pytest.mark.skipif(muon_module.nesterov is None, reason="needs triton (its interpreter here)")
+def test_the_look_ahead_kernel_steps_as_the_foreach_path(monkeypatch):
+    """CUDA's path (kernels/nesterov.py: momentum, look-ahead and norm in one launch a stack, under the interpreter
+    here) against the CPU's foreach path, two steps with momentum and decay, a stack holding wide and tall matrices
+    and a zero gradient. The momenta differ by the lerps' orders: 6 fp32 roundings of |M| + |G| a step
+    (tests/test_nesterov.py), from M = 0: 6 u |G1| after one step, then mu times that plus 6 u (|M1| + |G2|),
+    at most 12 u (|G1| + |G2|). X_0 by a few fp32 roundings (one fp64 norm against a division by the largest entry and
+    the fp32 norm), which 5 iterations amplify at most 3.44^5 ~ 500x: O within 1e-3, as orthogonalize's bound, so
+    each step moves W within lr 0.2 sqrt(7) 1e-3 of the other path. The kernel's path leaves G in the gradient."""
+    shapes = [(7, 5), (5, 7), (7, 5), (4, 4), (5, 7), (7, 5)]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    grads = [[torch.randn(s, generator=torch.Generator().manual_seed(10 * k + i)) for i, s in enumerate(shapes)]
+             for k in (1, 2)]  # fmt: skip
+    grads[0][4].zero_()  # a zero look-ahead: its update is 0, not NaN
+    lr, results = 0.01, []
+    for kernel in (False, True):
+        monkeypatch.setattr(muon_module, "triton_device", lambda device, kernel=kernel: kernel)
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = Muon(params, lr=lr, momentum=0.9, weight_decay=0.1)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        results.append(([p.detach() for p in params], [opt.state[p]["momentum"] for p in params],
+                        [p.grad for p in params]))  # fmt: skip
+    (w_foreach, m_foreach, _), (w_kernel, m_kernel, g_kernel) = results
+    for a, b, g1, g2 in zip(m_kernel, m_foreach, *grads, strict=True):
+        assert ((a - b).abs() <= 12 * 2.0**-24 * (g1.abs() + g2.abs())).all()
+    for a, b in zip(w_kernel, w_foreach, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=2 * lr * 0.2 * math.sqrt(7) * 1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(g_kernel, grads[1], strict=True))
 
 
 def test_build_optimizer_splits_hidden_matrices_from_the_rest():

@@ -19,7 +19,8 @@ What one record costs, by kind of op:
 - foreach and fused-optimizer ops: the launches of CUDA's multi_tensor_apply (at most MTA_MAX_TENSORS tensors and
   MTA_MAX_BLOCKS chunks of MTA_CHUNK elements a launch), the same bytes rule;
 - a Triton kernel: one launch; TRITON_KERNELS names the arguments it writes (and updates in place); it reads every
-  other tensor argument once and writes those once: compulsory traffic, as if the caches held every reuse;
+  other tensor argument once and writes those once: compulsory traffic, as if the caches held every reuse; one that
+  reaches tensors through a table of their addresses (POINTER_TABLES) moves those tensors too, by its rule there;
 - matmuls: 2 m n k FLOPs per product (mm, addmm, bmm, baddbmm); an addmm or baddbmm adding a full-size matrix
   into a new output first copies it there (as CUDA does: a ``copy_`` record), not one accumulating in place or
   adding a broadcast bias; attention kernels 2 B H T S d per T x S x d product
@@ -42,9 +43,10 @@ The baseline: llm.c's GPT-2 124M on 8 H100s, 139 ms per 524,288-token step, LLMC
 
 Stand-ins for CUDA (the fake tensors live on the CPU, since autograd needs a real device type): autocast is the
 CPU's bf16 autocast (the same casts for linear and matmuls); the fused loss's fp32 dW accumulates in place in one
-fp32-output addmm, the projections' dW comes out of one fp32-output GEMM, and Muon iterates in bf16 (its last GEMM
-writing fp32), as on CUDA; persistent launchers size their grids for Triton's interpreter (a handful of programs,
-which changes only the rms_norm backward's small dw partial sums).
+fp32-output addmm, the projections' dW comes out of one fp32-output GEMM, and Muon fills its stacks with its Triton
+look-ahead kernel and iterates in bf16 (its last GEMM writing fp32), as on CUDA; persistent launchers size their
+grids for Triton's interpreter (a handful of programs, which changes only the rms_norm backward's small dw partial
+sums).
 
 The fused minimum: the bytes a step must move if every elementwise op (norms, RoPE, SwiGLU, residual adds, casts,
 the loss over the logits, gradient sums) rode inside a GEMM's or attention kernel's prologue or epilogue: the
@@ -70,6 +72,7 @@ import importlib
 import inspect
 import math
 import sys
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -120,7 +123,12 @@ TRITON_KERNELS = {
     "_rope_kernel": (0, ("qo_ptr", "ko_ptr"), ()),
     "_swiglu_fwd_kernel": (0, ("y_ptr",), ()),
     "_swiglu_bwd_kernel": (0, ("dg_ptr", "du_ptr"), ()),
+    "_nesterov_kernel": (0, ("x_ptr", "partial_ptr"), ()),  # and the matrices of its table: POINTER_TABLES
+    "_divide_by_norm_kernel": (0, (), ("x_ptr",)),
 }
+# Triton kernels that reach tensors through a table of their addresses: (the table, the argument giving each
+# tensor's elements, (bytes an element read, written) for the tensors of each row of the table)
+POINTER_TABLES = {"_nesterov_kernel": ("table_ptr", "n", ((4, 0), (4, 4)))}  # fp32 gradients; momenta, updated
 MATMULS = {"mm": ("self", "mat2"), "addmm": ("mat1", "mat2"), "bmm": ("self", "mat2"), "baddbmm": ("batch1", "batch2")}
 FREE = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "detach", "alias", "lift_fresh",
         "_unsafe_view", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
@@ -261,12 +269,17 @@ class Recorder(TorchDispatchMode):
         tensors = {n: v for n, v in bound.items() if isinstance(v, torch.Tensor)}
         read = [t for n, t in tensors.items() if n not in writes]
         written = [t for n, t in tensors.items() if n in writes or n in updates]
+        traffic = [total_bytes(read), total_bytes(written)]
+        if fn.__name__ in POINTER_TABLES:
+            table, n, rows = POINTER_TABLES[fn.__name__]
+            for i in (0, 1):
+                traffic[i] += bound[table].shape[1] * bound[n] * sum(row[i] for row in rows)
         flops = 0.0
         if products:
             B, H, T, d = bound["Q"].shape
             S = bound["K"].shape[2]
             flops = products * 2 * B * H * T * S * d * (0.5 if bound.get("CAUSAL") else 1.0)
-        self.add(fn.__name__, total_bytes(read), total_bytes(written), flops, matmul=products > 0)
+        self.add(fn.__name__, *traffic, flops, matmul=products > 0)
 
 
 def matmul_flops(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -331,6 +344,9 @@ def cuda_standins():
         stack.enter_context(patch_attr(muon, "iteration_dtype", lambda u: torch.bfloat16))
         stack.enter_context(patch_attr(muon, "fp32_output_gemm", lambda device: True))
         stack.enter_context(patch_attr(kernel_utils, "fp32_output_gemm", lambda device: True))
+        stack.enter_context(patch_attr(muon, "triton_device", lambda device: True))  # Muon's look-ahead kernel
+        stack.enter_context(warnings.catch_warnings())  # whose table holds the fake matrices' addresses (0): no matter
+        warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")
         # clip_grad_norm_ takes the foreach path for real CUDA tensors only, not for fake ones
         clip_grad = importlib.import_module("torch.nn.utils.clip_grad")
         stack.enter_context(patch_attr(clip_grad, "_has_foreach_support", lambda tensors, device: True))

@@ -34,8 +34,8 @@ class Choice:
 
 
 def fp32_output_gemm(device: torch.device) -> bool:
-    """Whether torch has a GEMM from bf16/fp16 inputs to an fp32 output (``mm(out_dtype=)``, cuBLAS) on this device:
-    CUDA with torch >= 2.8, not the CPU."""
+    """Whether torch has GEMMs from bf16/fp16 inputs to an fp32 output (``mm``/``bmm(out_dtype=)``, cuBLAS) on this
+    device: CUDA with torch >= 2.8, not the CPU."""
     return device.type == "cuda" and "dtype" in torch.ops.aten.mm.overloads()
 
 

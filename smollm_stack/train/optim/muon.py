@@ -36,14 +36,24 @@ Tall matrices are transposed first so X X^T is the smaller k x k Gram matrix, k 
 
 The step is batched: matrices that iterate in one k x K shape (a tall one as its transpose) form one stack, and a
 model has few (the 125M preset: 84 matrices, 2 stacks: 48 of 768 x 768, and the FFN's 24 tall 2048 x 768 beside its
-12 768 x 2048). Each pass is argued by its bytes per hidden-matrix element (fp32: 4, the bf16 iteration: 2):
-- one foreach launch updates every momentum (reads M and G, writes M: 12 bytes);
+12 768 x 2048). Each pass is argued by its bytes per hidden-matrix element (fp32: 4, the bf16 iteration: 2).
+On CUDA (plain tensors; kernels/nesterov.py), per stack:
+- one Triton launch updates every momentum, writes every look-ahead U into a kept bf16 buffer, each matrix in its
+  own layout, and sums each tile of U's squares in fp64 (reads G and M, writes M and U: 8 + 4 + 2 = 14 bytes); the
+  gradients keep G (the trainer drops them right after the step anyway); one torch sum over the tiles, in a fixed
+  order, so the step is bitwise reproducible;
+- one more divides each matrix by its Frobenius norm (2 + 2 = 4). One pass suffices: U is kept unscaled in bf16,
+  which has fp32's exponent range, and no fp64 square of it overflows or underflows (the kernel's docstring argues
+  it), so nothing needs dividing by the largest entry first.
+Elsewhere (the CPU; FSDP's DTensors, the gathered path below), foreach launches over all matrices:
+- one updates every momentum (reads M and G, writes M: 12 bytes);
 - one more turns every gradient into its look-ahead U in place (reads G and M, writes G: 12), so the step leaves U in
-  each ``p.grad`` (the trainer drops the gradients right after it). Keeping G would put U elsewhere: stacking the
-  gradients into an fp32 buffer, then the look-ahead there, moved 8 + 12;
+  each ``p.grad``. Keeping G would put U elsewhere: stacking the gradients into an fp32 buffer, then the look-ahead
+  there, moved 8 + 12;
 - per stack, one foreach copy casts the U's into a kept bf16 buffer (4 + 2 = 6), each matrix in its own layout;
 - each matrix of the stack is divided by its largest entry, then by its Frobenius norm, in place (2 + 4 + 2 + 4 = 12):
-  two passes, so the squares in the norm neither overflow nor all underflow, at any gradient scale;
+  two passes, so the squares in the norm neither overflow nor all underflow, at any gradient scale.
+Then, on every device:
 - 5 iterations of 3 batched GEMMs, each matrix scaled by its own norm, so stacking changes nothing but the GEMM
   kernel. The first iteration reads the tall matrices transposed in their layout (one more GEMM launch for X X^T and
   one for the update; then the stack has one layout). Each iteration is X <- P X with P = a I + b G + c G^2, a on
@@ -56,10 +66,13 @@ model has few (the 125M preset: 84 matrices, 2 stacks: 48 of 768 x 768, and the 
   T = s O = -(0.2 sqrt(max(m, n)) / wd) O, is W (1 - lr wd) - lr 0.2 sqrt(max(m, n)) O (reads W and T, writes W: 12;
   a decay pass and an add moved 8 + 12). Without decay it is W + T, T = -lr 0.2 sqrt(max(m, n)) O. T must stay
   finite, so a decay is 0 or at least MIN_WEIGHT_DECAY.
-That is 54 bytes an element besides the GEMMs (74 before these fusions; reading G, M and W and writing M and W once
-would be 20). On a CPU the stack is fp32 (the copy 8, the normalization 24). The iteration's buffers are kept from
-step to step: a step allocates nothing (on a CPU a fresh large allocation costs its page faults). bench/step.py counts
-the optimizer's launches and bytes; tests/test_bench_step.py holds the counts of one step by hand.
+That is 14 + 4 + 12 = 30 bytes an element besides the GEMMs on CUDA, in 3 launches a stack before the iteration (the
+two kernels and the sum between them) and one for the update (54 on the foreach path, whose passes before the
+iteration take 27 launches at the 125M preset where the kernels take 6; 74 before these fusions; reading G, M and W
+and writing M and W once would be 20). On a CPU the stack is fp32 (the copy 8, the normalization 24). The
+iteration's buffers are kept from step to step: a step allocates nothing but the kernel's table of addresses and
+tile sums (on a CPU a fresh large allocation costs its page faults). bench/step.py counts the optimizer's launches
+and bytes; tests/test_bench_step.py holds the counts of one step by hand.
 
 Only hidden 2-D weights go to Muon: the embedding is a lookup, not a linear map of its input, and the lm_head's
 rows are scored against each other; both, and the norm gains, stay with AdamW (as in the write-up). In DDP every rank
@@ -89,6 +102,13 @@ import os
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from smollm_stack.kernels._utils import fp32_output_gemm
+
+try:
+    from smollm_stack.kernels import nesterov
+except ImportError:  # no triton (no wheels off Linux): the foreach look-ahead everywhere
+    nesterov = None
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of p(s) = a s + b s^3 + c s^5
 NS_STEPS = 5
 BAND = (0.68, 1.2024)  # where 5 iterations leave each singular value that started at >= 0.003 of the norm
@@ -109,13 +129,14 @@ def orthogonalize(u: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Te
     stack = (batch, min(m, n), max(m, n))  # one batch dim for the GEMMs; a tall matrix stored as it is, (m, n)
     x = u.to(dtype or iteration_dtype(u), memory_format=torch.contiguous_format, copy=True).view(stack)  # overwritten
     out = torch.empty(stack, dtype=u.dtype, device=u.device)
-    return newton_schulz_(x, out, batch if m > n else 0).view(u.shape)
+    return newton_schulz_(normalize_(x), out, batch if m > n else 0).view(u.shape)
 
 
 def newton_schulz_(x: torch.Tensor, out: torch.Tensor, tall: int = 0, scale: float = 1.0, workspace=None):
     """out <- scale * (about P Q^T) for each matrix X = P S Q^T of the stack x (batch, k, K), k <= K; returns out.
 
-    The last ``tall`` matrices are tall ones stored in their own layout, x[i].view(K, k) holding X^T; out holds
+    x holds X_0, each matrix divided by its Frobenius norm (every singular value in [0, 1]: ``normalize_``). The
+    last ``tall`` matrices are tall ones stored in their own layout, x[i].view(K, k) holding X^T; out holds
     their results likewise. The iteration runs in x's dtype and overwrites x; out has x's dtype or, for a bf16 x,
     fp32 (the last GEMM writes it). ``workspace`` (a dict) keeps the other buffers from call to call.
     """
@@ -123,7 +144,6 @@ def newton_schulz_(x: torch.Tensor, out: torch.Tensor, tall: int = 0, scale: flo
     a, b, c = NS_COEFFICIENTS
     batch, k, K = x.shape
     wide, stored = slice(0, batch - tall), slice(batch - tall, batch)
-    normalize_(x)  # X_0: every singular value in [0, 1]
     gram, poly = (buffer(workspace, name, (batch, k, k), x.dtype, x.device) for name in ("gram", "poly"))
     spare = (buffer(workspace, "y", x.shape, x.dtype, x.device), x)  # x is free after the first iteration
     # X_0 of the wide matrices and of the tall ones (their stored transposes, seen transposed), each (n, k, K)
@@ -167,11 +187,6 @@ def gemm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tens
     return out.copy_(torch.bmm(a, b))
 
 
-def fp32_output_gemm(device: torch.device) -> bool:
-    """Whether torch has a batched GEMM from bf16 to fp32 (``bmm(out_dtype=)``) on this device: CUDA, not the CPU."""
-    return device.type == "cuda"
-
-
 def buffer(workspace: dict, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The tensor ``name`` of this shape, dtype and device in ``workspace``, made (uninitialized) the first time."""
     key = (name, tuple(shape), dtype, device)
@@ -188,6 +203,18 @@ def iteration_groups(tensors: list[torch.Tensor]) -> list[list[int]]:
         key = ("dtensor", i) if isinstance(t, DTensor) else (min(t.shape), max(t.shape), t.dtype, t.device)
         groups.setdefault(key, []).append(i)
     return [sorted(g, key=lambda i: tensors[i].size(0) > tensors[i].size(1)) for g in groups.values()]
+
+
+def look_ahead_kernel(tensors: list[torch.Tensor]) -> bool:
+    """Whether the look-ahead of these gradients and momenta runs in kernels/nesterov.py's Triton launches: plain
+    (not FSDP's DTensor) contiguous fp32 matrices, triton installed, a device that runs it (``triton_device``)."""
+    plain = all(not isinstance(t, DTensor) and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    return plain and nesterov is not None and triton_device(tensors[0].device)
+
+
+def triton_device(device: torch.device) -> bool:
+    """Whether Triton kernels run on ``device`` for Muon: CUDA (a test puts the CPU's interpreter in its place)."""
+    return device.type == "cuda"
 
 
 def iteration_dtype(u: torch.Tensor) -> torch.dtype:
@@ -227,15 +254,16 @@ def orthogonalize_sharded(u: DTensor, scale: float = 1.0) -> DTensor:
     whole = u.to(iteration_dtype(u)).full_tensor()  # the same matrix on every rank; the iteration may overwrite it
     stack = (1, min(m, n), max(m, n))  # a tall matrix is stored as its transpose: the same bytes
     out = torch.empty(stack, dtype=u.dtype, device=whole.device)
-    newton_schulz_(whole.view(stack), out, int(m > n), scale)
+    newton_schulz_(normalize_(whole.view(stack)), out, int(m > n), scale)
     return distribute_tensor(out.view(m, n), u.device_mesh, u.placements, src_data_rank=None)  # src None: slice here
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters (see the module docstring): lr, Nesterov momentum ``momentum``, decoupled decay.
 
-    The step is batched by iteration shape and leaves each gradient holding its look-ahead U (module docstring);
-    ``workspace`` holds its buffers between steps, outside the state, so checkpoints hold the momenta alone.
+    The step is batched by iteration shape; on the foreach path (the CPU, FSDP) it leaves each gradient holding its
+    look-ahead U (module docstring). ``workspace`` holds its buffers between steps, outside the state, so
+    checkpoints hold the momenta alone.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0):
@@ -261,12 +289,14 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             grads, momenta = [p.grad for p in params], [self._momentum(p) for p in params]
-            torch._foreach_lerp_(momenta, grads, 1 - mu)  # M <- mu M + (1 - mu) G
-            torch._foreach_lerp_(grads, momenta, mu)  # G <- (1 - mu) G + mu M: the look-ahead U, in G's place
+            nesterov_mu = mu if look_ahead_kernel(grads + momenta) else None  # the kernel: both lerps, per stack
+            if nesterov_mu is None:  # the foreach path
+                torch._foreach_lerp_(momenta, grads, 1 - mu)  # M <- mu M + (1 - mu) G
+                torch._foreach_lerp_(grads, momenta, mu)  # G <- (1 - mu) G + mu M: the look-ahead U, in G's place
             if lr * wd:  # W <- W + lr wd (T - W), T = -(0.2 sqrt(max(m, n)) / wd) O: the decay and step in one pass
-                torch._foreach_lerp_(params, self._updates(grads, -1 / wd), lr * wd)
+                torch._foreach_lerp_(params, self._updates(grads, momenta, nesterov_mu, -1 / wd), lr * wd)
             else:  # W <- W + T, T = -lr 0.2 sqrt(max(m, n)) O
-                torch._foreach_add_(params, self._updates(grads, -lr))
+                torch._foreach_add_(params, self._updates(grads, momenta, nesterov_mu, -lr))
 
     def _momentum(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
@@ -274,23 +304,34 @@ class Muon(torch.optim.Optimizer):
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state["momentum"]
 
-    def _updates(self, looks: list[torch.Tensor], factor: float) -> list[torch.Tensor]:
-        """``factor`` 0.2 sqrt(max(m, n)) orthogonalize(U) for each look-ahead U, batched (module docstring).
+    def _updates(self, grads: list[torch.Tensor], momenta: list[torch.Tensor], mu: float | None,
+                 factor: float) -> list[torch.Tensor]:
+        """``factor`` 0.2 sqrt(max(m, n)) orthogonalize(U) for each look-ahead U, batched (module docstring): U from
+        G and M by kernels/nesterov.py where ``mu`` is given, else the U that ``grads`` hold.
 
         The results are views of the workspace, valid until the next step."""
-        updates: list = [None] * len(looks)
-        for members in iteration_groups(looks):
-            us = [looks[i] for i in members]
-            scale = factor * RMS_MATCH * math.sqrt(max(us[0].shape))
-            if isinstance(us[0], DTensor):  # FSDP: one sharded matrix (see the module docstring)
-                outs = [orthogonalize_sharded(us[0], scale)]
+        updates: list = [None] * len(grads)
+        for members in iteration_groups(grads):
+            gs = [grads[i] for i in members]
+            scale = factor * RMS_MATCH * math.sqrt(max(gs[0].shape))
+            if isinstance(gs[0], DTensor):  # FSDP: one sharded matrix (see the module docstring)
+                outs = [orthogonalize_sharded(gs[0], scale)]
             else:
-                stack, device = (len(us), min(us[0].shape), max(us[0].shape)), us[0].device
-                x = buffer(self.workspace, "x", stack, iteration_dtype(us[0]), device)
-                torch._foreach_copy_([x[j].view(u.shape) for j, u in enumerate(us)], us)  # cast and stacked
-                out = buffer(self.workspace, "out", stack, us[0].dtype, device)
-                newton_schulz_(x, out, sum(u.size(0) > u.size(1) for u in us), scale, self.workspace)
-                outs = [out[j].view(u.shape) for j, u in enumerate(us)]
+                x = self._stack(gs, [momenta[i] for i in members], mu)
+                out = buffer(self.workspace, "out", x.shape, gs[0].dtype, x.device)
+                newton_schulz_(x, out, sum(g.size(0) > g.size(1) for g in gs), scale, self.workspace)
+                outs = [out[j].view(g.shape) for j, g in enumerate(gs)]
             for i, update in zip(members, outs, strict=True):
                 updates[i] = update
         return updates
+
+    def _stack(self, gs: list[torch.Tensor], ms: list[torch.Tensor], mu: float | None) -> torch.Tensor:
+        """X_0 of one iteration stack: each matrix's look-ahead U in the iteration dtype, in its own layout, divided
+        by its norm; made from G and M by kernels/nesterov.py where ``mu`` is given, else cast from the U's in gs."""
+        stack, device = (len(gs), min(gs[0].shape), max(gs[0].shape)), gs[0].device
+        x = buffer(self.workspace, "x", stack, iteration_dtype(gs[0]), device)
+        if mu is None:
+            torch._foreach_copy_([x[j].view(u.shape) for j, u in enumerate(gs)], gs)  # cast and stacked
+            return normalize_(x)
+        ssq = buffer(self.workspace, "ssq", stack[:1], torch.float64, device)
+        return nesterov.divide_by_norm_(x, nesterov.nesterov_(gs, ms, x, ssq, mu))
