@@ -66,6 +66,7 @@ so its phase is "compiled glue".
 
 import argparse
 import contextlib
+import functools
 import importlib
 import inspect
 import math
@@ -77,6 +78,7 @@ from smollm_stack.bench import env  # first: it sets what torch and triton read 
 import torch
 import triton.runtime.jit
 from torch._inductor import ir, scheduler
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._library.custom_ops import OPDEFS
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -400,12 +402,17 @@ def count_step(case: BenchCase, optimizer: str) -> Step:
     return Step(case, optimizer, config, recorder.records, minimum)
 
 
-@contextlib.contextmanager
-def inductor_kernels(records: list[Record], where: list[bool]):
-    """Records to ``records`` the kernels Inductor's scheduler keeps after fusion (module docstring), in the backward
-    while ``where[0]`` is true; matmuls and our custom ops are skipped (the eager count has them)."""
+class Scheduled(Exception):
+    """Raised once Inductor's scheduler has fused a graph: --compile neither generates nor runs its code."""
 
-    def codegen(sched):
+
+def inductor_kernels(fn, *inputs) -> list[Record]:
+    """The kernels Inductor's scheduler keeps after fusion when it compiles ``fn(*inputs)``: the forward and, where an
+    output needs a gradient, the backward, compiled up front (module docstring); matmuls and our custom ops are left
+    out (the eager count has them). Each graph stops at its scheduler: no code is generated, nothing runs."""
+    records, backward = [], False
+
+    def schedule(sched):
         for node in sched.nodes:
             inner = node.node if isinstance(node, scheduler.ExternKernelSchedulerNode) else None
             if isinstance(node, scheduler.NopKernelSchedulerNode) or isinstance(inner, ir.MultiOutput):
@@ -415,33 +422,49 @@ def inductor_kernels(records: list[Record], where: list[bool]):
                 continue
             name = f"inductor {'fallback ' + str(op) if inner is not None else 'kernel'}"
             records.append(
-                Record(name, "compiled glue", where[0], node.get_read_buffer_sizes(), node.get_write_buffer_sizes())
+                Record(name, "compiled glue", backward, node.get_read_buffer_sizes(), node.get_write_buffer_sizes())
             )
-        return original(sched)
+        raise Scheduled
 
-    original = scheduler.Scheduler.codegen
-    scheduler.Scheduler.codegen = codegen
-    try:
-        with torch._inductor.config.patch(force_disable_caches=True):
-            yield
-    finally:
-        scheduler.Scheduler.codegen = original
+    def compile_to_scheduler(gm, example_inputs, **kwargs):
+        nonlocal backward
+        backward = kwargs.get("is_backward", False)
+        try:
+            compile_fx_inner(gm, example_inputs, **kwargs)
+        except Exception as e:  # Inductor wraps what its passes raise
+            if not isinstance(getattr(e, "inner_exception", e), Scheduled):
+                raise
+        return never_run
+
+    def never_run(*args):
+        raise Scheduled
+
+    torch._dynamo.reset()
+    backend = functools.partial(compile_fx, inner_compile=compile_to_scheduler)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patch_attr(scheduler.Scheduler, "codegen", schedule))
+        # no cache hit may skip the scheduler; one thread, since a worker pool would only cost its start
+        stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False, compile_threads=1))
+        stack.enter_context(
+            torch._functorch.config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True)
+        )
+        with contextlib.suppress(Scheduled):
+            torch.compile(fn, fullgraph=True, backend=backend)(*inputs)
+    return records
 
 
 def compiled_step(eager: Step) -> Step:
-    """``eager``'s step with the model compiled by Inductor (module docstring): small cases only."""
+    """``eager``'s step with the model compiled by Inductor (module docstring)."""
     case = eager.case
-    torch.manual_seed(0)
-    model = TransformerLM(eager.config)
-    ids = torch.randint(0, eager.config.vocab_size, (case.batch, case.context))
-    records, where = [], [False]
+    with torch.device("meta"):
+        model = TransformerLM(eager.config)
+    model = model.to_empty(device="cpu")  # real storage, never read: the compiled code never runs
+    if eager.config.tie_embeddings:
+        model.lm_head.weight = model.token_embeddings.weight
+    ids = torch.zeros(case.batch, case.context, dtype=torch.long)
     clear_weight_cache()  # the eager count's fake weights
-    torch._dynamo.reset()
-    with inductor_kernels(records, where), patch_attr(rope, "_INV_FREQ", {}):  # its cache holds a fake tensor
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = torch.compile(model, fullgraph=True)(ids, ids)
-        where[0] = True
-        loss.backward()
+    with patch_attr(rope, "_INV_FREQ", {}), torch.autocast("cpu", dtype=torch.bfloat16):  # its cache: a fake tensor
+        records = inductor_kernels(model, ids, ids)
     kept = [r for r in eager.records if r.phase in STEP_PHASES or r.matmul or r.op in TRITON_KERNELS]
     return Step(case, eager.optimizer, eager.config, kept + records, eager.optimizer_min_bytes, True)
 
