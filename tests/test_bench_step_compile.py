@@ -1,10 +1,13 @@
 """bench.step --compile counts Inductor's kernels after fusion: a pointwise chain is one kernel moving its input and
 its output once; a matmul stays the eager count's (an opaque call), its pointwise epilogue one kernel; the backward is
-compiled up front; the compiled code never runs."""
+compiled up front; the compiled code never runs; what our custom ops launch stays the eager count's."""
 
 import torch
 
-from smollm_stack.bench.step import inductor_kernels
+from smollm_stack.bench.step import STEP_PHASES, compiled_step, count_step, inductor_kernels
+from smollm_stack.bench.train import BenchCase
+
+CASE = BenchCase("tiny", 2, 32, dict(d_model=64, num_layers=1, num_heads=2, vocab_size=256, value_embeddings=False))
 
 
 def _counted(fn, *inputs) -> list[tuple]:
@@ -36,3 +39,12 @@ def test_compiled_code_never_runs():
     counted = _counted(lambda x: x.mul_(2.0), x)
     assert counted == [("inductor kernel", False, 1, x.numel() * 4, x.numel() * 4)]
     assert torch.equal(x, before)
+
+
+def test_compiled_step_keeps_what_our_custom_ops_launch():
+    eager = count_step(CASE, "torch")
+    compiled = compiled_step(eager)
+    # the weight cache's one refresh of the bf16 copies, inside the stacked GEMM's body: Inductor never sees it
+    refresh = [r for r in eager.records if r.op == "_foreach_copy_" and r.phase not in STEP_PHASES]
+    assert len(refresh) == 1 and refresh[0] in compiled.records
+    assert {r.op for r in compiled.records if r.phase == "compiled glue"} == {"inductor kernel"}

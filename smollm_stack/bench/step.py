@@ -53,15 +53,17 @@ each gradient once for the clipping norm and then once more with the parameter a
 a bf16 copy of each matrix (AdamW: 4 + 28 + 2 bytes a parameter; Muon: 4 + 20 + 2).
 
 ``--compile``: the step with the model under ``torch.compile(fullgraph=True)`` (Inductor), as the trainer's compile
-flag runs it. Inductor compiles the forward and backward of the case on the CPU with real tensors (so only small
-cases are practical here: the Triton kernels run in the interpreter) and its scheduler, after fusion, says which
-kernels it would launch. Each fused pointwise/reduction kernel is one launch whose bytes are the scheduler's own
-``get_read_buffer_sizes`` and ``get_write_buffer_sizes`` (each buffer it reads or writes once); matmuls and our
-custom ops stay opaque calls in Inductor's graph, so their records are the eager count's; Inductor's own fallbacks to
-aten are one launch with the same bytes rule; clip, optimizer and zero_grad stay eager, as the trainer compiles only
-the model. Assumptions: the CPU scheduler's fusion decisions stand for CUDA's (the same scheduler, but C++ codegen
-may recompute a pointwise producer inside a reduction where Triton would fuse the two); compiled glue has no module,
-so its phase is "compiled glue".
+flag runs it. Inductor compiles the case's forward and, up front rather than at the first backward, its backward,
+each through all its graph passes to its scheduler, and stops there: no code is generated and nothing runs (the model
+holds real but unset weights, of which Dynamo traces fakes; no size is too large). The scheduler, after fusion,
+says which kernels it would launch. Each fused pointwise/reduction kernel is one launch whose bytes are the
+scheduler's own ``get_read_buffer_sizes`` and ``get_write_buffer_sizes`` (each buffer it reads or writes once);
+matmuls and our custom ops stay opaque calls in Inductor's graph, so their records are the eager count's (everything
+launched inside a custom op's body, the weight cache's casts included); Inductor's own fallbacks to aten are one
+launch with the same bytes rule; clip, optimizer and zero_grad stay eager, as the trainer compiles only the model.
+Assumptions: the CPU scheduler's fusion decisions stand for CUDA's (the same scheduler, but C++ codegen may recompute
+a pointwise producer inside a reduction where Triton would fuse the two); compiled glue has no module, so its phase
+is "compiled glue".
 """
 
 import argparse
@@ -150,6 +152,7 @@ class Record:
     flops: float = 0.0
     launches: int = 1
     matmul: bool = False
+    in_custom_op: bool = False  # launched inside one of our custom ops (--compile keeps these)
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -193,6 +196,7 @@ class Recorder(TorchDispatchMode):
         self.records: list[Record] = []
         self.modules: list[str] = []  # the forward's module stack
         self.phase: str | None = None  # set outside the model: clip, optimizer, zero_grad
+        self.custom_ops = 0  # how deep in our custom ops' bodies
 
     def where(self) -> tuple[str, bool]:
         if self.phase is not None:
@@ -204,13 +208,17 @@ class Recorder(TorchDispatchMode):
 
     def add(self, op: str, read: int, written: int, flops: float = 0.0, launches: int = 1, matmul: bool = False):
         phase, backward = self.where()
-        self.records.append(Record(op, phase, backward, read, written, flops, launches, matmul))
+        self.records.append(Record(op, phase, backward, read, written, flops, launches, matmul, self.custom_ops > 0))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "smollm_stack":  # our custom op: run its body, so its launches are counted
-            with self:
-                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+            self.custom_ops += 1
+            try:
+                with self:
+                    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+            finally:
+                self.custom_ops -= 1
         out = func(*args, **kwargs)
         self.count(func, args, kwargs, out)
         return out
@@ -465,7 +473,7 @@ def compiled_step(eager: Step) -> Step:
     clear_weight_cache()  # the eager count's fake weights
     with patch_attr(rope, "_INV_FREQ", {}), torch.autocast("cpu", dtype=torch.bfloat16):  # its cache: a fake tensor
         records = inductor_kernels(model, ids, ids)
-    kept = [r for r in eager.records if r.phase in STEP_PHASES or r.matmul or r.op in TRITON_KERNELS]
+    kept = [r for r in eager.records if r.phase in STEP_PHASES or r.matmul or r.in_custom_op]
     return Step(case, eager.optimizer, eager.config, kept + records, eager.optimizer_min_bytes, True)
 
 
