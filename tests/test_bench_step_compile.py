@@ -4,7 +4,7 @@ compiled up front; the compiled code never runs; what our custom ops launch stay
 
 import torch
 
-from smollm_stack.bench.step import STEP_PHASES, compiled_step, count_step, inductor_kernels
+from smollm_stack.bench.step import STEP_PHASES, compiled_step, count_step, inductor_kernels, summary
 from smollm_stack.bench.train import BenchCase
 
 CASE = BenchCase("tiny", 2, 32, dict(d_model=64, num_layers=1, num_heads=2, vocab_size=256, value_embeddings=False))
@@ -41,10 +41,11 @@ def test_compiled_code_never_runs():
     assert torch.equal(x, before)
 
 
-def test_compiled_step_keeps_what_our_custom_ops_launch():
+def test_compiled_step_keeps_what_our_custom_ops_launch_and_the_fused_minimum():
     eager = count_step(CASE, "torch")
     compiled = compiled_step(eager)
     # the weight cache's one refresh of the bf16 copies, inside the stacked GEMM's body: Inductor never sees it
     refresh = [r for r in eager.records if r.op == "_foreach_copy_" and r.phase not in STEP_PHASES]
     assert len(refresh) == 1 and refresh[0] in compiled.records
     assert {r.op for r in compiled.records if r.phase == "compiled glue"} == {"inductor kernel"}
+    assert summary(compiled)["fused_minimum"] == summary(eager)["fused_minimum"]  # the embedding's too

@@ -48,9 +48,10 @@ partial sums).
 
 The fused minimum: the bytes a step must move if every elementwise op (norms, RoPE, SwiGLU, residual adds, casts,
 the loss over the logits, gradient sums) rode inside a GEMM's or attention kernel's prologue or epilogue: the
-matmul launches' own bytes as counted, the embedding's gather and scatter as counted, and an optimizer that reads
-each gradient once for the clipping norm and then once more with the parameter and its state, writing both back and
-a bf16 copy of each matrix (AdamW: 4 + 28 + 2 bytes a parameter; Muon: 4 + 20 + 2).
+matmul launches' own bytes as counted, the embedding's gather and scatter as the eager count has them (``--compile``
+keeps the eager minimum), and an optimizer that reads each gradient once for the clipping norm and then once more
+with the parameter and its state, writing both back and a bf16 copy of each matrix (AdamW: 4 + 28 + 2 bytes a
+parameter; Muon: 4 + 20 + 2).
 
 ``--compile``: the step with the model under ``torch.compile(fullgraph=True)`` (Inductor), as the trainer's compile
 flag runs it. Inductor compiles the case's forward and, up front rather than at the first backward, its backward,
@@ -363,7 +364,7 @@ class Step:
     optimizer: str
     config: ModelConfig
     records: list[Record]
-    optimizer_min_bytes: int = 0
+    other_minimum: int = 0  # the fused minimum's non-matmul bytes (module docstring)
     compiled: bool = False  # the model under torch.compile (--compile)
 
     @property
@@ -406,7 +407,8 @@ def count_step(case: BenchCase, optimizer: str) -> Step:
                for p in g["params"]}  # fmt: skip
     # the fused minimum's optimizer: bytes per fp32 element (module docstring)
     per_param = {id(p): 4 + (20 if id(p) in in_muon else 28) + (2 if p.dim() == 2 else 0) for p in params}
-    minimum = sum(per_param[id(p)] * p.numel() for p in params)
+    gathers = [r for r in recorder.records if r.op in ("embedding", "embedding_dense_backward")]
+    minimum = moved(gathers) + sum(per_param[id(p)] * p.numel() for p in params)
     return Step(case, optimizer, config, recorder.records, minimum)
 
 
@@ -474,7 +476,7 @@ def compiled_step(eager: Step) -> Step:
     with patch_attr(rope, "_INV_FREQ", {}), torch.autocast("cpu", dtype=torch.bfloat16):  # its cache: a fake tensor
         records = inductor_kernels(model, ids, ids)
     kept = [r for r in eager.records if r.phase in STEP_PHASES or r.matmul or r.in_custom_op]
-    return Step(case, eager.optimizer, eager.config, kept + records, eager.optimizer_min_bytes, True)
+    return Step(case, eager.optimizer, eager.config, kept + records, eager.other_minimum, True)
 
 
 def seconds(r: Record) -> float:
@@ -491,9 +493,8 @@ def summary(step: Step) -> dict:
     """The step's totals, per token and layer, its H100 prediction and the fused minimum."""
     rs, L = step.records, step.config.num_layers
     matmul = [r for r in rs if r.matmul]
-    gathers = [r for r in rs if r.op in ("embedding", "embedding_dense_backward")]
     total, other = moved(rs), moved(rs) - moved(matmul)
-    minimum_other = moved(gathers) + step.optimizer_min_bytes
+    minimum_other = step.other_minimum
     seconds_step = sum(seconds(r) for r in rs)
     tokens_per_s = step.tokens / seconds_step
     return dict(
