@@ -26,6 +26,12 @@ def test_matmul_is_left_to_the_eager_count():
     assert counted == [("inductor kernel", False, 1, 16 * 8 * 4, 16 * 8 * 4)]
 
 
+def test_an_fp32_output_matmul_is_left_to_the_eager_count():
+    a, b = torch.randn(16, 24, dtype=torch.bfloat16), torch.randn(24, 8, dtype=torch.bfloat16)
+    counted = _counted(lambda a, b: torch.relu(torch.mm(a, b, out_dtype=torch.float32)), a, b)
+    assert counted == [("inductor kernel", False, 1, 16 * 8 * 4, 16 * 8 * 4)]
+
+
 def test_backward_is_compiled_without_running_the_forward():
     x = torch.randn(37, 129, requires_grad=True)
     counted = _counted(lambda x: torch.sigmoid(x).sum(), x)

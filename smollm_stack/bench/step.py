@@ -54,12 +54,13 @@ with the parameter and its state, writing both back and a bf16 copy of each matr
 parameter; Muon: 4 + 20 + 2).
 
 ``--compile``: the step with the model under ``torch.compile(fullgraph=True)`` (Inductor), as the trainer's compile
-flag runs it. Inductor compiles the case's forward and, up front rather than at the first backward, its backward,
-each through all its graph passes to its scheduler, and stops there: no code is generated and nothing runs (the model
-holds real but unset weights, of which Dynamo traces fakes; no size is too large). The scheduler, after fusion,
-says which kernels it would launch. Each fused pointwise/reduction kernel is one launch whose bytes are the
-scheduler's own ``get_read_buffer_sizes`` and ``get_write_buffer_sizes`` (each buffer it reads or writes once);
-matmuls and our custom ops stay opaque calls in Inductor's graph, so their records are the eager count's (everything
+flag runs it, with the same CUDA stand-ins. Inductor compiles the case's forward and, up front rather than at the
+first backward, its backward, each through all its graph passes to its scheduler, and stops there: no code is
+generated and nothing runs (the model holds real but unset weights, of which Dynamo traces fakes; no size is too
+large). The scheduler, after fusion, says which kernels it would launch. Each fused pointwise/reduction kernel is one
+launch whose bytes are the scheduler's own ``get_read_buffer_sizes`` and ``get_write_buffer_sizes`` (each buffer it
+reads or writes once); matmuls (CUDA's fp32-output GEMM too, which Inductor lowers for CUDA only: here an opaque
+call) and our custom ops stay opaque calls in Inductor's graph, so their records are the eager count's (everything
 launched inside a custom op's body, the weight cache's casts included); Inductor's own fallbacks to aten are one
 launch with the same bytes rule; clip, optimizer and zero_grad stay eager, as the trainer compiles only the model.
 Assumptions: the CPU scheduler's fusion decisions stand for CUDA's (the same scheduler, but C++ codegen may recompute
@@ -74,13 +75,14 @@ import importlib
 import inspect
 import math
 import sys
+import unittest.mock
 from collections import defaultdict
 from dataclasses import dataclass
 
 from smollm_stack.bench import env  # first: it sets what torch and triton read when they load
 import torch
 import triton.runtime.jit
-from torch._inductor import ir, scheduler
+from torch._inductor import ir, lowering, scheduler
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._library.custom_ops import OPDEFS
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -416,6 +418,24 @@ class Scheduled(Exception):
     """Raised once Inductor's scheduler has fused a graph: --compile neither generates nor runs its code."""
 
 
+def fused_kernels(sched: scheduler.Scheduler, backward: bool) -> list[Record]:
+    """A record for each kernel Inductor's scheduler keeps after fusion, but matmuls and our custom ops."""
+    records = []
+    for node in sched.nodes:
+        inner = node.node if isinstance(node, scheduler.ExternKernelSchedulerNode) else None
+        if isinstance(node, scheduler.NopKernelSchedulerNode) or isinstance(inner, ir.MultiOutput):
+            continue
+        op = getattr(inner, "op_overload", None)
+        opaque = op is not None and (op.namespace == "smollm_stack" or op.overloadpacket.__name__ in MATMULS)
+        if isinstance(inner, ir.ExternKernelOut) or opaque:
+            continue
+        name = f"inductor {'fallback ' + str(op) if inner is not None else 'kernel'}"
+        records.append(
+            Record(name, "compiled glue", backward, node.get_read_buffer_sizes(), node.get_write_buffer_sizes())
+        )
+    return records
+
+
 def inductor_kernels(fn, *inputs) -> list[Record]:
     """The kernels Inductor's scheduler keeps after fusion when it compiles ``fn(*inputs)``: the forward and, where an
     output needs a gradient, the backward, compiled up front (module docstring); matmuls and our custom ops are left
@@ -423,17 +443,7 @@ def inductor_kernels(fn, *inputs) -> list[Record]:
     records, backward = [], False
 
     def schedule(sched):
-        for node in sched.nodes:
-            inner = node.node if isinstance(node, scheduler.ExternKernelSchedulerNode) else None
-            if isinstance(node, scheduler.NopKernelSchedulerNode) or isinstance(inner, ir.MultiOutput):
-                continue
-            op = getattr(inner, "op_overload", None)
-            if isinstance(inner, ir.ExternKernelOut) or (op is not None and op.namespace == "smollm_stack"):
-                continue
-            name = f"inductor {'fallback ' + str(op) if inner is not None else 'kernel'}"
-            records.append(
-                Record(name, "compiled glue", backward, node.get_read_buffer_sizes(), node.get_write_buffer_sizes())
-            )
+        records.extend(fused_kernels(sched, backward))
         raise Scheduled
 
     def compile_to_scheduler(gm, example_inputs, **kwargs):
@@ -453,6 +463,9 @@ def inductor_kernels(fn, *inputs) -> list[Record]:
     backend = functools.partial(compile_fx, inner_compile=compile_to_scheduler)
     with contextlib.ExitStack() as stack:
         stack.enter_context(patch_attr(scheduler.Scheduler, "codegen", schedule))
+        # CUDA's fp32-output GEMM (cuda_standins), which Inductor lowers for CUDA only: an opaque call here
+        mm_fp32 = lowering.fallback_handler(torch.ops.aten.mm.dtype, add_to_fallback_set=False)
+        stack.enter_context(unittest.mock.patch.dict(lowering.user_lowerings, {torch.ops.aten.mm.dtype: mm_fp32}))
         # no cache hit may skip the scheduler; one thread, since a worker pool would only cost its start
         stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False, compile_threads=1))
         stack.enter_context(
@@ -473,7 +486,8 @@ def compiled_step(eager: Step) -> Step:
         model.lm_head.weight = model.token_embeddings.weight
     ids = torch.zeros(case.batch, case.context, dtype=torch.long)
     clear_weight_cache()  # the eager count's fake weights
-    with patch_attr(rope, "_INV_FREQ", {}), torch.autocast("cpu", dtype=torch.bfloat16):  # its cache: a fake tensor
+    # the traced backward makes CUDA's choices, as the eager count's does; rope's cache holds a fake tensor
+    with cuda_standins(), patch_attr(rope, "_INV_FREQ", {}), torch.autocast("cpu", dtype=torch.bfloat16):
         records = inductor_kernels(model, ids, ids)
     kept = [r for r in eager.records if r.phase in STEP_PHASES or r.matmul or r.in_custom_op]
     return Step(case, eager.optimizer, eager.config, kept + records, eager.other_minimum, True)
