@@ -50,28 +50,34 @@ sums).
 
 The fused minimum: the bytes a step must move if every elementwise op (norms, RoPE, SwiGLU, residual adds, casts,
 the loss over the logits, gradient sums) rode inside a GEMM's or attention kernel's prologue or epilogue: the
-matmul launches' own bytes as counted, the embedding's gather and scatter as counted, and an optimizer that reads
-each gradient once for the clipping norm and then once more with the parameter and its state, writing both back and
-a bf16 copy of each matrix (AdamW: 4 + 28 + 2 bytes a parameter; Muon: 4 + 20 + 2).
+matmul launches' own bytes as counted, the embedding's gather and scatter as the eager count has them (``--compile``
+keeps the eager minimum), and an optimizer that reads each gradient once for the clipping norm and then once more
+with the parameter and its state, writing both back and a bf16 copy of each matrix (AdamW: 4 + 28 + 2 bytes a
+parameter; Muon: 4 + 20 + 2).
 
 ``--compile``: the step with the model under ``torch.compile(fullgraph=True)`` (Inductor), as the trainer's compile
-flag runs it. Inductor compiles the forward and backward of the case on the CPU with real tensors (so only small
-cases are practical here: the Triton kernels run in the interpreter) and its scheduler, after fusion, says which
-kernels it would launch. Each fused pointwise/reduction kernel is one launch whose bytes are the scheduler's own
-``get_read_buffer_sizes`` and ``get_write_buffer_sizes`` (each buffer it reads or writes once); matmuls and our
-custom ops stay opaque calls in Inductor's graph, so their records are the eager count's; Inductor's own fallbacks to
-aten are one launch with the same bytes rule; clip, optimizer and zero_grad stay eager, as the trainer compiles only
-the model. Assumptions: the CPU scheduler's fusion decisions stand for CUDA's (the same scheduler, but C++ codegen
-may recompute a pointwise producer inside a reduction where Triton would fuse the two); compiled glue has no module,
-so its phase is "compiled glue".
+flag runs it, with the same CUDA stand-ins. Inductor compiles the case's forward and, up front rather than at the
+first backward, its backward, each through all its graph passes to its scheduler, and stops there: no code is
+generated and nothing runs (the model holds real but unset weights, of which Dynamo traces fakes; no size is too
+large). The scheduler, after fusion, says which kernels it would launch. Each fused pointwise/reduction kernel is one
+launch whose bytes are the scheduler's own ``get_read_buffer_sizes`` and ``get_write_buffer_sizes`` (each buffer it
+reads or writes once); matmuls (CUDA's fp32-output GEMM too, which Inductor lowers for CUDA only: here an opaque
+call) and our custom ops stay opaque calls in Inductor's graph, so their records are the eager count's (everything
+launched inside a custom op's body, the weight cache's casts included); Inductor's own fallbacks to aten are one
+launch with the same bytes rule; clip, optimizer and zero_grad stay eager, as the trainer compiles only the model.
+Assumptions: the CPU scheduler's fusion decisions stand for CUDA's (the same scheduler, but C++ codegen may recompute
+a pointwise producer inside a reduction where Triton would fuse the two); compiled glue has no module, so its phase
+is "compiled glue".
 """
 
 import argparse
 import contextlib
+import functools
 import importlib
 import inspect
 import math
 import sys
+import unittest.mock
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -79,7 +85,8 @@ from dataclasses import dataclass
 from smollm_stack.bench import env  # first: it sets what torch and triton read when they load
 import torch
 import triton.runtime.jit
-from torch._inductor import ir, scheduler
+from torch._inductor import ir, lowering, scheduler
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._library.custom_ops import OPDEFS
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -157,6 +164,7 @@ class Record:
     flops: float = 0.0
     launches: int = 1
     matmul: bool = False
+    in_custom_op: bool = False  # launched inside one of our custom ops (--compile keeps these)
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -200,6 +208,7 @@ class Recorder(TorchDispatchMode):
         self.records: list[Record] = []
         self.modules: list[str] = []  # the forward's module stack
         self.phase: str | None = None  # set outside the model: clip, optimizer, zero_grad
+        self.custom_ops = 0  # how deep in our custom ops' bodies
 
     def where(self) -> tuple[str, bool]:
         if self.phase is not None:
@@ -211,13 +220,17 @@ class Recorder(TorchDispatchMode):
 
     def add(self, op: str, read: int, written: int, flops: float = 0.0, launches: int = 1, matmul: bool = False):
         phase, backward = self.where()
-        self.records.append(Record(op, phase, backward, read, written, flops, launches, matmul))
+        self.records.append(Record(op, phase, backward, read, written, flops, launches, matmul, self.custom_ops > 0))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "smollm_stack":  # our custom op: run its body, so its launches are counted
-            with self:
-                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+            self.custom_ops += 1
+            try:
+                with self:
+                    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+            finally:
+                self.custom_ops -= 1
         out = func(*args, **kwargs)
         self.count(func, args, kwargs, out)
         return out
@@ -371,7 +384,7 @@ class Step:
     optimizer: str
     config: ModelConfig
     records: list[Record]
-    optimizer_min_bytes: int = 0
+    other_minimum: int = 0  # the fused minimum's non-matmul bytes (module docstring)
     compiled: bool = False  # the model under torch.compile (--compile)
 
     @property
@@ -414,54 +427,88 @@ def count_step(case: BenchCase, optimizer: str) -> Step:
                for p in g["params"]}  # fmt: skip
     # the fused minimum's optimizer: bytes per fp32 element (module docstring)
     per_param = {id(p): 4 + (20 if id(p) in in_muon else 28) + (2 if p.dim() == 2 else 0) for p in params}
-    minimum = sum(per_param[id(p)] * p.numel() for p in params)
+    gathers = [r for r in recorder.records if r.op in ("embedding", "embedding_dense_backward")]
+    minimum = moved(gathers) + sum(per_param[id(p)] * p.numel() for p in params)
     return Step(case, optimizer, config, recorder.records, minimum)
 
 
-@contextlib.contextmanager
-def inductor_kernels(records: list[Record], where: list[bool]):
-    """Records to ``records`` the kernels Inductor's scheduler keeps after fusion (module docstring), in the backward
-    while ``where[0]`` is true; matmuls and our custom ops are skipped (the eager count has them)."""
+class Scheduled(Exception):
+    """Raised once Inductor's scheduler has fused a graph: --compile neither generates nor runs its code."""
 
-    def codegen(sched):
-        for node in sched.nodes:
-            inner = node.node if isinstance(node, scheduler.ExternKernelSchedulerNode) else None
-            if isinstance(node, scheduler.NopKernelSchedulerNode) or isinstance(inner, ir.MultiOutput):
-                continue
-            op = getattr(inner, "op_overload", None)
-            if isinstance(inner, ir.ExternKernelOut) or (op is not None and op.namespace == "smollm_stack"):
-                continue
-            name = f"inductor {'fallback ' + str(op) if inner is not None else 'kernel'}"
-            records.append(
-                Record(name, "compiled glue", where[0], node.get_read_buffer_sizes(), node.get_write_buffer_sizes())
-            )
-        return original(sched)
 
-    original = scheduler.Scheduler.codegen
-    scheduler.Scheduler.codegen = codegen
-    try:
-        with torch._inductor.config.patch(force_disable_caches=True):
-            yield
-    finally:
-        scheduler.Scheduler.codegen = original
+def fused_kernels(sched: scheduler.Scheduler, backward: bool) -> list[Record]:
+    """A record for each kernel Inductor's scheduler keeps after fusion, but matmuls and our custom ops."""
+    records = []
+    for node in sched.nodes:
+        inner = node.node if isinstance(node, scheduler.ExternKernelSchedulerNode) else None
+        if isinstance(node, scheduler.NopKernelSchedulerNode) or isinstance(inner, ir.MultiOutput):
+            continue
+        op = getattr(inner, "op_overload", None)
+        opaque = op is not None and (op.namespace == "smollm_stack" or op.overloadpacket.__name__ in MATMULS)
+        if isinstance(inner, ir.ExternKernelOut) or opaque:
+            continue
+        name = f"inductor {'fallback ' + str(op) if inner is not None else 'kernel'}"
+        records.append(
+            Record(name, "compiled glue", backward, node.get_read_buffer_sizes(), node.get_write_buffer_sizes())
+        )
+    return records
+
+
+def inductor_kernels(fn, *inputs) -> list[Record]:
+    """The kernels Inductor's scheduler keeps after fusion when it compiles ``fn(*inputs)``: the forward and, where an
+    output needs a gradient, the backward, compiled up front (module docstring); matmuls and our custom ops are left
+    out (the eager count has them). Each graph stops at its scheduler: no code is generated, nothing runs."""
+    records, backward = [], False
+
+    def schedule(sched):
+        records.extend(fused_kernels(sched, backward))
+        raise Scheduled
+
+    def compile_to_scheduler(gm, example_inputs, **kwargs):
+        nonlocal backward
+        backward = kwargs.get("is_backward", False)
+        try:
+            compile_fx_inner(gm, example_inputs, **kwargs)
+        except Exception as e:  # Inductor wraps what its passes raise
+            if not isinstance(getattr(e, "inner_exception", e), Scheduled):
+                raise
+        return never_run
+
+    def never_run(*args):
+        raise Scheduled
+
+    torch._dynamo.reset()
+    backend = functools.partial(compile_fx, inner_compile=compile_to_scheduler)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patch_attr(scheduler.Scheduler, "codegen", schedule))
+        # CUDA's fp32-output GEMM (cuda_standins), which Inductor lowers for CUDA only: an opaque call here
+        mm_fp32 = lowering.fallback_handler(torch.ops.aten.mm.dtype, add_to_fallback_set=False)
+        stack.enter_context(unittest.mock.patch.dict(lowering.user_lowerings, {torch.ops.aten.mm.dtype: mm_fp32}))
+        # no cache hit may skip the scheduler; one thread, since a worker pool would only cost its start
+        stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False, compile_threads=1))
+        stack.enter_context(
+            torch._functorch.config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True)
+        )
+        with contextlib.suppress(Scheduled):
+            torch.compile(fn, fullgraph=True, backend=backend)(*inputs)
+    return records
 
 
 def compiled_step(eager: Step) -> Step:
-    """``eager``'s step with the model compiled by Inductor (module docstring): small cases only."""
+    """``eager``'s step with the model compiled by Inductor (module docstring)."""
     case = eager.case
-    torch.manual_seed(0)
-    model = TransformerLM(eager.config)
-    ids = torch.randint(0, eager.config.vocab_size, (case.batch, case.context))
-    records, where = [], [False]
+    with torch.device("meta"):
+        model = TransformerLM(eager.config)
+    model = model.to_empty(device="cpu")  # real storage, never read: the compiled code never runs
+    if eager.config.tie_embeddings:
+        model.lm_head.weight = model.token_embeddings.weight
+    ids = torch.zeros(case.batch, case.context, dtype=torch.long)
     clear_weight_cache()  # the eager count's fake weights
-    torch._dynamo.reset()
-    with inductor_kernels(records, where), patch_attr(rope, "_INV_FREQ", {}):  # its cache holds a fake tensor
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = torch.compile(model, fullgraph=True)(ids, ids)
-        where[0] = True
-        loss.backward()
-    kept = [r for r in eager.records if r.phase in STEP_PHASES or r.matmul or r.op in TRITON_KERNELS]
-    return Step(case, eager.optimizer, eager.config, kept + records, eager.optimizer_min_bytes, True)
+    # the traced backward makes CUDA's choices, as the eager count's does; rope's cache holds a fake tensor
+    with cuda_standins(), patch_attr(rope, "_INV_FREQ", {}), torch.autocast("cpu", dtype=torch.bfloat16):
+        records = inductor_kernels(model, ids, ids)
+    kept = [r for r in eager.records if r.phase in STEP_PHASES or r.matmul or r.in_custom_op]
+    return Step(case, eager.optimizer, eager.config, kept + records, eager.other_minimum, True)
 
 
 def seconds(r: Record) -> float:
@@ -478,9 +525,8 @@ def summary(step: Step) -> dict:
     """The step's totals, per token and layer, its H100 prediction and the fused minimum."""
     rs, L = step.records, step.config.num_layers
     matmul = [r for r in rs if r.matmul]
-    gathers = [r for r in rs if r.op in ("embedding", "embedding_dense_backward")]
     total, other = moved(rs), moved(rs) - moved(matmul)
-    minimum_other = moved(gathers) + step.optimizer_min_bytes
+    minimum_other = step.other_minimum
     seconds_step = sum(seconds(r) for r in rs)
     tokens_per_s = step.tokens / seconds_step
     return dict(
