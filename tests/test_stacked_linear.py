@@ -158,3 +158,28 @@ def test_a_copy_made_under_inference_mode_serves_training():
     for m in (stacked, separate):
         m(ids, targets).backward()
     assert_same_grads(stacked, separate)
+
+
+def test_the_compiled_backward_looks_the_copy_up_when_it_runs():
+    """Under torch.compile the backward's stacked copy is the cache's, looked up when the compiled backward runs (the
+    stacked_linear_backward op): stacking traced into the graph would copy every weight on every step."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    weights = [torch.nn.Parameter(torch.randn(8, 16)) for _ in range(2)]
+    x = torch.randn(4, 16, requires_grad=True)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: torch.cat(kernels.stacked_linear(x, weights), -1).float().sum(), fullgraph=True,
+                         backend=aot_autograd(fw_compiler=capture, bw_compiler=capture))  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = step(x)
+    loss.backward()
+    ops = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]  # the backward
+    assert "smollm_stack.stacked_linear_backward.default" in ops
+    assert not [op for op in ops if "foreach" in op or op == "aten.mm.default"], ops  # no stacking, no GEMM traced

@@ -22,8 +22,12 @@ for either (bench.step counts exactly these).
 FLOPs are those of the separate products: 2 N n d each way for the activations, 2 N n d for dW.
 
 The GEMM is a torch.library custom op (smollm_stack::stacked_linear) with a fake implementation and autograd, so
-torch.compile traces through it without a graph break and the copy's cache is consulted at run time. Its autograd
-saves the weights themselves, so editing one in place between forward and backward fails as it would for F.linear.
+torch.compile traces through it without a graph break and the copy's cache is consulted at run time; so are the
+backward's two GEMMs (smollm_stack::stacked_linear_backward), whose copy, traced, would be remade on every step (48
+launches and 0.5 GB a 125M step, as bench.step --compile counted it). Its autograd saves the weights themselves, so
+editing one in place between forward and backward fails as it would for F.linear. Compiled, the gradients of the
+outputs come back through one torch.cat even where the consumer wrote them side by side: tracing cannot see that
+they share a buffer (bench.step --compile counts 60 cat launches and 5 GB a 125M step); eager, they are free.
 """
 
 import torch
@@ -55,13 +59,31 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, *weights)
 
 
-def _backward(ctx, dy):
-    x, *weights = ctx.saved_tensors
+@torch.library.custom_op("smollm_stack::stacked_linear_backward", mutates_args=())
+def _stacked_linear_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor], need_dx: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx = dy [W1; ...; Wn] or an empty tensor, dW = dy^T x as one (sum of rows, d) tensor in the weights' dtype).
+
+    An op of its own, as the forward is, so that under torch.compile the copy's cache is consulted when it runs: traced
+    into the compiled backward, the stacking would be a copy of every weight on every step."""
     dy2 = _rows(dy)
     with torch.autocast(x.device.type, enabled=False):
-        dx = mm(dy2, stacked_weight(weights, dy.dtype)).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = weight_grad(dy2, _rows(x), weights[0].dtype)  # each grad is a view of its rows
-    return dx, list(dw.split([w.shape[0] for w in weights]))
+        dx = mm(dy2, stacked_weight(weights, dy.dtype)).view(x.shape) if need_dx else dy.new_empty(0)
+        return dx, weight_grad(dy2, _rows(x), weights[0].dtype)
+
+
+@_stacked_linear_backward_op.register_fake
+def _(dy, x, weights, need_dx):
+    dx = dy.new_empty(x.shape if need_dx else (0,))
+    return dx, weights[0].new_empty(sum(w.shape[0] for w in weights), x.shape[-1])
+
+
+def _backward(ctx, dy):
+    x, *weights = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, dw = _stacked_linear_backward_op(dy, x, weights, need_dx)
+    return dx if need_dx else None, list(dw.split([w.shape[0] for w in weights]))  # each grad a view of its rows
 
 
 def weight_grad(dy2: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -97,7 +119,7 @@ class _SplitLast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        packed = None if torch.compiler.is_compiling() else _side_by_side(grads)  # compiled: Inductor plans the cat
+        packed = None if torch.compiler.is_compiling() else _side_by_side(grads)  # compiled: a cat (docstring)
         return (torch.cat(grads, -1) if packed is None else packed), None
 
 
