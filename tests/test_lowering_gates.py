@@ -156,8 +156,9 @@ for name, p in PRESETS.items():
     })
 
 
-def nesterov_stack(batch, k, K, dtype=BF16):
-    # Muon's look-ahead into its bf16 stack (fp32 in tests), then the division by each matrix's norm
+def nesterov_stack(batch, k, K, dtype=torch.bfloat16):
+    # Muon's look-ahead into its bf16 stack (bf16 on every card, not BF16's stand-in; fp32 in tests), then the
+    # division by each matrix's norm
     x, ssq, grads = torch.empty(batch, k, K, dtype=dtype), torch.empty(batch, dtype=torch.float64), torch.empty(k, K)
     return lambda: divide_by_norm_(x, nesterov_([grads] * batch, [grads] * batch, x, ssq, 0.95))
 
