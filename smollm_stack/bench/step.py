@@ -355,8 +355,7 @@ def cuda_standins():
     with contextlib.ExitStack() as stack:
         stack.enter_context(patch_attr(flce, "add_dw", fp32_out_add_dw))
         stack.enter_context(patch_attr(muon, "iteration_dtype", lambda u: torch.bfloat16))
-        stack.enter_context(patch_attr(muon, "fp32_output_gemm", lambda device: True))
-        stack.enter_context(patch_attr(kernel_utils, "fp32_output_gemm", lambda device: True))
+        stack.enter_context(patch_attr(kernel_utils, "fp32_output_gemm", lambda device: True))  # Muon's too
         stack.enter_context(patch_attr(muon, "triton_device", lambda device: True))  # Muon's look-ahead kernel
         stack.enter_context(warnings.catch_warnings())  # whose table holds the fake matrices' addresses (0): no matter
         warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor")

@@ -102,7 +102,7 @@ import os
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from smollm_stack.kernels._utils import fp32_output_gemm
+from smollm_stack.kernels import _utils as kernel_utils
 
 try:
     from smollm_stack.kernels import nesterov
@@ -179,10 +179,10 @@ def normalize_(x: torch.Tensor) -> torch.Tensor:
 
 def gemm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out <- a @ b for stacks; out may be fp32 for bf16 a and b: one GEMM where the device has one that writes fp32
-    from bf16 (``fp32_output_gemm``), else the product in a's dtype and a cast."""
+    from bf16 (``kernels._utils.fp32_output_gemm``), else the product in a's dtype and a cast."""
     if out.dtype == a.dtype:
         return torch.bmm(a, b, out=out)
-    if fp32_output_gemm(a.device):
+    if kernel_utils.fp32_output_gemm(a.device):
         return torch.bmm(a, b, out_dtype=out.dtype, out=out)
     return out.copy_(torch.bmm(a, b))
 
